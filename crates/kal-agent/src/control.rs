@@ -1,0 +1,124 @@
+//! Talking to the kal CLI over the unix socket named by `KAL_SOCKET`.
+//!
+//! At start (and in every fork child) the agent says hello and keeps that connection open,
+//! so the CLI knows which processes carry an agent. At exit — after the program's atexit
+//! handlers and static destructors — it opens a fresh connection, says it is exiting and
+//! waits for one byte: the CLI freezes and reads the process meanwhile.
+
+use core::sync::atomic::{AtomicI32, Ordering};
+use kal_proto::{Hello, MsgKind, MAGIC, VERSION};
+
+static HELLO_FD: AtomicI32 = AtomicI32::new(-1);
+static mut PATH: [u8; 108] = [0; 108];
+static mut PATH_LEN: usize = 0;
+
+fn connect() -> i32 {
+    // SAFETY: PATH/PATH_LEN are written once in init before any connect; the sockaddr is a
+    // zeroed plain struct filled within its bounds.
+    unsafe {
+        let len = PATH_LEN;
+        if len == 0 {
+            return -1;
+        }
+        let fd = libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return -1;
+        }
+        let mut addr: libc::sockaddr_un = core::mem::zeroed();
+        addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+        let path = &*core::ptr::addr_of!(PATH);
+        for i in 0..len {
+            addr.sun_path[i] = path[i] as libc::c_char;
+        }
+        let alen = core::mem::size_of::<libc::sa_family_t>() + len;
+        if libc::connect(fd, (&addr as *const libc::sockaddr_un).cast(), alen as u32) != 0 {
+            libc::close(fd);
+            return -1;
+        }
+        fd
+    }
+}
+
+fn send(fd: i32, kind: MsgKind) -> bool {
+    let msg = Hello {
+        magic: MAGIC,
+        kind: kind as u32,
+        // SAFETY: getpid/gettid have no preconditions.
+        pid: unsafe { libc::getpid() } as u32,
+        // SAFETY: as above.
+        tid: unsafe { libc::gettid() } as u32,
+        version: VERSION,
+        header_addr: crate::state::header_addr(),
+    };
+    let b = msg.encode();
+    // SAFETY: writing a valid buffer to our own socket.
+    let n = unsafe { libc::send(fd, b.as_ptr().cast(), b.len(), libc::MSG_NOSIGNAL) };
+    n == b.len() as isize
+}
+
+fn hello() {
+    let fd = connect();
+    if fd >= 0 && !send(fd, MsgKind::Hello) {
+        // SAFETY: closing our own fd.
+        unsafe { libc::close(fd) };
+        return;
+    }
+    HELLO_FD.store(fd, Ordering::Relaxed);
+}
+
+unsafe extern "C" fn after_fork_child() {
+    let old = HELLO_FD.swap(-1, Ordering::Relaxed);
+    if old >= 0 {
+        // SAFETY: the child's copy of our own fd; the parent keeps its own.
+        unsafe { libc::close(old) };
+    }
+    hello();
+}
+
+extern "C" fn at_exit() {
+    if HELLO_FD.load(Ordering::Relaxed) < 0 {
+        return;
+    }
+    let fd = connect();
+    if fd < 0 {
+        return;
+    }
+    if send(fd, MsgKind::Exit) {
+        let mut b = [0u8; 1];
+        loop {
+            // SAFETY: reading into a local buffer from our own socket.
+            let n = unsafe { libc::read(fd, b.as_mut_ptr().cast(), 1) };
+            // SAFETY: errno is thread-local.
+            if n < 0 && unsafe { *libc::__errno_location() } == libc::EINTR {
+                continue;
+            }
+            break;
+        }
+    }
+    // SAFETY: closing our own fd.
+    unsafe { libc::close(fd) };
+}
+
+/// Reads `KAL_SOCKET`, says hello and arranges the exit handshake. Without `KAL_SOCKET`
+/// the agent records allocations but talks to nobody.
+pub fn init() {
+    // SAFETY: getenv with a NUL-terminated name; the value is copied out at once.
+    unsafe {
+        let v = libc::getenv(c"KAL_SOCKET".as_ptr());
+        if v.is_null() {
+            return;
+        }
+        let s = core::ffi::CStr::from_ptr(v).to_bytes();
+        if s.is_empty() || s.len() >= 108 {
+            return;
+        }
+        (&mut *core::ptr::addr_of_mut!(PATH))[..s.len()].copy_from_slice(s);
+        PATH_LEN = s.len();
+    }
+    hello();
+    // SAFETY: registering plain extern "C" functions with no captured state.
+    unsafe {
+        libc::atexit(at_exit);
+        libc::pthread_atfork(None, None, Some(after_fork_child));
+    }
+}

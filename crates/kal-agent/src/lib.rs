@@ -1,0 +1,93 @@
+//! kal's in-process agent, `libkal_agent.so`.
+//!
+//! Loaded into an unmodified program with `LD_PRELOAD` (that is what `kal run` does), it
+//! interposes the malloc family (`malloc`, `free`, `calloc`, `realloc`, `reallocarray`,
+//! `memalign`, `posix_memalign`, `aligned_alloc`, `valloc`, `pvalloc`,
+//! `malloc_usable_size`), forwards each call to the *next* definition — glibc, or jemalloc
+//! in a program linked to it — and records every live block with its allocation stack in
+//! a lock-free table in the program's own memory (layout in `kal-proto`). The CLI reads
+//! that table from the frozen process; the agent itself never scans or reports.
+//!
+//! ```no_run
+//! // The agent is not called from Rust; it is preloaded into a program:
+//! //   KAL_SOCKET=/path/to/sock LD_PRELOAD=target/debug/libkal_agent.so ./prog
+//! ```
+//!
+//! Rules on the hook path: no allocation (the unwinder cache is made once per thread under
+//! a re-entrancy guard), no locks around the real allocator, no panics, thread-locals
+//! without destructors.
+
+mod control;
+mod diag;
+mod guard;
+pub mod hooks;
+mod pool;
+mod real;
+mod state;
+mod table;
+mod unwind;
+
+use core::alloc::{GlobalAlloc, Layout};
+
+/// The agent's own heap: straight to the next allocator, never recorded.
+struct Untracked;
+
+// SAFETY: forwards to a conforming malloc/memalign/free; alignment above 16 uses memalign.
+unsafe impl GlobalAlloc for Untracked {
+    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
+        let Some(r) = real::get() else { return real::boot_alloc(l.size()).cast() };
+        // SAFETY: forwarding to the real allocator.
+        unsafe {
+            if l.align() <= 16 {
+                (r.malloc)(l.size()).cast()
+            } else {
+                (r.memalign)(l.align(), l.size()).cast()
+            }
+        }
+    }
+    unsafe fn dealloc(&self, p: *mut u8, _: Layout) {
+        if real::is_boot(p.cast()) {
+            return;
+        }
+        if let Some(r) = real::get() {
+            // SAFETY: p came from alloc above.
+            unsafe { (r.free)(p.cast()) }
+        }
+    }
+}
+
+#[global_allocator]
+static ALLOC: Untracked = Untracked;
+
+/// Size of the static TLS block, from the loader (`_dl_get_tls_static_info`), or 0.
+fn static_tls_size() -> u64 {
+    type InfoFn = unsafe extern "C" fn(*mut usize, *mut usize);
+    // SAFETY: dlsym with a valid name; the function, if present, fills two size_t.
+    unsafe {
+        let f = libc::dlsym(libc::RTLD_DEFAULT, c"_dl_get_tls_static_info".as_ptr());
+        if f.is_null() {
+            return 0;
+        }
+        let f: InfoFn = core::mem::transmute::<*mut libc::c_void, InfoFn>(f);
+        let (mut size, mut align) = (0usize, 0usize);
+        f(&mut size, &mut align);
+        size as u64
+    }
+}
+
+extern "C" fn agent_start() {
+    let Some(r) = real::get() else { return };
+    if !guard::enter() {
+        return;
+    }
+    state::tables();
+    pool::init();
+    unwind::init();
+    state::describe(static_tls_size(), r.glibc, unwind::agent_text());
+    control::init();
+    guard::leave();
+}
+
+#[used]
+#[link_section = ".init_array"]
+static INIT: extern "C" fn() = agent_start;

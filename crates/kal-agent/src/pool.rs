@@ -1,0 +1,56 @@
+//! Unwinder caches of exited threads, kept for reuse by new threads.
+//!
+//! A `pthread_key_t` destructor (not a Rust thread-local destructor) hands a thread's cache
+//! back when it exits, so programs that create many short threads do not grow.
+
+use core::sync::atomic::{AtomicBool, Ordering};
+use framehop::x86_64::CacheX86_64;
+use framehop::MustNotAllocateDuringUnwind;
+
+type Cache = CacheX86_64<MustNotAllocateDuringUnwind>;
+
+static LOCK: AtomicBool = AtomicBool::new(false);
+static mut FREE: Vec<usize> = Vec::new();
+static mut KEY: libc::pthread_key_t = 0;
+static KEY_READY: AtomicBool = AtomicBool::new(false);
+
+fn with_pool<R>(f: impl FnOnce(&mut Vec<usize>) -> R) -> R {
+    while LOCK.swap(true, Ordering::Acquire) {
+        core::hint::spin_loop();
+    }
+    // SAFETY: LOCK gives exclusive access to FREE.
+    let r = f(unsafe { &mut *core::ptr::addr_of_mut!(FREE) });
+    LOCK.store(false, Ordering::Release);
+    r
+}
+
+unsafe extern "C" fn on_thread_exit(_: *mut libc::c_void) {
+    crate::unwind::release_thread_cache();
+}
+
+/// Creates the thread-exit key (once, at agent start).
+pub fn init() {
+    // SAFETY: KEY is written once here before KEY_READY is published.
+    unsafe {
+        if libc::pthread_key_create(core::ptr::addr_of_mut!(KEY), Some(on_thread_exit)) == 0 {
+            KEY_READY.store(true, Ordering::Release);
+        }
+    }
+}
+
+/// A cache for the calling thread: from the pool, or new.
+pub fn take_cache() -> *mut Cache {
+    if KEY_READY.load(Ordering::Acquire) {
+        // SAFETY: KEY is valid once KEY_READY is set; a non-null value arms the destructor.
+        unsafe { libc::pthread_setspecific(KEY, 1 as *const libc::c_void) };
+    }
+    match with_pool(|v| v.pop()) {
+        Some(c) => c as *mut Cache,
+        None => crate::unwind::new_cache(),
+    }
+}
+
+/// Returns a cache to the pool.
+pub fn give_cache(c: *mut Cache) {
+    with_pool(|v| v.push(c as usize));
+}

@@ -1,0 +1,169 @@
+//! The *next* definitions of the malloc family (`dlsym(RTLD_NEXT, …)`), resolved once.
+//!
+//! `dlsym` itself may allocate (for `dlerror`), so while resolution is in progress every
+//! allocation is served from a small static bootstrap arena whose blocks are never freed.
+
+use core::ffi::{c_char, c_void};
+use core::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
+
+type MallocFn = unsafe extern "C" fn(usize) -> *mut c_void;
+type FreeFn = unsafe extern "C" fn(*mut c_void);
+type CallocFn = unsafe extern "C" fn(usize, usize) -> *mut c_void;
+type ReallocFn = unsafe extern "C" fn(*mut c_void, usize) -> *mut c_void;
+type MemalignFn = unsafe extern "C" fn(usize, usize) -> *mut c_void;
+type PosixMemalignFn = unsafe extern "C" fn(*mut *mut c_void, usize, usize) -> i32;
+type UsableFn = unsafe extern "C" fn(*mut c_void) -> usize;
+
+/// Function pointers of the allocator that the agent forwards to.
+pub struct Real {
+    /// `malloc`
+    pub malloc: MallocFn,
+    /// `free`
+    pub free: FreeFn,
+    /// `calloc`
+    pub calloc: CallocFn,
+    /// `realloc`
+    pub realloc: ReallocFn,
+    /// `memalign`
+    pub memalign: MemalignFn,
+    /// `posix_memalign`
+    pub posix_memalign: PosixMemalignFn,
+    /// `aligned_alloc`
+    pub aligned_alloc: MemalignFn,
+    /// `valloc`
+    pub valloc: MallocFn,
+    /// `pvalloc`
+    pub pvalloc: MallocFn,
+    /// `malloc_usable_size`
+    pub malloc_usable_size: UsableFn,
+    /// True when `malloc` is glibc's own (ptmalloc chunk headers are meaningful).
+    pub glibc: bool,
+}
+
+const UNRESOLVED: u8 = 0;
+const RESOLVING: u8 = 1;
+const READY: u8 = 2;
+
+static STATE: AtomicU8 = AtomicU8::new(UNRESOLVED);
+static mut REAL: Option<Real> = None;
+
+/// Returns the next allocator, or `None` while it is being resolved (use the bootstrap arena).
+#[inline(always)]
+pub fn get() -> Option<&'static Real> {
+    if STATE.load(Ordering::Acquire) == READY {
+        // SAFETY: REAL is written once, before STATE becomes READY (release), never again.
+        return unsafe { (*core::ptr::addr_of!(REAL)).as_ref() };
+    }
+    resolve_slow()
+}
+
+#[cold]
+fn resolve_slow() -> Option<&'static Real> {
+    if STATE
+        .compare_exchange(UNRESOLVED, RESOLVING, Ordering::AcqRel, Ordering::Acquire)
+        .is_err()
+    {
+        // Another thread (or this one, re-entering from dlsym) is resolving.
+        while STATE.load(Ordering::Acquire) == RESOLVING {
+            if crate::guard::is_resolving_thread() {
+                return None;
+            }
+            core::hint::spin_loop();
+        }
+        // SAFETY: STATE is READY, REAL was published before it.
+        return unsafe { (*core::ptr::addr_of!(REAL)).as_ref() };
+    }
+    crate::guard::set_resolving_thread(true);
+    // SAFETY: only this thread writes REAL, and readers wait for READY.
+    unsafe {
+        let real = Real {
+            malloc: core::mem::transmute::<*mut c_void, MallocFn>(next(c"malloc")),
+            free: core::mem::transmute::<*mut c_void, FreeFn>(next(c"free")),
+            calloc: core::mem::transmute::<*mut c_void, CallocFn>(next(c"calloc")),
+            realloc: core::mem::transmute::<*mut c_void, ReallocFn>(next(c"realloc")),
+            memalign: core::mem::transmute::<*mut c_void, MemalignFn>(next(c"memalign")),
+            posix_memalign: core::mem::transmute::<*mut c_void, PosixMemalignFn>(next(
+                c"posix_memalign",
+            )),
+            aligned_alloc: core::mem::transmute::<*mut c_void, MemalignFn>(next(
+                c"aligned_alloc",
+            )),
+            valloc: core::mem::transmute::<*mut c_void, MallocFn>(next(c"valloc")),
+            pvalloc: core::mem::transmute::<*mut c_void, MallocFn>(next(c"pvalloc")),
+            malloc_usable_size: core::mem::transmute::<*mut c_void, UsableFn>(next(
+                c"malloc_usable_size",
+            )),
+            glibc: is_glibc(next(c"malloc")),
+        };
+        *core::ptr::addr_of_mut!(REAL) = Some(real);
+    }
+    crate::guard::set_resolving_thread(false);
+    STATE.store(READY, Ordering::Release);
+    // SAFETY: just published.
+    unsafe { (*core::ptr::addr_of!(REAL)).as_ref() }
+}
+
+/// `dlsym(RTLD_NEXT, name)`; aborts the process with a message if the symbol is missing,
+/// because without an allocator to forward to nothing can work.
+unsafe fn next(name: &core::ffi::CStr) -> *mut c_void {
+    // SAFETY: dlsym with a valid NUL-terminated name.
+    let p = unsafe { libc::dlsym(libc::RTLD_NEXT, name.as_ptr()) };
+    if p.is_null() {
+        crate::diag::fatal(b"kal agent: no next definition of an allocation function\n");
+    }
+    p
+}
+
+/// Whether `f` lives in glibc's `libc.so.6`.
+unsafe fn is_glibc(f: *mut c_void) -> bool {
+    // SAFETY: dladdr only reads loader data; info is a plain out-parameter.
+    unsafe {
+        let mut info: libc::Dl_info = core::mem::zeroed();
+        if libc::dladdr(f, &mut info) == 0 || info.dli_fname.is_null() {
+            return false;
+        }
+        let name = core::ffi::CStr::from_ptr(info.dli_fname as *const c_char).to_bytes();
+        name.windows(9).any(|w| w == b"libc.so.6")
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Bootstrap arena: serves allocations made while the next allocator is being resolved.
+
+const BOOT_SIZE: usize = 64 * 1024;
+#[repr(C, align(16))]
+struct BootArena([u8; BOOT_SIZE]);
+static mut BOOT: BootArena = BootArena([0; BOOT_SIZE]);
+static BOOT_USED: AtomicUsize = AtomicUsize::new(0);
+
+fn boot_base() -> usize {
+    core::ptr::addr_of!(BOOT) as usize
+}
+
+/// Allocates `size` bytes (16-aligned, zeroed) from the bootstrap arena; null when full.
+pub fn boot_alloc(size: usize) -> *mut c_void {
+    let need = (size + 16 + 15) & !15;
+    let off = BOOT_USED.fetch_add(need, Ordering::Relaxed);
+    if off + need > BOOT_SIZE {
+        return core::ptr::null_mut();
+    }
+    let p = boot_base() + off;
+    // SAFETY: [p, p+need) lies inside BOOT and was handed out to nobody else.
+    unsafe {
+        *(p as *mut usize) = size;
+        (p + 16) as *mut c_void
+    }
+}
+
+/// Whether `p` was handed out by [`boot_alloc`].
+#[inline(always)]
+pub fn is_boot(p: *mut c_void) -> bool {
+    let a = p as usize;
+    a >= boot_base() && a < boot_base() + BOOT_SIZE
+}
+
+/// Size requested for a bootstrap block.
+pub fn boot_size(p: *mut c_void) -> usize {
+    // SAFETY: p came from boot_alloc, which stored the size 16 bytes before it.
+    unsafe { *((p as usize - 16) as *const usize) }
+}

@@ -1,0 +1,212 @@
+//! The live-allocation table and the stack table, in private anonymous memory of the target.
+//!
+//! Both are open-addressing hash tables updated with atomics only, so any number of threads
+//! record allocations at once without locks, and a frozen copy of the process (at exit or in
+//! a fork snapshot) holds a consistent table: an entry is published with a release store of
+//! its address after its fields are written, and retired (tombstone) before the block is
+//! given back to the real allocator.
+
+use core::sync::atomic::{AtomicU64, Ordering};
+use kal_proto::{
+    AllocSlot, StackSlot, MAX_FRAMES, SLOT_BUSY, SLOT_EMPTY, SLOT_TOMBSTONE, STACK_SLOT_BUSY,
+    STACK_SLOT_EMPTY, STACK_UNKNOWN,
+};
+
+/// Longest probe sequence in the allocation table before an insert gives up.
+const MAX_PROBE: usize = 512;
+/// Longest probe sequence in the stack table.
+const MAX_STACK_PROBE: usize = 64;
+
+/// Default number of allocation slots (4 Mi slots × 32 bytes = 128 MiB of address space,
+/// reserved without backing; only touched pages use memory).
+pub const DEFAULT_SLOTS: u64 = 1 << 22;
+/// Number of stack slots.
+pub const STACK_SLOTS: u64 = 1 << 16;
+
+/// The two tables of one process.
+pub struct Tables {
+    slots: *mut AllocSlot,
+    mask: u64,
+    stacks: *mut StackSlot,
+    stack_mask: u64,
+}
+
+// SAFETY: all shared mutation goes through atomics on the slots' key words; the raw
+// pointers refer to a process-lifetime mapping.
+unsafe impl Sync for Tables {}
+
+/// What the table knew about a block that was removed.
+#[derive(Clone, Copy)]
+pub struct Removed {
+    /// Requested size.
+    pub size: u64,
+    /// Sequence number.
+    pub seq: u64,
+    /// Stack id.
+    pub stack: u32,
+    /// Allocation API.
+    pub api: u32,
+}
+
+#[inline(always)]
+fn mix(x: u64) -> u64 {
+    let x = x ^ (x >> 29);
+    let x = x.wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x ^ (x >> 32)
+}
+
+/// Maps `len` bytes of zero-filled private memory with no swap reservation.
+fn map(len: usize) -> *mut u8 {
+    // SAFETY: anonymous private mapping, no file involved.
+    let p = unsafe {
+        libc::mmap(
+            core::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+            -1,
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        crate::diag::fatal(b"kal agent: cannot map the allocation table\n");
+    }
+    p.cast()
+}
+
+impl Tables {
+    /// Maps both tables; `slots` must be a power of two.
+    pub fn new(slots: u64) -> Tables {
+        let table = map(slots as usize * core::mem::size_of::<AllocSlot>());
+        let stacks = map(STACK_SLOTS as usize * core::mem::size_of::<StackSlot>());
+        Tables {
+            slots: table.cast(),
+            mask: slots - 1,
+            stacks: stacks.cast(),
+            stack_mask: STACK_SLOTS - 1,
+        }
+    }
+
+    /// Address and slot count of the allocation table.
+    pub fn table_range(&self) -> (u64, u64) {
+        (self.slots as u64, self.mask + 1)
+    }
+
+    /// Address and slot count of the stack table.
+    pub fn stack_range(&self) -> (u64, u64) {
+        (self.stacks as u64, self.stack_mask + 1)
+    }
+
+    #[inline(always)]
+    fn key(&self, i: u64) -> &AtomicU64 {
+        // SAFETY: i is masked into the table; addr is the first u64 of a 32-byte slot and
+        // the mapping is 8-aligned, so viewing it as an AtomicU64 is sound.
+        unsafe { &*(core::ptr::addr_of_mut!((*self.slots.add(i as usize)).addr) as *const AtomicU64) }
+    }
+
+    /// Records a live block.
+    #[inline]
+    pub fn insert(&self, addr: u64, size: u64, seq: u64, stack: u32, api: u32) {
+        let mut i = mix(addr) & self.mask;
+        let mut probes = 0;
+        while probes < MAX_PROBE {
+            let key = self.key(i);
+            let cur = key.load(Ordering::Relaxed);
+            if (cur == SLOT_EMPTY || cur == SLOT_TOMBSTONE)
+                && key
+                    .compare_exchange(cur, SLOT_BUSY, Ordering::Acquire, Ordering::Relaxed)
+                    .is_ok()
+            {
+                // SAFETY: this thread owns the slot while it is BUSY.
+                unsafe {
+                    let s = self.slots.add(i as usize);
+                    (*s).size = size;
+                    (*s).seq = seq;
+                    (*s).stack = stack;
+                    (*s).api = api;
+                }
+                key.store(addr, Ordering::Release);
+                return;
+            }
+            if cur == SLOT_EMPTY || cur == SLOT_TOMBSTONE {
+                continue; // lost a race for this slot: look at it again
+            }
+            i = (i + 1) & self.mask;
+            probes += 1;
+        }
+        crate::state::note_dropped();
+    }
+
+    /// Retires the block at `addr`, returning what was recorded, or `None` if it was not
+    /// recorded (allocated before the agent, or dropped).
+    #[inline]
+    pub fn remove(&self, addr: u64) -> Option<Removed> {
+        let mut i = mix(addr) & self.mask;
+        for _ in 0..MAX_PROBE {
+            let key = self.key(i);
+            let cur = key.load(Ordering::Acquire);
+            if cur == addr {
+                // SAFETY: the slot holds our block; only the thread freeing it touches it.
+                let r = unsafe {
+                    let s = self.slots.add(i as usize);
+                    Removed { size: (*s).size, seq: (*s).seq, stack: (*s).stack, api: (*s).api }
+                };
+                if key
+                    .compare_exchange(addr, SLOT_TOMBSTONE, Ordering::AcqRel, Ordering::Relaxed)
+                    .is_ok()
+                {
+                    return Some(r);
+                }
+                return None;
+            }
+            if cur == SLOT_EMPTY {
+                return None;
+            }
+            i = (i + 1) & self.mask;
+        }
+        None
+    }
+
+    /// Returns the id of `frames` in the stack table, adding it if new.
+    pub fn intern_stack(&self, frames: &[u64]) -> u32 {
+        let n = frames.len().min(MAX_FRAMES);
+        let mut h: u64 = 0x9e37_79b9_7f4a_7c15 ^ n as u64;
+        for &f in &frames[..n] {
+            h = mix(h ^ f);
+        }
+        let h = h | 1; // never EMPTY (0) or BUSY (2)
+        let mut i = h & self.stack_mask;
+        let mut probes = 0;
+        while probes < MAX_STACK_PROBE {
+            // SAFETY: i is masked into the stack table; hash is its first u64.
+            let slot = unsafe { self.stacks.add(i as usize) };
+            // SAFETY: as above, the hash word is 8-aligned.
+            let key = unsafe { &*(core::ptr::addr_of_mut!((*slot).hash) as *const AtomicU64) };
+            let cur = key.load(Ordering::Acquire);
+            if cur == h {
+                // SAFETY: a published slot is never written again.
+                let same = unsafe { (*slot).depth as usize == n && (&(*slot).frames)[..n] == frames[..n] };
+                if same {
+                    return i as u32;
+                }
+            } else if cur == STACK_SLOT_EMPTY {
+                if key
+                    .compare_exchange(STACK_SLOT_EMPTY, STACK_SLOT_BUSY, Ordering::Acquire, Ordering::Relaxed)
+                    .is_ok()
+                {
+                    // SAFETY: this thread owns the slot while it is BUSY.
+                    unsafe {
+                        (*slot).depth = n as u32;
+                        (&mut (*slot).frames)[..n].copy_from_slice(&frames[..n]);
+                    }
+                    key.store(h, Ordering::Release);
+                    return i as u32;
+                }
+                continue;
+            }
+            i = (i + 1) & self.stack_mask;
+            probes += 1;
+        }
+        STACK_UNKNOWN
+    }
+}

@@ -1,0 +1,288 @@
+//! Stack capture without frame pointers: DWARF CFI (`.eh_frame`) with framehop.
+//!
+//! The unwinder is built from `dl_iterate_phdr` (every loaded object's `.eh_frame_hdr` and
+//! `.eh_frame`, read in place from memory), published behind an atomic pointer, and rebuilt
+//! when an address falls outside every known module and the loader says objects were added
+//! or removed since (`dlopen`/`dlclose`). Old unwinders are never freed: a thread may still
+//! be using one. Each thread has its own rule cache; capture never allocates after the
+//! first call in a thread.
+
+use core::cell::Cell;
+use core::ffi::c_void;
+use core::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, Ordering};
+use framehop::x86_64::{CacheX86_64, UnwindRegsX86_64, UnwinderX86_64};
+use framehop::{ExplicitModuleSectionInfo, MustNotAllocateDuringUnwind, Module, Unwinder};
+use kal_proto::MAX_FRAMES;
+
+type Unw = UnwinderX86_64<&'static [u8], MustNotAllocateDuringUnwind>;
+type Cache = CacheX86_64<MustNotAllocateDuringUnwind>;
+
+/// A published unwinder with the module ranges it knows.
+struct Published {
+    unwinder: Unw,
+    ranges: Vec<(u64, u64)>,
+    generation: u64,
+}
+
+static CURRENT: AtomicPtr<Published> = AtomicPtr::new(core::ptr::null_mut());
+static BUILDING: AtomicBool = AtomicBool::new(false);
+/// Start and end of the agent's own executable segment.
+static AGENT_TEXT: [AtomicU64; 2] = [AtomicU64::new(0), AtomicU64::new(0)];
+
+thread_local! {
+    static CACHE: Cell<*mut Cache> = const { Cell::new(core::ptr::null_mut()) };
+    static STACK_LO: Cell<u64> = const { Cell::new(0) };
+    static STACK_HI: Cell<u64> = const { Cell::new(0) };
+}
+
+/// The agent's own code range, `(start, end)`.
+pub fn agent_text() -> (u64, u64) {
+    (AGENT_TEXT[0].load(Ordering::Relaxed), AGENT_TEXT[1].load(Ordering::Relaxed))
+}
+
+/// Loader generation: objects added plus removed, as counted by `dl_iterate_phdr`.
+fn loader_generation() -> u64 {
+    unsafe extern "C" fn cb(info: *mut libc::dl_phdr_info, _: usize, data: *mut c_void) -> i32 {
+        // SAFETY: the loader passes a valid info; data points at our u64.
+        unsafe {
+            *(data as *mut u64) = (*info).dlpi_adds.wrapping_add((*info).dlpi_subs);
+        }
+        1
+    }
+    let mut g: u64 = 0;
+    // SAFETY: callback matches the expected signature; data outlives the call.
+    unsafe { libc::dl_iterate_phdr(Some(cb), (&mut g as *mut u64).cast()) };
+    g
+}
+
+struct Collect {
+    modules: Vec<Module<&'static [u8]>>,
+    ranges: Vec<(u64, u64)>,
+    self_addr: u64,
+}
+
+/// Reads the `.eh_frame` address out of an `.eh_frame_hdr` (only the common encodings).
+///
+/// # Safety
+/// `hdr` must point at a mapped `.eh_frame_hdr`.
+unsafe fn eh_frame_from_hdr(hdr: u64) -> Option<u64> {
+    // SAFETY: per the contract, the first bytes of the header are mapped.
+    let (version, enc) = unsafe { (*(hdr as *const u8), *((hdr + 1) as *const u8)) };
+    if version != 1 {
+        return None;
+    }
+    let field = hdr + 4;
+    // SAFETY: the encoded pointer follows the 4 header bytes.
+    let value = unsafe {
+        match enc & 0x0f {
+            0x0b => *(field as *const i32) as i64 as u64, // sdata4
+            0x03 => *(field as *const u32) as u64,        // udata4
+            0x0c | 0x04 => *(field as *const u64),        // sdata8 / udata8
+            _ => return None,
+        }
+    };
+    match enc & 0x70 {
+        0x10 => Some(field.wrapping_add(value)), // pcrel
+        0x30 => Some(hdr.wrapping_add(value)),   // datarel (relative to the hdr)
+        0x00 => Some(value),
+        _ => None,
+    }
+}
+
+unsafe extern "C" fn collect_cb(info: *mut libc::dl_phdr_info, _: usize, data: *mut c_void) -> i32 {
+    // SAFETY: the loader passes a valid info for the duration of the callback; data is our
+    // Collect; phdrs and the segments they describe are mapped while the object is loaded.
+    unsafe {
+        let c = &mut *(data as *mut Collect);
+        let info = &*info;
+        let base = info.dlpi_addr;
+        let phdrs = core::slice::from_raw_parts(info.dlpi_phdr, info.dlpi_phnum as usize);
+        let mut text: Option<(u64, u64)> = None;
+        let mut hdr: Option<(u64, u64)> = None;
+        let mut loads: Vec<(u64, u64)> = Vec::new();
+        for ph in phdrs {
+            if ph.p_type == libc::PT_LOAD {
+                let r = (base + ph.p_vaddr, base + ph.p_vaddr + ph.p_memsz);
+                loads.push(r);
+                if ph.p_flags & libc::PF_X != 0 {
+                    text = Some(text.map_or(r, |t| (t.0.min(r.0), t.1.max(r.1))));
+                }
+            } else if ph.p_type == libc::PT_GNU_EH_FRAME {
+                hdr = Some((base + ph.p_vaddr, ph.p_memsz));
+            }
+        }
+        let Some(text) = text else { return 0 };
+        if c.self_addr >= text.0 && c.self_addr < text.1 {
+            AGENT_TEXT[0].store(text.0, Ordering::Relaxed);
+            AGENT_TEXT[1].store(text.1, Ordering::Relaxed);
+        }
+        c.ranges.push(text);
+        let Some((hdr_avma, hdr_len)) = hdr else { return 0 };
+        let Some(eh_avma) = eh_frame_from_hdr(hdr_avma) else { return 0 };
+        // .eh_frame has no length in the header: it runs at most to the end of its segment.
+        let Some(seg) = loads.iter().find(|r| eh_avma >= r.0 && eh_avma < r.1) else { return 0 };
+        let eh_len = seg.1 - eh_avma;
+        let name = if info.dlpi_name.is_null() {
+            String::new()
+        } else {
+            core::ffi::CStr::from_ptr(info.dlpi_name).to_string_lossy().into_owned()
+        };
+        let section_info = ExplicitModuleSectionInfo {
+            base_svma: 0,
+            text_svma: Some(text.0 - base..text.1 - base),
+            text: Some(core::slice::from_raw_parts(text.0 as *const u8, (text.1 - text.0) as usize)),
+            eh_frame_svma: Some(eh_avma - base..eh_avma - base + eh_len),
+            eh_frame: Some(core::slice::from_raw_parts(eh_avma as *const u8, eh_len as usize)),
+            eh_frame_hdr_svma: Some(hdr_avma - base..hdr_avma - base + hdr_len),
+            eh_frame_hdr: Some(core::slice::from_raw_parts(hdr_avma as *const u8, hdr_len as usize)),
+            ..Default::default()
+        };
+        c.modules.push(Module::new(name, text.0..text.1, base, section_info));
+        0
+    }
+}
+
+/// Builds and publishes a fresh unwinder (caller holds the re-entrancy guard).
+fn rebuild() {
+    if BUILDING.swap(true, Ordering::Acquire) {
+        return; // someone else is building; use what is published
+    }
+    let generation = loader_generation();
+    let mut c = Collect { modules: Vec::new(), ranges: Vec::new(), self_addr: rebuild as *const () as u64 };
+    // SAFETY: the callback matches the signature and data outlives the call.
+    unsafe { libc::dl_iterate_phdr(Some(collect_cb), (&mut c as *mut Collect).cast()) };
+    let mut unwinder = Unw::new();
+    for m in c.modules {
+        unwinder.add_module(m);
+    }
+    c.ranges.sort_unstable();
+    let p = Box::into_raw(Box::new(Published { unwinder, ranges: c.ranges, generation }));
+    CURRENT.store(p, Ordering::Release);
+    BUILDING.store(false, Ordering::Release);
+}
+
+/// Builds the unwinder now (called once at agent start).
+pub fn init() {
+    if CURRENT.load(Ordering::Acquire).is_null() {
+        rebuild();
+    }
+}
+
+fn known(ranges: &[(u64, u64)], a: u64) -> bool {
+    let i = ranges.partition_point(|r| r.0 <= a);
+    i > 0 && a < ranges[i - 1].1
+}
+
+/// Fills the calling thread's stack bounds (once per thread).
+fn stack_bounds() -> (u64, u64) {
+    let hi = STACK_HI.with(|c| c.get());
+    if hi != 0 {
+        return (STACK_LO.with(|c| c.get()), hi);
+    }
+    // SAFETY: pthread_getattr_np fills attr for the calling thread; it may allocate, which
+    // passes through untracked because the caller holds the re-entrancy guard.
+    unsafe {
+        let mut attr: libc::pthread_attr_t = core::mem::zeroed();
+        if libc::pthread_getattr_np(libc::pthread_self(), &mut attr) != 0 {
+            return (0, 0);
+        }
+        let mut addr: *mut c_void = core::ptr::null_mut();
+        let mut size: usize = 0;
+        libc::pthread_attr_getstack(&attr, &mut addr, &mut size);
+        libc::pthread_attr_destroy(&mut attr);
+        let (lo, hi) = (addr as u64, addr as u64 + size as u64);
+        STACK_LO.with(|c| c.set(lo));
+        STACK_HI.with(|c| c.set(hi));
+        (lo, hi)
+    }
+}
+
+fn cache() -> *mut Cache {
+    let c = CACHE.with(|c| c.get());
+    if !c.is_null() {
+        return c;
+    }
+    let c = crate::pool::take_cache();
+    CACHE.with(|cell| cell.set(c));
+    c
+}
+
+/// Creates a cache for a thread that has none in the pool.
+pub fn new_cache() -> *mut Cache {
+    Box::into_raw(Box::new(Cache::new_in()))
+}
+
+/// Hands this thread's cache back to the pool (from the thread-exit key destructor).
+pub fn release_thread_cache() {
+    let c = CACHE.with(|c| c.replace(core::ptr::null_mut()));
+    if !c.is_null() {
+        crate::pool::give_cache(c);
+    }
+}
+
+/// Captures the return addresses of the caller's stack, dropping the agent's own frames.
+/// Returns the number of frames written. The caller holds the re-entrancy guard.
+#[inline(never)]
+pub fn capture(out: &mut [u64; MAX_FRAMES]) -> usize {
+    let (pc, sp, bp): (u64, u64, u64);
+    // SAFETY: reads rip, rsp and rbp into registers; no memory is touched.
+    unsafe {
+        core::arch::asm!("lea {0}, [rip]", "mov {1}, rsp", "mov {2}, rbp",
+            out(reg) pc, out(reg) sp, out(reg) bp, options(nomem, nostack, preserves_flags));
+    }
+    let mut published = CURRENT.load(Ordering::Acquire);
+    if published.is_null() {
+        rebuild();
+        published = CURRENT.load(Ordering::Acquire);
+    }
+    let (lo, hi) = stack_bounds();
+    let n = walk(published, pc, sp, bp, lo, hi, out);
+    // SAFETY: published unwinders are never freed.
+    let p = unsafe { &*published };
+    if n.1 && loader_generation() != p.generation {
+        rebuild();
+        return walk(CURRENT.load(Ordering::Acquire), pc, sp, bp, lo, hi, out).0;
+    }
+    n.0
+}
+
+/// Walks the stack; returns (frames written, stopped at an address no module knows).
+fn walk(
+    published: *mut Published,
+    pc: u64,
+    sp: u64,
+    bp: u64,
+    lo: u64,
+    hi: u64,
+    out: &mut [u64; MAX_FRAMES],
+) -> (usize, bool) {
+    // SAFETY: published unwinders are never freed.
+    let p = unsafe { &*published };
+    let (agent_lo, agent_hi) = agent_text();
+    let mut read_stack = |addr: u64| {
+        if addr >= lo && addr + 8 <= hi && addr % 8 == 0 {
+            // SAFETY: addr is an aligned word inside this thread's own mapped stack.
+            Ok(unsafe { *(addr as *const u64) })
+        } else {
+            Err(())
+        }
+    };
+    // SAFETY: the cache belongs to this thread alone.
+    let cache = unsafe { &mut *cache() };
+    let mut it = p.unwinder.iter_frames(pc, UnwindRegsX86_64::new(pc, sp, bp), cache, &mut read_stack);
+    let mut n = 0;
+    let mut last = 0;
+    while let Ok(Some(frame)) = it.next() {
+        let a = frame.address();
+        last = a;
+        if a >= agent_lo && a < agent_hi {
+            continue;
+        }
+        out[n] = a;
+        n += 1;
+        if n == MAX_FRAMES {
+            return (n, false);
+        }
+    }
+    (n, last != 0 && !known(&p.ranges, last))
+}

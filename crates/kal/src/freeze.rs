@@ -1,0 +1,158 @@
+//! Freezing every thread of a live process with `PTRACE_SEIZE` + `PTRACE_INTERRUPT`.
+//!
+//! Every stop is bounded: a thread that does not stop within the deadline makes the whole
+//! freeze fail, and dropping a [`Frozen`] always detaches, re-delivering any signal that
+//! arrived meanwhile, so the target is never left stopped or traced.
+
+use anyhow::{bail, Context, Result};
+use nix::errno::Errno;
+use nix::sys::ptrace;
+use nix::sys::signal::Signal;
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::unistd::Pid;
+use std::time::{Duration, Instant};
+
+/// Registers of one frozen thread.
+#[derive(Debug, Clone, Copy)]
+pub struct ThreadRegs {
+    /// Thread id.
+    pub tid: i32,
+    /// General-purpose registers as `PTRACE_GETREGS` returns them.
+    pub regs: libc::user_regs_struct,
+}
+
+impl ThreadRegs {
+    /// Stack pointer.
+    pub fn sp(&self) -> u64 {
+        self.regs.rsp
+    }
+
+    /// Thread pointer (`fs_base`), where TLS lives.
+    pub fn thread_pointer(&self) -> u64 {
+        self.regs.fs_base
+    }
+
+    /// The values that may hold pointers: the sixteen integer registers and `rip`.
+    pub fn values(&self) -> [u64; 17] {
+        let r = &self.regs;
+        [
+            r.rax, r.rbx, r.rcx, r.rdx, r.rsi, r.rdi, r.rbp, r.rsp, r.r8, r.r9, r.r10, r.r11,
+            r.r12, r.r13, r.r14, r.r15, r.rip,
+        ]
+    }
+}
+
+/// A process whose threads are all stopped under ptrace; detached on drop.
+pub struct Frozen {
+    pid: i32,
+    threads: Vec<(i32, Option<Signal>)>,
+    /// How long the freeze took to establish.
+    pub freeze_time: Duration,
+    started: Instant,
+}
+
+/// How long one thread may take to stop.
+const STOP_DEADLINE: Duration = Duration::from_secs(2);
+
+impl Frozen {
+    /// Seizes and stops every thread of `pid`, including threads created meanwhile.
+    pub fn freeze(pid: i32) -> Result<Frozen> {
+        let started = Instant::now();
+        let mut f = Frozen { pid, threads: Vec::new(), freeze_time: Duration::ZERO, started };
+        loop {
+            let tids = crate::procfs::tasks(pid)?;
+            let new: Vec<i32> =
+                tids.into_iter().filter(|t| !f.threads.iter().any(|(x, _)| x == t)).collect();
+            if new.is_empty() {
+                break;
+            }
+            for tid in new {
+                match ptrace::seize(Pid::from_raw(tid), ptrace::Options::empty()) {
+                    Ok(()) => {}
+                    Err(Errno::ESRCH) => continue, // thread exited meanwhile
+                    Err(Errno::EPERM) => bail!(
+                        "no permission to trace process {pid} (run as its user or root, and check /proc/sys/kernel/yama/ptrace_scope)"
+                    ),
+                    Err(e) => return Err(e).with_context(|| format!("cannot seize thread {tid}")),
+                }
+                f.threads.push((tid, None));
+                if ptrace::interrupt(Pid::from_raw(tid)).is_err() {
+                    continue;
+                }
+                let sig = wait_stop(tid)?;
+                if let Some(slot) = f.threads.iter_mut().find(|(t, _)| *t == tid) {
+                    match sig {
+                        Stop::Stopped(s) => slot.1 = s,
+                        Stop::Gone => slot.0 = -1,
+                    }
+                }
+            }
+            f.threads.retain(|(t, _)| *t > 0);
+        }
+        if f.threads.is_empty() {
+            bail!("process {pid} has no threads left");
+        }
+        f.freeze_time = f.started.elapsed();
+        Ok(f)
+    }
+
+    /// Process id.
+    pub fn pid(&self) -> i32 {
+        self.pid
+    }
+
+    /// Registers of every frozen thread.
+    pub fn regs(&self) -> Result<Vec<ThreadRegs>> {
+        let mut out = Vec::with_capacity(self.threads.len());
+        for &(tid, _) in &self.threads {
+            match ptrace::getregs(Pid::from_raw(tid)) {
+                Ok(regs) => out.push(ThreadRegs { tid, regs }),
+                Err(Errno::ESRCH) => {}
+                Err(e) => return Err(e).with_context(|| format!("cannot read registers of thread {tid}")),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Time since the first thread was stopped.
+    pub fn paused_for(&self) -> Duration {
+        self.started.elapsed()
+    }
+}
+
+enum Stop {
+    /// Stopped; a signal to re-deliver on detach, if the stop was a signal-delivery stop.
+    Stopped(Option<Signal>),
+    /// The thread exited.
+    Gone,
+}
+
+fn wait_stop(tid: i32) -> Result<Stop> {
+    let deadline = Instant::now() + STOP_DEADLINE;
+    loop {
+        match waitpid(Pid::from_raw(tid), Some(WaitPidFlag::__WALL | WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::StillAlive) => {
+                if Instant::now() > deadline {
+                    bail!("thread {tid} did not stop within {:?}", STOP_DEADLINE);
+                }
+                std::thread::sleep(Duration::from_micros(50));
+            }
+            Ok(WaitStatus::PtraceEvent(..)) => return Ok(Stop::Stopped(None)),
+            Ok(WaitStatus::Stopped(_, sig)) => return Ok(Stop::Stopped(Some(sig))),
+            Ok(WaitStatus::Exited(..)) | Ok(WaitStatus::Signaled(..)) | Err(Errno::ECHILD) => {
+                return Ok(Stop::Gone)
+            }
+            Ok(_) => return Ok(Stop::Stopped(None)),
+            Err(Errno::EINTR) => {}
+            Err(e) => return Err(e).context("waiting for a thread to stop"),
+        }
+    }
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        for &(tid, sig) in &self.threads {
+            let _ = ptrace::detach(Pid::from_raw(tid), sig);
+        }
+    }
+}

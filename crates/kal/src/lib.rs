@@ -1,0 +1,66 @@
+//! kal finds memory leaks in unmodified, running Linux programs.
+//!
+//! The pipeline is the same for every way of using kal:
+//!
+//! 1. **capture** ([`freeze`], [`capture`]): freeze every thread, read registers, mappings,
+//!    the agent's live-block table and a copy of writable memory ([`memory::Image`]);
+//! 2. **blocks** ([`capture::read_blocks`]): live heap blocks with allocation stacks;
+//! 3. **reach** ([`roots`], [`reach`]): conservative marking from the roots, classified
+//!    as valgrind's memcheck does (direct, indirect, possible, reachable);
+//! 4. **attribute** ([`symbolize`]): stacks to function, file and line;
+//! 5. **act** ([`report`]): text and JSON reports, with [`suppress`]ions.
+//!
+//! The `kal` binary is a thin CLI over this library; [`run`] implements `kal run`.
+//!
+//! ```no_run
+//! use kal::{capture, freeze::Frozen, report};
+//! # fn main() -> anyhow::Result<()> {
+//! // A process started under `kal run`, whose agent header address the agent reported:
+//! let (pid, header_addr) = (4242, 0x7f00_0000_1000);
+//! let cap = {
+//!     let frozen = Frozen::freeze(pid)?; // all threads stopped…
+//!     capture::capture(&frozen, header_addr)?
+//! }; // …and running again here
+//! let report = kal::analyze(&cap, &report::Options::default());
+//! print!("{}", report::text(&report, 8));
+//! # Ok(()) }
+//! ```
+
+pub mod capture;
+pub mod elf;
+pub mod freeze;
+pub mod memory;
+pub mod procfs;
+pub mod ranges;
+pub mod reach;
+pub mod report;
+pub mod roots;
+pub mod run;
+pub mod suppress;
+pub mod symbolize;
+
+/// Steps 3 to 5 on a capture: roots, classification, symbolized records.
+pub fn analyze(cap: &capture::Capture, opts: &report::Options) -> report::Report {
+    debug_roots(cap);
+    let roots = roots::roots(cap);
+    let kinds = reach::classify(&cap.blocks, &cap.image, &roots);
+    report::build(cap, &kinds, &symbolize::Symbols::new(), opts)
+}
+
+/// Debug aid: prints roots (set `KAL_DEBUG_ROOTS=1`).
+pub fn debug_roots(cap: &capture::Capture) {
+    if std::env::var_os("KAL_DEBUG_ROOTS").is_none() {
+        return;
+    }
+    let r = roots::roots(cap);
+    for (s, e) in &r.ranges {
+        let m = cap.maps.iter().find(|m| m.contains(*s)).map(|m| m.path.as_str()).unwrap_or("?");
+        eprintln!("root {s:#x}-{e:#x} {m} copied={}", cap.image.words(*s, e - s).is_some());
+    }
+    for m in &cap.maps {
+        eprintln!("map {:#x}-{:#x} {}{} {}", m.start, m.end, if m.read {"r"} else {"-"}, if m.write {"w"} else {"-"}, m.path);
+    }
+    for b in cap.blocks.iter().filter(|b| b.size == 4096) {
+        eprintln!("block {:#x} size {}", b.addr, b.size);
+    }
+}

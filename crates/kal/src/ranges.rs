@@ -1,0 +1,57 @@
+//! Arithmetic on sorted, half-open address ranges.
+
+/// `a` minus every range in `b`; both sorted by start, `b` may overlap itself.
+pub fn subtract(a: &[(u64, u64)], b: &[(u64, u64)]) -> Vec<(u64, u64)> {
+    let mut out = Vec::new();
+    for &(s, e) in a {
+        let mut cur = s;
+        let first = b.partition_point(|r| r.1 <= s);
+        for &(bs, be) in &b[first..] {
+            if bs >= e {
+                break;
+            }
+            if be <= cur {
+                continue;
+            }
+            if bs > cur {
+                out.push((cur, bs));
+            }
+            cur = cur.max(be);
+            if cur >= e {
+                break;
+            }
+        }
+        if cur < e {
+            out.push((cur, e));
+        }
+    }
+    out
+}
+
+/// Sorts ranges and merges overlapping or touching ones.
+pub fn normalize(mut v: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
+    v.retain(|r| r.1 > r.0);
+    v.sort_unstable();
+    let mut out: Vec<(u64, u64)> = Vec::with_capacity(v.len());
+    for r in v {
+        match out.last_mut() {
+            Some(last) if r.0 <= last.1 => last.1 = last.1.max(r.1),
+            _ => out.push(r),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn subtract_cuts_holes_and_keeps_edges() {
+        let b = normalize(vec![(20, 30), (25, 40), (50, 60), (0, 5)]);
+        assert_eq!(b, vec![(0, 5), (20, 40), (50, 60)]);
+        assert_eq!(subtract(&[(0, 100)], &b), vec![(5, 20), (40, 50), (60, 100)]);
+        assert_eq!(subtract(&[(21, 39)], &b), vec![]);
+        assert_eq!(subtract(&[(60, 70), (80, 90)], &b), vec![(60, 70), (80, 90)]);
+    }
+}

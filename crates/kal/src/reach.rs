@@ -1,0 +1,153 @@
+//! Step 3b: conservative marking from the roots, classified as valgrind's memcheck does.
+//!
+//! * **reachable** — a chain of start pointers leads to the block from a root;
+//! * **possible** — reached from a root, but some link is an interior pointer;
+//! * **direct** — nothing points to it (for a cycle with no way in, one leader: the
+//!   lowest-addressed block of the first clique found);
+//! * **indirect** — reached only from lost blocks.
+
+use crate::capture::Block;
+use crate::memory::Image;
+use crate::roots::Roots;
+
+/// Class of a block after the scan.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    /// Definitely lost.
+    Direct,
+    /// Indirectly lost.
+    Indirect,
+    /// Possibly lost.
+    Possible,
+    /// Still reachable.
+    Reachable,
+}
+
+impl Kind {
+    /// All kinds, in report order.
+    pub const ALL: [Kind; 4] = [Kind::Direct, Kind::Indirect, Kind::Possible, Kind::Reachable];
+
+    /// The JSON / summary name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Direct => "direct",
+            Kind::Indirect => "indirect",
+            Kind::Possible => "possible",
+            Kind::Reachable => "reachable",
+        }
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum State {
+    Unreached,
+    Possible,
+    Reachable,
+    Indirect,
+}
+
+/// Sorted blocks with fast "which block holds this address" lookup.
+pub struct BlockIndex<'a> {
+    blocks: &'a [Block],
+    lo: u64,
+    hi: u64,
+}
+
+impl<'a> BlockIndex<'a> {
+    /// Indexes blocks sorted by address.
+    pub fn new(blocks: &'a [Block]) -> BlockIndex<'a> {
+        let lo = blocks.first().map_or(u64::MAX, |b| b.addr);
+        let hi = blocks.iter().map(|b| b.addr + b.size.max(1)).max().unwrap_or(0);
+        BlockIndex { blocks, lo, hi }
+    }
+
+    /// The block containing `v`, and whether `v` is its start.
+    #[inline]
+    pub fn find(&self, v: u64) -> Option<(usize, bool)> {
+        if v < self.lo || v >= self.hi {
+            return None;
+        }
+        let i = self.blocks.partition_point(|b| b.addr <= v).checked_sub(1)?;
+        let b = &self.blocks[i];
+        (v < b.addr + b.size.max(1)).then_some((i, v == b.addr))
+    }
+}
+
+/// Classifies every block. `blocks` must be sorted by address.
+pub fn classify(blocks: &[Block], image: &Image, roots: &Roots) -> Vec<Kind> {
+    let idx = BlockIndex::new(blocks);
+    let mut state = vec![State::Unreached; blocks.len()];
+    let mut stack: Vec<usize> = Vec::new();
+
+    // Marks a pointer found in definitely-reachable memory (`definite`) or in a possibly
+    // reachable block.
+    let push = |v: u64, definite: bool, state: &mut [State], stack: &mut Vec<usize>| {
+        let Some((i, start)) = idx.find(v) else { return };
+        match state[i] {
+            State::Reachable => {}
+            _ if start && definite => {
+                state[i] = State::Reachable;
+                stack.push(i);
+            }
+            State::Unreached => {
+                state[i] = State::Possible;
+                stack.push(i);
+            }
+            _ => {}
+        }
+    };
+
+    for &v in &roots.values {
+        push(v, true, &mut state, &mut stack);
+    }
+    for &(s, e) in &roots.ranges {
+        image.for_each_piece(s, e, |words| {
+            for &w in words {
+                push(w, true, &mut state, &mut stack);
+            }
+        });
+    }
+    while let Some(i) = stack.pop() {
+        let definite = state[i] == State::Reachable;
+        let b = &blocks[i];
+        image.for_each_piece(b.addr, b.addr + b.size, |words| {
+            for &w in words {
+                push(w, definite, &mut state, &mut stack);
+            }
+        });
+    }
+
+    // Lost blocks: each unreached block not yet claimed leads a clique of the blocks it
+    // reaches (by any pointer), which become indirect.
+    for leader in 0..blocks.len() {
+        if state[leader] != State::Unreached {
+            continue;
+        }
+        stack.push(leader);
+        while let Some(i) = stack.pop() {
+            let b = &blocks[i];
+            image.for_each_piece(b.addr, b.addr + b.size, |words| {
+                for &w in words {
+                    // An unreached block here is fresh, or an earlier leader now absorbed.
+                    if let Some((j, _)) = idx.find(w) {
+                        if j != leader && state[j] == State::Unreached {
+                            state[j] = State::Indirect;
+                            stack.push(j);
+                        }
+                    }
+                }
+            });
+        }
+    }
+
+    state
+        .into_iter()
+        .map(|s| match s {
+            State::Unreached => Kind::Direct,
+            State::Indirect => Kind::Indirect,
+            State::Possible => Kind::Possible,
+            State::Reachable => Kind::Reachable,
+        })
+        .collect()
+}

@@ -1,0 +1,255 @@
+//! Step 5: leak records grouped by allocation stack, as text (LSan-like) and JSON.
+
+use crate::capture::Capture;
+use crate::reach::Kind;
+use crate::suppress::Suppressions;
+use crate::symbolize::{Frame, Symbols};
+use anyhow::{Context, Result};
+use serde::Serialize;
+use std::collections::{BTreeMap, HashMap};
+use std::fmt::Write as _;
+use std::path::Path;
+
+/// Bytes and blocks.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Totals {
+    /// Bytes.
+    pub bytes: u64,
+    /// Blocks.
+    pub blocks: u64,
+}
+
+impl Totals {
+    fn add(&mut self, bytes: u64) {
+        self.bytes += bytes;
+        self.blocks += 1;
+    }
+}
+
+/// Totals per class (suppressed records excluded).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Summary {
+    /// Definitely lost.
+    pub direct: Totals,
+    /// Indirectly lost.
+    pub indirect: Totals,
+    /// Possibly lost.
+    pub possible: Totals,
+    /// Still reachable.
+    pub reachable: Totals,
+}
+
+impl Summary {
+    /// The totals of one class.
+    pub fn get(&self, k: Kind) -> Totals {
+        match k {
+            Kind::Direct => self.direct,
+            Kind::Indirect => self.indirect,
+            Kind::Possible => self.possible,
+            Kind::Reachable => self.reachable,
+        }
+    }
+
+    fn get_mut(&mut self, k: Kind) -> &mut Totals {
+        match k {
+            Kind::Direct => &mut self.direct,
+            Kind::Indirect => &mut self.indirect,
+            Kind::Possible => &mut self.possible,
+            Kind::Reachable => &mut self.reachable,
+        }
+    }
+}
+
+/// One leak record: blocks of one class allocated from one stack.
+#[derive(Debug, Clone, Serialize)]
+pub struct Record {
+    /// Class.
+    pub kind: Kind,
+    /// Total bytes.
+    pub bytes: u64,
+    /// Number of blocks.
+    pub blocks: u64,
+    /// Allocation function (`malloc`, `calloc`, …).
+    pub api: &'static str,
+    /// Symbolized allocation stack, innermost first.
+    pub stack: Vec<Frame>,
+}
+
+/// Suppressed records, counted.
+#[derive(Debug, Default, Clone, Copy, Serialize)]
+pub struct Suppressed {
+    /// Records suppressed.
+    pub records: u64,
+    /// Bytes in them.
+    pub bytes: u64,
+    /// Blocks in them.
+    pub blocks: u64,
+}
+
+/// A leak report for one process.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    /// Process id.
+    pub pid: i32,
+    /// Program path.
+    pub program: String,
+    /// Totals per class.
+    pub summary: Summary,
+    /// Records, largest first within each class (reachable only when asked for).
+    pub leaks: Vec<Record>,
+    /// What suppressions silenced.
+    pub suppressed: Suppressed,
+    /// Allocations the agent could not record (table full).
+    pub untracked_allocations: u64,
+}
+
+/// How to build a report.
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    /// Include reachable records.
+    pub show_reachable: bool,
+    /// Suppression patterns.
+    pub suppressions: Suppressions,
+}
+
+/// Groups classified blocks into records, symbolizes them and applies suppressions.
+pub fn build(c: &Capture, kinds: &[Kind], symbols: &Symbols, opts: &Options) -> Report {
+    let mut groups: BTreeMap<(Kind, u32, u32), Totals> = BTreeMap::new();
+    for (b, &k) in c.blocks.iter().zip(kinds) {
+        groups.entry((k, b.stack, b.api)).or_default().add(b.size);
+    }
+    let addrs: Vec<u64> = {
+        let mut v: Vec<u64> = groups
+            .keys()
+            .filter_map(|(_, s, _)| c.stacks.get(s))
+            .flatten()
+            .copied()
+            .collect();
+        v.sort_unstable();
+        v.dedup();
+        v
+    };
+    let resolved: HashMap<u64, Vec<Frame>> = symbols.resolve(&c.maps, &addrs);
+    let mut summary = Summary::default();
+    let mut suppressed = Suppressed::default();
+    let mut leaks = Vec::new();
+    for ((kind, stack_id, api), t) in groups {
+        let stack: Vec<Frame> = c
+            .stacks
+            .get(&stack_id)
+            .map(|s| s.iter().flat_map(|a| resolved.get(a).cloned().unwrap_or_default()).collect())
+            .unwrap_or_default();
+        if !opts.suppressions.is_empty() && kind != Kind::Reachable && opts.suppressions.matches(&stack) {
+            suppressed.records += 1;
+            suppressed.bytes += t.bytes;
+            suppressed.blocks += t.blocks;
+            continue;
+        }
+        let s = summary.get_mut(kind);
+        s.bytes += t.bytes;
+        s.blocks += t.blocks;
+        if kind == Kind::Reachable && !opts.show_reachable {
+            continue;
+        }
+        let api = kal_proto::Api::from_u32(api).name();
+        leaks.push(Record { kind, bytes: t.bytes, blocks: t.blocks, api, stack });
+    }
+    leaks.sort_by(|a, b| a.kind.cmp(&b.kind).then(b.bytes.cmp(&a.bytes)).then(b.blocks.cmp(&a.blocks)));
+    Report {
+        pid: c.pid,
+        program: c.exe.clone(),
+        summary,
+        leaks,
+        suppressed,
+        untracked_allocations: c.header.dropped,
+    }
+}
+
+fn title(k: Kind) -> &'static str {
+    match k {
+        Kind::Direct => "Direct leak",
+        Kind::Indirect => "Indirect leak",
+        Kind::Possible => "Possible leak",
+        Kind::Reachable => "Still reachable",
+    }
+}
+
+fn plural(n: u64, one: &str) -> String {
+    if n == 1 { format!("{n} {one}") } else { format!("{n} {one}s") }
+}
+
+/// Renders the text report (LSan-like), showing at most `frames` frames per record.
+pub fn text(r: &Report, frames: usize) -> String {
+    let mut s = String::new();
+    let tag = format!("=={}==", r.pid);
+    let _ = writeln!(s, "{tag} kal: leak report for {} (pid {})", r.program, r.pid);
+    for rec in &r.leaks {
+        let _ = writeln!(
+            s,
+            "\n{} of {} in {} allocated by {} at:",
+            title(rec.kind),
+            plural(rec.bytes, "byte"),
+            plural(rec.blocks, "block"),
+            rec.api
+        );
+        if rec.stack.is_empty() {
+            let _ = writeln!(s, "    (no stack recorded)");
+        }
+        for (i, f) in rec.stack.iter().take(frames).enumerate() {
+            let module = f.module.rsplit('/').next().unwrap_or("");
+            let loc = if f.file.is_empty() {
+                String::new()
+            } else if f.line > 0 {
+                format!(" {}:{}", f.file, f.line)
+            } else {
+                format!(" {}", f.file)
+            };
+            let _ = writeln!(s, "    #{i} {:#x} in {}{loc} ({module})", f.address, f.function);
+        }
+        if rec.stack.len() > frames {
+            let more = plural((rec.stack.len() - frames) as u64, "more frame");
+            let _ = writeln!(s, "    … {more} (--frames N shows more)");
+        }
+    }
+    let sm = &r.summary;
+    let _ = write!(
+        s,
+        "\n{tag} SUMMARY: kal: definitely lost {} in {}, indirectly lost {} in {}, possibly lost {} in {}, still reachable {} in {}",
+        plural(sm.direct.bytes, "byte"),
+        plural(sm.direct.blocks, "block"),
+        plural(sm.indirect.bytes, "byte"),
+        plural(sm.indirect.blocks, "block"),
+        plural(sm.possible.bytes, "byte"),
+        plural(sm.possible.blocks, "block"),
+        plural(sm.reachable.bytes, "byte"),
+        plural(sm.reachable.blocks, "block"),
+    );
+    if r.suppressed.records > 0 {
+        let _ = write!(
+            s,
+            "; suppressed {} ({} in {})",
+            plural(r.suppressed.records, "record"),
+            plural(r.suppressed.bytes, "byte"),
+            plural(r.suppressed.blocks, "block")
+        );
+    }
+    s.push('\n');
+    if r.untracked_allocations > 0 {
+        let _ = writeln!(
+            s,
+            "{tag} note: {} allocations were not tracked (table full; raise KAL_TABLE_SLOTS)",
+            r.untracked_allocations
+        );
+    }
+    s
+}
+
+/// Writes the JSON report.
+pub fn write_json(r: &Report, path: &Path) -> Result<()> {
+    let f = std::fs::File::create(path)
+        .with_context(|| format!("cannot write JSON report to {}", path.display()))?;
+    let mut w = std::io::BufWriter::new(f);
+    serde_json::to_writer_pretty(&mut w, r)?;
+    std::io::Write::write_all(&mut w, b"\n")?;
+    Ok(())
+}

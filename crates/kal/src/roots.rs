@@ -1,0 +1,110 @@
+//! Step 3a: the roots of the reachability scan.
+//!
+//! Roots are every writable mapping that is not heap (data and bss of every loaded object,
+//! private anonymous mmaps, …), every thread's stack from its stack pointer up (minus the
+//! 128-byte red zone below it), every thread's static TLS block and every thread's
+//! integer registers. Heap memory is scanned only as the contents of reached blocks.
+//!
+//! Which memory is "heap": `[heap]`; with glibc's allocator, each block's chunk header says
+//! whether it was mmapped (then exactly that chunk's mapping) or lives in a secondary arena
+//! (then exactly that arena heap, from its `heap_info`); with another allocator, every
+//! mapping that holds a live block.
+
+use crate::capture::{agent_tables, copyable, Capture};
+use crate::ranges::{normalize, subtract};
+
+const IS_MMAPPED: u64 = 2;
+const NON_MAIN_ARENA: u64 = 4;
+/// glibc's `HEAP_MAX_SIZE` on 64-bit: secondary arena heaps are aligned to it.
+const HEAP_MAX: u64 = 64 << 20;
+/// The System V x86-64 red zone below the stack pointer.
+const RED_ZONE: u64 = 128;
+/// Bytes above the thread pointer that belong to the thread control block.
+const TCB_SPAN: u64 = 0x900;
+
+/// What the scanner starts from.
+#[derive(Debug, Default)]
+pub struct Roots {
+    /// Memory ranges to scan word by word, sorted and disjoint.
+    pub ranges: Vec<(u64, u64)>,
+    /// Register values.
+    pub values: Vec<u64>,
+}
+
+/// Ranges of memory the allocator owns.
+pub fn heap_ranges(c: &Capture) -> Vec<(u64, u64)> {
+    let mut out: Vec<(u64, u64)> =
+        c.maps.iter().filter(|m| m.path == "[heap]").map(|m| (m.start, m.end)).collect();
+    let mapping_of = |a: u64| c.maps.iter().find(|m| m.contains(a)).map(|m| (m.start, m.end));
+    let glibc = c.header.glibc_malloc != 0;
+    let mut last: (u64, u64) = (0, 0);
+    for b in &c.blocks {
+        if b.addr >= last.0 && b.addr < last.1 {
+            continue;
+        }
+        let r = if glibc { glibc_extent(c, b.addr) } else { None };
+        let r = match r {
+            Some(r) => r,
+            None => match mapping_of(b.addr) {
+                Some(r) => r,
+                None => continue,
+            },
+        };
+        out.push(r);
+        last = r;
+    }
+    normalize(out)
+}
+
+/// The memory a glibc chunk sits in, when its header says more than "main arena".
+fn glibc_extent(c: &Capture, addr: u64) -> Option<(u64, u64)> {
+    let size_word = c.image.word(addr.checked_sub(8)?)?;
+    let chunk = addr - 16;
+    if size_word & IS_MMAPPED != 0 {
+        let prev = c.image.word(chunk)?;
+        return Some((chunk.checked_sub(prev)?, chunk + (size_word & !7)));
+    }
+    if size_word & NON_MAIN_ARENA != 0 {
+        let base = addr & !(HEAP_MAX - 1);
+        let size = c.image.word(base + 16)?;
+        if size > 0 && size <= HEAP_MAX {
+            return Some((base, base + size));
+        }
+    }
+    None
+}
+
+/// Computes the roots of a capture.
+pub fn roots(c: &Capture) -> Roots {
+    let blocks = normalize(c.blocks.iter().map(|b| (b.addr, b.addr + b.size.max(1))).collect());
+    let tables = agent_tables(&c.header);
+    let mut live_stacks = Vec::new();
+    let mut dead_stacks = Vec::new();
+    let mut tls = Vec::new();
+    let tls_size = if c.header.static_tls_size > 0 { c.header.static_tls_size } else { 4096 };
+    for t in &c.threads {
+        let sp = t.sp();
+        if let Some(m) = c.maps.iter().find(|m| m.contains(sp)) {
+            let from = sp.saturating_sub(RED_ZONE).max(m.start);
+            live_stacks.push((from, m.end));
+            dead_stacks.push((m.start, from));
+        }
+        let tp = t.thread_pointer();
+        if tp > tls_size {
+            tls.push((tp - tls_size, tp + TCB_SPAN));
+        }
+    }
+    let mut excluded = heap_ranges(c);
+    excluded.extend_from_slice(&blocks);
+    excluded.extend_from_slice(&tables);
+    excluded.extend_from_slice(&dead_stacks);
+    let excluded = normalize(excluded);
+    let general: Vec<(u64, u64)> =
+        c.maps.iter().filter(|m| copyable(m)).map(|m| (m.start, m.end)).collect();
+    let mut ranges = subtract(&normalize(general), &excluded);
+    let not_blocks = normalize([blocks, tables].concat());
+    ranges.extend(subtract(&normalize(live_stacks), &not_blocks));
+    ranges.extend(subtract(&normalize(tls), &not_blocks));
+    let values = c.threads.iter().flat_map(|t| t.values()).collect();
+    Roots { ranges: normalize(ranges), values }
+}

@@ -1,0 +1,242 @@
+//! `kal run`: launch a program with the agent preloaded and report its leaks when it exits
+//! (and those of every process it forks), keeping its stdio, exit status and signals.
+
+use crate::capture::capture;
+use crate::freeze::Frozen;
+use crate::report;
+use anyhow::{bail, Context, Result};
+use kal_proto::{Hello, MsgKind, HELLO_SIZE};
+use std::ffi::OsString;
+use std::io::{Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitStatus};
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::time::Duration;
+
+/// What `kal run` was asked to do.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    /// Program to run (a path, or a name looked up in `PATH`).
+    pub program: OsString,
+    /// Its arguments.
+    pub args: Vec<OsString>,
+    /// Where to write the JSON report of the launched process (forked children get
+    /// `FILE.PID`).
+    pub json: Option<PathBuf>,
+    /// Report options.
+    pub report: report::Options,
+    /// Exit status when something is definitely lost (0: keep the program's status).
+    pub error_exitcode: i32,
+    /// Frames shown per record in the text report.
+    pub frames: usize,
+    /// Print the text report.
+    pub quiet: bool,
+}
+
+/// Finds `libkal_agent.so`: `$KAL_AGENT`, next to the kal executable, or in `../lib/kal`.
+pub fn find_agent() -> Result<PathBuf> {
+    if let Some(p) = std::env::var_os("KAL_AGENT") {
+        let p = PathBuf::from(p);
+        if p.is_file() {
+            return Ok(p);
+        }
+        bail!("KAL_AGENT names {}, which does not exist", p.display());
+    }
+    let exe = std::env::current_exe().context("cannot find the kal executable")?;
+    let dir = exe.parent().unwrap_or(Path::new("."));
+    for cand in [dir.join("libkal_agent.so"), dir.join("../libkal_agent.so"), dir.join("../lib/kal/libkal_agent.so")] {
+        if cand.is_file() {
+            return Ok(cand);
+        }
+    }
+    bail!(
+        "cannot find libkal_agent.so next to {} (build it with `cargo build --workspace`, or set KAL_AGENT)",
+        exe.display()
+    )
+}
+
+/// Resolves a program name like `execvp` does.
+pub fn resolve_program(p: &OsString) -> Result<PathBuf> {
+    let path = Path::new(p);
+    let found = if path.as_os_str().as_encoded_bytes().contains(&b'/') {
+        path.is_file().then(|| path.to_path_buf())
+    } else {
+        std::env::var_os("PATH")
+            .and_then(|paths| std::env::split_paths(&paths).map(|d| d.join(path)).find(|c| c.is_file()))
+    };
+    let Some(found) = found else {
+        bail!("program not found: {}", path.display());
+    };
+    let meta = std::fs::metadata(&found)?;
+    if std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o111 == 0 {
+        bail!("program is not executable: {}", found.display());
+    }
+    Ok(found)
+}
+
+static FORWARD: AtomicI32 = AtomicI32::new(0);
+
+extern "C" fn remember_signal(sig: i32) {
+    FORWARD.store(sig, Ordering::Relaxed);
+}
+
+/// Lets the program alone receive terminal signals; forwards termination requests to it.
+fn setup_signals() {
+    // SAFETY: installing dispositions for this process; the handler only stores an atomic.
+    unsafe {
+        libc::signal(libc::SIGINT, libc::SIG_IGN);
+        libc::signal(libc::SIGQUIT, libc::SIG_IGN);
+        for s in [libc::SIGTERM, libc::SIGHUP] {
+            libc::signal(s, remember_signal as *const () as libc::sighandler_t);
+        }
+    }
+}
+
+struct Conn {
+    stream: UnixStream,
+    pid: Option<i32>,
+}
+
+/// Runs the program and reports; returns the exit status kal should exit with
+/// (a negative value `-SIG` means "die of signal SIG").
+pub fn run(opts: &RunOptions) -> Result<i32> {
+    let program = resolve_program(&opts.program)?;
+    crate::elf::check_preloadable(&program)?;
+    let agent = find_agent()?;
+    if let Some(j) = &opts.json {
+        std::fs::File::create(j).with_context(|| format!("cannot write JSON report to {}", j.display()))?;
+    }
+    let dir = tempfile::Builder::new().prefix("kal-").tempdir().context("cannot create a private directory")?;
+    let sock = dir.path().join("agent.sock");
+    let listener = UnixListener::bind(&sock).context("cannot create the agent socket")?;
+    listener.set_nonblocking(true)?;
+
+    let mut preload = agent.as_os_str().to_owned();
+    if let Some(old) = std::env::var_os("LD_PRELOAD").filter(|o| !o.is_empty()) {
+        preload.push(":");
+        preload.push(old);
+    }
+    let mut child = Command::new(&opts.program)
+        .args(&opts.args)
+        .env("LD_PRELOAD", preload)
+        .env(kal_proto::ENV_SOCKET, &sock)
+        .spawn()
+        .with_context(|| format!("cannot start {}", program.display()))?;
+    let main_pid = child.id() as i32;
+    setup_signals();
+
+    let mut conns: Vec<Conn> = Vec::new();
+    let mut status: Option<ExitStatus> = None;
+    let mut lost = false;
+    let mut hellos = 0usize;
+    loop {
+        let sig = FORWARD.swap(0, Ordering::Relaxed);
+        if sig != 0 && status.is_none() {
+            // SAFETY: sending a signal to our own child.
+            unsafe { libc::kill(main_pid, sig) };
+        }
+        let mut fds: Vec<libc::pollfd> = std::iter::once(&listener as &dyn std::os::fd::AsRawFd)
+            .chain(conns.iter().map(|c| &c.stream as &dyn std::os::fd::AsRawFd))
+            .map(|s| libc::pollfd { fd: s.as_raw_fd(), events: libc::POLLIN, revents: 0 })
+            .collect();
+        // SAFETY: fds is a valid array of pollfd of the given length.
+        unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 50) };
+        if fds[0].revents & libc::POLLIN != 0 {
+            while let Ok((s, _)) = listener.accept() {
+                s.set_nonblocking(false)?;
+                s.set_read_timeout(Some(Duration::from_secs(2)))?;
+                conns.push(Conn { stream: s, pid: None });
+            }
+        }
+        let mut i = 0;
+        let ready: Vec<bool> = fds[1..].iter().map(|f| f.revents != 0).collect();
+        let mut keep = Vec::with_capacity(conns.len());
+        for (c, r) in conns.drain(..).zip(ready.into_iter().chain(std::iter::repeat(false))) {
+            i += 1;
+            if !r {
+                keep.push(c);
+                continue;
+            }
+            match handle(c, main_pid, opts) {
+                Ok(Handled::Keep(c)) => {
+                    hellos += 1;
+                    keep.push(c)
+                }
+                Ok(Handled::Done(l)) => lost |= l,
+                Ok(Handled::Closed) => {}
+                Err(e) => eprintln!("kal: {e:#}"),
+            }
+        }
+        let _ = i;
+        conns = keep;
+        if status.is_none() {
+            status = child.try_wait()?;
+        }
+        if status.is_some() && conns.iter().all(|c| c.pid.is_none()) {
+            break;
+        }
+    }
+    let status = status.expect("loop ends after the child exited");
+    if hellos == 0 {
+        eprintln!("kal: the agent never started in {} (is it setuid, or does it reset LD_PRELOAD?): no leak report", program.display());
+    }
+    if let Some(sig) = status.signal() {
+        return Ok(-sig);
+    }
+    let code = status.code().unwrap_or(1);
+    Ok(if lost && opts.error_exitcode != 0 { opts.error_exitcode } else { code })
+}
+
+enum Handled {
+    Keep(Conn),
+    Done(bool),
+    Closed,
+}
+
+fn handle(mut c: Conn, main_pid: i32, opts: &RunOptions) -> Result<Handled> {
+    let mut buf = [0u8; HELLO_SIZE];
+    if c.stream.read_exact(&mut buf).is_err() {
+        return Ok(Handled::Closed); // EOF: that process is gone (or exec'd)
+    }
+    let Some(msg) = Hello::decode(&buf) else {
+        bail!("ignoring a malformed message from an agent");
+    };
+    if msg.kind == MsgKind::Hello as u32 {
+        c.pid = Some(msg.pid as i32);
+        return Ok(Handled::Keep(c));
+    }
+    // Exit: freeze, copy, thaw, let the process finish, then analyse at leisure.
+    let pid = msg.pid as i32;
+    let cap = {
+        let frozen = Frozen::freeze(pid)?;
+        capture(&frozen, msg.header_addr)
+    };
+    let _ = c.stream.write_all(&[1]);
+    drop(c);
+    let cap = cap?;
+    let report = crate::analyze(&cap, &opts.report);
+    if !opts.quiet {
+        eprint!("{}", report::text(&report, opts.frames));
+    }
+    if let Some(j) = &opts.json {
+        let path = if pid == main_pid { j.clone() } else { PathBuf::from(format!("{}.{pid}", j.display())) };
+        report::write_json(&report, &path)?;
+    }
+    Ok(Handled::Done(report.summary.direct.blocks > 0))
+}
+
+/// Exits kal the way the program ended: with its code, or by the same signal.
+pub fn exit_like(code: i32) -> ! {
+    if code < 0 {
+        let sig = -code;
+        // SAFETY: restoring the default action and re-raising the program's fatal signal.
+        unsafe {
+            libc::signal(sig, libc::SIG_DFL);
+            libc::raise(sig);
+        }
+        std::process::exit(128 + sig);
+    }
+    std::process::exit(code)
+}

@@ -1,0 +1,104 @@
+//! Step 4a: return addresses to function, file and line, with blazesym (DWARF, debug links
+//! under `/usr/lib/debug`, C++ and Rust demangling, inlined calls expanded).
+
+use crate::procfs::Mapping;
+use blazesym::symbolize::source::{Elf, Source};
+use blazesym::symbolize::{Input, Symbolized, Symbolizer};
+use std::collections::HashMap;
+
+/// One symbolized frame.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Frame {
+    /// Demangled function name, `??` when unknown.
+    pub function: String,
+    /// Source file (full path when known), empty when unknown.
+    pub file: String,
+    /// Source line, 0 when unknown.
+    pub line: u32,
+    /// Path of the module (executable or shared library).
+    pub module: String,
+    /// Return address in the target.
+    pub address: u64,
+}
+
+/// Symbolizes addresses of one captured process.
+pub struct Symbols {
+    inner: Symbolizer,
+}
+
+impl Default for Symbols {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Symbols {
+    /// A symbolizer that reads debug info and demangles.
+    pub fn new() -> Symbols {
+        Symbols {
+            inner: Symbolizer::builder()
+                .enable_code_info(true)
+                .enable_inlined_fns(true)
+                .enable_demangling(true)
+                .build(),
+        }
+    }
+
+    /// Symbolizes return addresses `addrs` against the mappings they were captured with.
+    /// Each address gives one frame, or several when calls were inlined (innermost first).
+    pub fn resolve(&self, maps: &[Mapping], addrs: &[u64]) -> HashMap<u64, Vec<Frame>> {
+        let mut by_module: HashMap<&str, Vec<(u64, u64)>> = HashMap::new();
+        let mut out = HashMap::new();
+        for &a in addrs {
+            // Return addresses point after the call: look up the call instruction itself.
+            let pc = a.saturating_sub(1);
+            match maps.iter().find(|m| m.contains(pc) && m.is_file()) {
+                Some(m) => by_module.entry(&m.path).or_default().push((a, pc - m.start + m.offset)),
+                None => {
+                    out.insert(a, vec![unknown(a, "")]);
+                }
+            }
+        }
+        for (path, list) in by_module {
+            let offsets: Vec<u64> = list.iter().map(|x| x.1).collect();
+            let src = Source::Elf(Elf::new(path));
+            let syms = self.inner.symbolize(&src, Input::FileOffset(&offsets));
+            for (i, &(a, _)) in list.iter().enumerate() {
+                let frames = match syms.as_ref().ok().and_then(|s| s.get(i)) {
+                    Some(Symbolized::Sym(sym)) => expand(sym, a, path),
+                    _ => vec![unknown(a, path)],
+                };
+                out.insert(a, frames);
+            }
+        }
+        out
+    }
+}
+
+fn unknown(address: u64, module: &str) -> Frame {
+    Frame { function: "??".into(), file: String::new(), line: 0, module: module.into(), address }
+}
+
+fn location(ci: Option<&blazesym::symbolize::CodeInfo<'_>>) -> (String, u32) {
+    match ci {
+        Some(ci) => (ci.to_path().to_string_lossy().into_owned(), ci.line.unwrap_or(0)),
+        None => (String::new(), 0),
+    }
+}
+
+/// One frame per function at this address: the inlined ones innermost first, then the
+/// function that contains them all. (blazesym gives each inlined function the location
+/// inside it, and the containing symbol the location of the outermost inlined call.)
+fn expand(sym: &blazesym::symbolize::Sym<'_>, address: u64, module: &str) -> Vec<Frame> {
+    let frame = |function: &str, (file, line): (String, u32)| Frame {
+        function: function.to_string(),
+        file,
+        line,
+        module: module.into(),
+        address,
+    };
+    let mut frames: Vec<Frame> =
+        sym.inlined.iter().rev().map(|f| frame(&f.name, location(f.code_info.as_ref()))).collect();
+    frames.push(frame(&sym.name, location(sym.code_info.as_deref())));
+    frames
+}
