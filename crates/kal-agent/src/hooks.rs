@@ -1,7 +1,13 @@
-//! The exported allocation functions. Each forwards to the next definition and records the
-//! result; none allocates on its own path, none panics.
+//! The exported allocation functions.
+//!
+//! Each export is a naked trampoline: it fetches the thread's side stack, switches to it
+//! before anything is spilled on the program's stack, and calls the `*_impl` function with
+//! the caller's stack pointer and frame pointer (where unwinding starts). The impls forward
+//! to the next definition and record the result; none allocates on its own path, none
+//! panics.
 
-use crate::{guard, real, state};
+use crate::unwind::Regs;
+use crate::{guard, real, side, state};
 use core::cell::Cell;
 use core::ffi::c_void;
 use core::sync::atomic::{AtomicU64, Ordering};
@@ -27,25 +33,34 @@ fn next_seq() -> u64 {
     })
 }
 
+/// The caller's registers, from the trampoline's view of the program stack.
+#[inline(always)]
+fn caller(sp: usize, bp: usize) -> Regs {
+    // SAFETY: `sp` is the program's stack pointer at entry to the export: it points at the
+    // return address pushed by the caller's `call`.
+    let ra = unsafe { *(sp as *const u64) };
+    Regs { pc: ra, sp: sp as u64 + 8, bp: bp as u64 }
+}
+
 /// Records a new block (caller holds the guard).
 #[inline(always)]
-fn record(p: *mut c_void, size: usize, api: Api) {
+fn record(p: *mut c_void, size: usize, api: Api, at: Regs) {
     let Some(t) = state::tables() else { return };
     let mut frames = [0u64; MAX_FRAMES];
-    let n = crate::unwind::capture(&mut frames);
+    let n = crate::unwind::capture(at, &mut frames);
     let stack = if n == 0 { STACK_UNKNOWN } else { t.intern_stack(&frames[..n]) };
     t.insert(p as u64, size as u64, next_seq(), stack, api as u32);
 }
 
 /// Runs `alloc` and records its non-null result, unless this thread is already in a hook.
 #[inline(always)]
-fn tracked(size: usize, api: Api, alloc: impl FnOnce() -> *mut c_void) -> *mut c_void {
+fn tracked(size: usize, api: Api, at: Regs, alloc: impl FnOnce() -> *mut c_void) -> *mut c_void {
     if !guard::enter() {
         return alloc();
     }
     let p = alloc();
     if !p.is_null() {
-        record(p, size, api);
+        record(p, size, api, at);
     }
     guard::leave();
     p
@@ -56,17 +71,109 @@ fn forget(p: *mut c_void) -> Option<crate::table::Removed> {
     state::tables().and_then(|t| t.remove(p as u64))
 }
 
-/// `malloc(3)`.
-#[no_mangle]
-pub unsafe extern "C" fn malloc(size: usize) -> *mut c_void {
-    let Some(r) = real::get() else { return real::boot_alloc(size) };
-    // SAFETY: forwarding the caller's arguments to the real malloc.
-    tracked(size, Api::Malloc, || unsafe { (r.malloc)(size) })
+/// Defines an exported naked trampoline `$name` that runs `$imp` on the side stack.
+/// `$imp` takes the three argument registers, then the caller's sp and bp.
+macro_rules! trampoline {
+    ($(#[$doc:meta])* $name:ident ( $($arg:ident : $ty:ty),* ) -> $ret:ty => $imp:path) => {
+        $(#[$doc])*
+        #[unsafe(no_mangle)]
+        #[unsafe(naked)]
+        pub unsafe extern "C" fn $name($($arg: $ty),*) -> $ret {
+            core::arch::naked_asm!(
+                // Fast path: the side stack's top from TLS, nothing written on this stack.
+                "mov rax, qword ptr [rip + {off}]",
+                "lea r11, [rax + 1]",
+                "cmp r11, 1",
+                "jbe 4f",
+                "mov rax, qword ptr fs:[rax]",
+                "test rax, rax",
+                "jnz 5f",
+                // Slow path (a thread's first calls): ask for it.
+                "4:",
+                "push rdi",
+                "push rsi",
+                "push rdx",
+                "call {top}",
+                "pop rdx",
+                "pop rsi",
+                "pop rdi",
+                "5:",
+                "mov rcx, rsp",
+                "mov r8, rbp",
+                "test rax, rax",
+                "jz 2f",
+                "cmp rsp, rax",
+                "jae 3f",
+                "lea r11, [rax - {size}]",
+                "cmp rsp, r11",
+                "ja 2f",
+                "3:",
+                "mov rsp, rax",
+                "push rcx",
+                "sub rsp, 8",
+                "call {imp}",
+                "add rsp, 8",
+                "pop rsp",
+                "ret",
+                "2:",
+                "jmp {imp}",
+                top = sym side::top,
+                off = sym side::KAL_SIDE_TOP_OFFSET,
+                imp = sym $imp,
+                size = const side::SIZE,
+            )
+        }
+    };
 }
 
-/// `free(3)`: the block leaves the table *before* the real allocator gets it back.
-#[no_mangle]
-pub unsafe extern "C" fn free(p: *mut c_void) {
+trampoline!(
+    /// `malloc(3)`.
+    malloc(size: usize) -> *mut c_void => malloc_impl
+);
+trampoline!(
+    /// `free(3)`: the block leaves the table *before* the real allocator gets it back.
+    free(p: *mut c_void) -> () => free_impl
+);
+trampoline!(
+    /// `calloc(3)`.
+    calloc(n: usize, size: usize) -> *mut c_void => calloc_impl
+);
+trampoline!(
+    /// `realloc(3)`.
+    realloc(p: *mut c_void, size: usize) -> *mut c_void => realloc_impl
+);
+trampoline!(
+    /// `reallocarray(3)`.
+    reallocarray(p: *mut c_void, n: usize, size: usize) -> *mut c_void => reallocarray_impl
+);
+trampoline!(
+    /// `memalign(3)`.
+    memalign(align: usize, size: usize) -> *mut c_void => memalign_impl
+);
+trampoline!(
+    /// `aligned_alloc(3)`.
+    aligned_alloc(align: usize, size: usize) -> *mut c_void => aligned_alloc_impl
+);
+trampoline!(
+    /// `valloc(3)`.
+    valloc(size: usize) -> *mut c_void => valloc_impl
+);
+trampoline!(
+    /// `pvalloc(3)`.
+    pvalloc(size: usize) -> *mut c_void => pvalloc_impl
+);
+trampoline!(
+    /// `posix_memalign(3)`.
+    posix_memalign(out: *mut *mut c_void, align: usize, size: usize) -> i32 => posix_memalign_impl
+);
+
+extern "C" fn malloc_impl(size: usize, _: usize, _: usize, sp: usize, bp: usize) -> *mut c_void {
+    let Some(r) = real::get() else { return real::boot_alloc(size) };
+    // SAFETY: forwarding the caller's arguments to the real malloc.
+    tracked(size, Api::Malloc, caller(sp, bp), || unsafe { (r.malloc)(size) })
+}
+
+extern "C" fn free_impl(p: *mut c_void, _: usize, _: usize, _: usize, _: usize) {
     if p.is_null() || real::is_boot(p) {
         return;
     }
@@ -76,9 +183,7 @@ pub unsafe extern "C" fn free(p: *mut c_void) {
     unsafe { (r.free)(p) }
 }
 
-/// `calloc(3)`.
-#[no_mangle]
-pub unsafe extern "C" fn calloc(n: usize, size: usize) -> *mut c_void {
+extern "C" fn calloc_impl(n: usize, size: usize, _: usize, sp: usize, bp: usize) -> *mut c_void {
     let Some(r) = real::get() else {
         return match n.checked_mul(size) {
             Some(total) => real::boot_alloc(total),
@@ -86,28 +191,30 @@ pub unsafe extern "C" fn calloc(n: usize, size: usize) -> *mut c_void {
         };
     };
     // SAFETY: forwarding the caller's arguments; the real calloc checks for overflow.
-    tracked(n.wrapping_mul(size), Api::Calloc, || unsafe { (r.calloc)(n, size) })
+    tracked(n.wrapping_mul(size), Api::Calloc, caller(sp, bp), || unsafe { (r.calloc)(n, size) })
 }
 
-/// `realloc(3)`.
-#[no_mangle]
-pub unsafe extern "C" fn realloc(p: *mut c_void, size: usize) -> *mut c_void {
+extern "C" fn realloc_impl(p: *mut c_void, size: usize, _: usize, sp: usize, bp: usize) -> *mut c_void {
+    let Some(r) = real::get() else {
+        if p.is_null() {
+            return real::boot_alloc(size);
+        }
+        return core::ptr::null_mut();
+    };
+    let at = caller(sp, bp);
     if p.is_null() {
-        // SAFETY: realloc(NULL, n) is malloc(n).
-        return unsafe { realloc_fresh(size) };
+        // SAFETY: realloc(NULL, n) allocates like malloc.
+        return tracked(size, Api::Realloc, at, || unsafe { (r.realloc)(core::ptr::null_mut(), size) });
     }
     if real::is_boot(p) {
-        // SAFETY: allocate anew and copy what the bootstrap block held.
-        unsafe {
-            let q = realloc_fresh(size);
-            if !q.is_null() {
-                let n = real::boot_size(p).min(size);
-                core::ptr::copy_nonoverlapping(p as *const u8, q as *mut u8, n);
-            }
-            return q;
+        let q = tracked(size, Api::Realloc, at, || unsafe { (r.malloc)(size) });
+        if !q.is_null() {
+            let n = real::boot_size(p).min(size);
+            // SAFETY: both blocks are at least n bytes long and distinct.
+            unsafe { core::ptr::copy_nonoverlapping(p as *const u8, q as *mut u8, n) };
         }
+        return q;
     }
-    let Some(r) = real::get() else { return core::ptr::null_mut() };
     if !guard::enter() {
         // SAFETY: plain forwarding while re-entered.
         return unsafe { (r.realloc)(p, size) };
@@ -116,7 +223,7 @@ pub unsafe extern "C" fn realloc(p: *mut c_void, size: usize) -> *mut c_void {
     // SAFETY: p is the caller's live block.
     let q = unsafe { (r.realloc)(p, size) };
     if !q.is_null() {
-        record(q, size, Api::Realloc);
+        record(q, size, Api::Realloc, at);
     } else if size != 0 {
         // Failed: p is still the caller's, put it back as it was.
         if let (Some(o), Some(t)) = (old, state::tables()) {
@@ -127,18 +234,9 @@ pub unsafe extern "C" fn realloc(p: *mut c_void, size: usize) -> *mut c_void {
     q
 }
 
-unsafe fn realloc_fresh(size: usize) -> *mut c_void {
-    let Some(r) = real::get() else { return real::boot_alloc(size) };
-    // SAFETY: realloc(NULL, n) allocates like malloc.
-    tracked(size, Api::Realloc, || unsafe { (r.realloc)(core::ptr::null_mut(), size) })
-}
-
-/// `reallocarray(3)`.
-#[no_mangle]
-pub unsafe extern "C" fn reallocarray(p: *mut c_void, n: usize, size: usize) -> *mut c_void {
+extern "C" fn reallocarray_impl(p: *mut c_void, n: usize, size: usize, sp: usize, bp: usize) -> *mut c_void {
     match n.checked_mul(size) {
-        // SAFETY: same contract as realloc.
-        Some(total) => unsafe { realloc(p, total) },
+        Some(total) => realloc_impl(p, total, 0, sp, bp),
         None => {
             // SAFETY: errno is thread-local and always writable.
             unsafe { *libc::__errno_location() = libc::ENOMEM };
@@ -147,49 +245,38 @@ pub unsafe extern "C" fn reallocarray(p: *mut c_void, n: usize, size: usize) -> 
     }
 }
 
-/// `memalign(3)`.
-#[no_mangle]
-pub unsafe extern "C" fn memalign(align: usize, size: usize) -> *mut c_void {
+extern "C" fn memalign_impl(align: usize, size: usize, _: usize, sp: usize, bp: usize) -> *mut c_void {
     let Some(r) = real::get() else { return real::boot_alloc(size) };
     // SAFETY: forwarding.
-    tracked(size, Api::Memalign, || unsafe { (r.memalign)(align, size) })
+    tracked(size, Api::Memalign, caller(sp, bp), || unsafe { (r.memalign)(align, size) })
 }
 
-/// `aligned_alloc(3)`.
-#[no_mangle]
-pub unsafe extern "C" fn aligned_alloc(align: usize, size: usize) -> *mut c_void {
+extern "C" fn aligned_alloc_impl(align: usize, size: usize, _: usize, sp: usize, bp: usize) -> *mut c_void {
     let Some(r) = real::get() else { return real::boot_alloc(size) };
     // SAFETY: forwarding.
-    tracked(size, Api::Memalign, || unsafe { (r.aligned_alloc)(align, size) })
+    tracked(size, Api::Memalign, caller(sp, bp), || unsafe { (r.aligned_alloc)(align, size) })
 }
 
-/// `valloc(3)`.
-#[no_mangle]
-pub unsafe extern "C" fn valloc(size: usize) -> *mut c_void {
+extern "C" fn valloc_impl(size: usize, _: usize, _: usize, sp: usize, bp: usize) -> *mut c_void {
     let Some(r) = real::get() else { return core::ptr::null_mut() };
     // SAFETY: forwarding.
-    tracked(size, Api::Memalign, || unsafe { (r.valloc)(size) })
+    tracked(size, Api::Memalign, caller(sp, bp), || unsafe { (r.valloc)(size) })
 }
 
-/// `pvalloc(3)`.
-#[no_mangle]
-pub unsafe extern "C" fn pvalloc(size: usize) -> *mut c_void {
+extern "C" fn pvalloc_impl(size: usize, _: usize, _: usize, sp: usize, bp: usize) -> *mut c_void {
     let Some(r) = real::get() else { return core::ptr::null_mut() };
     // SAFETY: forwarding.
-    tracked(size, Api::Memalign, || unsafe { (r.pvalloc)(size) })
+    tracked(size, Api::Memalign, caller(sp, bp), || unsafe { (r.pvalloc)(size) })
 }
 
-/// `posix_memalign(3)`.
-#[no_mangle]
-pub unsafe extern "C" fn posix_memalign(out: *mut *mut c_void, align: usize, size: usize) -> i32 {
+extern "C" fn posix_memalign_impl(out: *mut *mut c_void, align: usize, size: usize, sp: usize, bp: usize) -> i32 {
     let Some(r) = real::get() else { return libc::ENOMEM };
     let mut rc = 0;
     // SAFETY: forwarding; out is the caller's pointer, written by the real function.
-    let p = tracked(size, Api::Memalign, || unsafe {
+    tracked(size, Api::Memalign, caller(sp, bp), || unsafe {
         rc = (r.posix_memalign)(out, align, size);
         if rc == 0 { *out } else { core::ptr::null_mut() }
     });
-    let _ = p;
     rc
 }
 

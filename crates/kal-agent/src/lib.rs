@@ -23,6 +23,7 @@ mod guard;
 pub mod hooks;
 mod pool;
 mod real;
+mod side;
 mod state;
 mod table;
 mod unwind;
@@ -81,9 +82,10 @@ extern "C" fn agent_start() {
         return;
     }
     state::tables();
+    side::init();
     pool::init();
     unwind::init();
-    state::describe(static_tls_size(), r.glibc, unwind::agent_text());
+    state::describe(static_tls_size(), r.glibc, unwind::agent_text(), side::region());
     control::init();
     guard::leave();
 }

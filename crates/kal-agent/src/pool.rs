@@ -11,21 +11,32 @@ type Cache = CacheX86_64<MustNotAllocateDuringUnwind>;
 
 static LOCK: AtomicBool = AtomicBool::new(false);
 static mut FREE: Vec<usize> = Vec::new();
+static mut STACKS: Vec<usize> = Vec::new();
 static mut KEY: libc::pthread_key_t = 0;
 static KEY_READY: AtomicBool = AtomicBool::new(false);
 
-fn with_pool<R>(f: impl FnOnce(&mut Vec<usize>) -> R) -> R {
+fn with_pool<R>(f: impl FnOnce(&mut Vec<usize>, &mut Vec<usize>) -> R) -> R {
     while LOCK.swap(true, Ordering::Acquire) {
         core::hint::spin_loop();
     }
-    // SAFETY: LOCK gives exclusive access to FREE.
-    let r = f(unsafe { &mut *core::ptr::addr_of_mut!(FREE) });
+    // SAFETY: LOCK gives exclusive access to FREE and STACKS.
+    let r = f(unsafe { &mut *core::ptr::addr_of_mut!(FREE) }, unsafe {
+        &mut *core::ptr::addr_of_mut!(STACKS)
+    });
     LOCK.store(false, Ordering::Release);
     r
 }
 
 unsafe extern "C" fn on_thread_exit(_: *mut libc::c_void) {
     crate::unwind::release_thread_cache();
+    crate::side::release_thread_stack();
+}
+
+fn arm_exit_key() {
+    if KEY_READY.load(Ordering::Acquire) {
+        // SAFETY: KEY is valid once KEY_READY is set; a non-null value arms the destructor.
+        unsafe { libc::pthread_setspecific(KEY, 1 as *const libc::c_void) };
+    }
 }
 
 /// Creates the thread-exit key (once, at agent start).
@@ -40,11 +51,8 @@ pub fn init() {
 
 /// A cache for the calling thread: from the pool, or new.
 pub fn take_cache() -> *mut Cache {
-    if KEY_READY.load(Ordering::Acquire) {
-        // SAFETY: KEY is valid once KEY_READY is set; a non-null value arms the destructor.
-        unsafe { libc::pthread_setspecific(KEY, 1 as *const libc::c_void) };
-    }
-    match with_pool(|v| v.pop()) {
+    arm_exit_key();
+    match with_pool(|v, _| v.pop()) {
         Some(c) => c as *mut Cache,
         None => crate::unwind::new_cache(),
     }
@@ -52,5 +60,16 @@ pub fn take_cache() -> *mut Cache {
 
 /// Returns a cache to the pool.
 pub fn give_cache(c: *mut Cache) {
-    with_pool(|v| v.push(c as usize));
+    with_pool(|v, _| v.push(c as usize));
+}
+
+/// A side stack for the calling thread: from the pool, or new (0 if none can be mapped).
+pub fn take_stack() -> usize {
+    arm_exit_key();
+    with_pool(|_, s| s.pop()).unwrap_or_else(crate::side::map_stack)
+}
+
+/// Returns a side stack to the pool.
+pub fn give_stack(top: usize) {
+    with_pool(|_, s| s.push(top));
 }

@@ -31,8 +31,6 @@ static AGENT_TEXT: [AtomicU64; 2] = [AtomicU64::new(0), AtomicU64::new(0)];
 
 thread_local! {
     static CACHE: Cell<*mut Cache> = const { Cell::new(core::ptr::null_mut()) };
-    static STACK_LO: Cell<u64> = const { Cell::new(0) };
-    static STACK_HI: Cell<u64> = const { Cell::new(0) };
 }
 
 /// The agent's own code range, `(start, end)`.
@@ -173,28 +171,31 @@ fn known(ranges: &[(u64, u64)], a: u64) -> bool {
     i > 0 && a < ranges[i - 1].1
 }
 
-/// Fills the calling thread's stack bounds (once per thread).
-fn stack_bounds() -> (u64, u64) {
-    let hi = STACK_HI.with(|c| c.get());
-    if hi != 0 {
-        return (STACK_LO.with(|c| c.get()), hi);
+extern "C" {
+    /// Top of the main thread's stack, exported by the dynamic loader.
+    static __libc_stack_end: *mut c_void;
+}
+
+/// The highest address of the calling thread's stack that may be read, or 0.
+///
+/// No library call here: `pthread_getattr_np` takes the thread's lock and allocates, and
+/// the program may be inside it when it calls `malloc`. glibc puts a thread's control block
+/// (where the thread pointer points) right above its stack; the main thread's stack ends
+/// at `__libc_stack_end`.
+fn stack_top(sp: u64) -> u64 {
+    let tp: u64;
+    // SAFETY: on x86-64 Linux, fs:0 holds the thread pointer itself (TCB self-pointer).
+    unsafe { core::arch::asm!("mov {0}, fs:0", out(reg) tp, options(nostack, readonly, preserves_flags)) };
+    if tp > sp && tp - sp < (1 << 30) {
+        return tp;
     }
-    // SAFETY: pthread_getattr_np fills attr for the calling thread; it may allocate, which
-    // passes through untracked because the caller holds the re-entrancy guard.
-    unsafe {
-        let mut attr: libc::pthread_attr_t = core::mem::zeroed();
-        if libc::pthread_getattr_np(libc::pthread_self(), &mut attr) != 0 {
-            return (0, 0);
-        }
-        let mut addr: *mut c_void = core::ptr::null_mut();
-        let mut size: usize = 0;
-        libc::pthread_attr_getstack(&attr, &mut addr, &mut size);
-        libc::pthread_attr_destroy(&mut attr);
-        let (lo, hi) = (addr as u64, addr as u64 + size as u64);
-        STACK_LO.with(|c| c.set(lo));
-        STACK_HI.with(|c| c.set(hi));
-        (lo, hi)
+    // SAFETY: reading a pointer-sized variable the loader defines for every process.
+    let end = unsafe { __libc_stack_end } as u64;
+    if end > sp && end - sp < (1 << 30) {
+        // The loader's value sits a little below the real top: allow the rest of its page.
+        return (end + 4095) & !4095;
     }
+    0
 }
 
 fn cache() -> *mut Cache {
@@ -220,22 +221,27 @@ pub fn release_thread_cache() {
     }
 }
 
-/// Captures the return addresses of the caller's stack, dropping the agent's own frames.
-/// Returns the number of frames written. The caller holds the re-entrancy guard.
-#[inline(never)]
-pub fn capture(out: &mut [u64; MAX_FRAMES]) -> usize {
-    let (pc, sp, bp): (u64, u64, u64);
-    // SAFETY: reads rip, rsp and rbp into registers; no memory is touched.
-    unsafe {
-        core::arch::asm!("lea {0}, [rip]", "mov {1}, rsp", "mov {2}, rbp",
-            out(reg) pc, out(reg) sp, out(reg) bp, options(nomem, nostack, preserves_flags));
-    }
+/// Registers of the allocation function's caller, where unwinding starts.
+#[derive(Clone, Copy)]
+pub struct Regs {
+    /// Return address into the caller.
+    pub pc: u64,
+    /// Stack pointer on the program's stack.
+    pub sp: u64,
+    /// Frame pointer register.
+    pub bp: u64,
+}
+
+/// Captures the return addresses of the program's stack from `at`, dropping the agent's
+/// own frames. Returns the number of frames written. The caller holds the re-entrancy guard.
+pub fn capture(at: Regs, out: &mut [u64; MAX_FRAMES]) -> usize {
+    let Regs { pc, sp, bp } = at;
     let mut published = CURRENT.load(Ordering::Acquire);
     if published.is_null() {
         rebuild();
         published = CURRENT.load(Ordering::Acquire);
     }
-    let (lo, hi) = stack_bounds();
+    let (lo, hi) = (sp, stack_top(sp));
     let n = walk(published, pc, sp, bp, lo, hi, out);
     // SAFETY: published unwinders are never freed.
     let p = unsafe { &*published };
@@ -269,11 +275,16 @@ fn walk(
     };
     // SAFETY: the cache belongs to this thread alone.
     let cache = unsafe { &mut *cache() };
-    let mut it = p.unwinder.iter_frames(pc, UnwindRegsX86_64::new(pc, sp, bp), cache, &mut read_stack);
+    // `pc` is a return address: unwind from the call instruction before it.
+    let call = pc.wrapping_sub(1);
+    let mut it = p.unwinder.iter_frames(call, UnwindRegsX86_64::new(call, sp, bp), cache, &mut read_stack);
     let mut n = 0;
     let mut last = 0;
     while let Ok(Some(frame)) = it.next() {
-        let a = frame.address();
+        let a = match frame {
+            framehop::FrameAddress::InstructionPointer(_) => pc,
+            _ => frame.address(),
+        };
         last = a;
         if a >= agent_lo && a < agent_hi {
             continue;

@@ -165,6 +165,10 @@ pub struct Header {
     pub agent_text_start: u64,
     /// End of the agent's own code.
     pub agent_text_end: u64,
+    /// Start of the region holding the agent's side stacks (never scanned).
+    pub side_addr: u64,
+    /// Length of that region.
+    pub side_len: u64,
 }
 
 /// Kind of a message from the agent to the CLI.

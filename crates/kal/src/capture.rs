@@ -22,6 +22,10 @@ pub struct Block {
     pub stack: u32,
     /// The allocation API (`kal_proto::Api` as u32).
     pub api: u32,
+    /// Pointers into `[addr, addr + span)` refer to this block. Usually `size`; with
+    /// glibc's allocator it stops where the next chunk's header begins (the allocator's own
+    /// pointers to that header are not pointers into this block).
+    pub span: u64,
 }
 
 /// Everything the later steps need, detached from the process.
@@ -91,7 +95,7 @@ pub fn read_blocks(mem: &dyn Memory, h: &Header) -> (Vec<Block>, HashMap<u32, Ve
         .iter()
         .filter_map(|s| match slot_state(s.addr) {
             SlotState::Live(addr) => {
-                Some(Block { addr, size: s.size, seq: s.seq, stack: s.stack, api: s.api })
+                Some(Block { addr, size: s.size, seq: s.seq, stack: s.stack, api: s.api, span: s.size })
             }
             _ => None,
         })
@@ -135,7 +139,23 @@ pub fn capture(frozen: &Frozen, header_addr: u64) -> Result<Capture> {
         .flat_map(|m| crate::ranges::subtract(&[(m.start, m.end)], &tables))
         .collect();
     let image = Image::copy(&mem, &ranges)?;
+    let mut blocks = blocks;
+    if header.glibc_malloc != 0 {
+        glibc_spans(&mut blocks, &image);
+    }
     Ok(Capture { pid, exe: procfs::exe(pid), threads, maps, header, blocks, stacks, image })
+}
+
+/// Shortens each glibc heap block's pointer span to end at the next chunk's header.
+pub fn glibc_spans(blocks: &mut [Block], image: &Image) {
+    const IS_MMAPPED: u64 = 2;
+    for b in blocks {
+        let Some(w) = b.addr.checked_sub(8).and_then(|a| image.word(a)) else { continue };
+        let chunk = w & !7;
+        if w & IS_MMAPPED == 0 && chunk >= 32 && chunk <= b.size + 64 {
+            b.span = b.size.min(chunk - 16);
+        }
+    }
 }
 
 /// The agent's own table mappings, never scanned as roots.
@@ -143,6 +163,7 @@ pub fn agent_tables(h: &Header) -> Vec<(u64, u64)> {
     let mut v = vec![
         (h.table_addr, h.table_addr + h.table_slots * std::mem::size_of::<AllocSlot>() as u64),
         (h.stacks_addr, h.stacks_addr + h.stack_slots * std::mem::size_of::<StackSlot>() as u64),
+        (h.side_addr, h.side_addr + h.side_len),
     ];
     v.sort_unstable();
     v

@@ -96,6 +96,94 @@ impl Frozen {
         Ok(f)
     }
 
+    /// Seizes every thread of `pid` with `PTRACE_O_TRACEEXIT` without stopping it, calls
+    /// `ready` (which lets the process finish exiting), then waits until thread `exiting`
+    /// stops at its exit event (`exit_group` has begun, memory is intact) and the other
+    /// threads, killed by it, stop at theirs. Signals that arrive meanwhile are passed on.
+    pub fn at_exit(pid: i32, exiting: i32, ready: impl FnOnce()) -> Result<Frozen> {
+        let started = Instant::now();
+        let mut f = Frozen { pid, threads: Vec::new(), freeze_time: Duration::ZERO, started };
+        let opts = ptrace::Options::PTRACE_O_TRACEEXIT | ptrace::Options::PTRACE_O_TRACECLONE;
+        loop {
+            let tids = crate::procfs::tasks(pid)?;
+            let new: Vec<i32> =
+                tids.into_iter().filter(|t| !f.threads.iter().any(|(x, _)| x == t)).collect();
+            if new.is_empty() {
+                break;
+            }
+            for tid in new {
+                match ptrace::seize(Pid::from_raw(tid), opts) {
+                    Ok(()) => f.threads.push((tid, None)),
+                    Err(Errno::ESRCH) => {}
+                    Err(Errno::EPERM) => bail!("no permission to trace process {pid}"),
+                    Err(e) => return Err(e).with_context(|| format!("cannot seize thread {tid}")),
+                }
+            }
+        }
+        ready();
+        let mut stopped: Vec<i32> = Vec::new();
+        let mut exit_seen: Option<Instant> = None;
+        loop {
+            let mut progress = false;
+            let tids: Vec<i32> = f.threads.iter().map(|t| t.0).filter(|t| !stopped.contains(t)).collect();
+            if tids.is_empty() {
+                break;
+            }
+            if let Some(t0) = exit_seen {
+                if t0.elapsed() > STOP_DEADLINE {
+                    break; // a thread stuck in the kernel: its registers are left out
+                }
+            }
+            for tid in tids {
+                let p = Pid::from_raw(tid);
+                match waitpid(p, Some(WaitPidFlag::__WALL | WaitPidFlag::WNOHANG)) {
+                    Ok(WaitStatus::StillAlive) | Err(Errno::EINTR) => {}
+                    Ok(WaitStatus::PtraceEvent(_, _, ev)) if ev == libc::PTRACE_EVENT_EXIT => {
+                        progress = true;
+                        if tid == exiting || exit_seen.is_some() {
+                            exit_seen.get_or_insert_with(Instant::now);
+                            stopped.push(tid);
+                        } else {
+                            // One thread ending on its own while the process goes on.
+                            let _ = ptrace::cont(p, None);
+                        }
+                    }
+                    Ok(WaitStatus::PtraceEvent(_, _, ev)) if ev == libc::PTRACE_EVENT_CLONE => {
+                        progress = true;
+                        if let Ok(child) = ptrace::getevent(p) {
+                            f.threads.push((child as i32, None));
+                        }
+                        let _ = ptrace::cont(p, None);
+                    }
+                    Ok(WaitStatus::PtraceEvent(..)) => {
+                        progress = true;
+                        let _ = ptrace::cont(p, None);
+                    }
+                    Ok(WaitStatus::Stopped(_, sig)) => {
+                        progress = true;
+                        let _ = ptrace::cont(p, Some(sig));
+                    }
+                    Ok(WaitStatus::Exited(..)) | Ok(WaitStatus::Signaled(..)) | Err(Errno::ECHILD) => {
+                        progress = true;
+                        f.threads.retain(|t| t.0 != tid);
+                    }
+                    Ok(_) => {}
+                    Err(e) => return Err(e).context("waiting for the process to exit"),
+                }
+            }
+            if !progress {
+                std::thread::sleep(Duration::from_micros(200));
+            }
+        }
+        f.threads.retain(|t| stopped.contains(&t.0));
+        if f.threads.is_empty() {
+            bail!("process {pid} ended before it could be captured");
+        }
+        f.freeze_time = f.started.elapsed();
+        f.started = Instant::now();
+        Ok(f)
+    }
+
     /// Process id.
     pub fn pid(&self) -> i32 {
         self.pid

@@ -58,7 +58,7 @@ impl<'a> BlockIndex<'a> {
     /// Indexes blocks sorted by address.
     pub fn new(blocks: &'a [Block]) -> BlockIndex<'a> {
         let lo = blocks.first().map_or(u64::MAX, |b| b.addr);
-        let hi = blocks.iter().map(|b| b.addr + b.size.max(1)).max().unwrap_or(0);
+        let hi = blocks.iter().map(|b| b.addr + b.span.max(1)).max().unwrap_or(0);
         BlockIndex { blocks, lo, hi }
     }
 
@@ -70,7 +70,7 @@ impl<'a> BlockIndex<'a> {
         }
         let i = self.blocks.partition_point(|b| b.addr <= v).checked_sub(1)?;
         let b = &self.blocks[i];
-        (v < b.addr + b.size.max(1)).then_some((i, v == b.addr))
+        (v < b.addr + b.span.max(1)).then_some((i, v == b.addr))
     }
 }
 
@@ -101,10 +101,17 @@ pub fn classify(blocks: &[Block], image: &Image, roots: &Roots) -> Vec<Kind> {
     for &v in &roots.values {
         push(v, true, &mut state, &mut stack);
     }
+    let why = std::env::var_os("KAL_DEBUG_ROOTS").is_some();
     for &(s, e) in &roots.ranges {
+        let mut at = s & !7;
         image.for_each_piece(s, e, |words| {
             for &w in words {
+                if why && idx.find(w).is_some_and(|(i, _)| state[i] == State::Unreached) {
+                    let (bi, st) = idx.find(w).unwrap();
+                    eprintln!("root word at {at:#x} -> {w:#x} block {:#x}+{} start={st}", blocks[bi].addr, blocks[bi].size);
+                }
                 push(w, true, &mut state, &mut stack);
+                at += 8;
             }
         });
     }

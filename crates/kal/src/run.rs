@@ -207,15 +207,17 @@ fn handle(mut c: Conn, main_pid: i32, opts: &RunOptions) -> Result<Handled> {
         c.pid = Some(msg.pid as i32);
         return Ok(Handled::Keep(c));
     }
-    // Exit: freeze, copy, thaw, let the process finish, then analyse at leisure.
+    // Exit: trace the exit, let the process run to exit_group, copy it there (as memcheck
+    // does, so the exit path's frames are below the stack pointer), let it go, then
+    // analyse at leisure.
     let pid = msg.pid as i32;
     let cap = {
-        let frozen = Frozen::freeze(pid)?;
-        capture(&frozen, msg.header_addr)
+        let frozen = Frozen::at_exit(pid, msg.tid as i32, || {
+            let _ = c.stream.write_all(&[1]);
+        })?;
+        capture(&frozen, msg.header_addr)?
     };
-    let _ = c.stream.write_all(&[1]);
     drop(c);
-    let cap = cap?;
     let report = crate::analyze(&cap, &opts.report);
     if !opts.quiet {
         eprint!("{}", report::text(&report, opts.frames));

@@ -1,0 +1,111 @@
+//! Per-thread side stacks for the hooks' work, carved from one reserved region.
+//!
+//! The real allocator and the unwinder spill heap addresses into their stack frames. On the
+//! program's own stack those stale copies would later sit in uninitialised slots of live
+//! frames and hide leaks from the scan (memcheck never has this problem: its allocator does
+//! not run on the client's stack). So each exported allocation function is a naked
+//! trampoline ([`crate::hooks`]) that moves to the thread's side stack before doing
+//! anything else. All side stacks live in one region that the header names, so the CLI
+//! never scans them.
+
+use core::cell::Cell;
+use core::sync::atomic::{AtomicUsize, Ordering};
+
+/// Usable size of one side stack.
+pub const SIZE: usize = 128 * 1024;
+const GUARD: usize = 4096;
+const SLOT: usize = SIZE + GUARD;
+/// Number of side stacks (threads alive at once that get one; others run in place).
+const SLOTS: usize = 2048;
+
+static BASE: AtomicUsize = AtomicUsize::new(0);
+/// Offset of `TOP` from the thread pointer (static TLS: the same in every thread), read by
+/// the trampolines as `fs:[TOP_OFFSET]`; 0 while unknown or if it ever differs.
+pub static KAL_SIDE_TOP_OFFSET: AtomicUsize = AtomicUsize::new(0);
+static NEXT: AtomicUsize = AtomicUsize::new(0);
+
+thread_local! {
+    static TOP: Cell<usize> = const { Cell::new(0) };
+}
+
+/// Reserves the region (no memory is used until a stack is touched). Called at start.
+pub fn init() {
+    if BASE.load(Ordering::Acquire) != 0 {
+        return;
+    }
+    // SAFETY: a fresh private anonymous reservation.
+    let p = unsafe {
+        libc::mmap(
+            core::ptr::null_mut(),
+            SLOT * SLOTS,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+            -1,
+            0,
+        )
+    };
+    if p != libc::MAP_FAILED {
+        BASE.store(p as usize, Ordering::Release);
+    }
+}
+
+/// The reserved region `(start, length)`, for the header.
+pub fn region() -> (u64, u64) {
+    (BASE.load(Ordering::Acquire) as u64, (SLOT * SLOTS) as u64)
+}
+
+/// A never-used side stack's top, or 0 when the region is exhausted or missing.
+pub fn map_stack() -> usize {
+    let base = BASE.load(Ordering::Acquire);
+    if base == 0 {
+        return 0;
+    }
+    let i = NEXT.fetch_add(1, Ordering::Relaxed);
+    if i >= SLOTS {
+        return 0;
+    }
+    let slot = base + i * SLOT;
+    // SAFETY: the guard page lies inside our own reservation.
+    unsafe { libc::mprotect(slot as *mut libc::c_void, GUARD, libc::PROT_NONE) };
+    slot + SLOT
+}
+
+/// Hands this thread's side stack back to the pool (thread exit).
+pub fn release_thread_stack() {
+    let top = TOP.with(|t| t.replace(0));
+    if top != 0 {
+        crate::pool::give_stack(top);
+    }
+}
+
+/// Top of the calling thread's side stack (16-aligned), or 0 if it has none.
+/// Called from the trampolines on the program's stack: keep it small.
+pub extern "C" fn top() -> usize {
+    let t = TOP.with(|t| t.get());
+    if t != 0 {
+        return t;
+    }
+    first_top()
+}
+
+#[cold]
+#[inline(never)]
+fn first_top() -> usize {
+    if !crate::guard::enter() {
+        return 0;
+    }
+    let t = crate::pool::take_stack();
+    TOP.with(|c| c.set(t));
+    let tp: usize;
+    // SAFETY: fs:0 holds the thread pointer on x86-64 Linux.
+    unsafe { core::arch::asm!("mov {0}, fs:0", out(reg) tp, options(nostack, readonly, preserves_flags)) };
+    let off = TOP.with(|c| c as *const Cell<usize> as usize).wrapping_sub(tp);
+    match KAL_SIDE_TOP_OFFSET.compare_exchange(0, off, Ordering::AcqRel, Ordering::Acquire) {
+        Ok(_) => {}
+        Err(known) if known == off => {}
+        // TLS is not at a fixed offset (dynamic TLS): always take the slow path.
+        Err(_) => KAL_SIDE_TOP_OFFSET.store(usize::MAX, Ordering::Release),
+    }
+    crate::guard::leave();
+    t
+}

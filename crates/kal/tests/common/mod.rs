@@ -1,0 +1,163 @@
+//! Helpers for the integration tests: compile target programs, run them under kal, read
+//! the JSON report, and ask valgrind's memcheck for its counts.
+#![allow(dead_code)]
+
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::Once;
+
+/// Directory of the test programs' sources.
+pub fn src_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/programs")
+}
+
+fn out_dir() -> PathBuf {
+    let d = Path::new(env!("CARGO_TARGET_TMPDIR")).join("kal-programs");
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+static AGENT: Once = Once::new();
+
+/// Makes sure `libkal_agent.so` sits next to the kal binary under test.
+pub fn ensure_agent() {
+    AGENT.call_once(|| {
+        let kal = Path::new(env!("CARGO_BIN_EXE_kal"));
+        let profile = kal.parent().unwrap().file_name().unwrap().to_str().unwrap().to_string();
+        let mut cmd = Command::new(env!("CARGO"));
+        cmd.args(["build", "-q", "-p", "kal-agent", "--lib"]);
+        if profile == "release" {
+            cmd.arg("--release");
+        }
+        let st = cmd.status().expect("cargo build of the agent");
+        assert!(st.success(), "building the agent failed");
+        assert!(kal.with_file_name("libkal_agent.so").is_file());
+    });
+}
+
+/// Compiles `name` (C, C++ or Rust, by extension) with debug info; returns the binary.
+pub fn build(name: &str, extra: &[&str]) -> PathBuf {
+    let src = src_dir().join(name);
+    let stem = Path::new(name).file_stem().unwrap().to_str().unwrap();
+    let tag = extra.join("_").replace(['/', '-', '.'], "");
+    let out = out_dir().join(format!("{stem}{tag}{}", if extra.contains(&"-shared") { ".so" } else { "" }));
+    let ext = Path::new(name).extension().unwrap().to_str().unwrap();
+    let mut cmd = match ext {
+        "c" => {
+            let mut c = Command::new("gcc");
+            c.args(["-g", "-O1", "-pthread", "-fno-omit-frame-pointer", "-o"]).arg(&out).arg(&src);
+            c
+        }
+        "cpp" => {
+            let mut c = Command::new("g++");
+            c.args(["-g", "-O1", "-o"]).arg(&out).arg(&src);
+            c
+        }
+        "rs" => {
+            let mut c = Command::new("rustc");
+            c.args(["-g", "-C", "opt-level=1", "-o"]).arg(&out).arg(&src);
+            c
+        }
+        _ => panic!("unknown source kind {name}"),
+    };
+    cmd.args(extra);
+    let o = cmd.output().expect("compiler runs");
+    assert!(o.status.success(), "compiling {name}: {}", String::from_utf8_lossy(&o.stderr));
+    out
+}
+
+/// Line of the `@marker` comment in a test program's source.
+pub fn line_of(name: &str, marker: &str) -> u32 {
+    let text = std::fs::read_to_string(src_dir().join(name)).unwrap();
+    let tag = format!("@{marker}");
+    let i = text
+        .lines()
+        .position(|l| l.split(|c: char| c.is_whitespace() || c == '*' || c == '/').any(|w| w == tag))
+        .unwrap_or_else(|| panic!("no {tag} in {name}"));
+    i as u32 + 1
+}
+
+/// Runs `kal ARGS` with no stdin.
+pub fn kal(args: &[&str]) -> Output {
+    ensure_agent();
+    Command::new(env!("CARGO_BIN_EXE_kal"))
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("kal runs")
+}
+
+/// Result of `kal run --json` on a program.
+pub struct Run {
+    /// kal's output.
+    pub out: Output,
+    /// The parsed JSON report.
+    pub json: Value,
+    /// stderr as text.
+    pub stderr: String,
+}
+
+/// Runs `kal run --json FILE [flags] -- prog args` and parses the report.
+pub fn run_json(flags: &[&str], prog: &Path, args: &[&str]) -> Run {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("r.json");
+    let mut a = vec!["run", "--json", json.to_str().unwrap()];
+    a.extend_from_slice(flags);
+    a.push("--");
+    a.push(prog.to_str().unwrap());
+    a.extend_from_slice(args);
+    let out = kal(&a);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    let text = std::fs::read_to_string(&json).unwrap_or_default();
+    let json = serde_json::from_str(&text).unwrap_or_else(|e| panic!("bad JSON ({e}): {text}\nstderr: {stderr}"));
+    Run { out, json, stderr }
+}
+
+/// `(bytes, blocks)` of one summary class.
+pub fn totals(json: &Value, kind: &str) -> (u64, u64) {
+    let t = &json["summary"][kind];
+    (t["bytes"].as_u64().unwrap(), t["blocks"].as_u64().unwrap())
+}
+
+/// Records of one kind whose stack has a frame in `file` at `line`.
+pub fn records_at<'a>(json: &'a Value, kind: &str, file: &str, line: u32) -> Vec<&'a Value> {
+    json["leaks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["kind"] == kind)
+        .filter(|r| {
+            r["stack"].as_array().unwrap().iter().any(|f| {
+                f["file"].as_str().unwrap_or("").ends_with(file) && f["line"].as_u64() == Some(line as u64)
+            })
+        })
+        .collect()
+}
+
+/// Sum of `(bytes, blocks)` over records.
+pub fn sum(records: &[&Value]) -> (u64, u64) {
+    records.iter().fold((0, 0), |(b, n), r| (b + r["bytes"].as_u64().unwrap(), n + r["blocks"].as_u64().unwrap()))
+}
+
+/// memcheck's `(definitely, indirectly, possibly)` lost `(bytes, blocks)`.
+pub fn memcheck(prog: &Path, args: &[&str]) -> [(u64, u64); 3] {
+    let o = Command::new("valgrind")
+        .args(["--leak-check=full", "--error-exitcode=0"])
+        .arg(prog)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("valgrind is installed");
+    let text = String::from_utf8_lossy(&o.stderr);
+    let grab = |label: &str| -> (u64, u64) {
+        let Some(line) = text.lines().find(|l| l.contains(label)) else { return (0, 0) };
+        let nums: Vec<u64> = line
+            .split(|c: char| !c.is_ascii_digit() && c != ',')
+            .filter_map(|w| w.replace(',', "").parse().ok())
+            .collect();
+        // "==PID==    definitely lost: 1,234 bytes in 5 blocks"
+        (nums[nums.len() - 2], nums[nums.len() - 1])
+    };
+    [grab("definitely lost:"), grab("indirectly lost:"), grab("possibly lost:")]
+}

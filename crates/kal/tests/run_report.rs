@@ -1,0 +1,135 @@
+//! `kal run` on real programs with known leaks: exact counts, classes and file:line.
+
+mod common;
+use common::*;
+
+#[test]
+fn detached_subtree_is_one_direct_and_two_indirect() {
+    let prog = build("tree.c", &[]);
+    let r = run_json(&[], &prog, &[]);
+    assert_eq!(totals(&r.json, "direct"), (48, 1), "{}", r.stderr);
+    assert_eq!(totals(&r.json, "indirect"), (96, 2));
+    assert_eq!(totals(&r.json, "possible"), (0, 0));
+    let line = line_of("tree.c", "node");
+    assert_eq!(sum(&records_at(&r.json, "direct", "tree.c", line)), (48, 1));
+    assert_eq!(sum(&records_at(&r.json, "indirect", "tree.c", line)), (96, 2));
+    assert_eq!(r.out.status.code(), Some(23));
+    assert!(r.stderr.contains("Direct leak of 48 bytes in 1 block allocated by calloc at:"), "{}", r.stderr);
+    assert!(r.stderr.contains(&format!("tree.c:{line}")));
+}
+
+#[test]
+fn unreachable_ring_has_one_leader() {
+    let prog = build("ring.c", &[]);
+    let r = run_json(&[], &prog, &[]);
+    assert_eq!(totals(&r.json, "direct"), (40, 1), "{}", r.stderr);
+    assert_eq!(totals(&r.json, "indirect"), (160, 4));
+    assert_eq!(sum(&records_at(&r.json, "direct", "ring.c", line_of("ring.c", "ring"))), (40, 1));
+    assert_eq!(sum(&records_at(&r.json, "indirect", "ring.c", line_of("ring.c", "ringrest"))), (160, 4));
+}
+
+#[test]
+fn interior_pointer_is_possibly_lost() {
+    let prog = build("interior.c", &[]);
+    let r = run_json(&[], &prog, &[]);
+    assert_eq!(totals(&r.json, "possible"), (200, 1), "{}", r.stderr);
+    assert_eq!(totals(&r.json, "direct"), (0, 0));
+    assert_eq!(sum(&records_at(&r.json, "possible", "interior.c", line_of("interior.c", "interior"))), (200, 1));
+    // Possibly lost alone is not "definitely lost": the program's status stands.
+    assert_eq!(r.out.status.code(), Some(0));
+}
+
+#[test]
+fn every_allocation_api_is_tracked() {
+    let prog = build("apis.c", &[]);
+    let r = run_json(&[], &prog, &[]);
+    let cases = [
+        ("malloc", "malloc", 11),
+        ("calloc", "calloc", 21),
+        ("realloc_null", "realloc", 13),
+        ("realloc_grow", "realloc", 4000),
+        ("reallocarray", "realloc", 15),
+        ("memalign", "memalign", 19),
+        ("posix_memalign", "memalign", 23),
+        ("aligned_alloc", "memalign", 48),
+        ("valloc", "memalign", 29),
+        ("pvalloc", "memalign", 31),
+    ];
+    for (marker, api, size) in cases {
+        let recs = records_at(&r.json, "direct", "apis.c", line_of("apis.c", marker));
+        assert_eq!(sum(&recs), (size, 1), "{marker}: {}", r.stderr);
+        assert_eq!(recs[0]["stack"][0]["function"], "main");
+        assert_eq!(recs[0]["api"], api, "{marker}");
+    }
+    let total: u64 = cases.iter().map(|c| c.2).sum();
+    assert_eq!(totals(&r.json, "direct"), (total, cases.len() as u64));
+}
+
+#[test]
+fn four_threads_leaking_at_once() {
+    let prog = build("threads.c", &[]);
+    let r = run_json(&[], &prog, &[]);
+    let line = line_of("threads.c", "thread_leak");
+    assert_eq!(sum(&records_at(&r.json, "direct", "threads.c", line)), (10 * (100 + 101 + 102 + 103), 40), "{}", r.stderr);
+    assert_eq!(totals(&r.json, "direct"), (4060, 40));
+}
+
+#[test]
+fn leak_inside_a_dlopened_library() {
+    let lib = build("libplugin.c", &["-shared", "-fPIC"]);
+    let prog = build("dlopen.c", &["-ldl"]);
+    let r = run_json(&[], &prog, &[lib.to_str().unwrap()]);
+    let recs = records_at(&r.json, "direct", "libplugin.c", line_of("libplugin.c", "plugin"));
+    assert_eq!(sum(&recs), (321, 1), "{}", r.stderr);
+    let f = &recs[0]["stack"][0];
+    assert_eq!(f["function"], "plugin_leak");
+    assert!(f["module"].as_str().unwrap().ends_with(".so"), "{f}");
+    assert_eq!(totals(&r.json, "direct"), (321, 1));
+}
+
+#[test]
+fn rust_mem_forget_is_a_direct_leak() {
+    let prog = build("forget.rs", &[]);
+    let r = run_json(&[], &prog, &[]);
+    let recs = records_at(&r.json, "direct", "forget.rs", line_of("forget.rs", "forget"));
+    assert_eq!(sum(&recs), (1000, 1), "{}", r.stderr);
+    assert_eq!(totals(&r.json, "direct"), (1000, 1));
+    let names: Vec<&str> = recs[0]["stack"].as_array().unwrap().iter().filter_map(|f| f["function"].as_str()).collect();
+    assert!(names.iter().any(|n| n.starts_with("forget::main")), "demangled Rust names: {names:?}");
+}
+
+#[test]
+fn cpp_leak_with_demangled_names() {
+    let prog = build("widget.cpp", &[]);
+    let r = run_json(&[], &prog, &[]);
+    let recs = records_at(&r.json, "direct", "widget.cpp", line_of("widget.cpp", "create"));
+    assert_eq!(sum(&recs), (48, 1), "{}", r.stderr);
+    let names: Vec<&str> = recs[0]["stack"].as_array().unwrap().iter().filter_map(|f| f["function"].as_str()).collect();
+    assert!(names.contains(&"shop::Factory::create()"), "{names:?}");
+    assert_eq!(totals(&r.json, "direct"), (48, 1));
+}
+
+#[test]
+fn pointers_in_tls_globals_mmap_other_stacks_and_registers_are_roots() {
+    let prog = build("roots.c", &["-O2"]);
+    let r = run_json(&["--show-reachable"], &prog, &[]);
+    for kind in ["direct", "indirect", "possible"] {
+        assert_eq!(totals(&r.json, kind), (0, 0), "{kind}: {}", r.stderr);
+    }
+    let sizes: Vec<u64> = r.json["leaks"].as_array().unwrap().iter().map(|l| l["bytes"].as_u64().unwrap()).collect();
+    for held in [101, 202, 303, 404, 505] {
+        assert!(sizes.contains(&held), "block of {held} bytes should be listed as reachable: {sizes:?}");
+    }
+    assert_eq!(r.out.status.code(), Some(0));
+}
+
+#[test]
+fn counts_equal_memchecks() {
+    for (name, extra) in [("tree.c", vec![]), ("ring.c", vec![]), ("interior.c", vec![]), ("threads.c", vec![]), ("widget.cpp", vec![])] {
+        let prog = build(name, &extra);
+        let r = run_json(&[], &prog, &[]);
+        let vg = memcheck(&prog, &[]);
+        let ours = [totals(&r.json, "direct"), totals(&r.json, "indirect"), totals(&r.json, "possible")];
+        assert_eq!(ours, vg, "{name}: kal (direct, indirect, possible) vs memcheck");
+    }
+}
