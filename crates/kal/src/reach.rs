@@ -102,10 +102,19 @@ pub fn classify(blocks: &[Block], image: &Image, roots: &Roots) -> Vec<Kind> {
         push(v, true, &mut state, &mut stack);
     }
     let why = std::env::var_os("KAL_DEBUG_ROOTS").is_some();
+    // glibc's thread control block: [tcb] = tcb, [tcb+8] = &dtv[1], [tcb+16] = tcb. The dtv
+    // field points 16 bytes into the dtv block; it is that block's owning pointer.
+    let dtv_field = |at: u64| {
+        at >= 8 && image.word(at - 8) == Some(at - 8) && image.word(at + 8) == Some(at - 8)
+    };
     for &(s, e) in &roots.ranges {
         let mut at = s & !7;
         image.for_each_piece(s, e, |words| {
             for &w in words {
+                let w = match idx.find(w) {
+                    Some((_, false)) if dtv_field(at) => w.wrapping_sub(16),
+                    _ => w,
+                };
                 if why && idx.find(w).is_some_and(|(i, _)| state[i] == State::Unreached) {
                     let (bi, st) = idx.find(w).unwrap();
                     eprintln!("root word at {at:#x} -> {w:#x} block {:#x}+{} start={st}", blocks[bi].addr, blocks[bi].size);

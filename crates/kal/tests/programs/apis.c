@@ -3,6 +3,7 @@
 #include <malloc.h>
 #include <stdlib.h>
 void *volatile sink;
+void *out; /* posix_memalign's result goes here (not to a stack slot that outlives main) */
 void *volatile nothing; /* stays NULL: keeps gcc from turning realloc(NULL) into malloc */
 int main(void) {
   void *p;
@@ -13,8 +14,9 @@ int main(void) {
   sink = realloc(p, 4000);           /* @realloc_grow */
   sink = reallocarray(nothing, 3, 5); /* @reallocarray */
   sink = memalign(64, 19);           /* @memalign */
-  posix_memalign(&p, 32, 23);        /* @posix_memalign */
-  sink = p;
+  posix_memalign(&out, 32, 23);      /* @posix_memalign */
+  sink = out;
+  out = NULL;
   sink = aligned_alloc(16, 48);      /* @aligned_alloc */
   sink = valloc(29);                 /* @valloc */
   sink = pvalloc(31);                /* @pvalloc */
