@@ -27,8 +27,8 @@ fn connect() -> i32 {
         let mut addr: libc::sockaddr_un = core::mem::zeroed();
         addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
         let path = &*core::ptr::addr_of!(PATH);
-        for i in 0..len {
-            addr.sun_path[i] = path[i] as libc::c_char;
+        for (dst, &src) in addr.sun_path.iter_mut().zip(&path[..len]) {
+            *dst = src as libc::c_char;
         }
         let alen = core::mem::size_of::<libc::sa_family_t>() + len;
         if libc::connect(fd, (&addr as *const libc::sockaddr_un).cast(), alen as u32) != 0 {

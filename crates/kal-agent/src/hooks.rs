@@ -39,7 +39,11 @@ fn caller(sp: usize, bp: usize) -> Regs {
     // SAFETY: `sp` is the program's stack pointer at entry to the export: it points at the
     // return address pushed by the caller's `call`.
     let ra = unsafe { *(sp as *const u64) };
-    Regs { pc: ra, sp: sp as u64 + 8, bp: bp as u64 }
+    Regs {
+        pc: ra,
+        sp: sp as u64 + 8,
+        bp: bp as u64,
+    }
 }
 
 /// Records a new block (caller holds the guard).
@@ -48,7 +52,11 @@ fn record(p: *mut c_void, size: usize, api: Api, at: Regs) {
     let Some(t) = state::tables() else { return };
     let mut frames = [0u64; MAX_FRAMES];
     let n = crate::unwind::capture(at, &mut frames);
-    let stack = if n == 0 { STACK_UNKNOWN } else { t.intern_stack(&frames[..n]) };
+    let stack = if n == 0 {
+        STACK_UNKNOWN
+    } else {
+        t.intern_stack(&frames[..n])
+    };
     t.insert(p as u64, size as u64, next_seq(), stack, api as u32);
 }
 
@@ -76,6 +84,9 @@ fn forget(p: *mut c_void) -> Option<crate::table::Removed> {
 macro_rules! trampoline {
     ($(#[$doc:meta])* $name:ident ( $($arg:ident : $ty:ty),* ) -> $ret:ty => $imp:path) => {
         $(#[$doc])*
+        ///
+        /// # Safety
+        /// Same contract as the C function it replaces.
         #[unsafe(no_mangle)]
         #[unsafe(naked)]
         pub unsafe extern "C" fn $name($($arg: $ty),*) -> $ret {
@@ -168,9 +179,13 @@ trampoline!(
 );
 
 extern "C" fn malloc_impl(size: usize, _: usize, _: usize, sp: usize, bp: usize) -> *mut c_void {
-    let Some(r) = real::get() else { return real::boot_alloc(size) };
+    let Some(r) = real::get() else {
+        return real::boot_alloc(size);
+    };
     // SAFETY: forwarding the caller's arguments to the real malloc.
-    tracked(size, Api::Malloc, caller(sp, bp), || unsafe { (r.malloc)(size) })
+    tracked(size, Api::Malloc, caller(sp, bp), || unsafe {
+        (r.malloc)(size)
+    })
 }
 
 extern "C" fn free_impl(p: *mut c_void, _: usize, _: usize, _: usize, _: usize) {
@@ -191,10 +206,21 @@ extern "C" fn calloc_impl(n: usize, size: usize, _: usize, sp: usize, bp: usize)
         };
     };
     // SAFETY: forwarding the caller's arguments; the real calloc checks for overflow.
-    tracked(n.wrapping_mul(size), Api::Calloc, caller(sp, bp), || unsafe { (r.calloc)(n, size) })
+    tracked(
+        n.wrapping_mul(size),
+        Api::Calloc,
+        caller(sp, bp),
+        || unsafe { (r.calloc)(n, size) },
+    )
 }
 
-extern "C" fn realloc_impl(p: *mut c_void, size: usize, _: usize, sp: usize, bp: usize) -> *mut c_void {
+extern "C" fn realloc_impl(
+    p: *mut c_void,
+    size: usize,
+    _: usize,
+    sp: usize,
+    bp: usize,
+) -> *mut c_void {
     let Some(r) = real::get() else {
         if p.is_null() {
             return real::boot_alloc(size);
@@ -204,7 +230,9 @@ extern "C" fn realloc_impl(p: *mut c_void, size: usize, _: usize, sp: usize, bp:
     let at = caller(sp, bp);
     if p.is_null() {
         // SAFETY: realloc(NULL, n) allocates like malloc.
-        return tracked(size, Api::Realloc, at, || unsafe { (r.realloc)(core::ptr::null_mut(), size) });
+        return tracked(size, Api::Realloc, at, || unsafe {
+            (r.realloc)(core::ptr::null_mut(), size)
+        });
     }
     if real::is_boot(p) {
         let q = tracked(size, Api::Realloc, at, || unsafe { (r.malloc)(size) });
@@ -234,7 +262,13 @@ extern "C" fn realloc_impl(p: *mut c_void, size: usize, _: usize, sp: usize, bp:
     q
 }
 
-extern "C" fn reallocarray_impl(p: *mut c_void, n: usize, size: usize, sp: usize, bp: usize) -> *mut c_void {
+extern "C" fn reallocarray_impl(
+    p: *mut c_void,
+    n: usize,
+    size: usize,
+    sp: usize,
+    bp: usize,
+) -> *mut c_void {
     match n.checked_mul(size) {
         Some(total) => realloc_impl(p, total, 0, sp, bp),
         None => {
@@ -245,42 +279,85 @@ extern "C" fn reallocarray_impl(p: *mut c_void, n: usize, size: usize, sp: usize
     }
 }
 
-extern "C" fn memalign_impl(align: usize, size: usize, _: usize, sp: usize, bp: usize) -> *mut c_void {
-    let Some(r) = real::get() else { return real::boot_alloc(size) };
+extern "C" fn memalign_impl(
+    align: usize,
+    size: usize,
+    _: usize,
+    sp: usize,
+    bp: usize,
+) -> *mut c_void {
+    let Some(r) = real::get() else {
+        return real::boot_alloc(size);
+    };
     // SAFETY: forwarding.
-    tracked(size, Api::Memalign, caller(sp, bp), || unsafe { (r.memalign)(align, size) })
+    tracked(size, Api::Memalign, caller(sp, bp), || unsafe {
+        (r.memalign)(align, size)
+    })
 }
 
-extern "C" fn aligned_alloc_impl(align: usize, size: usize, _: usize, sp: usize, bp: usize) -> *mut c_void {
-    let Some(r) = real::get() else { return real::boot_alloc(size) };
+extern "C" fn aligned_alloc_impl(
+    align: usize,
+    size: usize,
+    _: usize,
+    sp: usize,
+    bp: usize,
+) -> *mut c_void {
+    let Some(r) = real::get() else {
+        return real::boot_alloc(size);
+    };
     // SAFETY: forwarding.
-    tracked(size, Api::Memalign, caller(sp, bp), || unsafe { (r.aligned_alloc)(align, size) })
+    tracked(size, Api::Memalign, caller(sp, bp), || unsafe {
+        (r.aligned_alloc)(align, size)
+    })
 }
 
 extern "C" fn valloc_impl(size: usize, _: usize, _: usize, sp: usize, bp: usize) -> *mut c_void {
-    let Some(r) = real::get() else { return core::ptr::null_mut() };
+    let Some(r) = real::get() else {
+        return core::ptr::null_mut();
+    };
     // SAFETY: forwarding.
-    tracked(size, Api::Memalign, caller(sp, bp), || unsafe { (r.valloc)(size) })
+    tracked(size, Api::Memalign, caller(sp, bp), || unsafe {
+        (r.valloc)(size)
+    })
 }
 
 extern "C" fn pvalloc_impl(size: usize, _: usize, _: usize, sp: usize, bp: usize) -> *mut c_void {
-    let Some(r) = real::get() else { return core::ptr::null_mut() };
+    let Some(r) = real::get() else {
+        return core::ptr::null_mut();
+    };
     // SAFETY: forwarding.
-    tracked(size, Api::Memalign, caller(sp, bp), || unsafe { (r.pvalloc)(size) })
+    tracked(size, Api::Memalign, caller(sp, bp), || unsafe {
+        (r.pvalloc)(size)
+    })
 }
 
-extern "C" fn posix_memalign_impl(out: *mut *mut c_void, align: usize, size: usize, sp: usize, bp: usize) -> i32 {
-    let Some(r) = real::get() else { return libc::ENOMEM };
+extern "C" fn posix_memalign_impl(
+    out: *mut *mut c_void,
+    align: usize,
+    size: usize,
+    sp: usize,
+    bp: usize,
+) -> i32 {
+    let Some(r) = real::get() else {
+        return libc::ENOMEM;
+    };
     let mut rc = 0;
     // SAFETY: forwarding; out is the caller's pointer, written by the real function.
     tracked(size, Api::Memalign, caller(sp, bp), || unsafe {
         rc = (r.posix_memalign)(out, align, size);
-        if rc == 0 { *out } else { core::ptr::null_mut() }
+        if rc == 0 {
+            *out
+        } else {
+            core::ptr::null_mut()
+        }
     });
     rc
 }
 
 /// `malloc_usable_size(3)`.
+///
+/// # Safety
+/// `p` is null or a block from this allocator.
 #[no_mangle]
 pub unsafe extern "C" fn malloc_usable_size(p: *mut c_void) -> usize {
     if p.is_null() {

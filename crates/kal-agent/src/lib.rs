@@ -36,7 +36,9 @@ struct Untracked;
 // SAFETY: forwards to a conforming malloc/memalign/free; alignment above 16 uses memalign.
 unsafe impl GlobalAlloc for Untracked {
     unsafe fn alloc(&self, l: Layout) -> *mut u8 {
-        let Some(r) = real::get() else { return real::boot_alloc(l.size()).cast() };
+        let Some(r) = real::get() else {
+            return real::boot_alloc(l.size()).cast();
+        };
         // SAFETY: forwarding to the real allocator.
         unsafe {
             if l.align() <= 16 {
@@ -85,7 +87,12 @@ extern "C" fn agent_start() {
     side::init();
     pool::init();
     unwind::init();
-    state::describe(static_tls_size(), r.glibc, unwind::agent_text(), side::region());
+    state::describe(
+        static_tls_size(),
+        r.glibc,
+        unwind::agent_text(),
+        side::region(),
+    );
     control::init();
     guard::leave();
 }

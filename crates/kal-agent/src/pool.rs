@@ -35,7 +35,7 @@ unsafe extern "C" fn on_thread_exit(_: *mut libc::c_void) {
 fn arm_exit_key() {
     if KEY_READY.load(Ordering::Acquire) {
         // SAFETY: KEY is valid once KEY_READY is set; a non-null value arms the destructor.
-        unsafe { libc::pthread_setspecific(KEY, 1 as *const libc::c_void) };
+        unsafe { libc::pthread_setspecific(KEY, core::ptr::dangling::<libc::c_void>()) };
     }
 }
 

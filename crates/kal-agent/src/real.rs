@@ -85,9 +85,7 @@ fn resolve_slow() -> Option<&'static Real> {
             posix_memalign: core::mem::transmute::<*mut c_void, PosixMemalignFn>(next(
                 c"posix_memalign",
             )),
-            aligned_alloc: core::mem::transmute::<*mut c_void, MemalignFn>(next(
-                c"aligned_alloc",
-            )),
+            aligned_alloc: core::mem::transmute::<*mut c_void, MemalignFn>(next(c"aligned_alloc")),
             valloc: core::mem::transmute::<*mut c_void, MallocFn>(next(c"valloc")),
             pvalloc: core::mem::transmute::<*mut c_void, MallocFn>(next(c"pvalloc")),
             malloc_usable_size: core::mem::transmute::<*mut c_void, UsableFn>(next(

@@ -98,8 +98,12 @@ fn first_top() -> usize {
     TOP.with(|c| c.set(t));
     let tp: usize;
     // SAFETY: fs:0 holds the thread pointer on x86-64 Linux.
-    unsafe { core::arch::asm!("mov {0}, fs:0", out(reg) tp, options(nostack, readonly, preserves_flags)) };
-    let off = TOP.with(|c| c as *const Cell<usize> as usize).wrapping_sub(tp);
+    unsafe {
+        core::arch::asm!("mov {0}, fs:0", out(reg) tp, options(nostack, readonly, preserves_flags))
+    };
+    let off = TOP
+        .with(|c| c as *const Cell<usize> as usize)
+        .wrapping_sub(tp);
     match KAL_SIDE_TOP_OFFSET.compare_exchange(0, off, Ordering::AcqRel, Ordering::Acquire) {
         Ok(_) => {}
         Err(known) if known == off => {}

@@ -53,7 +53,11 @@ fn slots_from_env() -> u64 {
         }
         n = n.saturating_mul(10).saturating_add((c - b'0') as u64);
     }
-    if n.is_power_of_two() && n >= 1024 { n } else { DEFAULT_SLOTS }
+    if n.is_power_of_two() && n >= 1024 {
+        n
+    } else {
+        DEFAULT_SLOTS
+    }
 }
 
 /// The tables, mapped on first use (from any thread, even before the agent's constructor).
@@ -68,7 +72,10 @@ pub fn tables() -> Option<&'static Tables> {
 
 #[cold]
 fn init_tables() -> Option<&'static Tables> {
-    if STATE.compare_exchange(0, 1, Ordering::AcqRel, Ordering::Acquire).is_ok() {
+    if STATE
+        .compare_exchange(0, 1, Ordering::AcqRel, Ordering::Acquire)
+        .is_ok()
+    {
         let t = Tables::new(slots_from_env());
         let (ta, tn) = t.table_range();
         let (sa, sn) = t.stack_range();

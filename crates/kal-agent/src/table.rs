@@ -101,7 +101,9 @@ impl Tables {
     fn key(&self, i: u64) -> &AtomicU64 {
         // SAFETY: i is masked into the table; addr is the first u64 of a 32-byte slot and
         // the mapping is 8-aligned, so viewing it as an AtomicU64 is sound.
-        unsafe { &*(core::ptr::addr_of_mut!((*self.slots.add(i as usize)).addr) as *const AtomicU64) }
+        unsafe {
+            &*(core::ptr::addr_of_mut!((*self.slots.add(i as usize)).addr) as *const AtomicU64)
+        }
     }
 
     /// Records a live block.
@@ -149,7 +151,12 @@ impl Tables {
                 // SAFETY: the slot holds our block; only the thread freeing it touches it.
                 let r = unsafe {
                     let s = self.slots.add(i as usize);
-                    Removed { size: (*s).size, seq: (*s).seq, stack: (*s).stack, api: (*s).api }
+                    Removed {
+                        size: (*s).size,
+                        seq: (*s).seq,
+                        stack: (*s).stack,
+                        api: (*s).api,
+                    }
                 };
                 if key
                     .compare_exchange(addr, SLOT_TOMBSTONE, Ordering::AcqRel, Ordering::Relaxed)
@@ -185,13 +192,19 @@ impl Tables {
             let cur = key.load(Ordering::Acquire);
             if cur == h {
                 // SAFETY: a published slot is never written again.
-                let same = unsafe { (*slot).depth as usize == n && (&(*slot).frames)[..n] == frames[..n] };
+                let same =
+                    unsafe { (*slot).depth as usize == n && (&(*slot).frames)[..n] == frames[..n] };
                 if same {
                     return i as u32;
                 }
             } else if cur == STACK_SLOT_EMPTY {
                 if key
-                    .compare_exchange(STACK_SLOT_EMPTY, STACK_SLOT_BUSY, Ordering::Acquire, Ordering::Relaxed)
+                    .compare_exchange(
+                        STACK_SLOT_EMPTY,
+                        STACK_SLOT_BUSY,
+                        Ordering::Acquire,
+                        Ordering::Relaxed,
+                    )
                     .is_ok()
                 {
                     // SAFETY: this thread owns the slot while it is BUSY.

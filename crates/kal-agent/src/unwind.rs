@@ -11,7 +11,7 @@ use core::cell::Cell;
 use core::ffi::c_void;
 use core::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, Ordering};
 use framehop::x86_64::{CacheX86_64, UnwindRegsX86_64, UnwinderX86_64};
-use framehop::{ExplicitModuleSectionInfo, MustNotAllocateDuringUnwind, Module, Unwinder};
+use framehop::{ExplicitModuleSectionInfo, Module, MustNotAllocateDuringUnwind, Unwinder};
 use kal_proto::MAX_FRAMES;
 
 type Unw = UnwinderX86_64<&'static [u8], MustNotAllocateDuringUnwind>;
@@ -35,7 +35,10 @@ thread_local! {
 
 /// The agent's own code range, `(start, end)`.
 pub fn agent_text() -> (u64, u64) {
-    (AGENT_TEXT[0].load(Ordering::Relaxed), AGENT_TEXT[1].load(Ordering::Relaxed))
+    (
+        AGENT_TEXT[0].load(Ordering::Relaxed),
+        AGENT_TEXT[1].load(Ordering::Relaxed),
+    )
 }
 
 /// Loader generation: objects added plus removed, as counted by `dl_iterate_phdr`.
@@ -115,27 +118,45 @@ unsafe extern "C" fn collect_cb(info: *mut libc::dl_phdr_info, _: usize, data: *
             AGENT_TEXT[1].store(text.1, Ordering::Relaxed);
         }
         c.ranges.push(text);
-        let Some((hdr_avma, hdr_len)) = hdr else { return 0 };
-        let Some(eh_avma) = eh_frame_from_hdr(hdr_avma) else { return 0 };
+        let Some((hdr_avma, hdr_len)) = hdr else {
+            return 0;
+        };
+        let Some(eh_avma) = eh_frame_from_hdr(hdr_avma) else {
+            return 0;
+        };
         // .eh_frame has no length in the header: it runs at most to the end of its segment.
-        let Some(seg) = loads.iter().find(|r| eh_avma >= r.0 && eh_avma < r.1) else { return 0 };
+        let Some(seg) = loads.iter().find(|r| eh_avma >= r.0 && eh_avma < r.1) else {
+            return 0;
+        };
         let eh_len = seg.1 - eh_avma;
         let name = if info.dlpi_name.is_null() {
             String::new()
         } else {
-            core::ffi::CStr::from_ptr(info.dlpi_name).to_string_lossy().into_owned()
+            core::ffi::CStr::from_ptr(info.dlpi_name)
+                .to_string_lossy()
+                .into_owned()
         };
         let section_info = ExplicitModuleSectionInfo {
             base_svma: 0,
             text_svma: Some(text.0 - base..text.1 - base),
-            text: Some(core::slice::from_raw_parts(text.0 as *const u8, (text.1 - text.0) as usize)),
+            text: Some(core::slice::from_raw_parts(
+                text.0 as *const u8,
+                (text.1 - text.0) as usize,
+            )),
             eh_frame_svma: Some(eh_avma - base..eh_avma - base + eh_len),
-            eh_frame: Some(core::slice::from_raw_parts(eh_avma as *const u8, eh_len as usize)),
+            eh_frame: Some(core::slice::from_raw_parts(
+                eh_avma as *const u8,
+                eh_len as usize,
+            )),
             eh_frame_hdr_svma: Some(hdr_avma - base..hdr_avma - base + hdr_len),
-            eh_frame_hdr: Some(core::slice::from_raw_parts(hdr_avma as *const u8, hdr_len as usize)),
+            eh_frame_hdr: Some(core::slice::from_raw_parts(
+                hdr_avma as *const u8,
+                hdr_len as usize,
+            )),
             ..Default::default()
         };
-        c.modules.push(Module::new(name, text.0..text.1, base, section_info));
+        c.modules
+            .push(Module::new(name, text.0..text.1, base, section_info));
         0
     }
 }
@@ -146,7 +167,11 @@ fn rebuild() {
         return; // someone else is building; use what is published
     }
     let generation = loader_generation();
-    let mut c = Collect { modules: Vec::new(), ranges: Vec::new(), self_addr: rebuild as *const () as u64 };
+    let mut c = Collect {
+        modules: Vec::new(),
+        ranges: Vec::new(),
+        self_addr: rebuild as *const () as u64,
+    };
     // SAFETY: the callback matches the signature and data outlives the call.
     unsafe { libc::dl_iterate_phdr(Some(collect_cb), (&mut c as *mut Collect).cast()) };
     let mut unwinder = Unw::new();
@@ -154,7 +179,11 @@ fn rebuild() {
         unwinder.add_module(m);
     }
     c.ranges.sort_unstable();
-    let p = Box::into_raw(Box::new(Published { unwinder, ranges: c.ranges, generation }));
+    let p = Box::into_raw(Box::new(Published {
+        unwinder,
+        ranges: c.ranges,
+        generation,
+    }));
     CURRENT.store(p, Ordering::Release);
     BUILDING.store(false, Ordering::Release);
 }
@@ -185,7 +214,9 @@ extern "C" {
 fn stack_top(sp: u64) -> u64 {
     let tp: u64;
     // SAFETY: on x86-64 Linux, fs:0 holds the thread pointer itself (TCB self-pointer).
-    unsafe { core::arch::asm!("mov {0}, fs:0", out(reg) tp, options(nostack, readonly, preserves_flags)) };
+    unsafe {
+        core::arch::asm!("mov {0}, fs:0", out(reg) tp, options(nostack, readonly, preserves_flags))
+    };
     if tp > sp && tp - sp < (1 << 30) {
         return tp;
     }
@@ -266,7 +297,7 @@ fn walk(
     let p = unsafe { &*published };
     let (agent_lo, agent_hi) = agent_text();
     let mut read_stack = |addr: u64| {
-        if addr >= lo && addr + 8 <= hi && addr % 8 == 0 {
+        if addr >= lo && addr + 8 <= hi && addr.is_multiple_of(8) {
             // SAFETY: addr is an aligned word inside this thread's own mapped stack.
             Ok(unsafe { *(addr as *const u64) })
         } else {
@@ -277,7 +308,12 @@ fn walk(
     let cache = unsafe { &mut *cache() };
     // `pc` is a return address: unwind from the call instruction before it.
     let call = pc.wrapping_sub(1);
-    let mut it = p.unwinder.iter_frames(call, UnwindRegsX86_64::new(call, sp, bp), cache, &mut read_stack);
+    let mut it = p.unwinder.iter_frames(
+        call,
+        UnwindRegsX86_64::new(call, sp, bp),
+        cache,
+        &mut read_stack,
+    );
     let mut n = 0;
     let mut last = 0;
     while let Ok(Some(frame)) = it.next() {

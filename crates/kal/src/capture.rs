@@ -6,7 +6,9 @@ use crate::freeze::{Frozen, ThreadRegs};
 use crate::memory::{Image, Memory, ProcessMemory};
 use crate::procfs::{self, Mapping};
 use anyhow::{bail, Context, Result};
-use kal_proto::{slot_state, AllocSlot, Header, SlotState, StackSlot, MAGIC, STACK_SLOT_BUSY, VERSION};
+use kal_proto::{
+    slot_state, AllocSlot, Header, SlotState, StackSlot, MAGIC, STACK_SLOT_BUSY, VERSION,
+};
 use std::collections::HashMap;
 
 /// A live heap block as the agent recorded it.
@@ -70,7 +72,12 @@ fn read_vec<T: Copy + Default>(mem: &dyn Memory, addr: u64, n: usize) -> Vec<T> 
 
 impl Default for StackSlotPod {
     fn default() -> Self {
-        StackSlotPod(StackSlot { hash: 0, depth: 0, _pad: 0, frames: [0; kal_proto::MAX_FRAMES] })
+        StackSlotPod(StackSlot {
+            hash: 0,
+            depth: 0,
+            _pad: 0,
+            frames: [0; kal_proto::MAX_FRAMES],
+        })
     }
 }
 #[derive(Clone, Copy)]
@@ -83,7 +90,10 @@ pub fn read_header(mem: &dyn Memory, addr: u64) -> Result<Header> {
         bail!("no kal agent header at {addr:#x}");
     }
     if h.version != VERSION || h.header_size as usize != std::mem::size_of::<Header>() {
-        bail!("the agent speaks table version {}, this kal understands {VERSION}", h.version);
+        bail!(
+            "the agent speaks table version {}, this kal understands {VERSION}",
+            h.version
+        );
     }
     Ok(h)
 }
@@ -94,9 +104,14 @@ pub fn read_blocks(mem: &dyn Memory, h: &Header) -> (Vec<Block>, HashMap<u32, Ve
     let mut blocks: Vec<Block> = slots
         .iter()
         .filter_map(|s| match slot_state(s.addr) {
-            SlotState::Live(addr) => {
-                Some(Block { addr, size: s.size, seq: s.seq, stack: s.stack, api: s.api, span: s.size })
-            }
+            SlotState::Live(addr) => Some(Block {
+                addr,
+                size: s.size,
+                seq: s.seq,
+                stack: s.stack,
+                api: s.api,
+                span: s.size,
+            }),
             _ => None,
         })
         .collect();
@@ -121,7 +136,11 @@ pub fn read_blocks(mem: &dyn Memory, h: &Header) -> (Vec<Block>, HashMap<u32, Ve
 /// Whether a mapping's contents should be copied: readable, writable, private, and not a
 /// device or a kernel-special area.
 pub fn copyable(m: &Mapping) -> bool {
-    m.read && m.write && !m.path.starts_with("/dev/") && m.path != "[vvar]" && m.path != "[vsyscall]"
+    m.read
+        && m.write
+        && !m.path.starts_with("/dev/")
+        && m.path != "[vvar]"
+        && m.path != "[vsyscall]"
 }
 
 /// Captures a frozen process whose agent header lives at `header_addr`.
@@ -143,14 +162,25 @@ pub fn capture(frozen: &Frozen, header_addr: u64) -> Result<Capture> {
     if header.glibc_malloc != 0 {
         glibc_spans(&mut blocks, &image);
     }
-    Ok(Capture { pid, exe: procfs::exe(pid), threads, maps, header, blocks, stacks, image })
+    Ok(Capture {
+        pid,
+        exe: procfs::exe(pid),
+        threads,
+        maps,
+        header,
+        blocks,
+        stacks,
+        image,
+    })
 }
 
 /// Shortens each glibc heap block's pointer span to end at the next chunk's header.
 pub fn glibc_spans(blocks: &mut [Block], image: &Image) {
     const IS_MMAPPED: u64 = 2;
     for b in blocks {
-        let Some(w) = b.addr.checked_sub(8).and_then(|a| image.word(a)) else { continue };
+        let Some(w) = b.addr.checked_sub(8).and_then(|a| image.word(a)) else {
+            continue;
+        };
         let chunk = w & !7;
         if w & IS_MMAPPED == 0 && chunk >= 32 && chunk <= b.size + 64 {
             b.span = b.size.min(chunk - 16);
@@ -161,8 +191,14 @@ pub fn glibc_spans(blocks: &mut [Block], image: &Image) {
 /// The agent's own table mappings, never scanned as roots.
 pub fn agent_tables(h: &Header) -> Vec<(u64, u64)> {
     let mut v = vec![
-        (h.table_addr, h.table_addr + h.table_slots * std::mem::size_of::<AllocSlot>() as u64),
-        (h.stacks_addr, h.stacks_addr + h.stack_slots * std::mem::size_of::<StackSlot>() as u64),
+        (
+            h.table_addr,
+            h.table_addr + h.table_slots * std::mem::size_of::<AllocSlot>() as u64,
+        ),
+        (
+            h.stacks_addr,
+            h.stacks_addr + h.stack_slots * std::mem::size_of::<StackSlot>() as u64,
+        ),
         (h.side_addr, h.side_addr + h.side_len),
     ];
     v.sort_unstable();

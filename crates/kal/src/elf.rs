@@ -8,14 +8,18 @@ const PT_INTERP: u32 = 3;
 
 /// Fails with a one-line reason when `path` is an ELF the agent cannot be preloaded into.
 pub fn check_preloadable(path: &Path) -> Result<()> {
-    let mut f = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let mut f =
+        std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
     let mut data = Vec::new();
     f.by_ref().take(64 * 1024).read_to_end(&mut data)?;
     if data.len() < 64 || &data[..4] != b"\x7fELF" {
         return Ok(()); // a script: its interpreter gets the agent
     }
     if data[4] != 2 {
-        bail!("{} is a 32-bit program; kal supports x86-64 programs", path.display());
+        bail!(
+            "{} is a 32-bit program; kal supports x86-64 programs",
+            path.display()
+        );
     }
     let u16_at = |o: usize| u16::from_le_bytes([data[o], data[o + 1]]) as usize;
     let phoff = u64::from_le_bytes(data[0x20..0x28].try_into()?) as usize;

@@ -58,11 +58,18 @@ impl Frozen {
     /// Seizes and stops every thread of `pid`, including threads created meanwhile.
     pub fn freeze(pid: i32) -> Result<Frozen> {
         let started = Instant::now();
-        let mut f = Frozen { pid, threads: Vec::new(), freeze_time: Duration::ZERO, started };
+        let mut f = Frozen {
+            pid,
+            threads: Vec::new(),
+            freeze_time: Duration::ZERO,
+            started,
+        };
         loop {
             let tids = crate::procfs::tasks(pid)?;
-            let new: Vec<i32> =
-                tids.into_iter().filter(|t| !f.threads.iter().any(|(x, _)| x == t)).collect();
+            let new: Vec<i32> = tids
+                .into_iter()
+                .filter(|t| !f.threads.iter().any(|(x, _)| x == t))
+                .collect();
             if new.is_empty() {
                 break;
             }
@@ -102,12 +109,19 @@ impl Frozen {
     /// threads, killed by it, stop at theirs. Signals that arrive meanwhile are passed on.
     pub fn at_exit(pid: i32, exiting: i32, ready: impl FnOnce()) -> Result<Frozen> {
         let started = Instant::now();
-        let mut f = Frozen { pid, threads: Vec::new(), freeze_time: Duration::ZERO, started };
+        let mut f = Frozen {
+            pid,
+            threads: Vec::new(),
+            freeze_time: Duration::ZERO,
+            started,
+        };
         let opts = ptrace::Options::PTRACE_O_TRACEEXIT | ptrace::Options::PTRACE_O_TRACECLONE;
         loop {
             let tids = crate::procfs::tasks(pid)?;
-            let new: Vec<i32> =
-                tids.into_iter().filter(|t| !f.threads.iter().any(|(x, _)| x == t)).collect();
+            let new: Vec<i32> = tids
+                .into_iter()
+                .filter(|t| !f.threads.iter().any(|(x, _)| x == t))
+                .collect();
             if new.is_empty() {
                 break;
             }
@@ -125,7 +139,12 @@ impl Frozen {
         let mut exit_seen: Option<Instant> = None;
         loop {
             let mut progress = false;
-            let tids: Vec<i32> = f.threads.iter().map(|t| t.0).filter(|t| !stopped.contains(t)).collect();
+            let tids: Vec<i32> = f
+                .threads
+                .iter()
+                .map(|t| t.0)
+                .filter(|t| !stopped.contains(t))
+                .collect();
             if tids.is_empty() {
                 break;
             }
@@ -163,7 +182,9 @@ impl Frozen {
                         progress = true;
                         let _ = ptrace::cont(p, Some(sig));
                     }
-                    Ok(WaitStatus::Exited(..)) | Ok(WaitStatus::Signaled(..)) | Err(Errno::ECHILD) => {
+                    Ok(WaitStatus::Exited(..))
+                    | Ok(WaitStatus::Signaled(..))
+                    | Err(Errno::ECHILD) => {
                         progress = true;
                         f.threads.retain(|t| t.0 != tid);
                     }
@@ -196,7 +217,9 @@ impl Frozen {
             match ptrace::getregs(Pid::from_raw(tid)) {
                 Ok(regs) => out.push(ThreadRegs { tid, regs }),
                 Err(Errno::ESRCH) => {}
-                Err(e) => return Err(e).with_context(|| format!("cannot read registers of thread {tid}")),
+                Err(e) => {
+                    return Err(e).with_context(|| format!("cannot read registers of thread {tid}"))
+                }
             }
         }
         Ok(out)
@@ -218,7 +241,10 @@ enum Stop {
 fn wait_stop(tid: i32) -> Result<Stop> {
     let deadline = Instant::now() + STOP_DEADLINE;
     loop {
-        match waitpid(Pid::from_raw(tid), Some(WaitPidFlag::__WALL | WaitPidFlag::WNOHANG)) {
+        match waitpid(
+            Pid::from_raw(tid),
+            Some(WaitPidFlag::__WALL | WaitPidFlag::WNOHANG),
+        ) {
             Ok(WaitStatus::StillAlive) => {
                 if Instant::now() > deadline {
                     bail!("thread {tid} did not stop within {:?}", STOP_DEADLINE);

@@ -54,11 +54,26 @@ pub fn debug_roots(cap: &capture::Capture) {
     }
     let r = roots::roots(cap);
     for (s, e) in &r.ranges {
-        let m = cap.maps.iter().find(|m| m.contains(*s)).map(|m| m.path.as_str()).unwrap_or("?");
-        eprintln!("root {s:#x}-{e:#x} {m} copied={}", cap.image.words(*s, e - s).is_some());
+        let m = cap
+            .maps
+            .iter()
+            .find(|m| m.contains(*s))
+            .map(|m| m.path.as_str())
+            .unwrap_or("?");
+        eprintln!(
+            "root {s:#x}-{e:#x} {m} copied={}",
+            cap.image.words(*s, e - s).is_some()
+        );
     }
     for m in &cap.maps {
-        eprintln!("map {:#x}-{:#x} {}{} {}", m.start, m.end, if m.read {"r"} else {"-"}, if m.write {"w"} else {"-"}, m.path);
+        eprintln!(
+            "map {:#x}-{:#x} {}{} {}",
+            m.start,
+            m.end,
+            if m.read { "r" } else { "-" },
+            if m.write { "w" } else { "-" },
+            m.path
+        );
     }
     for b in cap.blocks.iter().filter(|b| b.size == 4096) {
         eprintln!("block {:#x} size {}", b.addr, b.size);

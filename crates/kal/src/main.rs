@@ -48,7 +48,12 @@ enum Cmd {
         #[arg(long, short)]
         quiet: bool,
         /// The program and its arguments (put them after `--`).
-        #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true, value_name = "PROGRAM")]
+        #[arg(
+            required = true,
+            trailing_var_arg = true,
+            allow_hyphen_values = true,
+            value_name = "PROGRAM"
+        )]
         command: Vec<OsString>,
     },
 }
@@ -56,25 +61,34 @@ enum Cmd {
 fn main() {
     let cli = Cli::parse();
     let result = match cli.cmd {
-        Cmd::Run { json, show_reachable, suppressions, error_exitcode, frames, quiet, command } => {
-            (|| {
-                let suppressions = match suppressions {
-                    Some(p) => kal::suppress::Suppressions::load(&p)?,
-                    None => Default::default(),
-                };
-                let mut command = command.into_iter();
-                let program = command.next().expect("clap requires a program");
-                kal::run::run(&kal::run::RunOptions {
-                    program,
-                    args: command.collect(),
-                    json,
-                    report: kal::report::Options { show_reachable, suppressions },
-                    error_exitcode,
-                    frames,
-                    quiet,
-                })
-            })()
-        }
+        Cmd::Run {
+            json,
+            show_reachable,
+            suppressions,
+            error_exitcode,
+            frames,
+            quiet,
+            command,
+        } => (|| {
+            let suppressions = match suppressions {
+                Some(p) => kal::suppress::Suppressions::load(&p)?,
+                None => Default::default(),
+            };
+            let mut command = command.into_iter();
+            let program = command.next().expect("clap requires a program");
+            kal::run::run(&kal::run::RunOptions {
+                program,
+                args: command.collect(),
+                json,
+                report: kal::report::Options {
+                    show_reachable,
+                    suppressions,
+                },
+                error_exitcode,
+                frames,
+                quiet,
+            })
+        })(),
     };
     match result {
         Ok(code) => kal::run::exit_like(code),

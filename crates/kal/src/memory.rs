@@ -22,8 +22,14 @@ impl ProcessMemory {
     }
 
     fn readv(&self, addr: u64, buf: &mut [u8]) -> usize {
-        let local = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() };
-        let remote = libc::iovec { iov_base: addr as *mut libc::c_void, iov_len: buf.len() };
+        let local = libc::iovec {
+            iov_base: buf.as_mut_ptr().cast(),
+            iov_len: buf.len(),
+        };
+        let remote = libc::iovec {
+            iov_base: addr as *mut libc::c_void,
+            iov_len: buf.len(),
+        };
         // SAFETY: both iovecs describe valid memory of the stated length (ours is `buf`;
         // the remote one is checked by the kernel).
         let n = unsafe { libc::process_vm_readv(self.pid, &local, 1, &remote, 1, 0) };
@@ -44,7 +50,9 @@ impl Memory for ProcessMemory {
                 // Partial: step over the unreadable page and go on.
                 let at = addr + (done + n) as u64;
                 let next_page = ((at / 4096) + 1) * 4096;
-                done = ((next_page - addr) as usize).min(buf.len()).max(done + n + 1);
+                done = ((next_page - addr) as usize)
+                    .min(buf.len())
+                    .max(done + n + 1);
                 continue;
             }
             done = end;
@@ -164,7 +172,10 @@ mod tests {
     #[test]
     fn image_lookups_stay_inside_segments() {
         let img = Image::copy(&Fake, &[(0x1000, 0x1010), (0x2000, 0x2008)]).unwrap();
-        assert_eq!(img.word(0x1008), Some(u64::from_le_bytes([8, 9, 10, 11, 12, 13, 14, 15])));
+        assert_eq!(
+            img.word(0x1008),
+            Some(u64::from_le_bytes([8, 9, 10, 11, 12, 13, 14, 15]))
+        );
         assert_eq!(img.words(0x1000, 16).map(|w| w.len()), Some(2));
         assert!(img.words(0x1008, 16).is_none());
         assert!(img.word(0x1800).is_none());

@@ -50,8 +50,14 @@ mod tests {
     fn subtract_cuts_holes_and_keeps_edges() {
         let b = normalize(vec![(20, 30), (25, 40), (50, 60), (0, 5)]);
         assert_eq!(b, vec![(0, 5), (20, 40), (50, 60)]);
-        assert_eq!(subtract(&[(0, 100)], &b), vec![(5, 20), (40, 50), (60, 100)]);
+        assert_eq!(
+            subtract(&[(0, 100)], &b),
+            vec![(5, 20), (40, 50), (60, 100)]
+        );
         assert_eq!(subtract(&[(21, 39)], &b), vec![]);
-        assert_eq!(subtract(&[(60, 70), (80, 90)], &b), vec![(60, 70), (80, 90)]);
+        assert_eq!(
+            subtract(&[(60, 70), (80, 90)], &b),
+            vec![(60, 70), (80, 90)]
+        );
     }
 }

@@ -26,7 +26,12 @@ pub enum Kind {
 
 impl Kind {
     /// All kinds, in report order.
-    pub const ALL: [Kind; 4] = [Kind::Direct, Kind::Indirect, Kind::Possible, Kind::Reachable];
+    pub const ALL: [Kind; 4] = [
+        Kind::Direct,
+        Kind::Indirect,
+        Kind::Possible,
+        Kind::Reachable,
+    ];
 
     /// The JSON / summary name.
     pub fn name(self) -> &'static str {
@@ -58,7 +63,11 @@ impl<'a> BlockIndex<'a> {
     /// Indexes blocks sorted by address.
     pub fn new(blocks: &'a [Block]) -> BlockIndex<'a> {
         let lo = blocks.first().map_or(u64::MAX, |b| b.addr);
-        let hi = blocks.iter().map(|b| b.addr + b.span.max(1)).max().unwrap_or(0);
+        let hi = blocks
+            .iter()
+            .map(|b| b.addr + b.span.max(1))
+            .max()
+            .unwrap_or(0);
         BlockIndex { blocks, lo, hi }
     }
 
@@ -68,7 +77,10 @@ impl<'a> BlockIndex<'a> {
         if v < self.lo || v >= self.hi {
             return None;
         }
-        let i = self.blocks.partition_point(|b| b.addr <= v).checked_sub(1)?;
+        let i = self
+            .blocks
+            .partition_point(|b| b.addr <= v)
+            .checked_sub(1)?;
         let b = &self.blocks[i];
         (v < b.addr + b.span.max(1)).then_some((i, v == b.addr))
     }
@@ -83,7 +95,9 @@ pub fn classify(blocks: &[Block], image: &Image, roots: &Roots) -> Vec<Kind> {
     // Marks a pointer found in definitely-reachable memory (`definite`) or in a possibly
     // reachable block.
     let push = |v: u64, definite: bool, state: &mut [State], stack: &mut Vec<usize>| {
-        let Some((i, start)) = idx.find(v) else { return };
+        let Some((i, start)) = idx.find(v) else {
+            return;
+        };
         match state[i] {
             State::Reachable => {}
             _ if start && definite => {
@@ -115,9 +129,16 @@ pub fn classify(blocks: &[Block], image: &Image, roots: &Roots) -> Vec<Kind> {
                     Some((_, false)) if dtv_field(at) => w.wrapping_sub(16),
                     _ => w,
                 };
-                if why && idx.find(w).is_some_and(|(i, _)| state[i] == State::Unreached) {
+                if why
+                    && idx
+                        .find(w)
+                        .is_some_and(|(i, _)| state[i] == State::Unreached)
+                {
                     let (bi, st) = idx.find(w).unwrap();
-                    eprintln!("root word at {at:#x} -> {w:#x} block {:#x}+{} start={st}", blocks[bi].addr, blocks[bi].size);
+                    eprintln!(
+                        "root word at {at:#x} -> {w:#x} block {:#x}+{} start={st}",
+                        blocks[bi].addr, blocks[bi].size
+                    );
                 }
                 push(w, true, &mut state, &mut stack);
                 at += 8;

@@ -137,9 +137,16 @@ pub fn build(c: &Capture, kinds: &[Kind], symbols: &Symbols, opts: &Options) -> 
         let stack: Vec<Frame> = c
             .stacks
             .get(&stack_id)
-            .map(|s| s.iter().flat_map(|a| resolved.get(a).cloned().unwrap_or_default()).collect())
+            .map(|s| {
+                s.iter()
+                    .flat_map(|a| resolved.get(a).cloned().unwrap_or_default())
+                    .collect()
+            })
             .unwrap_or_default();
-        if !opts.suppressions.is_empty() && kind != Kind::Reachable && opts.suppressions.matches(&stack) {
+        if !opts.suppressions.is_empty()
+            && kind != Kind::Reachable
+            && opts.suppressions.matches(&stack)
+        {
             suppressed.records += 1;
             suppressed.bytes += t.bytes;
             suppressed.blocks += t.blocks;
@@ -152,9 +159,20 @@ pub fn build(c: &Capture, kinds: &[Kind], symbols: &Symbols, opts: &Options) -> 
             continue;
         }
         let api = kal_proto::Api::from_u32(api).name();
-        leaks.push(Record { kind, bytes: t.bytes, blocks: t.blocks, api, stack });
+        leaks.push(Record {
+            kind,
+            bytes: t.bytes,
+            blocks: t.blocks,
+            api,
+            stack,
+        });
     }
-    leaks.sort_by(|a, b| a.kind.cmp(&b.kind).then(b.bytes.cmp(&a.bytes)).then(b.blocks.cmp(&a.blocks)));
+    leaks.sort_by(|a, b| {
+        a.kind
+            .cmp(&b.kind)
+            .then(b.bytes.cmp(&a.bytes))
+            .then(b.blocks.cmp(&a.blocks))
+    });
     Report {
         pid: c.pid,
         program: c.exe.clone(),
@@ -175,14 +193,22 @@ fn title(k: Kind) -> &'static str {
 }
 
 fn plural(n: u64, one: &str) -> String {
-    if n == 1 { format!("{n} {one}") } else { format!("{n} {one}s") }
+    if n == 1 {
+        format!("{n} {one}")
+    } else {
+        format!("{n} {one}s")
+    }
 }
 
 /// Renders the text report (LSan-like), showing at most `frames` frames per record.
 pub fn text(r: &Report, frames: usize) -> String {
     let mut s = String::new();
     let tag = format!("=={}==", r.pid);
-    let _ = writeln!(s, "{tag} kal: leak report for {} (pid {})", r.program, r.pid);
+    let _ = writeln!(
+        s,
+        "{tag} kal: leak report for {} (pid {})",
+        r.program, r.pid
+    );
     for rec in &r.leaks {
         let _ = writeln!(
             s,
@@ -204,7 +230,11 @@ pub fn text(r: &Report, frames: usize) -> String {
             } else {
                 format!(" {}", f.file)
             };
-            let _ = writeln!(s, "    #{i} {:#x} in {}{loc} ({module})", f.address, f.function);
+            let _ = writeln!(
+                s,
+                "    #{i} {:#x} in {}{loc} ({module})",
+                f.address, f.function
+            );
         }
         if rec.stack.len() > frames {
             let more = plural((rec.stack.len() - frames) as u64, "more frame");

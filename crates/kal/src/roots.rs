@@ -33,9 +33,18 @@ pub struct Roots {
 
 /// Ranges of memory the allocator owns.
 pub fn heap_ranges(c: &Capture) -> Vec<(u64, u64)> {
-    let mut out: Vec<(u64, u64)> =
-        c.maps.iter().filter(|m| m.path == "[heap]").map(|m| (m.start, m.end)).collect();
-    let mapping_of = |a: u64| c.maps.iter().find(|m| m.contains(a)).map(|m| (m.start, m.end));
+    let mut out: Vec<(u64, u64)> = c
+        .maps
+        .iter()
+        .filter(|m| m.path == "[heap]")
+        .map(|m| (m.start, m.end))
+        .collect();
+    let mapping_of = |a: u64| {
+        c.maps
+            .iter()
+            .find(|m| m.contains(a))
+            .map(|m| (m.start, m.end))
+    };
     let glibc = c.header.glibc_malloc != 0;
     let mut last: (u64, u64) = (0, 0);
     for b in &c.blocks {
@@ -76,12 +85,21 @@ fn glibc_extent(c: &Capture, addr: u64) -> Option<(u64, u64)> {
 
 /// Computes the roots of a capture.
 pub fn roots(c: &Capture) -> Roots {
-    let blocks = normalize(c.blocks.iter().map(|b| (b.addr, b.addr + b.size.max(1))).collect());
+    let blocks = normalize(
+        c.blocks
+            .iter()
+            .map(|b| (b.addr, b.addr + b.size.max(1)))
+            .collect(),
+    );
     let tables = agent_tables(&c.header);
     let mut live_stacks = Vec::new();
     let mut dead_stacks = Vec::new();
     let mut tls = Vec::new();
-    let tls_size = if c.header.static_tls_size > 0 { c.header.static_tls_size } else { 4096 };
+    let tls_size = if c.header.static_tls_size > 0 {
+        c.header.static_tls_size
+    } else {
+        4096
+    };
     for t in &c.threads {
         let sp = t.sp();
         if let Some(m) = c.maps.iter().find(|m| m.contains(sp)) {
@@ -99,12 +117,19 @@ pub fn roots(c: &Capture) -> Roots {
     excluded.extend_from_slice(&tables);
     excluded.extend_from_slice(&dead_stacks);
     let excluded = normalize(excluded);
-    let general: Vec<(u64, u64)> =
-        c.maps.iter().filter(|m| copyable(m)).map(|m| (m.start, m.end)).collect();
+    let general: Vec<(u64, u64)> = c
+        .maps
+        .iter()
+        .filter(|m| copyable(m))
+        .map(|m| (m.start, m.end))
+        .collect();
     let mut ranges = subtract(&normalize(general), &excluded);
     let not_blocks = normalize([blocks, tables].concat());
     ranges.extend(subtract(&normalize(live_stacks), &not_blocks));
     ranges.extend(subtract(&normalize(tls), &not_blocks));
     let values = c.threads.iter().flat_map(|t| t.values()).collect();
-    Roots { ranges: normalize(ranges), values }
+    Roots {
+        ranges: normalize(ranges),
+        values,
+    }
 }

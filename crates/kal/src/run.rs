@@ -46,7 +46,11 @@ pub fn find_agent() -> Result<PathBuf> {
     }
     let exe = std::env::current_exe().context("cannot find the kal executable")?;
     let dir = exe.parent().unwrap_or(Path::new("."));
-    for cand in [dir.join("libkal_agent.so"), dir.join("../libkal_agent.so"), dir.join("../lib/kal/libkal_agent.so")] {
+    for cand in [
+        dir.join("libkal_agent.so"),
+        dir.join("../libkal_agent.so"),
+        dir.join("../lib/kal/libkal_agent.so"),
+    ] {
         if cand.is_file() {
             return Ok(cand);
         }
@@ -63,8 +67,11 @@ pub fn resolve_program(p: &OsString) -> Result<PathBuf> {
     let found = if path.as_os_str().as_encoded_bytes().contains(&b'/') {
         path.is_file().then(|| path.to_path_buf())
     } else {
-        std::env::var_os("PATH")
-            .and_then(|paths| std::env::split_paths(&paths).map(|d| d.join(path)).find(|c| c.is_file()))
+        std::env::var_os("PATH").and_then(|paths| {
+            std::env::split_paths(&paths)
+                .map(|d| d.join(path))
+                .find(|c| c.is_file())
+        })
     };
     let Some(found) = found else {
         bail!("program not found: {}", path.display());
@@ -106,9 +113,13 @@ pub fn run(opts: &RunOptions) -> Result<i32> {
     crate::elf::check_preloadable(&program)?;
     let agent = find_agent()?;
     if let Some(j) = &opts.json {
-        std::fs::File::create(j).with_context(|| format!("cannot write JSON report to {}", j.display()))?;
+        std::fs::File::create(j)
+            .with_context(|| format!("cannot write JSON report to {}", j.display()))?;
     }
-    let dir = tempfile::Builder::new().prefix("kal-").tempdir().context("cannot create a private directory")?;
+    let dir = tempfile::Builder::new()
+        .prefix("kal-")
+        .tempdir()
+        .context("cannot create a private directory")?;
     let sock = dir.path().join("agent.sock");
     let listener = UnixListener::bind(&sock).context("cannot create the agent socket")?;
     listener.set_nonblocking(true)?;
@@ -139,7 +150,11 @@ pub fn run(opts: &RunOptions) -> Result<i32> {
         }
         let mut fds: Vec<libc::pollfd> = std::iter::once(&listener as &dyn std::os::fd::AsRawFd)
             .chain(conns.iter().map(|c| &c.stream as &dyn std::os::fd::AsRawFd))
-            .map(|s| libc::pollfd { fd: s.as_raw_fd(), events: libc::POLLIN, revents: 0 })
+            .map(|s| libc::pollfd {
+                fd: s.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            })
             .collect();
         // SAFETY: fds is a valid array of pollfd of the given length.
         unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 50) };
@@ -147,13 +162,19 @@ pub fn run(opts: &RunOptions) -> Result<i32> {
             while let Ok((s, _)) = listener.accept() {
                 s.set_nonblocking(false)?;
                 s.set_read_timeout(Some(Duration::from_secs(2)))?;
-                conns.push(Conn { stream: s, pid: None });
+                conns.push(Conn {
+                    stream: s,
+                    pid: None,
+                });
             }
         }
         let mut i = 0;
         let ready: Vec<bool> = fds[1..].iter().map(|f| f.revents != 0).collect();
         let mut keep = Vec::with_capacity(conns.len());
-        for (c, r) in conns.drain(..).zip(ready.into_iter().chain(std::iter::repeat(false))) {
+        for (c, r) in conns
+            .drain(..)
+            .zip(ready.into_iter().chain(std::iter::repeat(false)))
+        {
             i += 1;
             if !r {
                 keep.push(c);
@@ -186,7 +207,11 @@ pub fn run(opts: &RunOptions) -> Result<i32> {
         return Ok(-sig);
     }
     let code = status.code().unwrap_or(1);
-    Ok(if lost && opts.error_exitcode != 0 { opts.error_exitcode } else { code })
+    Ok(if lost && opts.error_exitcode != 0 {
+        opts.error_exitcode
+    } else {
+        code
+    })
 }
 
 enum Handled {
@@ -223,7 +248,11 @@ fn handle(mut c: Conn, main_pid: i32, opts: &RunOptions) -> Result<Handled> {
         eprint!("{}", report::text(&report, opts.frames));
     }
     if let Some(j) = &opts.json {
-        let path = if pid == main_pid { j.clone() } else { PathBuf::from(format!("{}.{pid}", j.display())) };
+        let path = if pid == main_pid {
+            j.clone()
+        } else {
+            PathBuf::from(format!("{}.{pid}", j.display()))
+        };
         report::write_json(&report, &path)?;
     }
     Ok(Handled::Done(report.summary.direct.blocks > 0))

@@ -50,9 +50,15 @@ impl Suppressions {
         let base = |s: &str| s.rsplit('/').next().unwrap_or(s).to_string();
         self.patterns.iter().any(|p| {
             stack.iter().any(|f| {
-                [&f.function, &f.file, &f.module, &base(&f.file), &base(&f.module)]
-                    .iter()
-                    .any(|s| !s.is_empty() && glob(p.as_bytes(), s.as_bytes()))
+                [
+                    &f.function,
+                    &f.file,
+                    &f.module,
+                    &base(&f.file),
+                    &base(&f.module),
+                ]
+                .iter()
+                .any(|s| !s.is_empty() && glob(p.as_bytes(), s.as_bytes()))
             })
         })
     }
@@ -86,7 +92,13 @@ mod tests {
     use super::*;
 
     fn frame(function: &str, file: &str, module: &str) -> Frame {
-        Frame { function: function.into(), file: file.into(), line: 1, module: module.into(), address: 0 }
+        Frame {
+            function: function.into(),
+            file: file.into(),
+            line: 1,
+            module: module.into(),
+            address: 0,
+        }
     }
 
     #[test]
@@ -102,7 +114,10 @@ mod tests {
     fn matches_function_file_or_module_basename() {
         let s = Suppressions::parse("# comment\nleak:third_party_*\n\nlibvendor.so\n");
         assert_eq!(s.len(), 2);
-        assert!(s.matches(&[frame("main", "/src/a.c", "/bin/a"), frame("third_party_init", "", "")]));
+        assert!(s.matches(&[
+            frame("main", "/src/a.c", "/bin/a"),
+            frame("third_party_init", "", "")
+        ]));
         assert!(s.matches(&[frame("f", "/x/y.c", "/usr/lib/libvendor.so")]));
         assert!(!s.matches(&[frame("f", "/x/y.c", "/usr/lib/libother.so")]));
     }

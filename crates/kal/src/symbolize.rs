@@ -53,7 +53,10 @@ impl Symbols {
             // Return addresses point after the call: look up the call instruction itself.
             let pc = a.saturating_sub(1);
             match maps.iter().find(|m| m.contains(pc) && m.is_file()) {
-                Some(m) => by_module.entry(&m.path).or_default().push((a, pc - m.start + m.offset)),
+                Some(m) => by_module
+                    .entry(&m.path)
+                    .or_default()
+                    .push((a, pc - m.start + m.offset)),
                 None => {
                     out.insert(a, vec![unknown(a, "")]);
                 }
@@ -76,12 +79,21 @@ impl Symbols {
 }
 
 fn unknown(address: u64, module: &str) -> Frame {
-    Frame { function: "??".into(), file: String::new(), line: 0, module: module.into(), address }
+    Frame {
+        function: "??".into(),
+        file: String::new(),
+        line: 0,
+        module: module.into(),
+        address,
+    }
 }
 
 fn location(ci: Option<&blazesym::symbolize::CodeInfo<'_>>) -> (String, u32) {
     match ci {
-        Some(ci) => (ci.to_path().to_string_lossy().into_owned(), ci.line.unwrap_or(0)),
+        Some(ci) => (
+            ci.to_path().to_string_lossy().into_owned(),
+            ci.line.unwrap_or(0),
+        ),
         None => (String::new(), 0),
     }
 }
@@ -97,8 +109,12 @@ fn expand(sym: &blazesym::symbolize::Sym<'_>, address: u64, module: &str) -> Vec
         module: module.into(),
         address,
     };
-    let mut frames: Vec<Frame> =
-        sym.inlined.iter().rev().map(|f| frame(&f.name, location(f.code_info.as_ref()))).collect();
+    let mut frames: Vec<Frame> = sym
+        .inlined
+        .iter()
+        .rev()
+        .map(|f| frame(&f.name, location(f.code_info.as_ref())))
+        .collect();
     frames.push(frame(&sym.name, location(sym.code_info.as_deref())));
     frames
 }

@@ -12,9 +12,17 @@ fn detached_subtree_is_one_direct_and_two_indirect() {
     assert_eq!(totals(&r.json, "possible"), (0, 0));
     let line = line_of("tree.c", "node");
     assert_eq!(sum(&records_at(&r.json, "direct", "tree.c", line)), (48, 1));
-    assert_eq!(sum(&records_at(&r.json, "indirect", "tree.c", line)), (96, 2));
+    assert_eq!(
+        sum(&records_at(&r.json, "indirect", "tree.c", line)),
+        (96, 2)
+    );
     assert_eq!(r.out.status.code(), Some(23));
-    assert!(r.stderr.contains("Direct leak of 48 bytes in 1 block allocated by calloc at:"), "{}", r.stderr);
+    assert!(
+        r.stderr
+            .contains("Direct leak of 48 bytes in 1 block allocated by calloc at:"),
+        "{}",
+        r.stderr
+    );
     assert!(r.stderr.contains(&format!("tree.c:{line}")));
 }
 
@@ -24,8 +32,24 @@ fn unreachable_ring_has_one_leader() {
     let r = run_json(&[], &prog, &[]);
     assert_eq!(totals(&r.json, "direct"), (40, 1), "{}", r.stderr);
     assert_eq!(totals(&r.json, "indirect"), (160, 4));
-    assert_eq!(sum(&records_at(&r.json, "direct", "ring.c", line_of("ring.c", "ring"))), (40, 1));
-    assert_eq!(sum(&records_at(&r.json, "indirect", "ring.c", line_of("ring.c", "ringrest"))), (160, 4));
+    assert_eq!(
+        sum(&records_at(
+            &r.json,
+            "direct",
+            "ring.c",
+            line_of("ring.c", "ring")
+        )),
+        (40, 1)
+    );
+    assert_eq!(
+        sum(&records_at(
+            &r.json,
+            "indirect",
+            "ring.c",
+            line_of("ring.c", "ringrest")
+        )),
+        (160, 4)
+    );
 }
 
 #[test]
@@ -34,7 +58,15 @@ fn interior_pointer_is_possibly_lost() {
     let r = run_json(&[], &prog, &[]);
     assert_eq!(totals(&r.json, "possible"), (200, 1), "{}", r.stderr);
     assert_eq!(totals(&r.json, "direct"), (0, 0));
-    assert_eq!(sum(&records_at(&r.json, "possible", "interior.c", line_of("interior.c", "interior"))), (200, 1));
+    assert_eq!(
+        sum(&records_at(
+            &r.json,
+            "possible",
+            "interior.c",
+            line_of("interior.c", "interior")
+        )),
+        (200, 1)
+    );
     // Possibly lost alone is not "definitely lost": the program's status stands.
     assert_eq!(r.out.status.code(), Some(0));
 }
@@ -70,7 +102,12 @@ fn four_threads_leaking_at_once() {
     let prog = build("threads.c", &[]);
     let r = run_json(&[], &prog, &[]);
     let line = line_of("threads.c", "thread_leak");
-    assert_eq!(sum(&records_at(&r.json, "direct", "threads.c", line)), (10 * (100 + 101 + 102 + 103), 40), "{}", r.stderr);
+    assert_eq!(
+        sum(&records_at(&r.json, "direct", "threads.c", line)),
+        (10 * (100 + 101 + 102 + 103), 40),
+        "{}",
+        r.stderr
+    );
     assert_eq!(totals(&r.json, "direct"), (4060, 40));
 }
 
@@ -79,7 +116,12 @@ fn leak_inside_a_dlopened_library() {
     let lib = build("libplugin.c", &["-shared", "-fPIC"]);
     let prog = build("dlopen.c", &["-ldl"]);
     let r = run_json(&[], &prog, &[lib.to_str().unwrap()]);
-    let recs = records_at(&r.json, "direct", "libplugin.c", line_of("libplugin.c", "plugin"));
+    let recs = records_at(
+        &r.json,
+        "direct",
+        "libplugin.c",
+        line_of("libplugin.c", "plugin"),
+    );
     assert_eq!(sum(&recs), (321, 1), "{}", r.stderr);
     let f = &recs[0]["stack"][0];
     assert_eq!(f["function"], "plugin_leak");
@@ -91,20 +133,43 @@ fn leak_inside_a_dlopened_library() {
 fn rust_mem_forget_is_a_direct_leak() {
     let prog = build("forget.rs", &[]);
     let r = run_json(&[], &prog, &[]);
-    let recs = records_at(&r.json, "direct", "forget.rs", line_of("forget.rs", "forget"));
+    let recs = records_at(
+        &r.json,
+        "direct",
+        "forget.rs",
+        line_of("forget.rs", "forget"),
+    );
     assert_eq!(sum(&recs), (1000, 1), "{}", r.stderr);
     assert_eq!(totals(&r.json, "direct"), (1000, 1));
-    let names: Vec<&str> = recs[0]["stack"].as_array().unwrap().iter().filter_map(|f| f["function"].as_str()).collect();
-    assert!(names.iter().any(|n| n.starts_with("forget::main")), "demangled Rust names: {names:?}");
+    let names: Vec<&str> = recs[0]["stack"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|f| f["function"].as_str())
+        .collect();
+    assert!(
+        names.iter().any(|n| n.starts_with("forget::main")),
+        "demangled Rust names: {names:?}"
+    );
 }
 
 #[test]
 fn cpp_leak_with_demangled_names() {
     let prog = build("widget.cpp", &[]);
     let r = run_json(&[], &prog, &[]);
-    let recs = records_at(&r.json, "direct", "widget.cpp", line_of("widget.cpp", "create"));
+    let recs = records_at(
+        &r.json,
+        "direct",
+        "widget.cpp",
+        line_of("widget.cpp", "create"),
+    );
     assert_eq!(sum(&recs), (48, 1), "{}", r.stderr);
-    let names: Vec<&str> = recs[0]["stack"].as_array().unwrap().iter().filter_map(|f| f["function"].as_str()).collect();
+    let names: Vec<&str> = recs[0]["stack"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|f| f["function"].as_str())
+        .collect();
     assert!(names.contains(&"shop::Factory::create()"), "{names:?}");
     assert_eq!(totals(&r.json, "direct"), (48, 1));
 }
@@ -116,20 +181,41 @@ fn pointers_in_tls_globals_mmap_other_stacks_and_registers_are_roots() {
     for kind in ["direct", "indirect", "possible"] {
         assert_eq!(totals(&r.json, kind), (0, 0), "{kind}: {}", r.stderr);
     }
-    let sizes: Vec<u64> = r.json["leaks"].as_array().unwrap().iter().map(|l| l["bytes"].as_u64().unwrap()).collect();
+    let sizes: Vec<u64> = r.json["leaks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["bytes"].as_u64().unwrap())
+        .collect();
     for held in [101, 202, 303, 404, 505] {
-        assert!(sizes.contains(&held), "block of {held} bytes should be listed as reachable: {sizes:?}");
+        assert!(
+            sizes.contains(&held),
+            "block of {held} bytes should be listed as reachable: {sizes:?}"
+        );
     }
     assert_eq!(r.out.status.code(), Some(0));
 }
 
 #[test]
 fn counts_equal_memchecks() {
-    for (name, extra) in [("tree.c", vec![]), ("ring.c", vec![]), ("interior.c", vec![]), ("threads.c", vec![]), ("widget.cpp", vec![])] {
+    for (name, extra) in [
+        ("tree.c", vec![]),
+        ("ring.c", vec![]),
+        ("interior.c", vec![]),
+        ("threads.c", vec![]),
+        ("widget.cpp", vec![]),
+    ] {
         let prog = build(name, &extra);
         let r = run_json(&[], &prog, &[]);
         let vg = memcheck(&prog, &[]);
-        let ours = [totals(&r.json, "direct"), totals(&r.json, "indirect"), totals(&r.json, "possible")];
-        assert_eq!(ours, vg, "{name}: kal (direct, indirect, possible) vs memcheck");
+        let ours = [
+            totals(&r.json, "direct"),
+            totals(&r.json, "indirect"),
+            totals(&r.json, "possible"),
+        ];
+        assert_eq!(
+            ours, vg,
+            "{name}: kal (direct, indirect, possible) vs memcheck"
+        );
     }
 }

@@ -24,7 +24,14 @@ static AGENT: Once = Once::new();
 pub fn ensure_agent() {
     AGENT.call_once(|| {
         let kal = Path::new(env!("CARGO_BIN_EXE_kal"));
-        let profile = kal.parent().unwrap().file_name().unwrap().to_str().unwrap().to_string();
+        let profile = kal
+            .parent()
+            .unwrap()
+            .file_name()
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .to_string();
         let mut cmd = Command::new(env!("CARGO"));
         cmd.args(["build", "-q", "-p", "kal-agent", "--lib"]);
         if profile == "release" {
@@ -41,12 +48,21 @@ pub fn build(name: &str, extra: &[&str]) -> PathBuf {
     let src = src_dir().join(name);
     let stem = Path::new(name).file_stem().unwrap().to_str().unwrap();
     let tag = extra.join("_").replace(['/', '-', '.'], "");
-    let out = out_dir().join(format!("{stem}{tag}{}", if extra.contains(&"-shared") { ".so" } else { "" }));
+    let out = out_dir().join(format!(
+        "{stem}{tag}{}",
+        if extra.contains(&"-shared") {
+            ".so"
+        } else {
+            ""
+        }
+    ));
     let ext = Path::new(name).extension().unwrap().to_str().unwrap();
     let mut cmd = match ext {
         "c" => {
             let mut c = Command::new("gcc");
-            c.args(["-g", "-O1", "-pthread", "-fno-omit-frame-pointer", "-o"]).arg(&out).arg(&src);
+            c.args(["-g", "-O1", "-pthread", "-fno-omit-frame-pointer", "-o"])
+                .arg(&out)
+                .arg(&src);
             c
         }
         "cpp" => {
@@ -56,14 +72,20 @@ pub fn build(name: &str, extra: &[&str]) -> PathBuf {
         }
         "rs" => {
             let mut c = Command::new("rustc");
-            c.args(["-g", "-C", "opt-level=1", "-o"]).arg(&out).arg(&src);
+            c.args(["-g", "-C", "opt-level=1", "-o"])
+                .arg(&out)
+                .arg(&src);
             c
         }
         _ => panic!("unknown source kind {name}"),
     };
     cmd.args(extra);
     let o = cmd.output().expect("compiler runs");
-    assert!(o.status.success(), "compiling {name}: {}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        o.status.success(),
+        "compiling {name}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
     out
 }
 
@@ -73,7 +95,10 @@ pub fn line_of(name: &str, marker: &str) -> u32 {
     let tag = format!("@{marker}");
     let i = text
         .lines()
-        .position(|l| l.split(|c: char| c.is_whitespace() || c == '*' || c == '/').any(|w| w == tag))
+        .position(|l| {
+            l.split(|c: char| c.is_whitespace() || c == '*' || c == '/')
+                .any(|w| w == tag)
+        })
         .unwrap_or_else(|| panic!("no {tag} in {name}"));
     i as u32 + 1
 }
@@ -110,7 +135,8 @@ pub fn run_json(flags: &[&str], prog: &Path, args: &[&str]) -> Run {
     let out = kal(&a);
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     let text = std::fs::read_to_string(&json).unwrap_or_default();
-    let json = serde_json::from_str(&text).unwrap_or_else(|e| panic!("bad JSON ({e}): {text}\nstderr: {stderr}"));
+    let json = serde_json::from_str(&text)
+        .unwrap_or_else(|e| panic!("bad JSON ({e}): {text}\nstderr: {stderr}"));
     Run { out, json, stderr }
 }
 
@@ -129,7 +155,8 @@ pub fn records_at<'a>(json: &'a Value, kind: &str, file: &str, line: u32) -> Vec
         .filter(|r| r["kind"] == kind)
         .filter(|r| {
             r["stack"].as_array().unwrap().iter().any(|f| {
-                f["file"].as_str().unwrap_or("").ends_with(file) && f["line"].as_u64() == Some(line as u64)
+                f["file"].as_str().unwrap_or("").ends_with(file)
+                    && f["line"].as_u64() == Some(line as u64)
             })
         })
         .collect()
@@ -137,7 +164,12 @@ pub fn records_at<'a>(json: &'a Value, kind: &str, file: &str, line: u32) -> Vec
 
 /// Sum of `(bytes, blocks)` over records.
 pub fn sum(records: &[&Value]) -> (u64, u64) {
-    records.iter().fold((0, 0), |(b, n), r| (b + r["bytes"].as_u64().unwrap(), n + r["blocks"].as_u64().unwrap()))
+    records.iter().fold((0, 0), |(b, n), r| {
+        (
+            b + r["bytes"].as_u64().unwrap(),
+            n + r["blocks"].as_u64().unwrap(),
+        )
+    })
 }
 
 /// memcheck's `(definitely, indirectly, possibly)` lost `(bytes, blocks)`.
@@ -151,7 +183,9 @@ pub fn memcheck(prog: &Path, args: &[&str]) -> [(u64, u64); 3] {
         .expect("valgrind is installed");
     let text = String::from_utf8_lossy(&o.stderr);
     let grab = |label: &str| -> (u64, u64) {
-        let Some(line) = text.lines().find(|l| l.contains(label)) else { return (0, 0) };
+        let Some(line) = text.lines().find(|l| l.contains(label)) else {
+            return (0, 0);
+        };
         let nums: Vec<u64> = line
             .split(|c: char| !c.is_ascii_digit() && c != ',')
             .filter_map(|w| w.replace(',', "").parse().ok())
@@ -159,5 +193,9 @@ pub fn memcheck(prog: &Path, args: &[&str]) -> [(u64, u64); 3] {
         // "==PID==    definitely lost: 1,234 bytes in 5 blocks"
         (nums[nums.len() - 2], nums[nums.len() - 1])
     };
-    [grab("definitely lost:"), grab("indirectly lost:"), grab("possibly lost:")]
+    [
+        grab("definitely lost:"),
+        grab("indirectly lost:"),
+        grab("possibly lost:"),
+    ]
 }

@@ -1,0 +1,224 @@
+//! `kal run` leaves the program alone: stdio, exit status, signals, forks, execs; and it
+//! fails clearly on bad input.
+
+mod common;
+use common::*;
+use std::io::Write;
+use std::process::{Command, Stdio};
+
+#[test]
+fn forked_child_is_reported_on_its_own() {
+    let prog = build("fork.c", &[]);
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("r.json");
+    let out = kal(&[
+        "run",
+        "--json",
+        json.to_str().unwrap(),
+        "--",
+        prog.to_str().unwrap(),
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let parent: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(totals(&parent, "direct"), (55, 1), "{stderr}");
+    assert_eq!(
+        sum(&records_at(
+            &parent,
+            "direct",
+            "fork.c",
+            line_of("fork.c", "parent")
+        )),
+        (55, 1)
+    );
+    let child_file = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p != &json)
+        .expect("a JSON report for the child");
+    let child: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&child_file).unwrap()).unwrap();
+    // The child leaks its own 77 bytes, and its copy of the parent's 55 is lost too.
+    assert_eq!(totals(&child, "direct"), (132, 2), "{stderr}");
+    assert_eq!(
+        sum(&records_at(
+            &child,
+            "direct",
+            "fork.c",
+            line_of("fork.c", "child")
+        )),
+        (77, 1)
+    );
+    assert_eq!(
+        sum(&records_at(
+            &child,
+            "direct",
+            "fork.c",
+            line_of("fork.c", "parent")
+        )),
+        (55, 1)
+    );
+    assert_ne!(child["pid"], parent["pid"]);
+    assert_eq!(stderr.matches("SUMMARY").count(), 2, "{stderr}");
+}
+
+#[test]
+fn exec_is_tracked_in_the_new_image() {
+    let prog = build("exec.c", &[]);
+    let r = run_json(&[], &prog, &[]);
+    // The 33 bytes leaked before exec vanished with the old image; the new one leaks 44.
+    assert_eq!(totals(&r.json, "direct"), (44, 1), "{}", r.stderr);
+    assert_eq!(
+        sum(&records_at(
+            &r.json,
+            "direct",
+            "exec.c",
+            line_of("exec.c", "after_exec")
+        )),
+        (44, 1)
+    );
+}
+
+#[test]
+fn exit_status_is_the_programs_unless_something_is_lost() {
+    let prog = build("status.c", &[]);
+    let p = prog.to_str().unwrap();
+    assert_eq!(kal(&["run", "--", p, "3"]).status.code(), Some(3));
+    assert_eq!(kal(&["run", "--", p, "3", "leak"]).status.code(), Some(23));
+    assert_eq!(
+        kal(&["run", "--error-exitcode", "0", "--", p, "3", "leak"])
+            .status
+            .code(),
+        Some(3)
+    );
+    assert_eq!(
+        kal(&["run", "--error-exitcode", "7", "--", p, "0", "leak"])
+            .status
+            .code(),
+        Some(7)
+    );
+}
+
+#[test]
+fn death_by_signal_is_passed_on() {
+    use std::os::unix::process::ExitStatusExt;
+    let prog = build("status.c", &[]);
+    let out = kal(&["run", "--", prog.to_str().unwrap(), "kill"]);
+    assert_eq!(out.status.signal(), Some(libc::SIGTERM), "{:?}", out.status);
+}
+
+#[test]
+fn stdio_passes_through_untouched() {
+    ensure_agent();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kal"))
+        .args(["run", "--", "cat"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"hello through kal\n")
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.stdout, b"hello through kal\n");
+    assert_eq!(out.status.code(), Some(0));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("SUMMARY: kal: definitely lost 0 bytes"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn suppressed_records_are_counted_not_reported() {
+    let prog = build("tree.c", &[]);
+    let dir = tempfile::tempdir().unwrap();
+    let supp = dir.path().join("kal.supp");
+    std::fs::write(&supp, "# the tree is third-party code\nleak:mk\n").unwrap();
+    let r = run_json(&["--suppressions", supp.to_str().unwrap()], &prog, &[]);
+    assert_eq!(totals(&r.json, "direct"), (0, 0), "{}", r.stderr);
+    assert_eq!(totals(&r.json, "indirect"), (0, 0));
+    assert_eq!(r.json["suppressed"]["blocks"], 3);
+    assert_eq!(r.json["suppressed"]["bytes"], 144);
+    assert!(
+        r.stderr
+            .contains("suppressed 3 records (144 bytes in 3 blocks)"),
+        "{}",
+        r.stderr
+    );
+    assert_eq!(r.out.status.code(), Some(0));
+}
+
+#[test]
+fn json_has_the_documented_shape() {
+    let prog = build("tree.c", &[]);
+    let r = run_json(&["--show-reachable"], &prog, &[]);
+    for k in ["direct", "indirect", "possible", "reachable"] {
+        assert!(r.json["summary"][k]["bytes"].is_u64() && r.json["summary"][k]["blocks"].is_u64());
+    }
+    let leaks = r.json["leaks"].as_array().unwrap();
+    assert!(leaks.iter().any(|l| l["kind"] == "reachable"));
+    for l in leaks {
+        assert!(
+            ["direct", "indirect", "possible", "reachable"].contains(&l["kind"].as_str().unwrap())
+        );
+        let f = &l["stack"][0];
+        assert!(f["function"].is_string() && f["file"].is_string() && f["module"].is_string());
+        assert!(f["line"].is_u64() && f["address"].is_u64());
+    }
+    // Without --show-reachable, reachable blocks are counted but not listed.
+    let r = run_json(&[], &prog, &[]);
+    assert!(r.json["leaks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|l| l["kind"] != "reachable"));
+    assert_eq!(totals(&r.json, "reachable"), (12 * 48, 12));
+}
+
+fn one_line_error(out: &std::process::Output, needle: &str) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(125), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "one line: {stderr}");
+    assert!(
+        stderr.starts_with("kal: error: ") && stderr.contains(needle),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("panicked"));
+}
+
+#[test]
+fn bad_input_gets_one_clear_line() {
+    one_line_error(
+        &kal(&["run", "--", "/nonexistent/prog"]),
+        "program not found: /nonexistent/prog",
+    );
+    one_line_error(
+        &kal(&["run", "--", "no-such-program-kal-test"]),
+        "program not found",
+    );
+    let prog = build("status.c", &["-static"]);
+    one_line_error(
+        &kal(&["run", "--", prog.to_str().unwrap(), "0"]),
+        "statically linked",
+    );
+    let tree = build("tree.c", &[]);
+    one_line_error(
+        &kal(&[
+            "run",
+            "--json",
+            "/proc/nope/r.json",
+            "--",
+            tree.to_str().unwrap(),
+        ]),
+        "cannot write JSON report to /proc/nope/r.json",
+    );
+    one_line_error(
+        &kal(&["run", "--suppressions", "/nonexistent.supp", "--", "true"]),
+        "cannot read suppressions file",
+    );
+}
