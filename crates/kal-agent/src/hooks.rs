@@ -11,7 +11,7 @@ use crate::{guard, real, side, state};
 use core::cell::Cell;
 use core::ffi::c_void;
 use core::sync::atomic::{AtomicU64, Ordering};
-use kal_proto::{Api, MAX_FRAMES, STACK_UNKNOWN};
+use kal_proto::Api;
 
 static NEXT_THREAD: AtomicU64 = AtomicU64::new(1);
 
@@ -50,13 +50,7 @@ fn caller(sp: usize, bp: usize) -> Regs {
 #[inline(always)]
 fn record(p: *mut c_void, size: usize, api: Api, at: Regs) {
     let Some(t) = state::tables() else { return };
-    let mut frames = [0u64; MAX_FRAMES];
-    let n = crate::unwind::capture(at, &mut frames);
-    let stack = if n == 0 {
-        STACK_UNKNOWN
-    } else {
-        t.intern_stack(&frames[..n])
-    };
+    let stack = crate::unwind::stack_id(at, t);
     t.insert(p as u64, size as u64, next_seq(), stack, api as u32);
 }
 

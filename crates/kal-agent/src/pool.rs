@@ -3,11 +3,10 @@
 //! A `pthread_key_t` destructor (not a Rust thread-local destructor) hands a thread's cache
 //! back when it exits, so programs that create many short threads do not grow.
 
+use crate::unwind::ThreadState;
 use core::sync::atomic::{AtomicBool, Ordering};
-use framehop::x86_64::CacheX86_64;
-use framehop::MustNotAllocateDuringUnwind;
 
-type Cache = CacheX86_64<MustNotAllocateDuringUnwind>;
+type Cache = ThreadState;
 
 static LOCK: AtomicBool = AtomicBool::new(false);
 static mut FREE: Vec<usize> = Vec::new();

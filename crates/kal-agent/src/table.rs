@@ -48,6 +48,14 @@ pub struct Removed {
     pub api: u32,
 }
 
+/// Home slot of a block address: blocks close in memory get slots close in the table (the
+/// heap's working set touches few table pages), and each 64 MiB region of the address
+/// space starts at its own offset so that arenas do not pile onto the same slots.
+#[inline(always)]
+fn home(addr: u64) -> u64 {
+    (addr >> 4).wrapping_add(mix(addr >> 26))
+}
+
 #[inline(always)]
 fn mix(x: u64) -> u64 {
     let x = x ^ (x >> 29);
@@ -109,7 +117,7 @@ impl Tables {
     /// Records a live block.
     #[inline]
     pub fn insert(&self, addr: u64, size: u64, seq: u64, stack: u32, api: u32) {
-        let mut i = mix(addr) & self.mask;
+        let mut i = home(addr) & self.mask;
         let mut probes = 0;
         while probes < MAX_PROBE {
             let key = self.key(i);
@@ -143,7 +151,7 @@ impl Tables {
     /// recorded (allocated before the agent, or dropped).
     #[inline]
     pub fn remove(&self, addr: u64) -> Option<Removed> {
-        let mut i = mix(addr) & self.mask;
+        let mut i = home(addr) & self.mask;
         for _ in 0..MAX_PROBE {
             let key = self.key(i);
             let cur = key.load(Ordering::Acquire);

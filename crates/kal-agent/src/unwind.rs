@@ -12,7 +12,7 @@ use core::ffi::c_void;
 use core::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, Ordering};
 use framehop::x86_64::{CacheX86_64, UnwindRegsX86_64, UnwinderX86_64};
 use framehop::{ExplicitModuleSectionInfo, Module, MustNotAllocateDuringUnwind, Unwinder};
-use kal_proto::MAX_FRAMES;
+use kal_proto::{MAX_FRAMES, STACK_UNKNOWN};
 
 type Unw = UnwinderX86_64<&'static [u8], MustNotAllocateDuringUnwind>;
 type Cache = CacheX86_64<MustNotAllocateDuringUnwind>;
@@ -30,7 +30,7 @@ static BUILDING: AtomicBool = AtomicBool::new(false);
 static AGENT_TEXT: [AtomicU64; 2] = [AtomicU64::new(0), AtomicU64::new(0)];
 
 thread_local! {
-    static CACHE: Cell<*mut Cache> = const { Cell::new(core::ptr::null_mut()) };
+    static CACHE: Cell<*mut ThreadState> = const { Cell::new(core::ptr::null_mut()) };
 }
 
 /// The agent's own code range, `(start, end)`.
@@ -229,7 +229,45 @@ fn stack_top(sp: u64) -> u64 {
     0
 }
 
-fn cache() -> *mut Cache {
+/// Registers of the allocation function's caller, where unwinding starts.
+#[derive(Clone, Copy)]
+pub struct Regs {
+    /// Return address into the caller.
+    pub pc: u64,
+    /// Stack pointer of the caller (just above the return address).
+    pub sp: u64,
+    /// Frame pointer register.
+    pub bp: u64,
+}
+
+/// Slots in the per-thread recent-stack cache.
+const RECENT: usize = 256;
+
+/// A stack seen recently by this thread, with where each return address sat.
+#[derive(Clone, Copy)]
+#[repr(C)]
+struct Recent {
+    /// Return address into the allocation's caller (0: empty entry).
+    ra: u64,
+    /// Distance of the caller's stack pointer below the stack top.
+    depth: u64,
+    /// Frames recorded.
+    n: u32,
+    /// Stack-table id of `frames`.
+    id: u32,
+    /// Offset from the stack pointer of the slot holding `frames[i]` (i ≥ 1).
+    slots: [u32; MAX_FRAMES],
+    /// Return addresses, innermost first.
+    frames: [u64; MAX_FRAMES],
+}
+
+/// One thread's unwinding state: framehop's rule cache and the recent-stack cache.
+pub struct ThreadState {
+    rules: Cache,
+    recent: *mut Recent,
+}
+
+fn state() -> *mut ThreadState {
     let c = CACHE.with(|c| c.get());
     if !c.is_null() {
         return c;
@@ -239,12 +277,18 @@ fn cache() -> *mut Cache {
     c
 }
 
-/// Creates a cache for a thread that has none in the pool.
-pub fn new_cache() -> *mut Cache {
-    Box::into_raw(Box::new(Cache::new_in()))
+/// Creates the state for a thread that finds none in the pool.
+pub fn new_cache() -> *mut ThreadState {
+    let layout = core::alloc::Layout::array::<Recent>(RECENT).expect("small layout");
+    // SAFETY: Recent is plain data, all-zero is a valid (empty) value; the layout is non-zero.
+    let recent = unsafe { std::alloc::alloc_zeroed(layout) } as *mut Recent;
+    Box::into_raw(Box::new(ThreadState {
+        rules: Cache::new_in(),
+        recent,
+    }))
 }
 
-/// Hands this thread's cache back to the pool (from the thread-exit key destructor).
+/// Hands this thread's state back to the pool (from the thread-exit key destructor).
 pub fn release_thread_cache() {
     let c = CACHE.with(|c| c.replace(core::ptr::null_mut()));
     if !c.is_null() {
@@ -252,66 +296,108 @@ pub fn release_thread_cache() {
     }
 }
 
-/// Registers of the allocation function's caller, where unwinding starts.
-#[derive(Clone, Copy)]
-pub struct Regs {
-    /// Return address into the caller.
-    pub pc: u64,
-    /// Stack pointer on the program's stack.
-    pub sp: u64,
-    /// Frame pointer register.
-    pub bp: u64,
+/// The stack-table id of the stack of the allocation function's caller at `at`.
+/// The caller holds the re-entrancy guard.
+///
+/// A stack seen before by this thread at the same depth is recognised by re-reading each of
+/// its return-address slots (a few loads); only a new stack is unwound with the CFI.
+pub fn stack_id(at: Regs, tables: &crate::table::Tables) -> u32 {
+    let top = stack_top(at.sp);
+    // SAFETY: the state belongs to this thread alone; `recent` has RECENT entries.
+    let st = unsafe { &mut *state() };
+    let depth = top.wrapping_sub(at.sp);
+    let h = (at.pc ^ depth.rotate_left(29)).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 56;
+    // SAFETY: h < 256 = RECENT.
+    let e = unsafe { &mut *st.recent.add(h as usize % RECENT) };
+    if e.ra == at.pc && e.depth == depth && e.n > 0 && top != 0 {
+        let n = e.n as usize;
+        let same = (1..n).all(|i| {
+            let a = at.sp + e.slots[i] as u64;
+            // SAFETY: the slot lies between sp and the stack top of this thread (checked).
+            a + 8 <= top && unsafe { *(a as *const u64) } == e.frames[i]
+        });
+        if same {
+            return e.id;
+        }
+    }
+    let mut frames = [0u64; MAX_FRAMES];
+    let mut slots = [u32::MAX; MAX_FRAMES];
+    let n = capture(at, top, &mut st.rules, &mut frames, &mut slots);
+    if n == 0 {
+        return STACK_UNKNOWN;
+    }
+    let id = tables.intern_stack(&frames[..n]);
+    if slots[1..n].iter().all(|&s| s != u32::MAX) {
+        *e = Recent {
+            ra: at.pc,
+            depth,
+            n: n as u32,
+            id,
+            slots,
+            frames,
+        };
+    } else {
+        e.ra = 0;
+    }
+    id
 }
 
-/// Captures the return addresses of the program's stack from `at`, dropping the agent's
-/// own frames. Returns the number of frames written. The caller holds the re-entrancy guard.
-pub fn capture(at: Regs, out: &mut [u64; MAX_FRAMES]) -> usize {
-    let Regs { pc, sp, bp } = at;
+/// Unwinds from `at`; fills frames and, where known, the stack offset of each one's slot.
+fn capture(
+    at: Regs,
+    top: u64,
+    rules: &mut Cache,
+    out: &mut [u64; MAX_FRAMES],
+    slots: &mut [u32; MAX_FRAMES],
+) -> usize {
     let mut published = CURRENT.load(Ordering::Acquire);
     if published.is_null() {
         rebuild();
         published = CURRENT.load(Ordering::Acquire);
     }
-    let (lo, hi) = (sp, stack_top(sp));
-    let n = walk(published, pc, sp, bp, lo, hi, out);
+    let (n, unknown) = walk(published, at, top, rules, out, slots);
     // SAFETY: published unwinders are never freed.
     let p = unsafe { &*published };
-    if n.1 && loader_generation() != p.generation {
+    if unknown && loader_generation() != p.generation {
         rebuild();
-        return walk(CURRENT.load(Ordering::Acquire), pc, sp, bp, lo, hi, out).0;
+        return walk(CURRENT.load(Ordering::Acquire), at, top, rules, out, slots).0;
     }
-    n.0
+    n
 }
 
 /// Walks the stack; returns (frames written, stopped at an address no module knows).
 fn walk(
     published: *mut Published,
-    pc: u64,
-    sp: u64,
-    bp: u64,
-    lo: u64,
+    at: Regs,
     hi: u64,
+    rules: &mut Cache,
     out: &mut [u64; MAX_FRAMES],
+    slots: &mut [u32; MAX_FRAMES],
 ) -> (usize, bool) {
     // SAFETY: published unwinders are never freed.
     let p = unsafe { &*published };
+    let Regs { pc, sp, bp } = at;
     let (agent_lo, agent_hi) = agent_text();
+    // The last few stack reads, to learn where each return address was found.
+    let log: [Cell<(u64, u64)>; 4] = Default::default();
+    let logged = Cell::new(0usize);
     let mut read_stack = |addr: u64| {
-        if addr >= lo && addr + 8 <= hi && addr.is_multiple_of(8) {
+        if addr >= sp && addr + 8 <= hi && addr.is_multiple_of(8) {
             // SAFETY: addr is an aligned word inside this thread's own mapped stack.
-            Ok(unsafe { *(addr as *const u64) })
+            let v = unsafe { *(addr as *const u64) };
+            log[logged.get() % 4].set((addr, v));
+            logged.set(logged.get() + 1);
+            Ok(v)
         } else {
             Err(())
         }
     };
-    // SAFETY: the cache belongs to this thread alone.
-    let cache = unsafe { &mut *cache() };
     // `pc` is a return address: unwind from the call instruction before it.
     let call = pc.wrapping_sub(1);
     let mut it = p.unwinder.iter_frames(
         call,
         UnwindRegsX86_64::new(call, sp, bp),
-        cache,
+        rules,
         &mut read_stack,
     );
     let mut n = 0;
@@ -324,6 +410,14 @@ fn walk(
         last = a;
         if a >= agent_lo && a < agent_hi {
             continue;
+        }
+        if n > 0 {
+            slots[n] = log
+                .iter()
+                .map(Cell::get)
+                .filter(|e| e.1 == a && e.0 >= sp)
+                .last()
+                .map_or(u32::MAX, |e| (e.0 - sp) as u32);
         }
         out[n] = a;
         n += 1;

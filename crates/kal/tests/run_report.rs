@@ -219,3 +219,34 @@ fn counts_equal_memchecks() {
         );
     }
 }
+
+#[test]
+fn same_site_from_two_callers_is_attributed_to_each() {
+    let prog = build("callers.c", &["-fno-inline"]);
+    let r = run_json(&[], &prog, &[]);
+    let site = line_of("callers.c", "alloc_here");
+    assert_eq!(
+        sum(&records_at(&r.json, "direct", "callers.c", site)),
+        (100, 10),
+        "{}",
+        r.stderr
+    );
+    assert_eq!(
+        sum(&records_at(
+            &r.json,
+            "direct",
+            "callers.c",
+            line_of("callers.c", "from_a")
+        )),
+        (50, 5)
+    );
+    assert_eq!(
+        sum(&records_at(
+            &r.json,
+            "direct",
+            "callers.c",
+            line_of("callers.c", "from_b")
+        )),
+        (50, 5)
+    );
+}
