@@ -49,9 +49,13 @@ pub fn init() {
     }
 }
 
-/// The reserved region `(start, length)`, for the header.
-pub fn region() -> (u64, u64) {
-    (BASE.load(Ordering::Acquire) as u64, (SLOT * SLOTS) as u64)
+/// The reserved region `(start, length, slot size)`, for the header.
+pub fn region() -> (u64, u64, u64) {
+    (
+        BASE.load(Ordering::Acquire) as u64,
+        (SLOT * SLOTS) as u64,
+        SLOT as u64,
+    )
 }
 
 /// A never-used side stack's top, or 0 when the region is exhausted or missing.

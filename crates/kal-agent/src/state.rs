@@ -19,6 +19,7 @@ static mut HEADER: Header = Header {
     agent_text_end: 0,
     side_addr: 0,
     side_len: 0,
+    side_slot: 0,
 };
 static mut TABLES: Option<Tables> = None;
 static STATE: AtomicU8 = AtomicU8::new(0);
@@ -100,7 +101,7 @@ fn init_tables() -> Option<&'static Tables> {
 }
 
 /// Fills the header fields known once the agent has started.
-pub fn describe(static_tls: u64, glibc: bool, text: (u64, u64), side: (u64, u64)) {
+pub fn describe(static_tls: u64, glibc: bool, text: (u64, u64), side: (u64, u64, u64)) {
     // SAFETY: called once from the agent's constructor, before the CLI reads the header.
     unsafe {
         let h = &mut *core::ptr::addr_of_mut!(HEADER);
@@ -110,5 +111,6 @@ pub fn describe(static_tls: u64, glibc: bool, text: (u64, u64), side: (u64, u64)
         h.agent_text_end = text.1;
         h.side_addr = side.0;
         h.side_len = side.1;
+        h.side_slot = side.2;
     }
 }

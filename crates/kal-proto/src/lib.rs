@@ -169,6 +169,9 @@ pub struct Header {
     pub side_addr: u64,
     /// Length of that region.
     pub side_len: u64,
+    /// Size of one side-stack slot in that region. A thread whose stack pointer is inside
+    /// a slot is running a hook: its program stack pointer is the word at the slot's top − 8.
+    pub side_slot: u64,
 }
 
 /// Kind of a message from the agent to the CLI.

@@ -152,11 +152,17 @@ pub fn capture(frozen: &Frozen, header_addr: u64) -> Result<Capture> {
     let maps = procfs::maps(pid)?;
     let (blocks, stacks) = read_blocks(&mem, &header);
     let tables = agent_tables(&header);
-    let ranges: Vec<(u64, u64)> = maps
+    let mut ranges: Vec<(u64, u64)> = maps
         .iter()
         .filter(|m| copyable(m))
         .flat_map(|m| crate::ranges::subtract(&[(m.start, m.end)], &tables))
         .collect();
+    ranges.extend(
+        threads
+            .iter()
+            .filter_map(|t| active_side_slot(&header, t.sp())),
+    );
+    let ranges = crate::ranges::normalize(ranges);
     let image = Image::copy(&mem, &ranges)?;
     let mut blocks = blocks;
     if header.glibc_malloc != 0 {
@@ -186,6 +192,16 @@ pub fn glibc_spans(blocks: &mut [Block], image: &Image) {
             b.span = b.size.min(chunk - 16);
         }
     }
+}
+
+/// For a thread stopped inside a hook: the used part of its side-stack slot, up to the
+/// slot's top (where the trampoline saved the program's stack pointer).
+pub fn active_side_slot(h: &Header, sp: u64) -> Option<(u64, u64)> {
+    if h.side_slot == 0 || sp < h.side_addr || sp >= h.side_addr + h.side_len {
+        return None;
+    }
+    let top = h.side_addr + ((sp - h.side_addr) / h.side_slot + 1) * h.side_slot;
+    Some((sp.saturating_sub(128).max(top - h.side_slot), top))
 }
 
 /// The agent's own table mappings, never scanned as roots.

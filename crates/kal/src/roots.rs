@@ -10,7 +10,7 @@
 //! (then exactly that arena heap, from its `heap_info`); with another allocator, every
 //! mapping that holds a live block.
 
-use crate::capture::{agent_tables, copyable, Capture};
+use crate::capture::{active_side_slot, agent_tables, copyable, Capture};
 use crate::ranges::{normalize, subtract};
 
 const IS_MMAPPED: u64 = 2;
@@ -100,8 +100,19 @@ pub fn roots(c: &Capture) -> Roots {
     } else {
         4096
     };
+    let h = &c.header;
+    let mut side_live = Vec::new();
     for t in &c.threads {
-        let sp = t.sp();
+        let mut sp = t.sp();
+        if let Some(slot) = active_side_slot(h, sp) {
+            // Inside a hook: the used part of its side-stack slot, then its program stack
+            // from the stack pointer the trampoline saved at the slot's top.
+            side_live.push(slot);
+            match c.image.word(slot.1 - 8) {
+                Some(saved) => sp = saved,
+                None => continue,
+            }
+        }
         if let Some(m) = c.maps.iter().find(|m| m.contains(sp)) {
             let from = sp.saturating_sub(RED_ZONE).max(m.start);
             live_stacks.push((from, m.end));
@@ -126,6 +137,7 @@ pub fn roots(c: &Capture) -> Roots {
     let mut ranges = subtract(&normalize(general), &excluded);
     let not_blocks = normalize([blocks, tables].concat());
     ranges.extend(subtract(&normalize(live_stacks), &not_blocks));
+    ranges.extend(side_live);
     ranges.extend(subtract(&normalize(tls), &not_blocks));
     let values = c.threads.iter().flat_map(|t| t.values()).collect();
     Roots {

@@ -57,6 +57,16 @@ pub fn build(name: &str, extra: &[&str]) -> PathBuf {
         }
     ));
     let ext = Path::new(name).extension().unwrap().to_str().unwrap();
+    // Tests run in parallel and may build the same program: compile to a private name, then
+    // rename into place (atomic, and fine while another test runs the old file).
+    static COUNTER: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let final_out = out;
+    let out = PathBuf::from(format!(
+        "{}.tmp{}-{n}",
+        final_out.display(),
+        std::process::id()
+    ));
     let mut cmd = match ext {
         "c" => {
             let mut c = Command::new("gcc");
@@ -86,7 +96,8 @@ pub fn build(name: &str, extra: &[&str]) -> PathBuf {
         "compiling {name}: {}",
         String::from_utf8_lossy(&o.stderr)
     );
-    out
+    std::fs::rename(&out, &final_out).unwrap();
+    final_out
 }
 
 /// Line of the `@marker` comment in a test program's source.
