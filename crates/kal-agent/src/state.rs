@@ -4,7 +4,10 @@ use crate::table::{Tables, DEFAULT_SLOTS};
 use core::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use kal_proto::{Header, ENV_TABLE_SLOTS, MAGIC, VERSION};
 
-static mut HEADER: Header = Header {
+/// The header the CLI reads. Exported under this name so that `kal check PID` can find it
+/// in the agent's symbol table.
+#[no_mangle]
+pub static mut KAL_HEADER: Header = Header {
     magic: 0,
     version: 0,
     header_size: 0,
@@ -26,13 +29,13 @@ static STATE: AtomicU8 = AtomicU8::new(0);
 
 /// Address of the header, sent to the CLI.
 pub fn header_addr() -> u64 {
-    core::ptr::addr_of!(HEADER) as u64
+    core::ptr::addr_of!(KAL_HEADER) as u64
 }
 
 /// Counts an allocation the table had no room for.
 pub fn note_dropped() {
     // SAFETY: `dropped` is an aligned u64 inside a static; only updated atomically.
-    let d = unsafe { &*(core::ptr::addr_of_mut!(HEADER.dropped) as *const AtomicU64) };
+    let d = unsafe { &*(core::ptr::addr_of_mut!(KAL_HEADER.dropped) as *const AtomicU64) };
     d.fetch_add(1, Ordering::Relaxed);
 }
 
@@ -83,7 +86,7 @@ fn init_tables() -> Option<&'static Tables> {
         // SAFETY: only this thread writes TABLES/HEADER fields until STATE is 2.
         unsafe {
             *core::ptr::addr_of_mut!(TABLES) = Some(t);
-            let h = &mut *core::ptr::addr_of_mut!(HEADER);
+            let h = &mut *core::ptr::addr_of_mut!(KAL_HEADER);
             h.table_addr = ta;
             h.table_slots = tn;
             h.stacks_addr = sa;
@@ -104,7 +107,7 @@ fn init_tables() -> Option<&'static Tables> {
 pub fn describe(static_tls: u64, glibc: bool, text: (u64, u64), side: (u64, u64, u64)) {
     // SAFETY: called once from the agent's constructor, before the CLI reads the header.
     unsafe {
-        let h = &mut *core::ptr::addr_of_mut!(HEADER);
+        let h = &mut *core::ptr::addr_of_mut!(KAL_HEADER);
         h.static_tls_size = static_tls;
         h.glibc_malloc = glibc as u64;
         h.agent_text_start = text.0;

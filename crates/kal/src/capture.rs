@@ -145,11 +145,20 @@ pub fn copyable(m: &Mapping) -> bool {
 
 /// Captures a frozen process whose agent header lives at `header_addr`.
 pub fn capture(frozen: &Frozen, header_addr: u64) -> Result<Capture> {
-    let pid = frozen.pid();
-    let mem = ProcessMemory::new(pid);
+    capture_from(frozen.pid(), frozen.pid(), frozen.regs()?, header_addr)
+}
+
+/// Captures process `pid` from the memory of `mem_pid` (the process itself, frozen, or a
+/// snapshot copy of it) and the registers `threads` taken at the same instant.
+pub fn capture_from(
+    pid: i32,
+    mem_pid: i32,
+    threads: Vec<ThreadRegs>,
+    header_addr: u64,
+) -> Result<Capture> {
+    let mem = ProcessMemory::new(mem_pid);
     let header = read_header(&mem, header_addr)?;
-    let threads = frozen.regs()?;
-    let maps = procfs::maps(pid)?;
+    let maps = procfs::maps(mem_pid)?;
     let (blocks, stacks) = read_blocks(&mem, &header);
     let tables = agent_tables(&header);
     let mut ranges: Vec<(u64, u64)> = maps

@@ -205,6 +205,42 @@ impl Frozen {
         Ok(f)
     }
 
+    /// Seizes and stops one thread of `pid` (`tid`, or any if that one is gone).
+    pub fn freeze_one(pid: i32, tid: i32) -> Result<Frozen> {
+        let started = Instant::now();
+        let mut f = Frozen {
+            pid,
+            threads: Vec::new(),
+            freeze_time: Duration::ZERO,
+            started,
+        };
+        let mut candidates = vec![tid];
+        candidates.extend(crate::procfs::tasks(pid)?);
+        for t in candidates {
+            if ptrace::seize(Pid::from_raw(t), ptrace::Options::empty()).is_err() {
+                continue;
+            }
+            f.threads.push((t, None));
+            if ptrace::interrupt(Pid::from_raw(t)).is_ok() {
+                if let Stop::Stopped(sig) = wait_stop(t)? {
+                    f.threads[0].1 = sig;
+                    f.freeze_time = started.elapsed();
+                    return Ok(f);
+                }
+            }
+            f.threads.clear();
+        }
+        bail!("process {pid} has no thread left to work in")
+    }
+
+    /// Remembers a signal that arrived while kal held thread `tid`; it is delivered on
+    /// detach.
+    pub fn defer_signal(&mut self, tid: i32, sig: Signal) {
+        if let Some(t) = self.threads.iter_mut().find(|t| t.0 == tid) {
+            t.1 = Some(sig);
+        }
+    }
+
     /// Process id.
     pub fn pid(&self) -> i32 {
         self.pid

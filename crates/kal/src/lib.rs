@@ -26,7 +26,9 @@
 //! # Ok(()) }
 //! ```
 
+pub mod agent;
 pub mod capture;
+pub mod check;
 pub mod elf;
 pub mod freeze;
 pub mod memory;
@@ -36,14 +38,20 @@ pub mod reach;
 pub mod report;
 pub mod roots;
 pub mod run;
+pub mod snapshot;
 pub mod suppress;
 pub mod symbolize;
 
-/// Steps 3 to 5 on a capture: roots, classification, symbolized records.
-pub fn analyze(cap: &capture::Capture, opts: &report::Options) -> report::Report {
+/// Step 3 on a capture: the class of every block (in `cap.blocks` order).
+pub fn classify(cap: &capture::Capture) -> Vec<reach::Kind> {
     debug_roots(cap);
     let roots = roots::roots(cap);
-    let kinds = reach::classify(&cap.blocks, &cap.image, &roots);
+    reach::classify(&cap.blocks, &cap.image, &roots)
+}
+
+/// Steps 3 to 5 on a capture: roots, classification, symbolized records.
+pub fn analyze(cap: &capture::Capture, opts: &report::Options) -> report::Report {
+    let kinds = classify(cap);
     report::build(cap, &kinds, &symbolize::Symbols::new(), opts)
 }
 

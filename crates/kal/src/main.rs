@@ -56,6 +56,68 @@ enum Cmd {
         )]
         command: Vec<OsString>,
     },
+    /// Check a running process (started under `kal run`) for leaks, now.
+    ///
+    /// The process is paused only while a copy-on-write snapshot is made (milliseconds);
+    /// the snapshot is scanned while the program runs on. Exit status 23 when something
+    /// is definitely lost.
+    ///
+    /// Example: kal check 4242 --json now.json
+    Check {
+        /// Process id.
+        pid: i32,
+        /// Also write the report as JSON to FILE.
+        #[arg(long, value_name = "FILE")]
+        json: Option<PathBuf>,
+        /// List still-reachable blocks too.
+        #[arg(long)]
+        show_reachable: bool,
+        /// Suppressions file (see `kal run --help`).
+        #[arg(long, value_name = "FILE")]
+        suppressions: Option<PathBuf>,
+        /// Exit status when something is definitely lost; 0 means always 0.
+        #[arg(long, value_name = "N", default_value_t = 23)]
+        error_exitcode: i32,
+        /// Frames shown per record in the text report.
+        #[arg(long, value_name = "N", default_value_t = 8)]
+        frames: usize,
+        /// Print no text report.
+        #[arg(long, short)]
+        quiet: bool,
+    },
+}
+
+fn load_suppressions(p: Option<PathBuf>) -> anyhow::Result<kal::suppress::Suppressions> {
+    match p {
+        Some(p) => kal::suppress::Suppressions::load(&p),
+        None => Ok(Default::default()),
+    }
+}
+
+fn check(
+    pid: i32,
+    json: Option<PathBuf>,
+    report: kal::report::Options,
+    error_exitcode: i32,
+    frames: usize,
+    quiet: bool,
+) -> anyhow::Result<i32> {
+    if let Some(j) = &json {
+        std::fs::File::create(j)
+            .map_err(|e| anyhow::anyhow!("cannot write JSON report to {}: {e}", j.display()))?;
+    }
+    let c = kal::check::check(pid, &report)?;
+    if !quiet {
+        eprint!("{}", kal::report::text(&c.report, frames));
+    }
+    if let Some(j) = &json {
+        kal::report::write_json(&c.report, j)?;
+    }
+    Ok(if c.report.summary.direct.blocks > 0 {
+        error_exitcode
+    } else {
+        0
+    })
 }
 
 fn main() {
@@ -89,6 +151,27 @@ fn main() {
                 quiet,
             })
         })(),
+        Cmd::Check {
+            pid,
+            json,
+            show_reachable,
+            suppressions,
+            error_exitcode,
+            frames,
+            quiet,
+        } => load_suppressions(suppressions).and_then(|suppressions| {
+            check(
+                pid,
+                json,
+                kal::report::Options {
+                    show_reachable,
+                    suppressions,
+                },
+                error_exitcode,
+                frames,
+                quiet,
+            )
+        }),
     };
     match result {
         Ok(code) => kal::run::exit_like(code),

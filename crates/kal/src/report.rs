@@ -101,6 +101,12 @@ pub struct Report {
     pub suppressed: Suppressed,
     /// Allocations the agent could not record (table full).
     pub untracked_allocations: u64,
+    /// For a live check: how long the target's threads were stopped, in milliseconds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pause_ms: Option<f64>,
+    /// For a live check: how long copying and scanning the snapshot took, in milliseconds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub scan_ms: Option<f64>,
 }
 
 /// How to build a report.
@@ -180,6 +186,8 @@ pub fn build(c: &Capture, kinds: &[Kind], symbols: &Symbols, opts: &Options) -> 
         leaks,
         suppressed,
         untracked_allocations: c.header.dropped,
+        pause_ms: None,
+        scan_ms: None,
     }
 }
 
@@ -264,6 +272,9 @@ pub fn text(r: &Report, frames: usize) -> String {
         );
     }
     s.push('\n');
+    if let (Some(p), Some(sc)) = (r.pause_ms, r.scan_ms) {
+        let _ = writeln!(s, "{tag} live check: the program was paused {p:.2} ms; copying and scanning took {sc:.1} ms");
+    }
     if r.untracked_allocations > 0 {
         let _ = writeln!(
             s,

@@ -1,0 +1,64 @@
+//! Finding the agent in a process from its PID alone: the `KAL_HEADER` symbol of the
+//! `libkal_agent.so` mapped into it.
+
+use crate::memory::ProcessMemory;
+use crate::procfs::{self, Mapping};
+use anyhow::{bail, Context, Result};
+use blazesym::inspect::source::{Elf, Source};
+use blazesym::inspect::Inspector;
+
+/// File name of the agent library.
+pub const AGENT_FILE: &str = "libkal_agent.so";
+/// Name of the exported header symbol.
+pub const HEADER_SYMBOL: &str = "KAL_HEADER";
+
+/// Address of the agent header in process `pid`, with a clear error when the process is
+/// gone, not ours to trace, or was not started under `kal run`.
+pub fn find_header(pid: i32) -> Result<u64> {
+    if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+        bail!("no process {pid} (it has exited, or never existed)");
+    }
+    let maps = match procfs::maps(pid) {
+        Ok(m) => m,
+        Err(e) => {
+            let denied = e
+                .root_cause()
+                .downcast_ref::<std::io::Error>()
+                .map(|io| io.kind())
+                == Some(std::io::ErrorKind::PermissionDenied);
+            if denied {
+                bail!("no permission to inspect process {pid} (run kal as its user or as root)");
+            }
+            return Err(e);
+        }
+    };
+    if maps.is_empty() {
+        bail!("no permission to inspect process {pid}, or it is a kernel thread");
+    }
+    header_in(pid, &maps)
+}
+
+fn header_in(pid: i32, maps: &[Mapping]) -> Result<u64> {
+    let agent: Vec<&Mapping> = maps
+        .iter()
+        .filter(|m| m.path.rsplit('/').next() == Some(AGENT_FILE))
+        .collect();
+    let Some(first) = agent.iter().find(|m| m.offset == 0) else {
+        bail!(
+            "process {pid} was not started under `kal run` (no kal agent in it); attaching to other processes is not supported yet"
+        );
+    };
+    // Look the symbol up in the file as this process sees it (works across mount namespaces).
+    let path = format!("/proc/{pid}/root{}", first.path);
+    let inspector = Inspector::new();
+    let src = Source::Elf(Elf::new(&path));
+    let found = inspector
+        .lookup(&src, &[HEADER_SYMBOL])
+        .with_context(|| format!("cannot read the agent library {}", first.path))?;
+    let Some(sym) = found.first().and_then(|v| v.first()) else {
+        bail!("the kal agent in process {pid} has no {HEADER_SYMBOL} symbol (an older agent?)");
+    };
+    let addr = first.start + sym.addr;
+    crate::capture::read_header(&ProcessMemory::new(pid), addr)?;
+    Ok(addr)
+}

@@ -1,0 +1,52 @@
+//! `kal check PID`: one live leak check of a process started under `kal run`, from a
+//! copy-on-write snapshot; the program is paused only while the copy is made.
+
+use crate::capture::{capture_from, Block, Capture};
+use crate::reach::Kind;
+use crate::report::{self, Report};
+use anyhow::Result;
+use std::time::Instant;
+
+/// The outcome of one check.
+pub struct Check {
+    /// The report (with `pause_ms` and `scan_ms`).
+    pub report: Report,
+    /// Definitely and indirectly lost blocks (for "what is new" between checks).
+    pub lost: Vec<Block>,
+    /// The capture the report came from.
+    pub capture: Capture,
+}
+
+/// Checks process `pid` once.
+pub fn check(pid: i32, opts: &report::Options) -> Result<Check> {
+    let header = crate::agent::find_header(pid)?;
+    check_with_header(pid, header, opts)
+}
+
+/// Checks process `pid` whose agent header address is already known.
+pub fn check_with_header(pid: i32, header: u64, opts: &report::Options) -> Result<Check> {
+    let snap = crate::snapshot::take(pid)?;
+    let pause = snap.pause;
+    let started = Instant::now();
+    let cap = capture_from(pid, snap.child, snap.threads.clone(), header);
+    let released = snap.release();
+    let cap = cap?;
+    let kinds = crate::classify(&cap);
+    let scan = started.elapsed();
+    released?;
+    let mut report = report::build(&cap, &kinds, &crate::symbolize::Symbols::new(), opts);
+    report.pause_ms = Some(pause.as_secs_f64() * 1e3);
+    report.scan_ms = Some(scan.as_secs_f64() * 1e3);
+    let lost = cap
+        .blocks
+        .iter()
+        .zip(&kinds)
+        .filter(|(_, k)| matches!(k, Kind::Direct | Kind::Indirect))
+        .map(|(b, _)| *b)
+        .collect();
+    Ok(Check {
+        report,
+        lost,
+        capture: cap,
+    })
+}
