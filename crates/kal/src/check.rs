@@ -11,8 +11,8 @@ use std::time::Instant;
 pub struct Check {
     /// The report (with `pause_ms` and `scan_ms`).
     pub report: Report,
-    /// Definitely and indirectly lost blocks (for "what is new" between checks).
-    pub lost: Vec<Block>,
+    /// Definitely and indirectly lost blocks with their class (for "what is new").
+    pub lost: Vec<(Block, Kind)>,
     /// The capture the report came from.
     pub capture: Capture,
 }
@@ -42,7 +42,7 @@ pub fn check_with_header(pid: i32, header: u64, opts: &report::Options) -> Resul
         .iter()
         .zip(&kinds)
         .filter(|(_, k)| matches!(k, Kind::Direct | Kind::Indirect))
-        .map(|(b, _)| *b)
+        .map(|(b, k)| (*b, *k))
         .collect();
     Ok(Check {
         report,

@@ -32,6 +32,7 @@ pub mod check;
 pub mod elf;
 pub mod freeze;
 pub mod memory;
+pub mod periodic;
 pub mod procfs;
 pub mod ranges;
 pub mod reach;

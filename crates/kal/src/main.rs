@@ -47,6 +47,12 @@ enum Cmd {
         /// Print no text report (the JSON file and exit status still tell).
         #[arg(long, short)]
         quiet: bool,
+        /// Also check the running program every D (e.g. 10s, 500ms, 1m): each check prints,
+        /// with a timestamp, what was lost since the previous one and the running totals.
+        /// With --json, FILE then gets one JSON document per line: one per check, and the
+        /// exit report last (with "at_exit": true).
+        #[arg(long, value_name = "D", value_parser = kal::periodic::parse_duration)]
+        check_every: Option<std::time::Duration>,
         /// The program and its arguments (put them after `--`).
         #[arg(
             required = true,
@@ -130,6 +136,7 @@ fn main() {
             error_exitcode,
             frames,
             quiet,
+            check_every,
             command,
         } => (|| {
             let suppressions = match suppressions {
@@ -149,6 +156,7 @@ fn main() {
                 error_exitcode,
                 frames,
                 quiet,
+                check_every,
             })
         })(),
         Cmd::Check {

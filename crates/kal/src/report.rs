@@ -73,6 +73,9 @@ pub struct Record {
     pub api: &'static str,
     /// Symbolized allocation stack, innermost first.
     pub stack: Vec<Frame>,
+    /// The agent's stack id of the allocation site.
+    #[serde(skip)]
+    pub site: u32,
 }
 
 /// Suppressed records, counted.
@@ -171,6 +174,7 @@ pub fn build(c: &Capture, kinds: &[Kind], symbols: &Symbols, opts: &Options) -> 
             blocks: t.blocks,
             api,
             stack,
+            site: stack_id,
         });
     }
     leaks.sort_by(|a, b| {

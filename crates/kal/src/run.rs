@@ -33,6 +33,8 @@ pub struct RunOptions {
     pub frames: usize,
     /// Print the text report.
     pub quiet: bool,
+    /// Check every live process this often (`--check-every`); JSON becomes JSON lines.
+    pub check_every: Option<Duration>,
 }
 
 /// Finds `libkal_agent.so`: `$KAL_AGENT`, next to the kal executable, or in `../lib/kal`.
@@ -104,6 +106,7 @@ fn setup_signals() {
 struct Conn {
     stream: UnixStream,
     pid: Option<i32>,
+    header: u64,
 }
 
 /// Runs the program and reports; returns the exit status kal should exit with
@@ -142,7 +145,25 @@ pub fn run(opts: &RunOptions) -> Result<i32> {
     let mut status: Option<ExitStatus> = None;
     let mut lost = false;
     let mut hellos = 0usize;
+    let mut periodic = opts.check_every.map(|every| {
+        crate::periodic::Periodic::new(every, opts.report.clone(), opts.frames, opts.json.clone())
+    });
+    let mut last_check = std::time::Instant::now();
     loop {
+        if let Some(p) = periodic.as_mut() {
+            if last_check.elapsed() >= p.every {
+                last_check = std::time::Instant::now();
+                for c in conns.iter().filter(|c| c.pid.is_some()) {
+                    let pid = c.pid.unwrap_or(0);
+                    if !Path::new(&format!("/proc/{pid}")).exists() {
+                        continue; // exited since its last message: nothing to check
+                    }
+                    if let Err(e) = p.check(pid, c.header, opts.quiet) {
+                        eprintln!("kal: check of process {pid} failed: {e:#}");
+                    }
+                }
+            }
+        }
         let sig = FORWARD.swap(0, Ordering::Relaxed);
         if sig != 0 && status.is_none() {
             // SAFETY: sending a signal to our own child.
@@ -165,6 +186,7 @@ pub fn run(opts: &RunOptions) -> Result<i32> {
                 conns.push(Conn {
                     stream: s,
                     pid: None,
+                    header: 0,
                 });
             }
         }
@@ -230,6 +252,7 @@ fn handle(mut c: Conn, main_pid: i32, opts: &RunOptions) -> Result<Handled> {
     };
     if msg.kind == MsgKind::Hello as u32 {
         c.pid = Some(msg.pid as i32);
+        c.header = msg.header_addr;
         return Ok(Handled::Keep(c));
     }
     // Exit: trace the exit, let the process run to exit_group, copy it there (as memcheck
@@ -248,12 +271,16 @@ fn handle(mut c: Conn, main_pid: i32, opts: &RunOptions) -> Result<Handled> {
         eprint!("{}", report::text(&report, opts.frames));
     }
     if let Some(j) = &opts.json {
-        let path = if pid == main_pid {
-            j.clone()
+        if opts.check_every.is_some() {
+            crate::periodic::append_exit_line(j, &report)?;
         } else {
-            PathBuf::from(format!("{}.{pid}", j.display()))
-        };
-        report::write_json(&report, &path)?;
+            let path = if pid == main_pid {
+                j.clone()
+            } else {
+                PathBuf::from(format!("{}.{pid}", j.display()))
+            };
+            report::write_json(&report, &path)?;
+        }
     }
     Ok(Handled::Done(report.summary.direct.blocks > 0))
 }
