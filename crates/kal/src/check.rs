@@ -27,6 +27,7 @@ pub fn check(pid: i32, opts: &report::Options) -> Result<Check> {
 pub fn check_with_header(pid: i32, header: u64, opts: &report::Options) -> Result<Check> {
     let snap = crate::snapshot::take(pid)?;
     let pause = snap.pause;
+    crate::snapshot::test_hold("snapshot");
     let started = Instant::now();
     let cap = capture_from(pid, snap.child, snap.threads.clone(), header);
     let released = snap.release();

@@ -112,10 +112,19 @@ fn inject(
     Ok((result, child))
 }
 
+/// For tests of "kal killed mid-check": with `KAL_TEST_HOLD=<stage>`, sleep 5 s at that
+/// stage (`frozen`: target stopped; `snapshot`: copy alive) so the test can kill kal there.
+pub fn test_hold(stage: &str) {
+    if std::env::var("KAL_TEST_HOLD").is_ok_and(|v| v == stage) {
+        std::thread::sleep(Duration::from_secs(5));
+    }
+}
+
 /// Takes a snapshot of `pid`.
 pub fn take(pid: i32) -> Result<Snapshot> {
     let syscall_at = find_syscall(pid)?;
     let mut frozen = Frozen::freeze(pid)?;
+    test_hold("frozen");
     let threads = frozen.regs()?;
     let t = threads
         .iter()

@@ -1,0 +1,278 @@
+//! `kal check PID` and `kal run --check-every`: live checks by copy-on-write snapshot.
+
+mod common;
+use common::*;
+use std::io::{BufRead, BufReader};
+use std::process::{Child, ChildStdout, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A program running under `kal run`, past its "ready PID" line.
+struct Live {
+    kal: Child,
+    pid: i32,
+    out: BufReader<ChildStdout>,
+}
+
+impl Live {
+    fn start(prog: &std::path::Path) -> Live {
+        ensure_agent();
+        let mut kal = Command::new(env!("CARGO_BIN_EXE_kal"))
+            .args(["run", "-q", "--error-exitcode", "0", "--"])
+            .arg(prog)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut out = BufReader::new(kal.stdout.take().unwrap());
+        let mut line = String::new();
+        out.read_line(&mut line).unwrap();
+        let pid = line
+            .trim()
+            .strip_prefix("ready ")
+            .expect("ready line")
+            .parse()
+            .unwrap();
+        Live { kal, pid, out }
+    }
+
+    fn status(&self, field: &str) -> String {
+        let s = std::fs::read_to_string(format!("/proc/{}/status", self.pid)).unwrap();
+        s.lines()
+            .find(|l| l.starts_with(field))
+            .unwrap()
+            .split_whitespace()
+            .nth(1)
+            .unwrap()
+            .to_string()
+    }
+
+    /// Children of the target that are not zombies.
+    fn live_children(&self) -> Vec<String> {
+        let kids = std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", self.pid))
+            .unwrap_or_default();
+        kids.split_whitespace()
+            .filter(|c| {
+                let st = std::fs::read_to_string(format!("/proc/{c}/stat")).unwrap_or_default();
+                !st.rsplit(')')
+                    .next()
+                    .unwrap_or("")
+                    .trim_start()
+                    .starts_with('Z')
+                    && !st.is_empty()
+            })
+            .map(String::from)
+            .collect()
+    }
+}
+
+impl Drop for Live {
+    fn drop(&mut self) {
+        // SAFETY: signalling a process this test started.
+        unsafe { libc::kill(self.pid, libc::SIGKILL) };
+        let _ = self.kal.wait();
+    }
+}
+
+fn check_json(pid: i32, extra: &[&str]) -> (std::process::Output, serde_json::Value) {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("now.json");
+    let mut args = vec![
+        "check".to_string(),
+        pid.to_string(),
+        "--json".into(),
+        json.to_str().unwrap().into(),
+    ];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let a: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = kal(&a);
+    let text = std::fs::read_to_string(&json).unwrap_or_default();
+    let v = serde_json::from_str(&text).unwrap_or_else(|e| {
+        panic!(
+            "bad JSON ({e}): {text}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    (out, v)
+}
+
+#[test]
+fn check_reports_exact_leaks_of_a_running_program_and_leaves_no_trace() {
+    let live = Live::start(&build("live_leaker.c", &[]));
+    let line = line_of("live_leaker.c", "live_leak");
+    for _ in 0..2 {
+        let (out, j) = check_json(live.pid, &[]);
+        assert_eq!(
+            out.status.code(),
+            Some(23),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(totals(&j, "direct"), (3500, 5));
+        assert_eq!(
+            sum(&records_at(&j, "direct", "live_leaker.c", line)),
+            (3500, 5)
+        );
+        assert!(totals(&j, "reachable").1 >= 3);
+        let pause = j["pause_ms"].as_f64().unwrap();
+        assert!(pause > 0.0 && j["scan_ms"].as_f64().unwrap() > 0.0);
+        assert_eq!(j["pid"], live.pid);
+    }
+    // Not traced, not stopped, no snapshot copy left alive.
+    assert_eq!(live.status("TracerPid:"), "0");
+    assert_ne!(live.status("State:"), "t");
+    assert!(
+        live.live_children().is_empty(),
+        "{:?}",
+        live.live_children()
+    );
+}
+
+#[test]
+fn pointers_in_flight_between_threads_are_never_reported() {
+    let live = Live::start(&build("inflight.c", &["-O2"]));
+    for i in 0..20 {
+        let (out, j) = check_json(live.pid, &[]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        for kind in ["direct", "indirect", "possible"] {
+            assert_eq!(totals(&j, kind), (0, 0), "check {i}, {kind}: {stderr}");
+        }
+        assert_eq!(out.status.code(), Some(0));
+    }
+}
+
+#[test]
+fn killing_kal_mid_check_leaves_the_target_running() {
+    let mut live = Live::start(&build("live_leaker.c", &[]));
+    for stage in ["frozen", "snapshot"] {
+        ensure_agent();
+        let mut check = Command::new(env!("CARGO_BIN_EXE_kal"))
+            .args(["check", &live.pid.to_string(), "-q"])
+            .env("KAL_TEST_HOLD", stage)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(700));
+        check.kill().unwrap();
+        check.wait().unwrap();
+        // The program goes on ticking: read a few fresh lines within a deadline.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut line = String::new();
+        let mut ticks = 0;
+        while ticks < 5 && Instant::now() < deadline {
+            line.clear();
+            live.out.read_line(&mut line).unwrap();
+            ticks += line.starts_with("tick") as i32;
+        }
+        assert_eq!(
+            ticks, 5,
+            "after kal was killed at stage {stage}, the program must keep running"
+        );
+        assert_eq!(live.status("TracerPid:"), "0", "{stage}");
+        // A killed copy needs a moment to tear down its address space.
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while !live.live_children().is_empty() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let kids = live.live_children();
+        let states: Vec<String> = kids
+            .iter()
+            .map(|c| std::fs::read_to_string(format!("/proc/{c}/stat")).unwrap_or_default())
+            .collect();
+        assert!(
+            kids.is_empty(),
+            "{stage}: snapshot copy left running: {states:?}"
+        );
+    }
+}
+
+fn one_line_error(out: &std::process::Output, needle: &str) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(125), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.contains(needle), "{stderr}");
+}
+
+#[test]
+fn check_bad_input_gets_one_clear_line() {
+    let mut gone = Command::new("true").spawn().unwrap();
+    let gone_pid = gone.id();
+    gone.wait().unwrap();
+    one_line_error(&kal(&["check", &gone_pid.to_string()]), "no process");
+    let mut foreign = Command::new("sleep").arg("30").spawn().unwrap();
+    one_line_error(
+        &kal(&["check", &foreign.id().to_string()]),
+        "not started under `kal run`",
+    );
+    foreign.kill().unwrap();
+    foreign.wait().unwrap();
+    // As an unprivileged user, a root-owned process under kal is off limits.
+    let live = Live::start(&build("live_leaker.c", &[]));
+    let out = Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            env!("CARGO_BIN_EXE_kal"),
+            "check",
+        ])
+        .arg(live.pid.to_string())
+        .output()
+        .unwrap();
+    one_line_error(&out, "no permission");
+}
+
+#[test]
+fn check_every_reports_what_is_new_as_json_lines() {
+    let prog = build("trickle.c", &[]);
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("checks.jsonl");
+    let out = kal(&[
+        "run",
+        "-q",
+        "--check-every",
+        "250ms",
+        "--json",
+        json.to_str().unwrap(),
+        "--",
+        prog.to_str().unwrap(),
+    ]);
+    assert_eq!(
+        out.status.code(),
+        Some(23),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&json)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let checks: Vec<&serde_json::Value> =
+        lines.iter().filter(|l| l.get("check").is_some()).collect();
+    assert!(checks.len() >= 3, "{} checks", checks.len());
+    let line = line_of("trickle.c", "trickle");
+    let mut total_prev = 0;
+    let mut new_sum = 0;
+    for c in &checks {
+        assert!(c["time"].as_str().unwrap().ends_with('Z'));
+        let total = c["summary"]["direct"]["blocks"].as_u64().unwrap();
+        let new = c["new"]["direct"]["blocks"].as_u64().unwrap();
+        assert!(total >= total_prev, "totals never shrink");
+        assert_eq!(total, new_sum + new, "new = total - previous total");
+        for l in c["new_leaks"].as_array().unwrap() {
+            assert!(l["stack"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|f| f["line"] == line));
+        }
+        total_prev = total;
+        new_sum += new;
+    }
+    assert!(new_sum > 10, "checks saw leaks as they happened");
+    let last = lines.last().unwrap();
+    assert_eq!(last["at_exit"], true);
+    assert_eq!(totals(last, "direct"), (6000, 60));
+}
