@@ -51,7 +51,13 @@ fn caller(sp: usize, bp: usize) -> Regs {
 fn record(p: *mut c_void, size: usize, api: Api, at: Regs) {
     let Some(t) = state::tables() else { return };
     let stack = crate::unwind::stack_id(at, t);
-    t.insert(p as u64, size as u64, next_seq(), stack, api as u32);
+    let mut info = api as u32;
+    if real::get().is_some_and(|r| r.glibc) {
+        // SAFETY: a glibc chunk's size word sits just before the block it returned.
+        let size_word = unsafe { *(p as *const u64).sub(1) };
+        info |= ((size_word & 7) as u32) << kal_proto::CHUNK_FLAGS_SHIFT;
+    }
+    t.insert(p as u64, size as u64, next_seq(), stack, info);
 }
 
 /// Runs `alloc` and records its non-null result, unless this thread is already in a hook.

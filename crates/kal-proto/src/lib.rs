@@ -38,6 +38,13 @@ pub const SLOT_BUSY: u64 = 2;
 /// Stack id meaning "no stack was recorded" (stack table full or unwinding failed).
 pub const STACK_UNKNOWN: u32 = u32::MAX;
 
+/// Where the glibc chunk flags sit in [`AllocSlot::api`].
+pub const CHUNK_FLAGS_SHIFT: u32 = 8;
+/// glibc chunk flag: the chunk is its own `mmap`.
+pub const CHUNK_IS_MMAPPED: u32 = 2;
+/// glibc chunk flag: the chunk lives in a secondary arena's heap.
+pub const CHUNK_NON_MAIN_ARENA: u32 = 4;
+
 /// State of a table slot, decoded from its address word.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SlotState {
@@ -76,9 +83,9 @@ pub enum Api {
 }
 
 impl Api {
-    /// Decodes the `api` field of an [`AllocSlot`].
+    /// Decodes the `api` field of an [`AllocSlot`] (its low 8 bits).
     pub fn from_u32(v: u32) -> Api {
-        match v {
+        match v & 0xff {
             1 => Api::Calloc,
             2 => Api::Realloc,
             3 => Api::Memalign,
@@ -114,7 +121,9 @@ pub struct AllocSlot {
     pub seq: u64,
     /// Index into the stack table, or [`STACK_UNKNOWN`].
     pub stack: u32,
-    /// The [`Api`] that allocated the block.
+    /// The [`Api`] that allocated the block (low 8 bits) and, with glibc's allocator, the
+    /// chunk's flag bits (`IS_MMAPPED` = 2, `NON_MAIN_ARENA` = 4) shifted left by 8; see
+    /// [`CHUNK_FLAGS_SHIFT`].
     pub api: u32,
 }
 

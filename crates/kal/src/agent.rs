@@ -48,8 +48,9 @@ fn header_in(pid: i32, maps: &[Mapping]) -> Result<u64> {
             "process {pid} was not started under `kal run` (no kal agent in it); attaching to other processes is not supported yet"
         );
     };
-    // Look the symbol up in the file as this process sees it (works across mount namespaces).
-    let path = format!("/proc/{pid}/root{}", first.path);
+    // Look the symbol up in the very file mapped (works across mount namespaces, and after
+    // the library was replaced on disk).
+    let path = format!("/proc/{pid}/map_files/{:x}-{:x}", first.start, first.end);
     let inspector = Inspector::new();
     let src = Source::Elf(Elf::new(&path));
     let found = inspector

@@ -1,9 +1,9 @@
 //! Step 1 and 2 of the pipeline: a consistent [`Capture`] of a process — registers of every
-//! thread, mappings, the agent's live-block table with stacks, and a copy of the memory the
-//! scanner needs — taken while the process is frozen.
+//! thread, mappings, the agent's live-block table with stacks, a copy of the (small) root
+//! memory, and a handle on the heap, whose blocks the scanner reads as it reaches them.
 
 use crate::freeze::{Frozen, ThreadRegs};
-use crate::memory::{Image, Memory, ProcessMemory};
+use crate::memory::{read_words, Image, Memory, ProcessMemory};
 use crate::procfs::{self, Mapping};
 use anyhow::{bail, Context, Result};
 use kal_proto::{
@@ -30,8 +30,8 @@ pub struct Block {
     pub span: u64,
 }
 
-/// Everything the later steps need, detached from the process.
-#[derive(Debug, Clone)]
+/// Everything the later steps need. Heap blocks are read through [`Capture::heap`], which
+/// must stay readable (process frozen, or snapshot copy alive) until classification is done.
 pub struct Capture {
     /// Process id.
     pub pid: i32,
@@ -47,8 +47,12 @@ pub struct Capture {
     pub blocks: Vec<Block>,
     /// Allocation stacks by id (return addresses, innermost first).
     pub stacks: HashMap<u32, Vec<u64>>,
-    /// Copied writable memory (roots and heap).
+    /// Copied writable memory that is not heap (where the roots are).
     pub image: Image,
+    /// Memory the allocator owns, sorted and disjoint: scanned only as reached blocks.
+    pub heap_ranges: Vec<(u64, u64)>,
+    /// Where heap blocks are read from.
+    pub heap: Box<dyn Memory + Send + Sync>,
 }
 
 fn read_pod<T: Copy + Default>(mem: &dyn Memory, addr: u64) -> Option<T> {
@@ -59,29 +63,6 @@ fn read_pod<T: Copy + Default>(mem: &dyn Memory, addr: u64) -> Option<T> {
     };
     (mem.read(addr, bytes) == bytes.len()).then_some(v)
 }
-
-fn read_vec<T: Copy + Default>(mem: &dyn Memory, addr: u64, n: usize) -> Vec<T> {
-    let mut v = vec![T::default(); n];
-    // SAFETY: as in read_pod, over a Vec of n plain-old-data values.
-    let bytes = unsafe {
-        std::slice::from_raw_parts_mut(v.as_mut_ptr().cast::<u8>(), n * std::mem::size_of::<T>())
-    };
-    mem.read(addr, bytes);
-    v
-}
-
-impl Default for StackSlotPod {
-    fn default() -> Self {
-        StackSlotPod(StackSlot {
-            hash: 0,
-            depth: 0,
-            _pad: 0,
-            frames: [0; kal_proto::MAX_FRAMES],
-        })
-    }
-}
-#[derive(Clone, Copy)]
-struct StackSlotPod(StackSlot);
 
 /// Reads and checks the agent header at `addr`.
 pub fn read_header(mem: &dyn Memory, addr: u64) -> Result<Header> {
@@ -98,39 +79,77 @@ pub fn read_header(mem: &dyn Memory, addr: u64) -> Result<Header> {
     Ok(h)
 }
 
-/// Reads the live blocks (sorted by address) and the stacks they use.
+/// Reads the live blocks (sorted by address) and the stacks they use. Only pages of the
+/// tables that were ever touched are read.
 pub fn read_blocks(mem: &dyn Memory, h: &Header) -> (Vec<Block>, HashMap<u32, Vec<u64>>) {
-    let slots: Vec<AllocSlot> = read_vec(mem, h.table_addr, h.table_slots as usize);
-    let mut blocks: Vec<Block> = slots
-        .iter()
-        .filter_map(|s| match slot_state(s.addr) {
-            SlotState::Live(addr) => Some(Block {
-                addr,
-                size: s.size,
-                seq: s.seq,
-                stack: s.stack,
-                api: s.api,
-                span: s.size,
-            }),
-            _ => None,
-        })
-        .collect();
+    const SLOT_WORDS: usize = std::mem::size_of::<AllocSlot>() / 8;
+    const STACK_WORDS: usize = std::mem::size_of::<StackSlot>() / 8;
+    // Stream the touched pages of the table through one reused buffer.
+    let end = h.table_addr + h.table_slots * (SLOT_WORDS as u64 * 8);
+    let mut buf = vec![0u64; 512 * 1024];
+    let mut blocks: Vec<Block> = Vec::new();
+    for (s, e) in mem.present(h.table_addr, end) {
+        let mut at = s;
+        while at < e {
+            let n = ((e - at) as usize / 8).min(buf.len());
+            let words = &mut buf[..n];
+            crate::memory::read_into(mem, at, words);
+            blocks.extend(
+                words
+                    .chunks_exact(SLOT_WORDS)
+                    .filter_map(|w| match slot_state(w[0]) {
+                        SlotState::Live(addr) => {
+                            let api = (w[3] >> 32) as u32;
+                            Some(Block {
+                                addr,
+                                size: w[1],
+                                seq: w[2],
+                                stack: w[3] as u32,
+                                api,
+                                span: span(h, w[1], api),
+                            })
+                        }
+                        _ => None,
+                    }),
+            );
+            at += n as u64 * 8;
+        }
+    }
     blocks.sort_unstable_by_key(|b| b.addr);
     blocks.dedup_by_key(|b| b.addr);
-    let raw: Vec<StackSlotPod> = read_vec(mem, h.stacks_addr, h.stack_slots as usize);
+    let raw = read_words(mem, h.stacks_addr, h.stack_slots as usize * STACK_WORDS);
     let mut stacks = HashMap::new();
     for b in &blocks {
         if stacks.contains_key(&b.stack) {
             continue;
         }
-        if let Some(StackSlotPod(s)) = raw.get(b.stack as usize) {
-            if s.hash != 0 && s.hash != STACK_SLOT_BUSY {
-                let d = (s.depth as usize).min(kal_proto::MAX_FRAMES);
-                stacks.insert(b.stack, s.frames[..d].to_vec());
-            }
+        let Some(s) = raw.chunks_exact(STACK_WORDS).nth(b.stack as usize) else {
+            continue;
+        };
+        // hash, then depth (low 32 bits) and padding, then the frames.
+        if s[0] != 0 && s[0] != STACK_SLOT_BUSY {
+            let d = (s[1] as u32 as usize).min(kal_proto::MAX_FRAMES);
+            stacks.insert(b.stack, s[2..2 + d].to_vec());
         }
     }
     (blocks, stacks)
+}
+
+/// glibc's chunk size for a request (`request2size`).
+pub fn glibc_chunk_size(size: u64) -> u64 {
+    ((size + 8 + 15) & !15).max(32)
+}
+
+/// Pointers into `[addr, addr + span)` count as pointers into the block: with glibc, a
+/// heap chunk's last 8 usable bytes are the next chunk's `prev_size` field, and the
+/// allocator's own pointers to that next chunk must not count.
+fn span(h: &Header, size: u64, api: u32) -> u64 {
+    let flags = api >> kal_proto::CHUNK_FLAGS_SHIFT;
+    if h.glibc_malloc != 0 && flags & kal_proto::CHUNK_IS_MMAPPED == 0 {
+        size.min(glibc_chunk_size(size) - 16)
+    } else {
+        size
+    }
 }
 
 /// Whether a mapping's contents should be copied: readable, writable, private, and not a
@@ -156,15 +175,27 @@ pub fn capture_from(
     threads: Vec<ThreadRegs>,
     header_addr: u64,
 ) -> Result<Capture> {
+    let t0 = std::time::Instant::now();
+    let timing = std::env::var_os("KAL_DEBUG_TIMING").is_some();
     let mem = ProcessMemory::new(mem_pid);
     let header = read_header(&mem, header_addr)?;
     let maps = procfs::maps(mem_pid)?;
     let (blocks, stacks) = read_blocks(&mem, &header);
-    let tables = agent_tables(&header);
+    if timing {
+        eprintln!(
+            "timing: table read {:?} ({} blocks)",
+            t0.elapsed(),
+            blocks.len()
+        );
+    }
+    let heap_ranges = crate::roots::heap_ranges(&maps, &blocks, &header, &mem);
+    let mut skip = agent_tables(&header);
+    skip.extend_from_slice(&heap_ranges);
+    let skip = crate::ranges::normalize(skip);
     let mut ranges: Vec<(u64, u64)> = maps
         .iter()
         .filter(|m| copyable(m))
-        .flat_map(|m| crate::ranges::subtract(&[(m.start, m.end)], &tables))
+        .flat_map(|m| crate::ranges::subtract(&[(m.start, m.end)], &skip))
         .collect();
     ranges.extend(
         threads
@@ -172,10 +203,14 @@ pub fn capture_from(
             .filter_map(|t| active_side_slot(&header, t.sp())),
     );
     let ranges = crate::ranges::normalize(ranges);
+    let t1 = std::time::Instant::now();
     let image = Image::copy(&mem, &ranges)?;
-    let mut blocks = blocks;
-    if header.glibc_malloc != 0 {
-        glibc_spans(&mut blocks, &image);
+    if timing {
+        eprintln!(
+            "timing: root memory copy {:?} ({} KiB)",
+            t1.elapsed(),
+            image.bytes() >> 10
+        );
     }
     Ok(Capture {
         pid,
@@ -186,21 +221,9 @@ pub fn capture_from(
         blocks,
         stacks,
         image,
+        heap_ranges,
+        heap: Box::new(mem),
     })
-}
-
-/// Shortens each glibc heap block's pointer span to end at the next chunk's header.
-pub fn glibc_spans(blocks: &mut [Block], image: &Image) {
-    const IS_MMAPPED: u64 = 2;
-    for b in blocks {
-        let Some(w) = b.addr.checked_sub(8).and_then(|a| image.word(a)) else {
-            continue;
-        };
-        let chunk = w & !7;
-        if w & IS_MMAPPED == 0 && chunk >= 32 && chunk <= b.size + 64 {
-            b.span = b.size.min(chunk - 16);
-        }
-    }
 }
 
 /// For a thread stopped inside a hook: the used part of its side-stack slot, up to the

@@ -29,11 +29,14 @@ pub fn check_with_header(pid: i32, header: u64, opts: &report::Options) -> Resul
     let pause = snap.pause;
     crate::snapshot::test_hold("snapshot");
     let started = Instant::now();
-    let cap = capture_from(pid, snap.child, snap.threads.clone(), header);
-    let released = snap.release();
-    let cap = cap?;
-    let kinds = crate::classify(&cap);
+    // Blocks are read from the snapshot copy as they are reached: scan before releasing it.
+    let scanned = capture_from(pid, snap.child, snap.threads.clone(), header).map(|cap| {
+        let kinds = crate::classify(&cap);
+        (cap, kinds)
+    });
     let scan = started.elapsed();
+    let released = snap.release();
+    let (cap, kinds) = scanned?;
     released?;
     let mut report = report::build(&cap, &kinds, &crate::symbolize::Symbols::new(), opts);
     report.pause_ms = Some(pause.as_secs_f64() * 1e3);

@@ -46,8 +46,14 @@ pub mod symbolize;
 /// Step 3 on a capture: the class of every block (in `cap.blocks` order).
 pub fn classify(cap: &capture::Capture) -> Vec<reach::Kind> {
     debug_roots(cap);
+    let t0 = std::time::Instant::now();
     let roots = roots::roots(cap);
-    reach::classify(&cap.blocks, &cap.image, &roots)
+    let t1 = std::time::Instant::now();
+    let kinds = reach::classify(&cap.blocks, &cap.image, &roots, cap.heap.as_ref());
+    if std::env::var_os("KAL_DEBUG_TIMING").is_some() {
+        eprintln!("timing: roots {:?}, mark {:?}", t1 - t0, t1.elapsed());
+    }
+    kinds
 }
 
 /// Steps 3 to 5 on a capture: roots, classification, symbolized records.

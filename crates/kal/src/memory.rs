@@ -8,6 +8,111 @@ pub trait Memory {
     /// Fills `buf` from address `addr`; unreadable pages are left as zeros.
     /// Returns how many bytes were really read.
     fn read(&self, addr: u64, buf: &mut [u8]) -> usize;
+
+    /// The parts of `[start, end)` that may hold non-zero data (pages never touched read as
+    /// zeros and need not be copied). By default, all of it.
+    fn present(&self, start: u64, end: u64) -> Vec<(u64, u64)> {
+        vec![(start, end)]
+    }
+}
+
+/// Zero-filled 8-byte words in their own mapping: untouched pages cost nothing, and large
+/// buffers use transparent huge pages (one fault per 2 MiB instead of per 4 KiB).
+pub struct Words {
+    ptr: *mut u64,
+    len: usize,
+}
+
+// SAFETY: Words owns its mapping exclusively, like a Box<[u64]>.
+unsafe impl Send for Words {}
+// SAFETY: shared access is read-only through &[u64].
+unsafe impl Sync for Words {}
+
+impl Words {
+    /// `len` zero words.
+    pub fn zeroed(len: usize) -> Words {
+        if len == 0 {
+            return Words {
+                ptr: std::ptr::NonNull::dangling().as_ptr(),
+                len: 0,
+            };
+        }
+        let bytes = len * 8;
+        // SAFETY: a fresh private anonymous mapping of the requested size.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                bytes,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        assert!(
+            p != libc::MAP_FAILED,
+            "out of address space for a {bytes}-byte copy"
+        );
+        if bytes >= 2 << 20 {
+            // SAFETY: advice on our own fresh mapping.
+            unsafe { libc::madvise(p, bytes, libc::MADV_HUGEPAGE) };
+        }
+        Words { ptr: p.cast(), len }
+    }
+
+    /// The words as bytes, for filling.
+    pub fn bytes_mut(&mut self) -> &mut [u8] {
+        // SAFETY: the mapping holds len*8 bytes; u8 has no alignment requirement.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.cast::<u8>(), self.len * 8) }
+    }
+}
+
+impl std::ops::Deref for Words {
+    type Target = [u64];
+    fn deref(&self) -> &[u64] {
+        // SAFETY: ptr is valid for len words (or dangling with len 0).
+        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
+    }
+}
+
+impl Clone for Words {
+    fn clone(&self) -> Words {
+        let mut w = Words::zeroed(self.len);
+        w.bytes_mut().copy_from_slice(
+            // SAFETY: viewing our own words as bytes.
+            unsafe { std::slice::from_raw_parts(self.ptr.cast::<u8>(), self.len * 8) },
+        );
+        w
+    }
+}
+
+impl std::fmt::Debug for Words {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Words({} words)", self.len)
+    }
+}
+
+impl Drop for Words {
+    fn drop(&mut self) {
+        if self.len > 0 {
+            // SAFETY: unmapping the mapping this value owns.
+            unsafe { libc::munmap(self.ptr.cast(), self.len * 8) };
+        }
+    }
+}
+
+/// Copies `[addr, addr + 8*len)` from `mem` into fresh words, reading only present pages.
+pub fn read_words(mem: &dyn Memory, addr: u64, len: usize) -> Words {
+    let mut w = Words::zeroed(len);
+    let end = addr + len as u64 * 8;
+    let bytes = w.bytes_mut();
+    for (s, e) in mem.present(addr, end) {
+        let (s, e) = (s.max(addr), e.min(end));
+        if e > s {
+            mem.read(s, &mut bytes[(s - addr) as usize..(e - addr) as usize]);
+        }
+    }
+    w
 }
 
 /// Memory of a live process read with `process_vm_readv`.
@@ -37,7 +142,50 @@ impl ProcessMemory {
     }
 }
 
+impl ProcessMemory {
+    /// Present (or swapped) page runs of `[start, end)`, from `/proc/PID/pagemap`; the
+    /// whole range if pagemap cannot be read.
+    fn pagemap_runs(&self, start: u64, end: u64) -> Option<Vec<(u64, u64)>> {
+        use std::os::unix::fs::FileExt;
+        const PAGE: u64 = 4096;
+        let f = std::fs::File::open(format!("/proc/{}/pagemap", self.pid)).ok()?;
+        let (first, last) = (start / PAGE, end.div_ceil(PAGE));
+        let mut runs: Vec<(u64, u64)> = Vec::new();
+        let mut entries = vec![0u8; 8 * 8192];
+        let mut page = first;
+        while page < last {
+            let n = ((last - page) as usize).min(8192);
+            let buf = &mut entries[..n * 8];
+            f.read_exact_at(buf, page * 8).ok()?;
+            for (i, e) in buf.chunks_exact(8).enumerate() {
+                let v = u64::from_le_bytes(e.try_into().ok()?);
+                if v & (3 << 62) != 0 {
+                    let a = (page + i as u64) * PAGE;
+                    match runs.last_mut() {
+                        Some(r) if r.1 == a => r.1 = a + PAGE,
+                        _ => runs.push((a, a + PAGE)),
+                    }
+                }
+            }
+            page += n as u64;
+        }
+        for r in &mut runs {
+            *r = (r.0.max(start), r.1.min(end));
+        }
+        Some(runs)
+    }
+}
+
 impl Memory for ProcessMemory {
+    fn present(&self, start: u64, end: u64) -> Vec<(u64, u64)> {
+        // Small ranges are cheaper to read than to look up.
+        if end - start < (1 << 20) {
+            return vec![(start, end)];
+        }
+        self.pagemap_runs(start, end)
+            .unwrap_or_else(|| vec![(start, end)])
+    }
+
     fn read(&self, addr: u64, buf: &mut [u8]) -> usize {
         const CHUNK: usize = 1 << 20;
         let mut done = 0;
@@ -61,13 +209,91 @@ impl Memory for ProcessMemory {
     }
 }
 
+/// Reads the contents of many blocks with few system calls: sorted by address, coalesced
+/// into runs, into one reused buffer (no fresh pages to fault and zero).
+pub struct BatchReader<'m> {
+    mem: &'m dyn Memory,
+    buf: Vec<u64>,
+}
+
+/// Largest gap between two blocks that one read still spans.
+const MAX_GAP: u64 = 4096;
+
+impl<'m> BatchReader<'m> {
+    /// A reader with a 4 MiB buffer.
+    pub fn new(mem: &'m dyn Memory) -> BatchReader<'m> {
+        BatchReader {
+            mem,
+            buf: vec![0u64; 512 * 1024],
+        }
+    }
+
+    /// Calls `f(id, words)` with the contents of every `(id, addr, len)` item (8-aligned
+    /// addresses); a block larger than the buffer comes in several calls.
+    pub fn for_each(&mut self, items: &mut [(usize, u64, u64)], mut f: impl FnMut(usize, &[u64])) {
+        items.sort_unstable_by_key(|x| x.1);
+        let cap = self.buf.len() as u64 * 8;
+        let mut k = 0;
+        while k < items.len() {
+            let (id, addr, len) = items[k];
+            let start = addr & !7;
+            let end0 = (addr + len + 7) & !7;
+            if end0 - start > cap {
+                // One big block: in buffer-sized chunks.
+                let mut at = start;
+                while at < end0 {
+                    let n = (end0 - at).min(cap);
+                    let words = &mut self.buf[..(n / 8) as usize];
+                    read_into(self.mem, at, words);
+                    f(id, words);
+                    at += n;
+                }
+                k += 1;
+                continue;
+            }
+            // A run of nearby blocks that fits in the buffer.
+            let mut end = end0;
+            let mut last = k + 1;
+            while last < items.len() {
+                let (_, a, l) = items[last];
+                let e = (a + l + 7) & !7;
+                if a > end + MAX_GAP || e.max(end) - start > cap {
+                    break;
+                }
+                end = end.max(e);
+                last += 1;
+            }
+            let words = &mut self.buf[..((end - start) / 8) as usize];
+            read_into(self.mem, start, words);
+            for &(id, a, l) in &items[k..last] {
+                let from = (((a & !7) - start) / 8) as usize;
+                let to = (((a + l + 7) & !7) - start) as usize / 8;
+                f(id, &words[from..to]);
+            }
+            k = last;
+        }
+    }
+}
+
+/// Fills `words` from `addr` (unreadable parts as zeros).
+pub fn read_into(mem: &dyn Memory, addr: u64, words: &mut [u64]) {
+    // SAFETY: a u64 slice viewed as bytes of the same length; u8 has no alignment.
+    let bytes =
+        unsafe { std::slice::from_raw_parts_mut(words.as_mut_ptr().cast::<u8>(), words.len() * 8) };
+    if mem.read(addr, bytes) < bytes.len() {
+        // Partly unreadable: what read() could not fill must not keep old contents.
+        bytes.fill(0);
+        mem.read(addr, bytes);
+    }
+}
+
 /// A copied segment of target memory.
 #[derive(Debug, Clone)]
 pub struct Segment {
     /// Address of the first byte.
     pub start: u64,
     /// The bytes, as 8-byte words (so scanning needs no unaligned reads).
-    pub words: Vec<u64>,
+    pub words: Words,
 }
 
 impl Segment {
@@ -92,12 +318,7 @@ impl Image {
             if e <= s {
                 continue;
             }
-            let mut words = vec![0u64; ((e - s) / 8) as usize];
-            // SAFETY: a u64 slice viewed as bytes, same length in bytes, u8 has no alignment.
-            let bytes = unsafe {
-                std::slice::from_raw_parts_mut(words.as_mut_ptr().cast::<u8>(), words.len() * 8)
-            };
-            mem.read(s, bytes);
+            let words = read_words(mem, s, ((e - s) / 8) as usize);
             segments.push(Segment { start: s, words });
         }
         segments.sort_by_key(|s| s.start);
@@ -183,6 +404,31 @@ mod tests {
         let mut pieces = Vec::new();
         img.for_each_piece(0x1008, 0x2008, |w| pieces.push(w.len()));
         assert_eq!(pieces, vec![1, 1]);
+    }
+
+    #[test]
+    fn batch_reader_coalesces_and_splits() {
+        let mem = Fake;
+        let mut r = BatchReader::new(&mem);
+        let mut items = vec![(2, 0x2010, 16), (1, 0x2000, 8), (3, 0x9000_0000, 8 << 20)];
+        let mut seen: Vec<(usize, usize, u64)> = Vec::new();
+        r.for_each(&mut items, |id, w| seen.push((id, w.len(), w[0])));
+        assert_eq!(
+            seen[0],
+            (1, 1, u64::from_le_bytes([0, 1, 2, 3, 4, 5, 6, 7]))
+        );
+        assert_eq!(
+            seen[1],
+            (
+                2,
+                2,
+                u64::from_le_bytes([0x10, 0x11, 0x12, 0x13, 0x14, 0x15, 0x16, 0x17])
+            )
+        );
+        assert_eq!(
+            seen.iter().filter(|s| s.0 == 3).map(|s| s.1).sum::<usize>(),
+            1 << 20
+        );
     }
 
     #[test]

@@ -7,7 +7,7 @@
 //! * **indirect** — reached only from lost blocks.
 
 use crate::capture::Block;
-use crate::memory::Image;
+use crate::memory::{BatchReader, Image, Memory};
 use crate::roots::Roots;
 
 /// Class of a block after the scan.
@@ -86,11 +86,13 @@ impl<'a> BlockIndex<'a> {
     }
 }
 
-/// Classifies every block. `blocks` must be sorted by address.
-pub fn classify(blocks: &[Block], image: &Image, roots: &Roots) -> Vec<Kind> {
+/// Classifies every block. `blocks` must be sorted by address; their contents are read
+/// from `heap` in address-ordered batches as the marking reaches them.
+pub fn classify(blocks: &[Block], image: &Image, roots: &Roots, heap: &dyn Memory) -> Vec<Kind> {
     let idx = BlockIndex::new(blocks);
     let mut state = vec![State::Unreached; blocks.len()];
     let mut stack: Vec<usize> = Vec::new();
+    let mut reader = BatchReader::new(heap);
 
     // Marks a pointer found in definitely-reachable memory (`definite`) or in a possibly
     // reachable block.
@@ -134,7 +136,7 @@ pub fn classify(blocks: &[Block], image: &Image, roots: &Roots) -> Vec<Kind> {
                         .find(w)
                         .is_some_and(|(i, _)| state[i] == State::Unreached)
                 {
-                    let (bi, st) = idx.find(w).unwrap();
+                    let (bi, st) = idx.find(w).unwrap_or_default();
                     eprintln!(
                         "root word at {at:#x} -> {w:#x} block {:#x}+{} start={st}",
                         blocks[bi].addr, blocks[bi].size
@@ -145,36 +147,59 @@ pub fn classify(blocks: &[Block], image: &Image, roots: &Roots) -> Vec<Kind> {
             }
         });
     }
-    while let Some(i) = stack.pop() {
-        let definite = state[i] == State::Reachable;
-        let b = &blocks[i];
-        image.for_each_piece(b.addr, b.addr + b.size, |words| {
+    // Scan reached blocks, a batch (everything pending) at a time, in address order.
+    let mut batch: Vec<(usize, u64, u64)> = Vec::new();
+    while !stack.is_empty() {
+        stack.sort_unstable();
+        stack.dedup();
+        batch.clear();
+        batch.extend(stack.drain(..).map(|i| (i, blocks[i].addr, blocks[i].size)));
+        reader.for_each(&mut batch, |i, words| {
+            let definite = state[i] == State::Reachable;
             for &w in words {
                 push(w, definite, &mut state, &mut stack);
             }
         });
     }
 
-    // Lost blocks: each unreached block not yet claimed leads a clique of the blocks it
-    // reaches (by any pointer), which become indirect.
-    for leader in 0..blocks.len() {
+    // Lost blocks: first the pointers between them, then cliques. Each unreached block not
+    // yet claimed (in address order) leads the blocks it reaches, which become indirect.
+    let unreached: Vec<usize> = (0..blocks.len())
+        .filter(|&i| state[i] == State::Unreached)
+        .collect();
+    let pos: std::collections::HashMap<usize, usize> =
+        unreached.iter().enumerate().map(|(p, &i)| (i, p)).collect();
+    let mut edges: Vec<Vec<u32>> = vec![Vec::new(); unreached.len()];
+    batch.clear();
+    batch.extend(
+        unreached
+            .iter()
+            .map(|&i| (i, blocks[i].addr, blocks[i].size)),
+    );
+    reader.for_each(&mut batch, |i, words| {
+        let from = pos[&i];
+        for &w in words {
+            if let Some((j, _)) = idx.find(w) {
+                if j != i && state[j] == State::Unreached {
+                    edges[from].push(j as u32);
+                }
+            }
+        }
+    });
+    for &leader in &unreached {
         if state[leader] != State::Unreached {
             continue;
         }
         stack.push(leader);
         while let Some(i) = stack.pop() {
-            let b = &blocks[i];
-            image.for_each_piece(b.addr, b.addr + b.size, |words| {
-                for &w in words {
-                    // An unreached block here is fresh, or an earlier leader now absorbed.
-                    if let Some((j, _)) = idx.find(w) {
-                        if j != leader && state[j] == State::Unreached {
-                            state[j] = State::Indirect;
-                            stack.push(j);
-                        }
-                    }
+            for &j in &edges[pos[&i]] {
+                let j = j as usize;
+                // An unreached block here is fresh, or an earlier leader now absorbed.
+                if j != leader && state[j] == State::Unreached {
+                    state[j] = State::Indirect;
+                    stack.push(j);
                 }
-            });
+            }
         }
     }
 

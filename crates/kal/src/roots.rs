@@ -10,11 +10,12 @@
 //! (then exactly that arena heap, from its `heap_info`); with another allocator, every
 //! mapping that holds a live block.
 
-use crate::capture::{active_side_slot, agent_tables, copyable, Capture};
+use crate::capture::{active_side_slot, agent_tables, copyable, Block, Capture};
+use crate::memory::Memory;
+use crate::procfs::Mapping;
 use crate::ranges::{normalize, subtract};
+use kal_proto::Header;
 
-const IS_MMAPPED: u64 = 2;
-const NON_MAIN_ARENA: u64 = 4;
 /// glibc's `HEAP_MAX_SIZE` on 64-bit: secondary arena heaps are aligned to it.
 const HEAP_MAX: u64 = 64 << 20;
 /// The System V x86-64 red zone below the stack pointer.
@@ -31,56 +32,62 @@ pub struct Roots {
     pub values: Vec<u64>,
 }
 
-/// Ranges of memory the allocator owns.
-pub fn heap_ranges(c: &Capture) -> Vec<(u64, u64)> {
-    let mut out: Vec<(u64, u64)> = c
-        .maps
+/// Ranges of memory the allocator owns, from the blocks' recorded chunk flags.
+pub fn heap_ranges(
+    maps: &[Mapping],
+    blocks: &[Block],
+    h: &Header,
+    mem: &dyn Memory,
+) -> Vec<(u64, u64)> {
+    let mut out: Vec<(u64, u64)> = maps
         .iter()
         .filter(|m| m.path == "[heap]")
         .map(|m| (m.start, m.end))
         .collect();
+    let main_heap = out.clone();
     let mapping_of = |a: u64| {
-        c.maps
-            .iter()
+        maps.iter()
             .find(|m| m.contains(a))
             .map(|m| (m.start, m.end))
     };
-    let glibc = c.header.glibc_malloc != 0;
+    let glibc = h.glibc_malloc != 0;
     let mut last: (u64, u64) = (0, 0);
-    for b in &c.blocks {
+    for b in blocks {
         if b.addr >= last.0 && b.addr < last.1 {
             continue;
         }
-        let r = if glibc { glibc_extent(c, b.addr) } else { None };
-        let r = match r {
-            Some(r) => r,
-            None => match mapping_of(b.addr) {
-                Some(r) => r,
-                None => continue,
-            },
+        let flags = b.api >> kal_proto::CHUNK_FLAGS_SHIFT;
+        let r = if !glibc {
+            mapping_of(b.addr)
+        } else if flags & kal_proto::CHUNK_IS_MMAPPED != 0 {
+            // The chunk's own mapping: its header page up to the end of the block's pages.
+            Some((
+                (b.addr - 16) & !4095,
+                (b.addr + b.size.max(1) + 4095) & !4095,
+            ))
+        } else if flags & kal_proto::CHUNK_NON_MAIN_ARENA != 0 {
+            // A secondary arena's heap: heap_info (ar_ptr, prev, size, …) at its aligned base.
+            let base = b.addr & !(HEAP_MAX - 1);
+            let mut w = [0u8; 8];
+            let size = (mem.read(base + 16, &mut w) == 8)
+                .then(|| u64::from_le_bytes(w))
+                .unwrap_or(0);
+            if size > 0 && size <= HEAP_MAX {
+                Some((base, base + size))
+            } else {
+                mapping_of(b.addr)
+            }
+        } else if main_heap.iter().any(|r| b.addr >= r.0 && b.addr < r.1) {
+            None
+        } else {
+            mapping_of(b.addr)
         };
-        out.push(r);
-        last = r;
-    }
-    normalize(out)
-}
-
-/// The memory a glibc chunk sits in, when its header says more than "main arena".
-fn glibc_extent(c: &Capture, addr: u64) -> Option<(u64, u64)> {
-    let size_word = c.image.word(addr.checked_sub(8)?)?;
-    let chunk = addr - 16;
-    if size_word & IS_MMAPPED != 0 {
-        let prev = c.image.word(chunk)?;
-        return Some((chunk.checked_sub(prev)?, chunk + (size_word & !7)));
-    }
-    if size_word & NON_MAIN_ARENA != 0 {
-        let base = addr & !(HEAP_MAX - 1);
-        let size = c.image.word(base + 16)?;
-        if size > 0 && size <= HEAP_MAX {
-            return Some((base, base + size));
+        if let Some(r) = r {
+            out.push(r);
+            last = r;
         }
     }
-    None
+    normalize(out)
 }
 
 /// Computes the roots of a capture.
@@ -123,7 +130,7 @@ pub fn roots(c: &Capture) -> Roots {
             tls.push((tp - tls_size, tp + TCB_SPAN));
         }
     }
-    let mut excluded = heap_ranges(c);
+    let mut excluded = c.heap_ranges.clone();
     excluded.extend_from_slice(&blocks);
     excluded.extend_from_slice(&tables);
     excluded.extend_from_slice(&dead_stacks);

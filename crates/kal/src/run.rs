@@ -259,14 +259,22 @@ fn handle(mut c: Conn, main_pid: i32, opts: &RunOptions) -> Result<Handled> {
     // does, so the exit path's frames are below the stack pointer), let it go, then
     // analyse at leisure.
     let pid = msg.pid as i32;
-    let cap = {
+    let (cap, kinds) = {
         let frozen = Frozen::at_exit(pid, msg.tid as i32, || {
             let _ = c.stream.write_all(&[1]);
         })?;
-        capture(&frozen, msg.header_addr)?
+        let cap = capture(&frozen, msg.header_addr)?;
+        // Blocks are read from the process itself: scan before letting it go.
+        let kinds = crate::classify(&cap);
+        (cap, kinds)
     };
     drop(c);
-    let report = crate::analyze(&cap, &opts.report);
+    let report = report::build(
+        &cap,
+        &kinds,
+        &crate::symbolize::Symbols::new(),
+        &opts.report,
+    );
     if !opts.quiet {
         eprint!("{}", report::text(&report, opts.frames));
     }
