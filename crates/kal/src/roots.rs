@@ -69,9 +69,11 @@ pub fn heap_ranges(
             // A secondary arena's heap: heap_info (ar_ptr, prev, size, …) at its aligned base.
             let base = b.addr & !(HEAP_MAX - 1);
             let mut w = [0u8; 8];
-            let size = (mem.read(base + 16, &mut w) == 8)
-                .then(|| u64::from_le_bytes(w))
-                .unwrap_or(0);
+            let size = if mem.read(base + 16, &mut w) == 8 {
+                u64::from_le_bytes(w)
+            } else {
+                0
+            };
             if size > 0 && size <= HEAP_MAX {
                 Some((base, base + size))
             } else {
