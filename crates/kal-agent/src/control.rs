@@ -73,6 +73,11 @@ unsafe extern "C" fn after_fork_child() {
         unsafe { libc::close(old) };
     }
     hello();
+    crate::server::start();
+}
+
+extern "C" fn remove_socket() {
+    crate::server::stop();
 }
 
 extern "C" fn at_exit() {
@@ -102,6 +107,8 @@ extern "C" fn at_exit() {
 /// Reads `KAL_SOCKET`, says hello and arranges the exit handshake. Without `KAL_SOCKET`
 /// the agent records allocations but talks to nobody.
 pub fn init() {
+    // SAFETY: registering a plain extern "C" function.
+    unsafe { libc::atexit(remove_socket) };
     // SAFETY: getenv with a NUL-terminated name; the value is copied out at once.
     unsafe {
         let v = libc::getenv(c"KAL_SOCKET".as_ptr());

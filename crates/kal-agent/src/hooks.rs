@@ -193,7 +193,9 @@ extern "C" fn free_impl(p: *mut c_void, _: usize, _: usize, _: usize, _: usize) 
         return;
     }
     let Some(r) = real::get() else { return };
-    forget(p);
+    if forget(p).is_none() && crate::reclaim::contradicts(p as u64) {
+        return; // kal reclaimed it already: freeing it again would be a double free
+    }
     // SAFETY: p is the caller's block, handed to the allocator that produced it.
     unsafe { (r.free)(p) }
 }
@@ -248,6 +250,16 @@ extern "C" fn realloc_impl(
         return unsafe { (r.realloc)(p, size) };
     }
     let old = forget(p);
+    if old.is_none() && crate::reclaim::contradicts(p as u64) {
+        // kal reclaimed p already: give the program a fresh block (its old contents are gone).
+        // SAFETY: forwarding a plain allocation.
+        let q = unsafe { (r.malloc)(size) };
+        if !q.is_null() {
+            record(q, size, Api::Realloc, at);
+        }
+        guard::leave();
+        return q;
+    }
     // SAFETY: p is the caller's live block.
     let q = unsafe { (r.realloc)(p, size) };
     if !q.is_null() {

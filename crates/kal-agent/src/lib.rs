@@ -23,6 +23,8 @@ mod guard;
 pub mod hooks;
 mod pool;
 mod real;
+mod reclaim;
+mod server;
 mod side;
 mod state;
 mod table;
@@ -93,8 +95,28 @@ extern "C" fn agent_start() {
         unwind::agent_text(),
         side::region(),
     );
+    state::publish_reclaim();
     control::init();
+    server::start();
     guard::leave();
+}
+
+/// `malloc_trim(0)` with glibc's allocator: returns whether memory was released, or
+/// `None` when the allocator is not glibc's.
+pub(crate) fn trim() -> Option<bool> {
+    type TrimFn = unsafe extern "C" fn(usize) -> i32;
+    if !real::get()?.glibc {
+        return None;
+    }
+    // SAFETY: dlsym with a valid name; malloc_trim has this signature in glibc.
+    unsafe {
+        let f = libc::dlsym(libc::RTLD_DEFAULT, c"malloc_trim".as_ptr());
+        if f.is_null() {
+            return None;
+        }
+        let f: TrimFn = core::mem::transmute::<*mut libc::c_void, TrimFn>(f);
+        Some(f(0) != 0)
+    }
 }
 
 #[used]

@@ -23,6 +23,10 @@ pub static mut KAL_HEADER: Header = Header {
     side_addr: 0,
     side_len: 0,
     side_slot: 0,
+    reclaimed_blocks: 0,
+    reclaimed_bytes: 0,
+    banned_addr: 0,
+    banned_len: 0,
 };
 static mut TABLES: Option<Tables> = None;
 static STATE: AtomicU8 = AtomicU8::new(0);
@@ -115,5 +119,18 @@ pub fn describe(static_tls: u64, glibc: bool, text: (u64, u64), side: (u64, u64,
         h.side_addr = side.0;
         h.side_len = side.1;
         h.side_slot = side.2;
+    }
+}
+
+/// Copies the reclaim counters and the banned-sites list's length into the header.
+pub fn publish_reclaim() {
+    // SAFETY: u64 fields of a static, written only by the control thread; the CLI reads
+    // them from a frozen process or a snapshot.
+    unsafe {
+        let h = &mut *core::ptr::addr_of_mut!(KAL_HEADER);
+        h.reclaimed_blocks = crate::reclaim::RECLAIMED[0].load(Ordering::Relaxed);
+        h.reclaimed_bytes = crate::reclaim::RECLAIMED[1].load(Ordering::Relaxed);
+        h.banned_addr = crate::reclaim::BANNED.as_ptr() as u64;
+        h.banned_len = crate::reclaim::BANNED_LEN.load(Ordering::Relaxed);
     }
 }

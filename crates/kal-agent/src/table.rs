@@ -63,8 +63,34 @@ fn mix(x: u64) -> u64 {
     x ^ (x >> 32)
 }
 
+/// `lock cmpxchg16b`: if the 16 bytes at `p` equal `old`, store `new`; returns success.
+///
+/// # Safety
+/// `p` must be 16-byte aligned and valid for reads and writes of 16 bytes.
+unsafe fn cas128(p: *mut u64, old: [u64; 2], new: [u64; 2]) -> bool {
+    let ok: u8;
+    // SAFETY: per the contract; rbx (reserved by LLVM) is swapped in and restored around
+    // the instruction.
+    unsafe {
+        core::arch::asm!(
+            "xchg {tmp}, rbx",
+            "lock cmpxchg16b xmmword ptr [{p}]",
+            "sete {ok}",
+            "mov rbx, {tmp}",
+            p = in(reg) p,
+            tmp = inout(reg) new[0] => _,
+            ok = out(reg_byte) ok,
+            inout("rax") old[0] => _,
+            inout("rdx") old[1] => _,
+            in("rcx") new[1],
+            options(nostack),
+        );
+    }
+    ok != 0
+}
+
 /// Maps `len` bytes of zero-filled private memory with no swap reservation.
-fn map(len: usize) -> *mut u8 {
+pub fn map(len: usize) -> *mut u8 {
     // SAFETY: anonymous private mapping, no file involved.
     let p = unsafe {
         libc::mmap(
@@ -130,8 +156,8 @@ impl Tables {
                 // SAFETY: this thread owns the slot while it is BUSY.
                 unsafe {
                     let s = self.slots.add(i as usize);
-                    (*s).size = size;
                     (*s).seq = seq;
+                    (*s).size = size;
                     (*s).stack = stack;
                     (*s).api = api;
                 }
@@ -173,6 +199,65 @@ impl Tables {
                     return Some(r);
                 }
                 return None;
+            }
+            if cur == SLOT_EMPTY {
+                return None;
+            }
+            i = (i + 1) & self.mask;
+        }
+        None
+    }
+
+    /// Claims the block at `addr` for freeing if its slot still holds allocation `seq`:
+    /// one 16-byte compare-and-swap of (address, sequence number) to (tombstone, seq), so a
+    /// block the program freed — and whose address it may have been handed again — is never
+    /// claimed. Returns what was recorded, or `None`.
+    pub fn claim(&self, addr: u64, seq: u64) -> Option<Removed> {
+        let mut i = home(addr) & self.mask;
+        for _ in 0..MAX_PROBE {
+            let key = self.key(i);
+            let cur = key.load(Ordering::Acquire);
+            if cur == addr {
+                // SAFETY: the slot is 32-byte aligned inside our mapping; fields are read
+                // before the claim and only trusted if the claim succeeds.
+                let s = unsafe { self.slots.add(i as usize) };
+                let r = unsafe {
+                    Removed {
+                        size: (*s).size,
+                        seq: (*s).seq,
+                        stack: (*s).stack,
+                        api: (*s).api,
+                    }
+                };
+                // SAFETY: as above; cmpxchg16b on the (addr, seq) pair at the slot's start.
+                let ok = unsafe { cas128(s.cast::<u64>(), [addr, seq], [SLOT_TOMBSTONE, seq]) };
+                return (ok && r.seq == seq).then_some(r);
+            }
+            if cur == SLOT_EMPTY {
+                return None;
+            }
+            i = (i + 1) & self.mask;
+        }
+        None
+    }
+
+    /// The stack id and size recorded for `addr` if it holds allocation `seq` now.
+    pub fn peek(&self, addr: u64, seq: u64) -> Option<Removed> {
+        let mut i = home(addr) & self.mask;
+        for _ in 0..MAX_PROBE {
+            let cur = self.key(i).load(Ordering::Acquire);
+            if cur == addr {
+                // SAFETY: reading a published slot; a racing change is caught by `claim`.
+                let s = unsafe { self.slots.add(i as usize) };
+                let r = unsafe {
+                    Removed {
+                        size: (*s).size,
+                        seq: (*s).seq,
+                        stack: (*s).stack,
+                        api: (*s).api,
+                    }
+                };
+                return (r.seq == seq).then_some(r);
             }
             if cur == SLOT_EMPTY {
                 return None;

@@ -10,10 +10,15 @@
 //!
 //! ```
 //! use kal_proto::{AllocSlot, SLOT_EMPTY, slot_state};
-//! let slot = AllocSlot { addr: SLOT_EMPTY, size: 0, seq: 0, stack: 0, api: 0 };
+//! let slot = AllocSlot { addr: SLOT_EMPTY, seq: 0, size: 0, stack: 0, api: 0 };
 //! assert_eq!(slot_state(slot.addr), kal_proto::SlotState::Empty);
 //! ```
 #![no_std]
+
+#[cfg(test)]
+extern crate std;
+
+pub mod ctl;
 
 /// Magic number at the start of the agent header ("KALAGENT" in little-endian ASCII).
 pub const MAGIC: u64 = u64::from_le_bytes(*b"KALAGENT");
@@ -115,10 +120,11 @@ impl Api {
 pub struct AllocSlot {
     /// Block address, or one of the `SLOT_*` markers.
     pub addr: u64,
+    /// Allocation sequence number, unique per process lifetime. Next to `addr` so that a
+    /// reclaim can check and claim both with one 16-byte compare-and-swap.
+    pub seq: u64,
     /// Requested size in bytes.
     pub size: u64,
-    /// Allocation sequence number, unique per process lifetime.
-    pub seq: u64,
     /// Index into the stack table, or [`STACK_UNKNOWN`].
     pub stack: u32,
     /// The [`Api`] that allocated the block (low 8 bits) and, with glibc's allocator, the
@@ -181,7 +187,19 @@ pub struct Header {
     /// Size of one side-stack slot in that region. A thread whose stack pointer is inside
     /// a slot is running a hook: its program stack pointer is the word at the slot's top − 8.
     pub side_slot: u64,
+    /// Blocks freed by reclaim requests so far.
+    pub reclaimed_blocks: u64,
+    /// Bytes freed by reclaim requests so far.
+    pub reclaimed_bytes: u64,
+    /// Address of an array of [`MAX_BANNED`] u32 stack ids whose blocks are never reclaimed
+    /// again: the program freed or reallocated a block kal had reclaimed from that site.
+    pub banned_addr: u64,
+    /// Number of valid entries in that array.
+    pub banned_len: u64,
 }
+
+/// Capacity of the banned-sites array.
+pub const MAX_BANNED: usize = 1024;
 
 /// Kind of a message from the agent to the CLI.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -30,6 +30,82 @@ pub struct Block {
     pub span: u64,
 }
 
+/// Where the target's memory goes.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct MemoryStats {
+    /// Resident set size of the process.
+    pub rss_bytes: u64,
+    /// Sum of the sizes of live blocks.
+    pub live_bytes: u64,
+    /// Resident memory the allocator holds that no live block uses: free chunks in bins,
+    /// tcache and fastbins, a heap top pinned by a live block, in all arenas. Not a leak.
+    pub retained_bytes: u64,
+    /// Allocator arenas with live blocks (glibc: the main arena and each secondary one).
+    pub arenas: u64,
+}
+
+/// Resident bytes of the parts of `ranges` (sorted) in process `pid`, from smaps.
+fn resident_in(pid: i32, ranges: &[(u64, u64)]) -> u64 {
+    let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/smaps")) else {
+        return 0;
+    };
+    let mut total = 0u64;
+    let mut cur: Option<(u64, u64)> = None;
+    for line in text.lines() {
+        if let Some(m) = procfs::parse_maps(line).into_iter().next() {
+            cur = Some((m.start, m.end));
+        } else if let (Some((s, e)), Some(kb)) = (cur, line.strip_prefix("Rss:")) {
+            let rss = kb
+                .trim()
+                .trim_end_matches("kB")
+                .trim()
+                .parse::<u64>()
+                .unwrap_or(0)
+                * 1024;
+            let overlap: u64 = ranges
+                .iter()
+                .map(|r| r.1.min(e).saturating_sub(r.0.max(s)))
+                .sum();
+            if overlap > 0 {
+                total += (rss as u128 * overlap as u128 / (e - s) as u128) as u64;
+            }
+        }
+    }
+    total
+}
+
+/// Computes the memory figures of a capture.
+pub fn memory_stats(
+    pid: i32,
+    mem_pid: i32,
+    blocks: &[Block],
+    heap: &[(u64, u64)],
+    h: &Header,
+) -> MemoryStats {
+    let live: u64 = blocks.iter().map(|b| b.size).sum();
+    let resident = resident_in(mem_pid, heap);
+    let arenas = if h.glibc_malloc != 0 {
+        let mut bases: Vec<u64> = blocks
+            .iter()
+            .filter(|b| {
+                (b.api >> kal_proto::CHUNK_FLAGS_SHIFT) & kal_proto::CHUNK_NON_MAIN_ARENA != 0
+            })
+            .map(|b| b.addr >> 26)
+            .collect();
+        bases.sort_unstable();
+        bases.dedup();
+        1 + bases.len() as u64
+    } else {
+        0
+    };
+    MemoryStats {
+        rss_bytes: crate::control::rss(pid).unwrap_or(0),
+        live_bytes: live,
+        retained_bytes: resident.saturating_sub(live),
+        arenas,
+    }
+}
+
 /// Everything the later steps need. Heap blocks are read through [`Capture::heap`], which
 /// must stay readable (process frozen, or snapshot copy alive) until classification is done.
 pub struct Capture {
@@ -53,6 +129,10 @@ pub struct Capture {
     pub heap_ranges: Vec<(u64, u64)>,
     /// Where heap blocks are read from.
     pub heap: Box<dyn Memory + Send + Sync>,
+    /// Where the memory goes (RSS, live, retained by the allocator).
+    pub memory: MemoryStats,
+    /// Stack ids the agent will never reclaim again (the program contradicted a reclaim).
+    pub banned: Vec<u32>,
 }
 
 fn read_pod<T: Copy + Default>(mem: &dyn Memory, addr: u64) -> Option<T> {
@@ -102,11 +182,11 @@ pub fn read_blocks(mem: &dyn Memory, h: &Header) -> (Vec<Block>, HashMap<u32, Ve
                             let api = (w[3] >> 32) as u32;
                             Some(Block {
                                 addr,
-                                size: w[1],
-                                seq: w[2],
+                                seq: w[1],
+                                size: w[2],
                                 stack: w[3] as u32,
                                 api,
-                                span: span(h, w[1], api),
+                                span: span(h, w[2], api),
                             })
                         }
                         _ => None,
@@ -133,6 +213,25 @@ pub fn read_blocks(mem: &dyn Memory, h: &Header) -> (Vec<Block>, HashMap<u32, Ve
         }
     }
     (blocks, stacks)
+}
+
+/// Reads one stack of the agent's stack table.
+pub fn read_stack(mem: &dyn Memory, h: &Header, id: u32) -> Option<Vec<u64>> {
+    if id as u64 >= h.stack_slots {
+        return None;
+    }
+    let size = std::mem::size_of::<StackSlot>();
+    let mut b = vec![0u8; size];
+    mem.read(h.stacks_addr + id as u64 * size as u64, &mut b);
+    let w: Vec<u64> = b
+        .chunks_exact(8)
+        .map(|c| u64::from_le_bytes(c.try_into().unwrap_or([0; 8])))
+        .collect();
+    if w[0] == 0 || w[0] == STACK_SLOT_BUSY {
+        return None;
+    }
+    let d = (w[1] as u32 as usize).min(kal_proto::MAX_FRAMES);
+    Some(w[2..2 + d].to_vec())
 }
 
 /// glibc's chunk size for a request (`request2size`).
@@ -212,6 +311,22 @@ pub fn capture_from(
             image.bytes() >> 10
         );
     }
+    let memory = memory_stats(pid, mem_pid, &blocks, &heap_ranges, &header);
+    let n = (header.banned_len as usize).min(kal_proto::MAX_BANNED);
+    let mut raw = vec![0u8; n * 4];
+    if n > 0 {
+        mem.read(header.banned_addr, &mut raw);
+    }
+    let banned: Vec<u32> = raw
+        .chunks_exact(4)
+        .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect();
+    let mut stacks = stacks;
+    for &id in &banned {
+        if let (false, Some(st)) = (stacks.contains_key(&id), read_stack(&mem, &header, id)) {
+            stacks.insert(id, st);
+        }
+    }
     Ok(Capture {
         pid,
         exe: procfs::exe(pid),
@@ -223,6 +338,8 @@ pub fn capture_from(
         image,
         heap_ranges,
         heap: Box::new(mem),
+        memory,
+        banned,
     })
 }
 

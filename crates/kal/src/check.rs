@@ -20,11 +20,17 @@ pub struct Check {
 /// Checks process `pid` once.
 pub fn check(pid: i32, opts: &report::Options) -> Result<Check> {
     let header = crate::agent::find_header(pid)?;
-    check_with_header(pid, header, opts)
+    check_with_header(pid, header, opts, &Default::default())
 }
 
 /// Checks process `pid` whose agent header address is already known.
-pub fn check_with_header(pid: i32, header: u64, opts: &report::Options) -> Result<Check> {
+/// `reclaimed_sites`: what this kal reclaimed in the process so far, by stack id.
+pub fn check_with_header(
+    pid: i32,
+    header: u64,
+    opts: &report::Options,
+    reclaimed_sites: &std::collections::HashMap<u32, report::Totals>,
+) -> Result<Check> {
     let snap = crate::snapshot::take(pid)?;
     let pause = snap.pause;
     crate::snapshot::test_hold("snapshot");
@@ -38,7 +44,13 @@ pub fn check_with_header(pid: i32, header: u64, opts: &report::Options) -> Resul
     let released = snap.release();
     let (cap, kinds) = scanned?;
     released?;
-    let mut report = report::build(&cap, &kinds, &crate::symbolize::Symbols::new(), opts);
+    let mut report = report::build(
+        &cap,
+        &kinds,
+        &crate::symbolize::Symbols::new(),
+        opts,
+        reclaimed_sites,
+    );
     report.pause_ms = Some(pause.as_secs_f64() * 1e3);
     report.scan_ms = Some(scan.as_secs_f64() * 1e3);
     let lost = cap

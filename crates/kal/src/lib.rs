@@ -29,6 +29,7 @@
 pub mod agent;
 pub mod capture;
 pub mod check;
+pub mod control;
 pub mod elf;
 pub mod freeze;
 pub mod memory;
@@ -36,6 +37,7 @@ pub mod periodic;
 pub mod procfs;
 pub mod ranges;
 pub mod reach;
+pub mod reclaim;
 pub mod report;
 pub mod roots;
 pub mod run;
@@ -59,7 +61,13 @@ pub fn classify(cap: &capture::Capture) -> Vec<reach::Kind> {
 /// Steps 3 to 5 on a capture: roots, classification, symbolized records.
 pub fn analyze(cap: &capture::Capture, opts: &report::Options) -> report::Report {
     let kinds = classify(cap);
-    report::build(cap, &kinds, &symbolize::Symbols::new(), opts)
+    report::build(
+        cap,
+        &kinds,
+        &symbolize::Symbols::new(),
+        opts,
+        &Default::default(),
+    )
 }
 
 /// Debug aid: prints roots (set `KAL_DEBUG_ROOTS=1`).

@@ -53,6 +53,10 @@ enum Cmd {
         /// exit report last (with "at_exit": true).
         #[arg(long, value_name = "D", value_parser = kal::periodic::parse_duration)]
         check_every: Option<std::time::Duration>,
+        /// Leak tolerance: after each periodic check, free the blocks that were definitely
+        /// lost in it and in the previous one (needs --check-every).
+        #[arg(long, requires = "check_every")]
+        reclaim: bool,
         /// The program and its arguments (put them after `--`).
         #[arg(
             required = true,
@@ -91,6 +95,40 @@ enum Cmd {
         #[arg(long, short)]
         quiet: bool,
     },
+    /// Free what a running process (started under `kal run`) has definitely lost.
+    ///
+    /// Takes two snapshots in a row and asks the agent to free, with the program's own
+    /// `free`, every block definitely lost in both (the agent checks each block's
+    /// allocation sequence number first), then returns free pages to the OS. Never touches
+    /// possibly lost or reachable blocks.
+    ///
+    /// Example: kal reclaim 4242
+    Reclaim {
+        /// Process id.
+        pid: i32,
+        /// Also write the report (with "reclaimed") as JSON to FILE.
+        #[arg(long, value_name = "FILE")]
+        json: Option<PathBuf>,
+        /// Suppressions file (for the report).
+        #[arg(long, value_name = "FILE")]
+        suppressions: Option<PathBuf>,
+        /// Frames shown per record in the text report.
+        #[arg(long, value_name = "N", default_value_t = 8)]
+        frames: usize,
+        /// Print only the one-line result.
+        #[arg(long, short)]
+        quiet: bool,
+    },
+    /// Make a running process (started under `kal run`) give free memory back to the OS.
+    ///
+    /// Runs malloc_trim(0) inside it (glibc) and prints its RSS before and after. Use it
+    /// when a report says the allocator keeps a lot of freed memory.
+    ///
+    /// Example: kal trim 4242
+    Trim {
+        /// Process id.
+        pid: i32,
+    },
 }
 
 fn load_suppressions(p: Option<PathBuf>) -> anyhow::Result<kal::suppress::Suppressions> {
@@ -126,6 +164,57 @@ fn check(
     })
 }
 
+fn reclaim(
+    pid: i32,
+    json: Option<PathBuf>,
+    report: kal::report::Options,
+    frames: usize,
+    quiet: bool,
+) -> anyhow::Result<i32> {
+    if let Some(j) = &json {
+        std::fs::File::create(j)
+            .map_err(|e| anyhow::anyhow!("cannot write JSON report to {}: {e}", j.display()))?;
+    }
+    let (r, done, before, after) = kal::reclaim::reclaim_now(pid, &report)?;
+    if !quiet {
+        eprint!("{}", kal::report::text(&r, frames));
+        for s in &r.reclaimed.sites {
+            eprintln!(
+                "    reclaimed {} bytes in {} blocks at {}",
+                s.bytes,
+                s.blocks,
+                kal::report::where_(&s.stack)
+            );
+        }
+    }
+    let mib = |b: u64| b as f64 / (1 << 20) as f64;
+    eprintln!(
+        "kal: reclaimed {} bytes in {} blocks in process {pid} (refused: {} no longer the same allocation, {} from contradicted sites); RSS {:.1} MiB -> {:.1} MiB",
+        done.total.bytes, done.total.blocks, done.stale, done.banned, mib(before), mib(after)
+    );
+    if let Some(j) = &json {
+        kal::report::write_json(&r, j)?;
+    }
+    Ok(0)
+}
+
+fn trim(pid: i32) -> anyhow::Result<i32> {
+    kal::agent::find_header(pid)?;
+    let before = kal::control::rss(pid)?;
+    if !kal::control::trim(pid)? {
+        anyhow::bail!("the allocator of process {pid} is not glibc's: kal cannot trim it yet");
+    }
+    let after = kal::control::rss(pid)?;
+    let mib = |b: u64| b as f64 / (1 << 20) as f64;
+    println!(
+        "kal trim {pid}: RSS {:.1} MiB -> {:.1} MiB (returned {:.1} MiB to the OS)",
+        mib(before),
+        mib(after),
+        mib(before.saturating_sub(after))
+    );
+    Ok(0)
+}
+
 fn main() {
     let cli = Cli::parse();
     let result = match cli.cmd {
@@ -137,6 +226,7 @@ fn main() {
             frames,
             quiet,
             check_every,
+            reclaim,
             command,
         } => (|| {
             let suppressions = match suppressions {
@@ -157,6 +247,7 @@ fn main() {
                 frames,
                 quiet,
                 check_every,
+                reclaim,
             })
         })(),
         Cmd::Check {
@@ -180,6 +271,25 @@ fn main() {
                 quiet,
             )
         }),
+        Cmd::Reclaim {
+            pid,
+            json,
+            suppressions,
+            frames,
+            quiet,
+        } => load_suppressions(suppressions).and_then(|suppressions| {
+            reclaim(
+                pid,
+                json,
+                kal::report::Options {
+                    show_reachable: false,
+                    suppressions,
+                },
+                frames,
+                quiet,
+            )
+        }),
+        Cmd::Trim { pid } => trim(pid),
     };
     match result {
         Ok(code) => kal::run::exit_like(code),

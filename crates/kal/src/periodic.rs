@@ -75,6 +75,7 @@ struct Line<'a> {
     time: String,
     new: &'a New,
     new_leaks: &'a [report::Record],
+    reclaimed_now: Totals,
     #[serde(flatten)]
     report: &'a Report,
 }
@@ -113,6 +114,10 @@ pub struct Periodic {
     json: Option<PathBuf>,
     seen: HashMap<i32, HashSet<u64>>,
     count: u64,
+    reclaim: bool,
+    /// Per process: definitely lost blocks of the previous check, by address → seq.
+    prev_direct: HashMap<i32, HashMap<u64, u64>>,
+    reclaimed: HashMap<i32, HashMap<u32, Totals>>,
 }
 
 impl Periodic {
@@ -130,12 +135,28 @@ impl Periodic {
             json,
             seen: HashMap::new(),
             count: 0,
+            reclaim: false,
+            prev_direct: HashMap::new(),
+            reclaimed: HashMap::new(),
         }
+    }
+
+    /// Also reclaim, after each check, the blocks definitely lost in it and in the previous
+    /// check of the same process.
+    pub fn with_reclaim(mut self, on: bool) -> Periodic {
+        self.reclaim = on;
+        self
+    }
+
+    /// What this kal reclaimed in process `pid`, by stack id.
+    pub fn sites(&self, pid: i32) -> HashMap<u32, Totals> {
+        self.reclaimed.get(&pid).cloned().unwrap_or_default()
     }
 
     /// Checks one process now and prints what is new.
     pub fn check(&mut self, pid: i32, header: u64, quiet: bool) -> Result<()> {
-        let c = check_with_header(pid, header, &self.opts)?;
+        let sites = self.sites(pid);
+        let c = check_with_header(pid, header, &self.opts, &sites)?;
         self.count += 1;
         let seen = self.seen.entry(pid).or_default();
         let fresh: Vec<(Block, Kind)> = c
@@ -146,9 +167,42 @@ impl Periodic {
             .collect();
         *seen = c.lost.iter().map(|(b, _)| b.seq).collect();
         let (new, new_leaks) = self.new_records(&c, &fresh);
+        let mut reclaimed_now = Totals::default();
+        if self.reclaim {
+            let direct = crate::reclaim::direct_map(&c.lost);
+            let prev = self.prev_direct.remove(&pid).unwrap_or_default();
+            let cands = crate::reclaim::candidates(&prev, &c.lost, &c.capture.banned);
+            let mut now = direct;
+            if !cands.is_empty() {
+                match crate::reclaim::send(pid, &cands) {
+                    Ok(done) => {
+                        let sites = self.reclaimed.entry(pid).or_default();
+                        for (site, t) in done.by_site {
+                            let e = sites.entry(site).or_default();
+                            e.bytes += t.bytes;
+                            e.blocks += t.blocks;
+                        }
+                        reclaimed_now = done.total;
+                        for b in &done.freed {
+                            now.remove(b);
+                        }
+                    }
+                    Err(e) => eprintln!("kal: reclaim in process {pid} failed: {e:#}"),
+                }
+            }
+            self.prev_direct.insert(pid, now);
+        }
         let time = timestamp(SystemTime::now());
         if !quiet {
             eprint!("{}", self.text(&c.report, &time, &new, &new_leaks));
+            if reclaimed_now.blocks > 0 {
+                eprintln!(
+                    "[{time}] =={pid}== kal reclaimed {} bytes in {} blocks definitely lost in two checks in a row (RSS now {:.1} MiB)",
+                    reclaimed_now.bytes,
+                    reclaimed_now.blocks,
+                    crate::control::rss(pid).unwrap_or(0) as f64 / (1 << 20) as f64
+                );
+            }
         }
         if let Some(j) = &self.json {
             let line = Line {
@@ -156,6 +210,7 @@ impl Periodic {
                 time,
                 new: &new,
                 new_leaks: &new_leaks,
+                reclaimed_now,
                 report: &c.report,
             };
             let mut f = std::fs::OpenOptions::new()

@@ -89,6 +89,31 @@ pub struct Suppressed {
     pub blocks: u64,
 }
 
+/// One allocation site's share of reclaimed memory.
+#[derive(Debug, Clone, Serialize)]
+pub struct Site {
+    /// Bytes.
+    pub bytes: u64,
+    /// Blocks.
+    pub blocks: u64,
+    /// Symbolized allocation stack.
+    pub stack: Vec<Frame>,
+}
+
+/// What kal has freed inside the process (leak tolerance).
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct Reclaimed {
+    /// Bytes freed so far.
+    pub bytes: u64,
+    /// Blocks freed so far.
+    pub blocks: u64,
+    /// By allocation site (what this kal freed), largest first.
+    pub sites: Vec<Site>,
+    /// Sites never reclaimed again: the program freed or reallocated a block kal had
+    /// reclaimed there (the scan could not see its pointer).
+    pub never_again: Vec<Vec<Frame>>,
+}
+
 /// A leak report for one process.
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {
@@ -104,6 +129,10 @@ pub struct Report {
     pub suppressed: Suppressed,
     /// Allocations the agent could not record (table full).
     pub untracked_allocations: u64,
+    /// Where the memory goes: RSS, live blocks, free memory the allocator keeps.
+    pub memory: crate::capture::MemoryStats,
+    /// What kal reclaimed in this process.
+    pub reclaimed: Reclaimed,
     /// For a live check: how long the target's threads were stopped, in milliseconds.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub pause_ms: Option<f64>,
@@ -122,15 +151,26 @@ pub struct Options {
 }
 
 /// Groups classified blocks into records, symbolizes them and applies suppressions.
-pub fn build(c: &Capture, kinds: &[Kind], symbols: &Symbols, opts: &Options) -> Report {
+/// `reclaimed_sites`: what this kal reclaimed, by stack id.
+pub fn build(
+    c: &Capture,
+    kinds: &[Kind],
+    symbols: &Symbols,
+    opts: &Options,
+    reclaimed_sites: &HashMap<u32, Totals>,
+) -> Report {
     let mut groups: BTreeMap<(Kind, u32, u32), Totals> = BTreeMap::new();
     for (b, &k) in c.blocks.iter().zip(kinds) {
         groups.entry((k, b.stack, b.api)).or_default().add(b.size);
     }
     let addrs: Vec<u64> = {
-        let mut v: Vec<u64> = groups
+        let sites = groups
             .keys()
-            .filter_map(|(_, s, _)| c.stacks.get(s))
+            .map(|(_, s, _)| s)
+            .chain(reclaimed_sites.keys())
+            .chain(&c.banned);
+        let mut v: Vec<u64> = sites
+            .filter_map(|s| c.stacks.get(s))
             .flatten()
             .copied()
             .collect();
@@ -183,7 +223,34 @@ pub fn build(c: &Capture, kinds: &[Kind], symbols: &Symbols, opts: &Options) -> 
             .then(b.bytes.cmp(&a.bytes))
             .then(b.blocks.cmp(&a.blocks))
     });
+    let stack_of = |id: &u32| -> Vec<Frame> {
+        c.stacks
+            .get(id)
+            .map(|s| {
+                s.iter()
+                    .flat_map(|a| resolved.get(a).cloned().unwrap_or_default())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let mut sites: Vec<Site> = reclaimed_sites
+        .iter()
+        .map(|(id, t)| Site {
+            bytes: t.bytes,
+            blocks: t.blocks,
+            stack: stack_of(id),
+        })
+        .collect();
+    sites.sort_by_key(|s| std::cmp::Reverse(s.bytes));
+    let reclaimed = Reclaimed {
+        bytes: c.header.reclaimed_bytes,
+        blocks: c.header.reclaimed_blocks,
+        sites,
+        never_again: c.banned.iter().map(stack_of).collect(),
+    };
     Report {
+        memory: c.memory,
+        reclaimed,
         pid: c.pid,
         program: c.exe.clone(),
         summary,
@@ -276,6 +343,48 @@ pub fn text(r: &Report, frames: usize) -> String {
         );
     }
     s.push('\n');
+    let m = &r.memory;
+    let _ = writeln!(
+        s,
+        "{tag} memory: RSS {}, live blocks {}, kept free by the allocator {} ({} arena{})",
+        mib(m.rss_bytes),
+        mib(m.live_bytes),
+        mib(m.retained_bytes),
+        m.arenas,
+        if m.arenas == 1 { "" } else { "s" }
+    );
+    if m.retained_bytes >= 32 << 20 && m.retained_bytes > m.live_bytes {
+        let _ = writeln!(
+            s,
+            "{tag} note: {} of this process's memory is freed memory the allocator keeps for reuse — not a leak; `kal trim {}` (or malloc_trim(0) in the program) gives it back to the OS.",
+            mib(m.retained_bytes),
+            r.pid
+        );
+    }
+    if r.reclaimed.blocks > 0 {
+        let _ = writeln!(
+            s,
+            "{tag} reclaimed so far: {} in {}",
+            plural(r.reclaimed.bytes, "byte"),
+            plural(r.reclaimed.blocks, "block")
+        );
+        for site in &r.reclaimed.sites {
+            let _ = writeln!(
+                s,
+                "    {} in {} at {}",
+                plural(site.bytes, "byte"),
+                plural(site.blocks, "block"),
+                where_(&site.stack)
+            );
+        }
+    }
+    for st in &r.reclaimed.never_again {
+        let _ = writeln!(
+            s,
+            "{tag} contradiction: the program freed a block kal had reclaimed, allocated at {}; that site is never reclaimed again",
+            where_(st)
+        );
+    }
     if let (Some(p), Some(sc)) = (r.pause_ms, r.scan_ms) {
         let _ = writeln!(s, "{tag} live check: the program was paused {p:.2} ms; copying and scanning took {sc:.1} ms");
     }
@@ -287,6 +396,26 @@ pub fn text(r: &Report, frames: usize) -> String {
         );
     }
     s
+}
+
+fn mib(b: u64) -> String {
+    format!("{:.1} MiB", b as f64 / (1 << 20) as f64)
+}
+
+/// "function file:line" of the first frame with a line, for one-line mentions of a site.
+pub fn where_(stack: &[Frame]) -> String {
+    stack
+        .iter()
+        .find(|f| f.line > 0)
+        .or(stack.first())
+        .map(|f| {
+            if f.line > 0 {
+                format!("{} {}:{}", f.function, f.file, f.line)
+            } else {
+                f.function.clone()
+            }
+        })
+        .unwrap_or_else(|| "(no stack)".into())
 }
 
 /// Writes the JSON report.

@@ -35,6 +35,8 @@ pub struct RunOptions {
     pub quiet: bool,
     /// Check every live process this often (`--check-every`); JSON becomes JSON lines.
     pub check_every: Option<Duration>,
+    /// Reclaim blocks definitely lost in two periodic checks in a row (`--reclaim`).
+    pub reclaim: bool,
 }
 
 /// Finds `libkal_agent.so`: `$KAL_AGENT`, next to the kal executable, or in `../lib/kal`.
@@ -147,6 +149,7 @@ pub fn run(opts: &RunOptions) -> Result<i32> {
     let mut hellos = 0usize;
     let mut periodic = opts.check_every.map(|every| {
         crate::periodic::Periodic::new(every, opts.report.clone(), opts.frames, opts.json.clone())
+            .with_reclaim(opts.reclaim)
     });
     let mut last_check = std::time::Instant::now();
     loop {
@@ -202,7 +205,11 @@ pub fn run(opts: &RunOptions) -> Result<i32> {
                 keep.push(c);
                 continue;
             }
-            match handle(c, main_pid, opts) {
+            let sites = periodic
+                .as_ref()
+                .map(|p| p.sites(c.pid.unwrap_or(0)))
+                .unwrap_or_default();
+            match handle(c, main_pid, opts, &sites) {
                 Ok(Handled::Keep(c)) => {
                     hellos += 1;
                     keep.push(c)
@@ -242,7 +249,12 @@ enum Handled {
     Closed,
 }
 
-fn handle(mut c: Conn, main_pid: i32, opts: &RunOptions) -> Result<Handled> {
+fn handle(
+    mut c: Conn,
+    main_pid: i32,
+    opts: &RunOptions,
+    sites: &std::collections::HashMap<u32, report::Totals>,
+) -> Result<Handled> {
     let mut buf = [0u8; HELLO_SIZE];
     if c.stream.read_exact(&mut buf).is_err() {
         return Ok(Handled::Closed); // EOF: that process is gone (or exec'd)
@@ -274,6 +286,7 @@ fn handle(mut c: Conn, main_pid: i32, opts: &RunOptions) -> Result<Handled> {
         &kinds,
         &crate::symbolize::Symbols::new(),
         &opts.report,
+        sites,
     );
     if !opts.quiet {
         eprint!("{}", report::text(&report, opts.frames));

@@ -1,0 +1,294 @@
+//! The agent's control socket: `/tmp/kal-UID/agent-PID.sock`, served by one thread.
+//!
+//! The directory must be a real directory owned by us with mode 0700 (created so if
+//! missing), or the agent serves nothing. Each connection is checked with `SO_PEERCRED`
+//! (same uid, or root), reads are bounded in size and time, and a request that does not
+//! decode is refused without touching anything.
+
+use crate::{real, reclaim, state};
+use core::sync::atomic::{AtomicI32, Ordering};
+use kal_proto::ctl::{decode_entry, Op, ReqHeader, Response, Status, ENTRY_SIZE, REQ_HEADER_SIZE};
+
+static LISTEN_FD: AtomicI32 = AtomicI32::new(-1);
+static mut PATH: [u8; 108] = [0; 108];
+
+/// Writes `/tmp/kal-UID` into `buf` (NUL-terminated); returns its length.
+fn dir_path(buf: &mut [u8; 108]) -> usize {
+    // SAFETY: geteuid has no preconditions.
+    let uid = unsafe { libc::geteuid() };
+    let mut n = 0;
+    for &c in b"/tmp/kal-" {
+        buf[n] = c;
+        n += 1;
+    }
+    n += write_num(&mut buf[n..], uid as u64);
+    buf[n] = 0;
+    n
+}
+
+fn write_num(out: &mut [u8], mut v: u64) -> usize {
+    let mut digits = [0u8; 20];
+    let mut k = 0;
+    loop {
+        digits[k] = b'0' + (v % 10) as u8;
+        v /= 10;
+        k += 1;
+        if v == 0 {
+            break;
+        }
+    }
+    for i in 0..k {
+        out[i] = digits[k - 1 - i];
+    }
+    k
+}
+
+/// A private directory for our sockets: ours, a directory, mode 0700.
+fn private_dir(dir: &[u8; 108]) -> bool {
+    // SAFETY: dir is NUL-terminated; stat fills a plain struct.
+    unsafe {
+        let p = dir.as_ptr().cast();
+        libc::mkdir(p, 0o700);
+        let mut st: libc::stat = core::mem::zeroed();
+        if libc::lstat(p, &mut st) != 0 {
+            return false;
+        }
+        st.st_mode & libc::S_IFMT == libc::S_IFDIR
+            && st.st_uid == libc::geteuid()
+            && st.st_mode & 0o077 == 0
+    }
+}
+
+/// Binds the socket and starts the serving thread (in a fork child too).
+pub fn start() {
+    let mut dir = [0u8; 108];
+    let n = dir_path(&mut dir);
+    if !private_dir(&dir) {
+        return;
+    }
+    // SAFETY: PATH is only written here, by the thread starting the server (init or the
+    // fork child's only thread).
+    let path = unsafe { &mut *core::ptr::addr_of_mut!(PATH) };
+    path[..n].copy_from_slice(&dir[..n]);
+    let mut k = n;
+    for &c in b"/agent-" {
+        path[k] = c;
+        k += 1;
+    }
+    // SAFETY: getpid has no preconditions.
+    k += write_num(&mut path[k..], unsafe { libc::getpid() } as u64);
+    for &c in b".sock" {
+        path[k] = c;
+        k += 1;
+    }
+    path[k] = 0;
+    // SAFETY: plain socket calls on our own fd and a zeroed sockaddr filled within bounds.
+    unsafe {
+        libc::unlink(path.as_ptr().cast());
+        let fd = libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return;
+        }
+        let mut addr: libc::sockaddr_un = core::mem::zeroed();
+        addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+        for (d, &s) in addr.sun_path.iter_mut().zip(&path[..k]) {
+            *d = s as libc::c_char;
+        }
+        let alen = core::mem::size_of::<libc::sa_family_t>() + k;
+        if libc::bind(fd, (&addr as *const libc::sockaddr_un).cast(), alen as u32) != 0
+            || libc::listen(fd, 8) != 0
+        {
+            libc::close(fd);
+            return;
+        }
+        let old = LISTEN_FD.swap(fd, Ordering::AcqRel);
+        if old >= 0 {
+            libc::close(old);
+        }
+        let mut t: libc::pthread_t = 0;
+        let mut attr: libc::pthread_attr_t = core::mem::zeroed();
+        libc::pthread_attr_init(&mut attr);
+        libc::pthread_attr_setdetachstate(&mut attr, libc::PTHREAD_CREATE_DETACHED);
+        libc::pthread_create(&mut t, &attr, serve, core::ptr::null_mut());
+        libc::pthread_attr_destroy(&mut attr);
+    }
+}
+
+/// Removes the socket file (at exit).
+pub fn stop() {
+    // SAFETY: PATH is NUL-terminated (or empty) and ours.
+    unsafe {
+        let path = &*core::ptr::addr_of!(PATH);
+        if path[0] != 0 {
+            libc::unlink(path.as_ptr().cast());
+        }
+    }
+}
+
+extern "C" fn serve(_: *mut libc::c_void) -> *mut libc::c_void {
+    loop {
+        let lfd = LISTEN_FD.load(Ordering::Acquire);
+        // SAFETY: accepting on our own listening socket.
+        let fd = unsafe {
+            libc::accept4(
+                lfd,
+                core::ptr::null_mut(),
+                core::ptr::null_mut(),
+                libc::SOCK_CLOEXEC,
+            )
+        };
+        if fd < 0 {
+            // SAFETY: errno is thread-local.
+            let e = unsafe { *libc::__errno_location() };
+            if e == libc::EINTR || e == libc::ECONNABORTED {
+                continue;
+            }
+            return core::ptr::null_mut();
+        }
+        if peer_allowed(fd) {
+            handle(fd);
+        }
+        // SAFETY: closing the accepted connection.
+        unsafe { libc::close(fd) };
+    }
+}
+
+fn peer_allowed(fd: i32) -> bool {
+    // SAFETY: getsockopt fills a plain ucred of the given size; timeouts on our own fd.
+    unsafe {
+        let mut cred: libc::ucred = core::mem::zeroed();
+        let mut len = core::mem::size_of::<libc::ucred>() as libc::socklen_t;
+        if libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        ) != 0
+        {
+            return false;
+        }
+        let tv = libc::timeval {
+            tv_sec: 2,
+            tv_usec: 0,
+        };
+        let tvp = (&tv as *const libc::timeval).cast();
+        let tvl = core::mem::size_of::<libc::timeval>() as libc::socklen_t;
+        libc::setsockopt(fd, libc::SOL_SOCKET, libc::SO_RCVTIMEO, tvp, tvl);
+        libc::setsockopt(fd, libc::SOL_SOCKET, libc::SO_SNDTIMEO, tvp, tvl);
+        cred.uid == 0 || cred.uid == libc::geteuid()
+    }
+}
+
+fn read_full(fd: i32, buf: &mut [u8]) -> bool {
+    let mut got = 0;
+    while got < buf.len() {
+        // SAFETY: reading into the unfilled tail of our buffer.
+        let n = unsafe { libc::read(fd, buf[got..].as_mut_ptr().cast(), buf.len() - got) };
+        if n <= 0 {
+            // SAFETY: errno is thread-local.
+            if n < 0 && unsafe { *libc::__errno_location() } == libc::EINTR {
+                continue;
+            }
+            return false;
+        }
+        got += n as usize;
+    }
+    true
+}
+
+fn write_full(fd: i32, buf: &[u8]) {
+    let mut done = 0;
+    while done < buf.len() {
+        // SAFETY: writing our own buffer to our own socket.
+        let n = unsafe {
+            libc::send(
+                fd,
+                buf[done..].as_ptr().cast(),
+                buf.len() - done,
+                libc::MSG_NOSIGNAL,
+            )
+        };
+        if n <= 0 {
+            return;
+        }
+        done += n as usize;
+    }
+}
+
+fn reply(fd: i32, r: &Response, bitmap: &[u8]) {
+    write_full(fd, &r.encode());
+    write_full(fd, bitmap);
+}
+
+fn handle(fd: i32) {
+    let mut hb = [0u8; REQ_HEADER_SIZE];
+    if !read_full(fd, &mut hb) {
+        return;
+    }
+    let h = match ReqHeader::decode(&hb) {
+        Ok(h) => h,
+        Err(_) => {
+            return reply(
+                fd,
+                &Response {
+                    status: Status::BadRequest as u32,
+                    ..Default::default()
+                },
+                &[],
+            )
+        }
+    };
+    let Some(r) = real::get() else { return };
+    match h.op {
+        Op::Trim => {
+            let released = crate::trim();
+            let status = if released.is_some() {
+                Status::Ok
+            } else {
+                Status::Unsupported
+            };
+            let resp = Response {
+                status: status as u32,
+                freed_blocks: released.unwrap_or(false) as u64,
+                ..Default::default()
+            };
+            reply(fd, &resp, &[]);
+        }
+        Op::Reclaim => {
+            let Some(t) = state::tables() else { return };
+            let mut resp = Response::default();
+            let mut bitmap = vec![0u8; (h.count as usize).div_ceil(8)];
+            let mut chunk = [0u8; ENTRY_SIZE * 256];
+            let mut done = 0usize;
+            while done < h.count as usize {
+                let n = (h.count as usize - done).min(256);
+                if !read_full(fd, &mut chunk[..n * ENTRY_SIZE]) {
+                    break; // truncated: what was freed stays freed, the rest is untouched
+                }
+                for i in 0..n {
+                    let mut e = [0u8; ENTRY_SIZE];
+                    e.copy_from_slice(&chunk[i * ENTRY_SIZE..(i + 1) * ENTRY_SIZE]);
+                    let (addr, seq) = decode_entry(&e);
+                    match reclaim::reclaim_one(t, addr, seq, r.free) {
+                        reclaim::Outcome::Freed(bytes) => {
+                            resp.freed_blocks += 1;
+                            resp.freed_bytes += bytes;
+                            bitmap[(done + i) / 8] |= 1 << ((done + i) % 8);
+                        }
+                        reclaim::Outcome::Stale => resp.stale += 1,
+                        reclaim::Outcome::Banned => resp.banned += 1,
+                    }
+                }
+                done += n;
+            }
+            // Leave no block addresses behind on this thread's stack.
+            chunk.fill(0);
+            if resp.freed_blocks > 0 {
+                crate::trim();
+            }
+            state::publish_reclaim();
+            reply(fd, &resp, &bitmap);
+        }
+    }
+}

@@ -1,0 +1,238 @@
+//! The agent's control protocol: requests from the CLI over the agent's unix socket.
+//!
+//! A request is a 16-byte [`ReqHeader`] followed, for [`Op::Reclaim`], by `count` entries
+//! of 16 bytes (block address, allocation sequence number). A response is a 40-byte
+//! [`Response`] followed, for a reclaim, by a bitmap of `count` bits: bit *i* set when entry
+//! *i* was freed. Everything is little-endian and bounded; a request that does not decode
+//! is answered with [`Status::BadRequest`] and changes nothing.
+
+/// Magic number of requests and responses ("KCTL").
+pub const CTL_MAGIC: u32 = u32::from_le_bytes(*b"KCTL");
+/// Protocol version.
+pub const CTL_VERSION: u16 = 1;
+/// Most entries one reclaim request may carry.
+pub const MAX_RECLAIM: u32 = 1 << 20;
+/// Size of a request header.
+pub const REQ_HEADER_SIZE: usize = 16;
+/// Size of one reclaim entry.
+pub const ENTRY_SIZE: usize = 16;
+/// Size of a response (without the reclaim bitmap).
+pub const RESPONSE_SIZE: usize = 40;
+
+/// What a request asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u16)]
+pub enum Op {
+    /// Free the listed blocks if each is still the same allocation.
+    Reclaim = 1,
+    /// Return free memory the allocator keeps to the OS (`malloc_trim(0)`).
+    Trim = 2,
+}
+
+/// A decoded request header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReqHeader {
+    /// The operation.
+    pub op: Op,
+    /// Number of entries that follow (0 unless `op` is `Reclaim`).
+    pub count: u32,
+}
+
+/// Why a request was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DecodeError {
+    /// Wrong magic or version.
+    Foreign,
+    /// Unknown operation.
+    UnknownOp,
+    /// Too many entries, or entries where none belong.
+    BadCount,
+}
+
+impl ReqHeader {
+    /// Encodes the header.
+    pub fn encode(&self) -> [u8; REQ_HEADER_SIZE] {
+        let mut b = [0u8; REQ_HEADER_SIZE];
+        b[0..4].copy_from_slice(&CTL_MAGIC.to_le_bytes());
+        b[4..6].copy_from_slice(&CTL_VERSION.to_le_bytes());
+        b[6..8].copy_from_slice(&(self.op as u16).to_le_bytes());
+        b[8..12].copy_from_slice(&self.count.to_le_bytes());
+        b
+    }
+
+    /// Decodes and checks a header.
+    pub fn decode(b: &[u8; REQ_HEADER_SIZE]) -> Result<ReqHeader, DecodeError> {
+        let magic = u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+        let version = u16::from_le_bytes([b[4], b[5]]);
+        if magic != CTL_MAGIC || version != CTL_VERSION || b[12..16] != [0, 0, 0, 0] {
+            return Err(DecodeError::Foreign);
+        }
+        let op = match u16::from_le_bytes([b[6], b[7]]) {
+            1 => Op::Reclaim,
+            2 => Op::Trim,
+            _ => return Err(DecodeError::UnknownOp),
+        };
+        let count = u32::from_le_bytes([b[8], b[9], b[10], b[11]]);
+        let ok = match op {
+            Op::Reclaim => count <= MAX_RECLAIM,
+            Op::Trim => count == 0,
+        };
+        if !ok {
+            return Err(DecodeError::BadCount);
+        }
+        Ok(ReqHeader { op, count })
+    }
+}
+
+/// Encodes one reclaim entry.
+pub fn encode_entry(addr: u64, seq: u64) -> [u8; ENTRY_SIZE] {
+    let mut b = [0u8; ENTRY_SIZE];
+    b[0..8].copy_from_slice(&addr.to_le_bytes());
+    b[8..16].copy_from_slice(&seq.to_le_bytes());
+    b
+}
+
+/// Decodes one reclaim entry: `(addr, seq)`.
+pub fn decode_entry(b: &[u8; ENTRY_SIZE]) -> (u64, u64) {
+    let mut a = [0u8; 8];
+    let mut s = [0u8; 8];
+    a.copy_from_slice(&b[0..8]);
+    s.copy_from_slice(&b[8..16]);
+    (u64::from_le_bytes(a), u64::from_le_bytes(s))
+}
+
+/// Outcome of a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u32)]
+pub enum Status {
+    /// Done.
+    Ok = 0,
+    /// The request did not decode; nothing was done.
+    BadRequest = 1,
+    /// The allocator cannot do this (e.g. trim with a non-glibc allocator).
+    Unsupported = 2,
+}
+
+/// The fixed part of a response.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Response {
+    /// A [`Status`] value.
+    pub status: u32,
+    /// Reclaim: blocks freed. Trim: 1 if memory was released.
+    pub freed_blocks: u64,
+    /// Reclaim: bytes freed.
+    pub freed_bytes: u64,
+    /// Reclaim: entries refused because the block is no longer that allocation.
+    pub stale: u64,
+    /// Reclaim: entries refused because their site contradicted an earlier reclaim.
+    pub banned: u64,
+}
+
+impl Response {
+    /// Encodes the response.
+    pub fn encode(&self) -> [u8; RESPONSE_SIZE] {
+        let mut b = [0u8; RESPONSE_SIZE];
+        b[0..4].copy_from_slice(&CTL_MAGIC.to_le_bytes());
+        b[4..8].copy_from_slice(&self.status.to_le_bytes());
+        b[8..16].copy_from_slice(&self.freed_blocks.to_le_bytes());
+        b[16..24].copy_from_slice(&self.freed_bytes.to_le_bytes());
+        b[24..32].copy_from_slice(&self.stale.to_le_bytes());
+        b[32..40].copy_from_slice(&self.banned.to_le_bytes());
+        b
+    }
+
+    /// Decodes a response; `None` if it is not one.
+    pub fn decode(b: &[u8; RESPONSE_SIZE]) -> Option<Response> {
+        let u64_at = |i: usize| {
+            let mut w = [0u8; 8];
+            w.copy_from_slice(&b[i..i + 8]);
+            u64::from_le_bytes(w)
+        };
+        if u32::from_le_bytes([b[0], b[1], b[2], b[3]]) != CTL_MAGIC {
+            return None;
+        }
+        Some(Response {
+            status: u32::from_le_bytes([b[4], b[5], b[6], b[7]]),
+            freed_blocks: u64_at(8),
+            freed_bytes: u64_at(16),
+            stale: u64_at(24),
+            banned: u64_at(32),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn round_trips() {
+        let h = ReqHeader {
+            op: Op::Reclaim,
+            count: 3,
+        };
+        assert_eq!(ReqHeader::decode(&h.encode()), Ok(h));
+        assert_eq!(decode_entry(&encode_entry(0x1234, 99)), (0x1234, 99));
+        let r = Response {
+            status: 0,
+            freed_blocks: 2,
+            freed_bytes: 100,
+            stale: 1,
+            banned: 0,
+        };
+        assert_eq!(Response::decode(&r.encode()), Some(r));
+    }
+
+    #[test]
+    fn rejects_bad_counts_and_foreign_headers() {
+        let big = ReqHeader {
+            op: Op::Reclaim,
+            count: MAX_RECLAIM + 1,
+        };
+        assert_eq!(ReqHeader::decode(&big.encode()), Err(DecodeError::BadCount));
+        let trim_with_entries = ReqHeader {
+            op: Op::Trim,
+            count: 1,
+        };
+        assert_eq!(
+            ReqHeader::decode(&trim_with_entries.encode()),
+            Err(DecodeError::BadCount)
+        );
+        let mut b = ReqHeader {
+            op: Op::Trim,
+            count: 0,
+        }
+        .encode();
+        b[6] = 9;
+        assert_eq!(ReqHeader::decode(&b), Err(DecodeError::UnknownOp));
+        b[0] = 0;
+        assert_eq!(ReqHeader::decode(&b), Err(DecodeError::Foreign));
+    }
+
+    proptest! {
+        #[test]
+        fn any_bytes_decode_without_panic_and_stay_bounded(bytes in proptest::array::uniform16(any::<u8>())) {
+            if let Ok(h) = ReqHeader::decode(&bytes) {
+                prop_assert!(h.count <= MAX_RECLAIM);
+                prop_assert!(h.op == Op::Reclaim || h.count == 0);
+                prop_assert_eq!(h.encode(), bytes);
+            }
+        }
+
+        #[test]
+        fn valid_headers_round_trip(count in 0..=MAX_RECLAIM, reclaim in any::<bool>()) {
+            let h = if reclaim { ReqHeader { op: Op::Reclaim, count } } else { ReqHeader { op: Op::Trim, count: 0 } };
+            prop_assert_eq!(ReqHeader::decode(&h.encode()), Ok(h));
+        }
+
+        #[test]
+        fn any_response_bytes_decode_without_panic(bytes in proptest::collection::vec(any::<u8>(), RESPONSE_SIZE)) {
+            let mut b = [0u8; RESPONSE_SIZE];
+            b.copy_from_slice(&bytes);
+            if let Some(r) = Response::decode(&b) {
+                prop_assert_eq!(r.encode(), b);
+            }
+        }
+    }
+}
