@@ -4,7 +4,8 @@
 //! sequence number, claimed with one atomic operation). Before it is freed its address is
 //! entered in the *reclaimed* set: if the program later frees or reallocates that address
 //! (proof that the conservative scan was wrong, e.g. a hidden pointer), the agent does not
-//! free it twice, and bans the allocation site from ever being reclaimed again.
+//! free it twice, and bans the allocation site (the call site of the allocation, whatever
+//! path led to it) from ever being reclaimed again.
 
 use crate::table::{map, Tables};
 use core::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
@@ -91,15 +92,26 @@ fn reclaimed_site(addr: u64) -> Option<u32> {
     None
 }
 
-fn is_banned(stack: u32) -> bool {
+/// Whether stack `stack` allocates at a banned call site (same innermost frame as a
+/// banned stack: the site, whatever path led to it).
+fn is_banned(t: &Tables, stack: u32) -> bool {
     let n = (BANNED_LEN.load(Ordering::Acquire) as usize).min(MAX_BANNED);
-    BANNED[..n]
-        .iter()
-        .any(|b| b.load(Ordering::Relaxed) == stack)
+    if n == 0 {
+        return false;
+    }
+    let site = t.call_site(stack);
+    BANNED[..n].iter().any(|b| {
+        let b = b.load(Ordering::Relaxed);
+        b == stack || (site != 0 && t.call_site(b) == site)
+    })
 }
 
 fn ban(stack: u32) {
-    if is_banned(stack) {
+    let n = (BANNED_LEN.load(Ordering::Acquire) as usize).min(MAX_BANNED);
+    if BANNED[..n]
+        .iter()
+        .any(|b| b.load(Ordering::Relaxed) == stack)
+    {
         return;
     }
     let i = BANNED_LEN.load(Ordering::Acquire) as usize;
@@ -143,7 +155,7 @@ pub fn reclaim_one(
     let Some(now) = t.peek(addr, seq) else {
         return Outcome::Stale;
     };
-    if is_banned(now.stack) {
+    if is_banned(t, now.stack) {
         return Outcome::Banned;
     }
     if !remember(addr, now.stack) {

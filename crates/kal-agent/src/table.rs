@@ -267,6 +267,23 @@ impl Tables {
         None
     }
 
+    /// The innermost frame (the allocation's call site) of stack `id`, or 0.
+    pub fn call_site(&self, id: u32) -> u64 {
+        if id as u64 > self.stack_mask {
+            return 0;
+        }
+        // SAFETY: id is inside the stack table; a published slot is never written again.
+        unsafe {
+            let slot = self.stacks.add(id as usize);
+            let key = &*(core::ptr::addr_of_mut!((*slot).hash) as *const AtomicU64);
+            let h = key.load(Ordering::Acquire);
+            if h == STACK_SLOT_EMPTY || h == STACK_SLOT_BUSY || (*slot).depth == 0 {
+                return 0;
+            }
+            (*slot).frames[0]
+        }
+    }
+
     /// Returns the id of `frames` in the stack table, adding it if new.
     pub fn intern_stack(&self, frames: &[u64]) -> u32 {
         let n = frames.len().min(MAX_FRAMES);

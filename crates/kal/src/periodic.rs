@@ -171,7 +171,7 @@ impl Periodic {
         if self.reclaim {
             let direct = crate::reclaim::direct_map(&c.lost);
             let prev = self.prev_direct.remove(&pid).unwrap_or_default();
-            let cands = crate::reclaim::candidates(&prev, &c.lost, &c.capture.banned);
+            let cands = crate::reclaim::candidates(&prev, &c);
             let mut now = direct;
             if !cands.is_empty() {
                 match crate::reclaim::send(pid, &cands) {

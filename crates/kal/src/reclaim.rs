@@ -21,11 +21,13 @@ pub fn direct_map(lost: &[(Block, Kind)]) -> HashMap<u64, u64> {
 }
 
 /// Blocks definitely lost now that were definitely lost, as the same allocation, before.
-pub fn candidates(prev: &HashMap<u64, u64>, lost: &[(Block, Kind)], banned: &[u32]) -> Vec<Block> {
-    lost.iter()
-        .filter(|(b, k)| {
-            *k == Kind::Direct && prev.get(&b.addr) == Some(&b.seq) && !banned.contains(&b.stack)
-        })
+pub fn candidates(prev: &HashMap<u64, u64>, c: &crate::check::Check) -> Vec<Block> {
+    let site = |id: &u32| c.capture.stacks.get(id).and_then(|s| s.first().copied());
+    let banned: Vec<u64> = c.capture.banned.iter().filter_map(site).collect();
+    c.lost
+        .iter()
+        .filter(|(b, k)| *k == Kind::Direct && prev.get(&b.addr) == Some(&b.seq))
+        .filter(|(b, _)| site(&b.stack).is_none_or(|s| !banned.contains(&s)))
         .map(|(b, _)| *b)
         .collect()
 }
@@ -79,11 +81,7 @@ pub fn reclaim_now(
     let first = crate::check::check_with_header(pid, header, opts, &none)?;
     std::thread::sleep(std::time::Duration::from_millis(200));
     let second = crate::check::check_with_header(pid, header, opts, &none)?;
-    let cands = candidates(
-        &direct_map(&first.lost),
-        &second.lost,
-        &second.capture.banned,
-    );
+    let cands = candidates(&direct_map(&first.lost), &second);
     let before = crate::control::rss(pid)?;
     let done = if cands.is_empty() {
         Done::default()

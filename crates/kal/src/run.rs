@@ -205,11 +205,7 @@ pub fn run(opts: &RunOptions) -> Result<i32> {
                 keep.push(c);
                 continue;
             }
-            let sites = periodic
-                .as_ref()
-                .map(|p| p.sites(c.pid.unwrap_or(0)))
-                .unwrap_or_default();
-            match handle(c, main_pid, opts, &sites) {
+            match handle(c, main_pid, opts, periodic.as_ref()) {
                 Ok(Handled::Keep(c)) => {
                     hellos += 1;
                     keep.push(c)
@@ -253,7 +249,7 @@ fn handle(
     mut c: Conn,
     main_pid: i32,
     opts: &RunOptions,
-    sites: &std::collections::HashMap<u32, report::Totals>,
+    periodic: Option<&crate::periodic::Periodic>,
 ) -> Result<Handled> {
     let mut buf = [0u8; HELLO_SIZE];
     if c.stream.read_exact(&mut buf).is_err() {
@@ -286,7 +282,7 @@ fn handle(
         &kinds,
         &crate::symbolize::Symbols::new(),
         &opts.report,
-        sites,
+        &periodic.map(|p| p.sites(pid)).unwrap_or_default(),
     );
     if !opts.quiet {
         eprint!("{}", report::text(&report, opts.frames));

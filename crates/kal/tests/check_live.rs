@@ -2,77 +2,9 @@
 
 mod common;
 use common::*;
-use std::io::{BufRead, BufReader};
-use std::process::{Child, ChildStdout, Command, Stdio};
+use std::io::BufRead;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-
-/// A program running under `kal run`, past its "ready PID" line.
-struct Live {
-    kal: Child,
-    pid: i32,
-    out: BufReader<ChildStdout>,
-}
-
-impl Live {
-    fn start(prog: &std::path::Path) -> Live {
-        ensure_agent();
-        let mut kal = Command::new(env!("CARGO_BIN_EXE_kal"))
-            .args(["run", "-q", "--error-exitcode", "0", "--"])
-            .arg(prog)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let mut out = BufReader::new(kal.stdout.take().unwrap());
-        let mut line = String::new();
-        out.read_line(&mut line).unwrap();
-        let pid = line
-            .trim()
-            .strip_prefix("ready ")
-            .expect("ready line")
-            .parse()
-            .unwrap();
-        Live { kal, pid, out }
-    }
-
-    fn status(&self, field: &str) -> String {
-        let s = std::fs::read_to_string(format!("/proc/{}/status", self.pid)).unwrap();
-        s.lines()
-            .find(|l| l.starts_with(field))
-            .unwrap()
-            .split_whitespace()
-            .nth(1)
-            .unwrap()
-            .to_string()
-    }
-
-    /// Children of the target that are not zombies.
-    fn live_children(&self) -> Vec<String> {
-        let kids = std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", self.pid))
-            .unwrap_or_default();
-        kids.split_whitespace()
-            .filter(|c| {
-                let st = std::fs::read_to_string(format!("/proc/{c}/stat")).unwrap_or_default();
-                !st.rsplit(')')
-                    .next()
-                    .unwrap_or("")
-                    .trim_start()
-                    .starts_with('Z')
-                    && !st.is_empty()
-            })
-            .map(String::from)
-            .collect()
-    }
-}
-
-impl Drop for Live {
-    fn drop(&mut self) {
-        // SAFETY: signalling a process this test started.
-        unsafe { libc::kill(self.pid, libc::SIGKILL) };
-        let _ = self.kal.wait();
-    }
-}
 
 fn check_json(pid: i32, extra: &[&str]) -> (std::process::Output, serde_json::Value) {
     let dir = tempfile::tempdir().unwrap();

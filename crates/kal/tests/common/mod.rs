@@ -3,8 +3,9 @@
 #![allow(dead_code)]
 
 use serde_json::Value;
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Child, ChildStdout, Command, Output, Stdio};
 use std::sync::Once;
 
 /// Directory of the test programs' sources.
@@ -209,4 +210,78 @@ pub fn memcheck(prog: &Path, args: &[&str]) -> [(u64, u64); 3] {
         grab("indirectly lost:"),
         grab("possibly lost:"),
     ]
+}
+
+/// A program running under `kal run`, past its "ready PID" line.
+pub struct Live {
+    /// The `kal run` process.
+    pub kal: Child,
+    /// The program.
+    pub pid: i32,
+    /// The program's stdout after the ready line.
+    pub out: BufReader<ChildStdout>,
+}
+
+impl Live {
+    /// Starts `prog` under `kal run` and waits for its ready line.
+    pub fn start(prog: &std::path::Path) -> Live {
+        ensure_agent();
+        let mut kal = Command::new(env!("CARGO_BIN_EXE_kal"))
+            .args(["run", "-q", "--error-exitcode", "0", "--"])
+            .arg(prog)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut out = BufReader::new(kal.stdout.take().unwrap());
+        let mut line = String::new();
+        out.read_line(&mut line).unwrap();
+        let pid = line
+            .trim()
+            .strip_prefix("ready ")
+            .expect("ready line")
+            .parse()
+            .unwrap();
+        Live { kal, pid, out }
+    }
+
+    /// A field of /proc/PID/status.
+    pub fn status(&self, field: &str) -> String {
+        let s = std::fs::read_to_string(format!("/proc/{}/status", self.pid)).unwrap();
+        s.lines()
+            .find(|l| l.starts_with(field))
+            .unwrap()
+            .split_whitespace()
+            .nth(1)
+            .unwrap()
+            .to_string()
+    }
+
+    /// Children of the target that are not zombies.
+    /// Children of the program that are not zombies.
+    pub fn live_children(&self) -> Vec<String> {
+        let kids = std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", self.pid))
+            .unwrap_or_default();
+        kids.split_whitespace()
+            .filter(|c| {
+                let st = std::fs::read_to_string(format!("/proc/{c}/stat")).unwrap_or_default();
+                !st.rsplit(')')
+                    .next()
+                    .unwrap_or("")
+                    .trim_start()
+                    .starts_with('Z')
+                    && !st.is_empty()
+            })
+            .map(String::from)
+            .collect()
+    }
+}
+
+impl Drop for Live {
+    fn drop(&mut self) {
+        // SAFETY: signalling a process this test started.
+        unsafe { libc::kill(self.pid, libc::SIGKILL) };
+        let _ = self.kal.wait();
+    }
 }

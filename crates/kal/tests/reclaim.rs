@@ -1,0 +1,289 @@
+//! Leak tolerance: reclaiming lost blocks inside the live program, learning from
+//! contradictions, telling retention from leaks, trimming, and the control socket.
+
+mod common;
+use common::*;
+use std::io::Write;
+use std::os::unix::fs::PermissionsExt;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+/// Runs `kal ARGS` and samples the launched program's peak RSS (KiB) until it ends.
+fn run_sampling_rss(args: &[&str]) -> (std::process::Output, u64) {
+    ensure_agent();
+    let child = Command::new(env!("CARGO_BIN_EXE_kal"))
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let kal_pid = child.id();
+    let sampler = std::thread::spawn(move || {
+        let mut peak = 0u64;
+        loop {
+            let kids = std::fs::read_to_string(format!("/proc/{kal_pid}/task/{kal_pid}/children"))
+                .unwrap_or_default();
+            if std::fs::metadata(format!("/proc/{kal_pid}")).is_err() {
+                return peak;
+            }
+            for k in kids.split_whitespace() {
+                let st = std::fs::read_to_string(format!("/proc/{k}/status")).unwrap_or_default();
+                if let Some(kb) = st
+                    .lines()
+                    .find(|l| l.starts_with("VmRSS:"))
+                    .and_then(|l| l.split_whitespace().nth(1))
+                {
+                    peak = peak.max(kb.parse().unwrap_or(0));
+                }
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    });
+    let out = child.wait_with_output().unwrap();
+    (out, sampler.join().unwrap())
+}
+
+fn json_lines(path: &std::path::Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[test]
+fn reclaim_keeps_the_classic_leak_loop_small() {
+    let prog = build("leak_loop.c", &[]);
+    let p = prog.to_str().unwrap();
+    let (plain, peak_plain) =
+        run_sampling_rss(&["run", "-q", "--error-exitcode", "0", "--", p, "6"]);
+    assert!(plain.status.success());
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("r.jsonl");
+    let (out, peak) = run_sampling_rss(&[
+        "run",
+        "-q",
+        "--error-exitcode",
+        "0",
+        "--reclaim",
+        "--check-every",
+        "500ms",
+        "--json",
+        json.to_str().unwrap(),
+        "--",
+        p,
+        "6",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // 6 s at 40 MB/s: about 240 MB without reclaim.
+    assert!(
+        peak_plain > 200 * 1024,
+        "without reclaim the loop grows: {peak_plain} KiB"
+    );
+    assert!(
+        peak < 120 * 1024,
+        "with reclaim RSS stays low: {peak} KiB (without: {peak_plain} KiB)"
+    );
+    let last = json_lines(&json).pop().unwrap();
+    assert_eq!(last["at_exit"], true);
+    let blocks = last["reclaimed"]["blocks"].as_u64().unwrap();
+    assert!(blocks >= 30, "reclaimed {blocks} blocks");
+    assert_eq!(
+        last["reclaimed"]["bytes"].as_u64().unwrap(),
+        blocks * 4_096_000
+    );
+    let line = line_of("leak_loop.c", "loop_leak");
+    let site = &last["reclaimed"]["sites"][0];
+    assert!(
+        site["stack"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|f| f["line"] == line),
+        "{site}"
+    );
+}
+
+#[test]
+fn reclaim_never_corrupts_reachable_data() {
+    let prog = build("checksums.c", &["-O1"]);
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("r.jsonl");
+    let out = kal(&[
+        "run",
+        "-q",
+        "--error-exitcode",
+        "0",
+        "--reclaim",
+        "--check-every",
+        "300ms",
+        "--json",
+        json.to_str().unwrap(),
+        "--",
+        prog.to_str().unwrap(),
+        "4",
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("checksums ok"));
+    let last = json_lines(&json).pop().unwrap();
+    assert!(
+        last["reclaimed"]["blocks"].as_u64().unwrap() > 100,
+        "{}",
+        last["reclaimed"]
+    );
+    // Blocks reached through +8 and +16 pointers are possibly lost: never reclaimed.
+    assert!(last["reclaimed"]["sites"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|s| {
+            s["stack"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|f| f["line"] == line_of("checksums.c", "cs_leak"))
+        }));
+}
+
+#[test]
+fn a_contradicted_site_is_never_reclaimed_again() {
+    let prog = build("hidden.c", &[]);
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("r.jsonl");
+    let out = kal(&[
+        "run",
+        "--error-exitcode",
+        "0",
+        "--reclaim",
+        "--check-every",
+        "300ms",
+        "--json",
+        json.to_str().unwrap(),
+        "--",
+        prog.to_str().unwrap(),
+        "3",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "no double free, no crash: {stderr}"
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("hidden ok"));
+    let last = json_lines(&json).pop().unwrap();
+    assert_eq!(
+        last["reclaimed"]["blocks"], 1,
+        "only the first hidden block: {}",
+        last["reclaimed"]
+    );
+    let never = last["reclaimed"]["never_again"].as_array().unwrap();
+    assert_eq!(never.len(), 1);
+    let site = line_of("hidden.c", "hidden_site");
+    assert!(
+        never[0]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|f| f["line"] == site),
+        "{never:?}"
+    );
+    assert!(
+        stderr.contains("that site is never reclaimed again"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn retention_is_reported_as_such_and_trim_returns_it() {
+    let live = Live::start(&build("retention.c", &[]));
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("now.json");
+    let out = kal(&[
+        "check",
+        &live.pid.to_string(),
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let j: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(totals(&j, "direct"), (0, 0), "{stderr}");
+    let m = &j["memory"];
+    let retained = m["retained_bytes"].as_u64().unwrap();
+    assert!(
+        (270 << 20..=320 << 20).contains(&retained),
+        "retained {retained}: {stderr}"
+    );
+    assert!(m["live_bytes"].as_u64().unwrap() < 3 << 20);
+    assert!(m["rss_bytes"].as_u64().unwrap() > 280 << 20);
+    assert_eq!(m["arenas"], 1);
+    assert!(stderr.contains("not a leak"), "{stderr}");
+    let trim = kal(&["trim", &live.pid.to_string()]);
+    let text = String::from_utf8_lossy(&trim.stdout);
+    assert!(
+        trim.status.success(),
+        "{}",
+        String::from_utf8_lossy(&trim.stderr)
+    );
+    let after: f64 = text
+        .split("-> ")
+        .nth(1)
+        .unwrap()
+        .split(' ')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(after < 16.0, "RSS after trim: {text}");
+}
+
+#[test]
+fn the_control_socket_is_private_and_refuses_garbage() {
+    let live = Live::start(&build("live_leaker.c", &[]));
+    let uid = 0; // the tests run as root
+    let dir = format!("/tmp/kal-{uid}");
+    let mode = std::fs::metadata(&dir).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o700, "{dir}");
+    let sock = format!("{dir}/agent-{}.sock", live.pid);
+    // Another user cannot even reach it.
+    let other = Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "python3",
+            "-c",
+        ])
+        .arg(format!(
+            "import socket; s=socket.socket(socket.AF_UNIX); s.connect('{sock}')"
+        ))
+        .output()
+        .unwrap();
+    assert!(!other.status.success());
+    assert!(String::from_utf8_lossy(&other.stderr).contains("Permission denied"));
+    // A malformed request is refused and changes nothing.
+    let mut s = std::os::unix::net::UnixStream::connect(&sock).unwrap();
+    s.write_all(b"GARBAGE!GARBAGE!").unwrap();
+    let mut resp = [0u8; 40];
+    std::io::Read::read_exact(&mut s, &mut resp).unwrap();
+    let r = kal_proto::ctl::Response::decode(&resp).unwrap();
+    assert_eq!(r.status, kal_proto::ctl::Status::BadRequest as u32);
+    assert_eq!(r.freed_blocks, 0);
+    let out = kal(&["check", &live.pid.to_string(), "-q"]);
+    assert_eq!(
+        out.status.code(),
+        Some(23),
+        "the program still runs and still leaks"
+    );
+}
