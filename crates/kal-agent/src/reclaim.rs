@@ -11,7 +11,7 @@ use crate::table::{map, Tables};
 use core::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use kal_proto::MAX_BANNED;
 
-const SET_SLOTS: usize = 1 << 20;
+const SET_SLOTS: usize = 1 << 18;
 const SET_PROBE: usize = 64;
 const EMPTY: u64 = 0;
 const GONE: u64 = 1;
@@ -41,8 +41,15 @@ fn slot(i: usize) -> &'static [AtomicU64; 2] {
     unsafe { &*set().add(i & (SET_SLOTS - 1)) }
 }
 
+/// Home slot: nearby addresses get nearby slots (few pages touched), each 64 MiB region of
+/// the address space at its own offset.
 fn home(addr: u64) -> usize {
-    (addr.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 40) as usize
+    ((addr >> 5).wrapping_add((addr >> 26).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 40)) as usize
+}
+
+/// The set's mapping `(start, length)` (mapped now if it was not yet).
+pub fn region() -> (u64, u64) {
+    (set() as u64, (SET_SLOTS * 16) as u64)
 }
 
 /// Records `addr` (from site `stack`) as reclaimed; false if the set has no room.

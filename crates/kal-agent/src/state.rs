@@ -27,6 +27,8 @@ pub static mut KAL_HEADER: Header = Header {
     reclaimed_bytes: 0,
     banned_addr: 0,
     banned_len: 0,
+    reclaimed_set_addr: 0,
+    reclaimed_set_len: 0,
 };
 static mut TABLES: Option<Tables> = None;
 static STATE: AtomicU8 = AtomicU8::new(0);
@@ -132,5 +134,8 @@ pub fn publish_reclaim() {
         h.reclaimed_bytes = crate::reclaim::RECLAIMED[1].load(Ordering::Relaxed);
         h.banned_addr = crate::reclaim::BANNED.as_ptr() as u64;
         h.banned_len = crate::reclaim::BANNED_LEN.load(Ordering::Relaxed);
+        let (a, l) = crate::reclaim::region();
+        h.reclaimed_set_addr = a;
+        h.reclaimed_set_len = l;
     }
 }

@@ -196,6 +196,10 @@ pub struct Header {
     pub banned_addr: u64,
     /// Number of valid entries in that array.
     pub banned_len: u64,
+    /// Start of the agent's set of reclaimed addresses (never scanned: it names blocks).
+    pub reclaimed_set_addr: u64,
+    /// Length of that set's mapping.
+    pub reclaimed_set_len: u64,
 }
 
 /// Capacity of the banned-sites array.

@@ -365,6 +365,10 @@ pub fn agent_tables(h: &Header) -> Vec<(u64, u64)> {
             h.stacks_addr + h.stack_slots * std::mem::size_of::<StackSlot>() as u64,
         ),
         (h.side_addr, h.side_addr + h.side_len),
+        (
+            h.reclaimed_set_addr,
+            h.reclaimed_set_addr + h.reclaimed_set_len,
+        ),
     ];
     v.sort_unstable();
     v

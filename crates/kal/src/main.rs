@@ -189,8 +189,10 @@ fn reclaim(
     }
     let mib = |b: u64| b as f64 / (1 << 20) as f64;
     eprintln!(
-        "kal: reclaimed {} bytes in {} blocks in process {pid} (refused: {} no longer the same allocation, {} from contradicted sites); RSS {:.1} MiB -> {:.1} MiB",
-        done.total.bytes, done.total.blocks, done.stale, done.banned, mib(before), mib(after)
+        "kal: reclaimed {} bytes in {} blocks in process {pid} in {:.1} ms (refused: {} no longer the same allocation, {} from contradicted sites); RSS {:.1} MiB -> {:.1} MiB",
+        done.total.bytes, done.total.blocks,
+        done.took.as_secs_f64() * 1e3,
+        done.stale, done.banned, mib(before), mib(after)
     );
     if let Some(j) = &json {
         kal::report::write_json(&r, j)?;

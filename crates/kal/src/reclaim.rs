@@ -45,13 +45,18 @@ pub struct Done {
     pub stale: u64,
     /// Refused: the site is banned.
     pub banned: u64,
+    /// How long the agent took (request sent to answer received).
+    pub took: std::time::Duration,
 }
 
 /// Asks the agent of `pid` to free `blocks`.
 pub fn send(pid: i32, blocks: &[Block]) -> Result<Done> {
     let entries: Vec<(u64, u64)> = blocks.iter().map(|b| (b.addr, b.seq)).collect();
+    let t0 = std::time::Instant::now();
     let (resp, freed) = crate::control::reclaim(pid, &entries)?;
+    let took = t0.elapsed();
     let mut done = Done {
+        took,
         stale: resp.stale,
         banned: resp.banned,
         ..Default::default()
