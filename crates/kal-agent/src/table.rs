@@ -173,39 +173,46 @@ impl Tables {
         crate::state::note_dropped();
     }
 
+    /// Index of the slot holding live block `addr`, if recorded.
+    #[inline]
+    fn find(&self, addr: u64) -> Option<u64> {
+        let mut i = home(addr) & self.mask;
+        for _ in 0..MAX_PROBE {
+            match self.key(i).load(Ordering::Acquire) {
+                cur if cur == addr => return Some(i),
+                SLOT_EMPTY => return None,
+                _ => i = (i + 1) & self.mask,
+            }
+        }
+        None
+    }
+
+    /// What slot `i` records. Only trusted while its key still holds the block's address.
+    #[inline]
+    fn read(&self, i: u64) -> Removed {
+        // SAFETY: i is inside the table; the fields are plain data.
+        unsafe {
+            let s = self.slots.add(i as usize);
+            Removed {
+                size: (*s).size,
+                seq: (*s).seq,
+                stack: (*s).stack,
+                api: (*s).api,
+            }
+        }
+    }
+
     /// Retires the block at `addr`, returning what was recorded, or `None` if it was not
     /// recorded (allocated before the agent, or dropped).
     #[inline]
     pub fn remove(&self, addr: u64) -> Option<Removed> {
-        let mut i = home(addr) & self.mask;
-        for _ in 0..MAX_PROBE {
-            let key = self.key(i);
-            let cur = key.load(Ordering::Acquire);
-            if cur == addr {
-                // SAFETY: the slot holds our block; only the thread freeing it touches it.
-                let r = unsafe {
-                    let s = self.slots.add(i as usize);
-                    Removed {
-                        size: (*s).size,
-                        seq: (*s).seq,
-                        stack: (*s).stack,
-                        api: (*s).api,
-                    }
-                };
-                if key
-                    .compare_exchange(addr, SLOT_TOMBSTONE, Ordering::AcqRel, Ordering::Relaxed)
-                    .is_ok()
-                {
-                    return Some(r);
-                }
-                return None;
-            }
-            if cur == SLOT_EMPTY {
-                return None;
-            }
-            i = (i + 1) & self.mask;
-        }
-        None
+        let i = self.find(addr)?;
+        // Only the thread freeing the block touches its slot now.
+        let r = self.read(i);
+        self.key(i)
+            .compare_exchange(addr, SLOT_TOMBSTONE, Ordering::AcqRel, Ordering::Relaxed)
+            .is_ok()
+            .then_some(r)
     }
 
     /// Claims the block at `addr` for freeing if its slot still holds allocation `seq`:
@@ -213,58 +220,24 @@ impl Tables {
     /// block the program freed — and whose address it may have been handed again — is never
     /// claimed. Returns what was recorded, or `None`.
     pub fn claim(&self, addr: u64, seq: u64) -> Option<Removed> {
-        let mut i = home(addr) & self.mask;
-        for _ in 0..MAX_PROBE {
-            let key = self.key(i);
-            let cur = key.load(Ordering::Acquire);
-            if cur == addr {
-                // SAFETY: the slot is 32-byte aligned inside our mapping; fields are read
-                // before the claim and only trusted if the claim succeeds.
-                let s = unsafe { self.slots.add(i as usize) };
-                let r = unsafe {
-                    Removed {
-                        size: (*s).size,
-                        seq: (*s).seq,
-                        stack: (*s).stack,
-                        api: (*s).api,
-                    }
-                };
-                // SAFETY: as above; cmpxchg16b on the (addr, seq) pair at the slot's start.
-                let ok = unsafe { cas128(s.cast::<u64>(), [addr, seq], [SLOT_TOMBSTONE, seq]) };
-                return (ok && r.seq == seq).then_some(r);
-            }
-            if cur == SLOT_EMPTY {
-                return None;
-            }
-            i = (i + 1) & self.mask;
-        }
-        None
+        let i = self.find(addr)?;
+        let r = self.read(i);
+        // SAFETY: slots are 32-byte aligned inside our mapping; (addr, seq) are its first
+        // 16 bytes. The fields read above are trusted only if the claim succeeds.
+        let ok = unsafe {
+            cas128(
+                self.slots.add(i as usize).cast::<u64>(),
+                [addr, seq],
+                [SLOT_TOMBSTONE, seq],
+            )
+        };
+        (ok && r.seq == seq).then_some(r)
     }
 
-    /// The stack id and size recorded for `addr` if it holds allocation `seq` now.
+    /// What is recorded for `addr` if it holds allocation `seq` now.
     pub fn peek(&self, addr: u64, seq: u64) -> Option<Removed> {
-        let mut i = home(addr) & self.mask;
-        for _ in 0..MAX_PROBE {
-            let cur = self.key(i).load(Ordering::Acquire);
-            if cur == addr {
-                // SAFETY: reading a published slot; a racing change is caught by `claim`.
-                let s = unsafe { self.slots.add(i as usize) };
-                let r = unsafe {
-                    Removed {
-                        size: (*s).size,
-                        seq: (*s).seq,
-                        stack: (*s).stack,
-                        api: (*s).api,
-                    }
-                };
-                return (r.seq == seq).then_some(r);
-            }
-            if cur == SLOT_EMPTY {
-                return None;
-            }
-            i = (i + 1) & self.mask;
-        }
-        None
+        let r = self.read(self.find(addr)?);
+        (r.seq == seq).then_some(r)
     }
 
     /// The innermost frame (the allocation's call site) of stack `id`, or 0.

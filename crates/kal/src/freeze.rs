@@ -64,38 +64,20 @@ impl Frozen {
             freeze_time: Duration::ZERO,
             started,
         };
-        loop {
-            let tids = crate::procfs::tasks(pid)?;
-            let new: Vec<i32> = tids
-                .into_iter()
-                .filter(|t| !f.threads.iter().any(|(x, _)| x == t))
-                .collect();
-            if new.is_empty() {
-                break;
+        f.seize_all(ptrace::Options::empty(), |f, tid| {
+            if ptrace::interrupt(Pid::from_raw(tid)).is_err() {
+                return Ok(());
             }
-            for tid in new {
-                match ptrace::seize(Pid::from_raw(tid), ptrace::Options::empty()) {
-                    Ok(()) => {}
-                    Err(Errno::ESRCH) => continue, // thread exited meanwhile
-                    Err(Errno::EPERM) => bail!(
-                        "no permission to trace process {pid} (run as its user or root, and check /proc/sys/kernel/yama/ptrace_scope)"
-                    ),
-                    Err(e) => return Err(e).with_context(|| format!("cannot seize thread {tid}")),
-                }
-                f.threads.push((tid, None));
-                if ptrace::interrupt(Pid::from_raw(tid)).is_err() {
-                    continue;
-                }
-                let sig = wait_stop(tid)?;
-                if let Some(slot) = f.threads.iter_mut().find(|(t, _)| *t == tid) {
-                    match sig {
-                        Stop::Stopped(s) => slot.1 = s,
-                        Stop::Gone => slot.0 = -1,
-                    }
+            let stop = wait_stop(tid)?;
+            if let Some(slot) = f.threads.iter_mut().find(|(t, _)| *t == tid) {
+                match stop {
+                    Stop::Stopped(s) => slot.1 = s,
+                    Stop::Gone => slot.0 = -1,
                 }
             }
-            f.threads.retain(|(t, _)| *t > 0);
-        }
+            Ok(())
+        })?;
+        f.threads.retain(|(t, _)| *t > 0);
         if f.threads.is_empty() {
             bail!("process {pid} has no threads left");
         }
@@ -116,24 +98,7 @@ impl Frozen {
             started,
         };
         let opts = ptrace::Options::PTRACE_O_TRACEEXIT | ptrace::Options::PTRACE_O_TRACECLONE;
-        loop {
-            let tids = crate::procfs::tasks(pid)?;
-            let new: Vec<i32> = tids
-                .into_iter()
-                .filter(|t| !f.threads.iter().any(|(x, _)| x == t))
-                .collect();
-            if new.is_empty() {
-                break;
-            }
-            for tid in new {
-                match ptrace::seize(Pid::from_raw(tid), opts) {
-                    Ok(()) => f.threads.push((tid, None)),
-                    Err(Errno::ESRCH) => {}
-                    Err(Errno::EPERM) => bail!("no permission to trace process {pid}"),
-                    Err(e) => return Err(e).with_context(|| format!("cannot seize thread {tid}")),
-                }
-            }
-        }
+        f.seize_all(opts, |_, _| Ok(()))?;
         ready();
         let mut stopped: Vec<i32> = Vec::new();
         let mut exit_seen: Option<Instant> = None;
@@ -203,6 +168,36 @@ impl Frozen {
         f.freeze_time = f.started.elapsed();
         f.started = Instant::now();
         Ok(f)
+    }
+
+    /// Seizes every thread of the process with `opts`, again and again until no new thread
+    /// shows up (threads created meanwhile included), calling `then` after each seize.
+    fn seize_all(
+        &mut self,
+        opts: ptrace::Options,
+        mut then: impl FnMut(&mut Frozen, i32) -> Result<()>,
+    ) -> Result<()> {
+        let pid = self.pid;
+        loop {
+            let new: Vec<i32> = crate::procfs::tasks(pid)?
+                .into_iter()
+                .filter(|t| !self.threads.iter().any(|(x, _)| x == t))
+                .collect();
+            if new.is_empty() {
+                return Ok(());
+            }
+            for tid in new {
+                match ptrace::seize(Pid::from_raw(tid), opts) {
+                    Ok(()) => self.threads.push((tid, None)),
+                    Err(Errno::ESRCH) => continue, // the thread exited meanwhile
+                    Err(Errno::EPERM) => bail!(
+                        "no permission to trace process {pid} (run as its user or root, and check /proc/sys/kernel/yama/ptrace_scope)"
+                    ),
+                    Err(e) => return Err(e).with_context(|| format!("cannot seize thread {tid}")),
+                }
+                then(self, tid)?;
+            }
+        }
     }
 
     /// Seizes and stops one thread of `pid` (`tid`, or any if that one is gone).

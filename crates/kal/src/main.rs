@@ -1,6 +1,7 @@
 //! The `kal` command line.
 
-use clap::{Parser, Subcommand};
+use anyhow::{anyhow, bail, Result};
+use clap::{Args, Parser, Subcommand};
 use std::ffi::OsString;
 use std::path::PathBuf;
 
@@ -8,12 +9,59 @@ use std::path::PathBuf;
 ///
 /// It preloads a small agent that records every live heap block and where it was
 /// allocated, then scans the program's memory the way a conservative garbage collector
-/// would: a block nothing points to is lost.
+/// would: a block nothing points to is lost. It can check a running program from a
+/// copy-on-write snapshot, free what it lost, and tell leaks from memory the allocator
+/// merely keeps.
 #[derive(Parser)]
 #[command(name = "kal", version, about, long_about = None)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
+}
+
+/// How reports are written (shared by `run` and `check`).
+#[derive(Args)]
+struct ReportArgs {
+    /// Also write the report as JSON to FILE (README documents the shape; under `run`, a
+    /// forked child's report goes to FILE.PID, and with --check-every FILE holds one JSON
+    /// document per line).
+    #[arg(long, value_name = "FILE")]
+    json: Option<PathBuf>,
+    /// List still-reachable blocks too (they are always counted in the summary).
+    #[arg(long)]
+    show_reachable: bool,
+    /// Suppressions file: one pattern a line (`*`, `?`), matched against the function,
+    /// source file and module of every frame; `leak:` prefixes are accepted.
+    #[arg(long, value_name = "FILE")]
+    suppressions: Option<PathBuf>,
+    /// Exit status when something is definitely lost; 0 turns this off.
+    #[arg(long, value_name = "N", default_value_t = 23)]
+    error_exitcode: i32,
+    /// Frames shown per record in the text report.
+    #[arg(long, value_name = "N", default_value_t = 8)]
+    frames: usize,
+    /// Print no text report (the JSON file and exit status still tell).
+    #[arg(long, short)]
+    quiet: bool,
+}
+
+impl ReportArgs {
+    /// The report options, with the suppressions file read; fails early on a JSON path
+    /// that cannot be written.
+    fn options(&self) -> Result<kal::report::Options> {
+        if let Some(j) = &self.json {
+            std::fs::File::create(j)
+                .map_err(|e| anyhow!("cannot write JSON report to {}: {e}", j.display()))?;
+        }
+        let suppressions = match &self.suppressions {
+            Some(p) => kal::suppress::Suppressions::load(p)?,
+            None => Default::default(),
+        };
+        Ok(kal::report::Options {
+            show_reachable: self.show_reachable,
+            suppressions,
+        })
+    }
 }
 
 #[derive(Subcommand)]
@@ -25,32 +73,16 @@ enum Cmd {
     /// stderr and exits with the program's status — or with 23 if anything was
     /// definitely lost. Forked children are reported on their own.
     ///
-    /// Example: kal run --json report.json -- ./server --port 8080
-    #[command(arg_required_else_help = true)]
+    /// Examples:
+    ///   kal run --json report.json -- ./server --port 8080
+    ///   kal run --check-every 10s -- ./server
+    ///   kal run --reclaim --check-every 1s -- ./server
+    #[command(arg_required_else_help = true, verbatim_doc_comment)]
     Run {
-        /// Also write the report as JSON to FILE (a forked child's goes to FILE.PID).
-        #[arg(long, value_name = "FILE")]
-        json: Option<PathBuf>,
-        /// List still-reachable blocks too (they are always counted in the summary).
-        #[arg(long)]
-        show_reachable: bool,
-        /// Suppressions file: one pattern a line (`*`, `?`), matched against the function,
-        /// source file and module of every frame; `leak:` prefixes are accepted.
-        #[arg(long, value_name = "FILE")]
-        suppressions: Option<PathBuf>,
-        /// Exit status when something is definitely lost; 0 keeps the program's own.
-        #[arg(long, value_name = "N", default_value_t = 23)]
-        error_exitcode: i32,
-        /// Frames shown per record in the text report.
-        #[arg(long, value_name = "N", default_value_t = 8)]
-        frames: usize,
-        /// Print no text report (the JSON file and exit status still tell).
-        #[arg(long, short)]
-        quiet: bool,
+        #[command(flatten)]
+        report: ReportArgs,
         /// Also check the running program every D (e.g. 10s, 500ms, 1m): each check prints,
         /// with a timestamp, what was lost since the previous one and the running totals.
-        /// With --json, FILE then gets one JSON document per line: one per check, and the
-        /// exit report last (with "at_exit": true).
         #[arg(long, value_name = "D", value_parser = kal::periodic::parse_duration)]
         check_every: Option<std::time::Duration>,
         /// Leak tolerance: after each periodic check, free the blocks that were definitely
@@ -76,24 +108,8 @@ enum Cmd {
     Check {
         /// Process id.
         pid: i32,
-        /// Also write the report as JSON to FILE.
-        #[arg(long, value_name = "FILE")]
-        json: Option<PathBuf>,
-        /// List still-reachable blocks too.
-        #[arg(long)]
-        show_reachable: bool,
-        /// Suppressions file (see `kal run --help`).
-        #[arg(long, value_name = "FILE")]
-        suppressions: Option<PathBuf>,
-        /// Exit status when something is definitely lost; 0 means always 0.
-        #[arg(long, value_name = "N", default_value_t = 23)]
-        error_exitcode: i32,
-        /// Frames shown per record in the text report.
-        #[arg(long, value_name = "N", default_value_t = 8)]
-        frames: usize,
-        /// Print no text report.
-        #[arg(long, short)]
-        quiet: bool,
+        #[command(flatten)]
+        report: ReportArgs,
     },
     /// Free what a running process (started under `kal run`) has definitely lost.
     ///
@@ -106,18 +122,8 @@ enum Cmd {
     Reclaim {
         /// Process id.
         pid: i32,
-        /// Also write the report (with "reclaimed") as JSON to FILE.
-        #[arg(long, value_name = "FILE")]
-        json: Option<PathBuf>,
-        /// Suppressions file (for the report).
-        #[arg(long, value_name = "FILE")]
-        suppressions: Option<PathBuf>,
-        /// Frames shown per record in the text report.
-        #[arg(long, value_name = "N", default_value_t = 8)]
-        frames: usize,
-        /// Print only the one-line result.
-        #[arg(long, short)]
-        quiet: bool,
+        #[command(flatten)]
+        report: ReportArgs,
     },
     /// Make a running process (started under `kal run`) give free memory back to the OS.
     ///
@@ -131,53 +137,31 @@ enum Cmd {
     },
 }
 
-fn load_suppressions(p: Option<PathBuf>) -> anyhow::Result<kal::suppress::Suppressions> {
-    match p {
-        Some(p) => kal::suppress::Suppressions::load(&p),
-        None => Ok(Default::default()),
-    }
+fn mib(b: u64) -> f64 {
+    b as f64 / (1 << 20) as f64
 }
 
-fn check(
-    pid: i32,
-    json: Option<PathBuf>,
-    report: kal::report::Options,
-    error_exitcode: i32,
-    frames: usize,
-    quiet: bool,
-) -> anyhow::Result<i32> {
-    if let Some(j) = &json {
-        std::fs::File::create(j)
-            .map_err(|e| anyhow::anyhow!("cannot write JSON report to {}: {e}", j.display()))?;
+fn check(pid: i32, args: &ReportArgs) -> Result<i32> {
+    let opts = args.options()?;
+    let c = kal::check::check(pid, &opts)?;
+    if !args.quiet {
+        eprint!("{}", kal::report::text(&c.report, args.frames));
     }
-    let c = kal::check::check(pid, &report)?;
-    if !quiet {
-        eprint!("{}", kal::report::text(&c.report, frames));
-    }
-    if let Some(j) = &json {
+    if let Some(j) = &args.json {
         kal::report::write_json(&c.report, j)?;
     }
     Ok(if c.report.summary.direct.blocks > 0 {
-        error_exitcode
+        args.error_exitcode
     } else {
         0
     })
 }
 
-fn reclaim(
-    pid: i32,
-    json: Option<PathBuf>,
-    report: kal::report::Options,
-    frames: usize,
-    quiet: bool,
-) -> anyhow::Result<i32> {
-    if let Some(j) = &json {
-        std::fs::File::create(j)
-            .map_err(|e| anyhow::anyhow!("cannot write JSON report to {}: {e}", j.display()))?;
-    }
-    let (r, done, before, after) = kal::reclaim::reclaim_now(pid, &report)?;
-    if !quiet {
-        eprint!("{}", kal::report::text(&r, frames));
+fn reclaim(pid: i32, args: &ReportArgs) -> Result<i32> {
+    let opts = args.options()?;
+    let (r, done, before, after) = kal::reclaim::reclaim_now(pid, &opts)?;
+    if !args.quiet {
+        eprint!("{}", kal::report::text(&r, args.frames));
         for s in &r.reclaimed.sites {
             eprintln!(
                 "    reclaimed {} bytes in {} blocks at {}",
@@ -187,27 +171,29 @@ fn reclaim(
             );
         }
     }
-    let mib = |b: u64| b as f64 / (1 << 20) as f64;
     eprintln!(
         "kal: reclaimed {} bytes in {} blocks in process {pid} in {:.1} ms (refused: {} no longer the same allocation, {} from contradicted sites); RSS {:.1} MiB -> {:.1} MiB",
-        done.total.bytes, done.total.blocks,
+        done.total.bytes,
+        done.total.blocks,
         done.took.as_secs_f64() * 1e3,
-        done.stale, done.banned, mib(before), mib(after)
+        done.stale,
+        done.banned,
+        mib(before),
+        mib(after)
     );
-    if let Some(j) = &json {
+    if let Some(j) = &args.json {
         kal::report::write_json(&r, j)?;
     }
     Ok(0)
 }
 
-fn trim(pid: i32) -> anyhow::Result<i32> {
+fn trim(pid: i32) -> Result<i32> {
     kal::agent::find_header(pid)?;
     let before = kal::control::rss(pid)?;
     if !kal::control::trim(pid)? {
-        anyhow::bail!("the allocator of process {pid} is not glibc's: kal cannot trim it yet");
+        bail!("the allocator of process {pid} is not glibc's: kal cannot trim it yet");
     }
     let after = kal::control::rss(pid)?;
-    let mib = |b: u64| b as f64 / (1 << 20) as f64;
     println!(
         "kal trim {pid}: RSS {:.1} MiB -> {:.1} MiB (returned {:.1} MiB to the OS)",
         mib(before),
@@ -217,80 +203,38 @@ fn trim(pid: i32) -> anyhow::Result<i32> {
     Ok(0)
 }
 
+fn run(
+    report: &ReportArgs,
+    check_every: Option<std::time::Duration>,
+    reclaim: bool,
+    command: Vec<OsString>,
+) -> Result<i32> {
+    let opts = report.options()?;
+    let mut command = command.into_iter();
+    let program = command.next().ok_or_else(|| anyhow!("no program to run"))?;
+    kal::run::run(&kal::run::RunOptions {
+        program,
+        args: command.collect(),
+        json: report.json.clone(),
+        report: opts,
+        error_exitcode: report.error_exitcode,
+        frames: report.frames,
+        quiet: report.quiet,
+        check_every,
+        reclaim,
+    })
+}
+
 fn main() {
-    let cli = Cli::parse();
-    let result = match cli.cmd {
+    let result = match Cli::parse().cmd {
         Cmd::Run {
-            json,
-            show_reachable,
-            suppressions,
-            error_exitcode,
-            frames,
-            quiet,
+            report,
             check_every,
             reclaim,
             command,
-        } => (|| {
-            let suppressions = match suppressions {
-                Some(p) => kal::suppress::Suppressions::load(&p)?,
-                None => Default::default(),
-            };
-            let mut command = command.into_iter();
-            let program = command.next().expect("clap requires a program");
-            kal::run::run(&kal::run::RunOptions {
-                program,
-                args: command.collect(),
-                json,
-                report: kal::report::Options {
-                    show_reachable,
-                    suppressions,
-                },
-                error_exitcode,
-                frames,
-                quiet,
-                check_every,
-                reclaim,
-            })
-        })(),
-        Cmd::Check {
-            pid,
-            json,
-            show_reachable,
-            suppressions,
-            error_exitcode,
-            frames,
-            quiet,
-        } => load_suppressions(suppressions).and_then(|suppressions| {
-            check(
-                pid,
-                json,
-                kal::report::Options {
-                    show_reachable,
-                    suppressions,
-                },
-                error_exitcode,
-                frames,
-                quiet,
-            )
-        }),
-        Cmd::Reclaim {
-            pid,
-            json,
-            suppressions,
-            frames,
-            quiet,
-        } => load_suppressions(suppressions).and_then(|suppressions| {
-            reclaim(
-                pid,
-                json,
-                kal::report::Options {
-                    show_reachable: false,
-                    suppressions,
-                },
-                frames,
-                quiet,
-            )
-        }),
+        } => run(&report, check_every, reclaim, command),
+        Cmd::Check { pid, report } => check(pid, &report),
+        Cmd::Reclaim { pid, report } => reclaim(pid, &report),
         Cmd::Trim { pid } => trim(pid),
     };
     match result {

@@ -117,10 +117,7 @@ pub fn run(opts: &RunOptions) -> Result<i32> {
     let program = resolve_program(&opts.program)?;
     crate::elf::check_preloadable(&program)?;
     let agent = find_agent()?;
-    if let Some(j) = &opts.json {
-        std::fs::File::create(j)
-            .with_context(|| format!("cannot write JSON report to {}", j.display()))?;
-    }
+
     let dir = tempfile::Builder::new()
         .prefix("kal-")
         .tempdir()

@@ -119,13 +119,6 @@ fn killing_kal_mid_check_leaves_the_target_running() {
     }
 }
 
-fn one_line_error(out: &std::process::Output, needle: &str) {
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(125), "{stderr}");
-    assert_eq!(stderr.lines().count(), 1, "{stderr}");
-    assert!(stderr.contains(needle), "{stderr}");
-}
-
 #[test]
 fn check_bad_input_gets_one_clear_line() {
     let mut gone = Command::new("true").spawn().unwrap();

@@ -180,17 +180,6 @@ fn json_has_the_documented_shape() {
     assert_eq!(totals(&r.json, "reachable"), (12 * 48, 12));
 }
 
-fn one_line_error(out: &std::process::Output, needle: &str) {
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(125), "{stderr}");
-    assert_eq!(stderr.lines().count(), 1, "one line: {stderr}");
-    assert!(
-        stderr.starts_with("kal: error: ") && stderr.contains(needle),
-        "{stderr}"
-    );
-    assert!(!stderr.contains("panicked"));
-}
-
 #[test]
 fn bad_input_gets_one_clear_line() {
     one_line_error(

@@ -285,3 +285,15 @@ impl Drop for Live {
         let _ = self.kal.wait();
     }
 }
+
+/// Asserts that kal failed with exit status 125 and one line naming the problem.
+pub fn one_line_error(out: &Output, needle: &str) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(125), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "one line: {stderr}");
+    assert!(
+        stderr.starts_with("kal: error: ") && stderr.contains(needle),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("panicked"));
+}
