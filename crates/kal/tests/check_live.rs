@@ -134,14 +134,19 @@ fn check_bad_input_gets_one_clear_line() {
     foreign.wait().unwrap();
     // As an unprivileged user, a root-owned process under kal is off limits.
     let live = Live::start(&build("live_leaker.c", &[]));
+    // A copy of kal that the other user can execute wherever this checkout lives.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(
+        dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let kal_copy = dir.path().join("kal");
+    std::fs::copy(env!("CARGO_BIN_EXE_kal"), &kal_copy).unwrap();
     let out = Command::new("setpriv")
-        .args([
-            "--reuid=65534",
-            "--regid=65534",
-            "--clear-groups",
-            env!("CARGO_BIN_EXE_kal"),
-            "check",
-        ])
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(&kal_copy)
+        .arg("check")
         .arg(live.pid.to_string())
         .output()
         .unwrap();
