@@ -46,8 +46,6 @@ impl ThreadRegs {
 pub struct Frozen {
     pid: i32,
     threads: Vec<(i32, Option<Signal>)>,
-    /// How long the freeze took to establish.
-    pub freeze_time: Duration,
     started: Instant,
 }
 
@@ -61,7 +59,6 @@ impl Frozen {
         let mut f = Frozen {
             pid,
             threads: Vec::new(),
-            freeze_time: Duration::ZERO,
             started,
         };
         f.seize_all(ptrace::Options::empty(), |f, tid| {
@@ -81,7 +78,6 @@ impl Frozen {
         if f.threads.is_empty() {
             bail!("process {pid} has no threads left");
         }
-        f.freeze_time = f.started.elapsed();
         Ok(f)
     }
 
@@ -94,7 +90,6 @@ impl Frozen {
         let mut f = Frozen {
             pid,
             threads: Vec::new(),
-            freeze_time: Duration::ZERO,
             started,
         };
         let opts = ptrace::Options::PTRACE_O_TRACEEXIT | ptrace::Options::PTRACE_O_TRACECLONE;
@@ -165,7 +160,6 @@ impl Frozen {
         if f.threads.is_empty() {
             bail!("process {pid} ended before it could be captured");
         }
-        f.freeze_time = f.started.elapsed();
         f.started = Instant::now();
         Ok(f)
     }
@@ -206,7 +200,6 @@ impl Frozen {
         let mut f = Frozen {
             pid,
             threads: Vec::new(),
-            freeze_time: Duration::ZERO,
             started,
         };
         let mut candidates = vec![tid];
@@ -219,7 +212,6 @@ impl Frozen {
             if ptrace::interrupt(Pid::from_raw(t)).is_ok() {
                 if let Stop::Stopped(sig) = wait_stop(t)? {
                     f.threads[0].1 = sig;
-                    f.freeze_time = started.elapsed();
                     return Ok(f);
                 }
             }

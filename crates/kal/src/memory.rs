@@ -325,12 +325,6 @@ impl Image {
         Ok(Image { segments })
     }
 
-    /// Builds an image from segments (sorted here).
-    pub fn from_segments(mut segments: Vec<Segment>) -> Image {
-        segments.sort_by_key(|s| s.start);
-        Image { segments }
-    }
-
     /// The words covering `[addr, addr+len)`, if one segment holds them all
     /// (`addr` rounded down and the end rounded up to 8).
     pub fn words(&self, addr: u64, len: u64) -> Option<&[u64]> {
