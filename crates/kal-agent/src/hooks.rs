@@ -237,6 +237,7 @@ extern "C" fn realloc_impl(
         });
     }
     if real::is_boot(p) {
+        // SAFETY: a plain allocation for the bootstrap block's new home.
         let q = tracked(size, Api::Realloc, at, || unsafe { (r.malloc)(size) });
         if !q.is_null() {
             let n = real::boot_size(p).min(size);
