@@ -32,6 +32,7 @@ pub mod check;
 pub mod control;
 pub mod elf;
 pub mod freeze;
+pub mod heuristics;
 pub mod memory;
 pub mod periodic;
 pub mod procfs;
@@ -51,7 +52,14 @@ pub fn classify(cap: &capture::Capture) -> Vec<reach::Kind> {
     let t0 = std::time::Instant::now();
     let roots = roots::roots(cap);
     let t1 = std::time::Instant::now();
-    let kinds = reach::classify(&cap.blocks, &cap.image, &roots, cap.heap.as_ref());
+    let heuristics = heuristics::Heuristics::new(cap.heap.as_ref(), &cap.maps);
+    let kinds = reach::classify(
+        &cap.blocks,
+        &cap.image,
+        &roots,
+        cap.heap.as_ref(),
+        Some(&heuristics),
+    );
     if std::env::var_os("KAL_DEBUG_TIMING").is_some() {
         eprintln!("timing: roots {:?}, mark {:?}", t1 - t0, t1.elapsed());
     }

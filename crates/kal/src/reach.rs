@@ -7,6 +7,7 @@
 //! * **indirect** — reached only from lost blocks.
 
 use crate::capture::Block;
+use crate::heuristics::Heuristics;
 use crate::memory::{BatchReader, Image, Memory};
 use crate::roots::Roots;
 
@@ -88,7 +89,13 @@ impl<'a> BlockIndex<'a> {
 
 /// Classifies every block. `blocks` must be sorted by address; their contents are read
 /// from `heap` in address-ordered batches as the marking reaches them.
-pub fn classify(blocks: &[Block], image: &Image, roots: &Roots, heap: &dyn Memory) -> Vec<Kind> {
+pub fn classify(
+    blocks: &[Block],
+    image: &Image,
+    roots: &Roots,
+    heap: &dyn Memory,
+    heuristics: Option<&Heuristics<'_>>,
+) -> Vec<Kind> {
     let idx = BlockIndex::new(blocks);
     let mut state = vec![State::Unreached; blocks.len()];
     let mut stack: Vec<usize> = Vec::new();
@@ -102,7 +109,9 @@ pub fn classify(blocks: &[Block], image: &Image, roots: &Roots, heap: &dyn Memor
         };
         match state[i] {
             State::Reachable => {}
-            _ if start && definite => {
+            // A start pointer, or an interior one that a known layout makes as good, from
+            // definitely reachable memory: reachable.
+            _ if definite && (start || heuristics.is_some_and(|h| h.reaches(&blocks[i], v))) => {
                 state[i] = State::Reachable;
                 stack.push(i);
             }

@@ -204,6 +204,7 @@ fn counts_equal_memchecks() {
         ("interior.c", vec![]),
         ("threads.c", vec![]),
         ("widget.cpp", vec![]),
+        ("heuristics.cpp", vec![]),
     ] {
         let prog = build(name, &extra);
         let r = run_json(&[], &prog, &[]);

@@ -1,0 +1,172 @@
+//! Interior pointers that memcheck's default heuristics (and so kal) treat as pointing to
+//! the start of a block, because common layouts put the "real" pointer inside the block:
+//!
+//! * **stdstring** — an old-ABI (COW) `std::string` rep `{length, capacity, refcount,
+//!   chars…}`, pointed to at its characters (+24);
+//! * **length64** — a block that starts with the length of the rest (+8; sqlite);
+//! * **newarray** — `new T[n]` of a type with a destructor: an element count, then the
+//!   array (+8);
+//! * **multipleinheritance** — a pointer to a later base of an object whose first word,
+//!   and the word pointed at, are both vtable pointers.
+
+use crate::capture::Block;
+use crate::memory::Memory;
+use crate::procfs::Mapping;
+use std::cell::RefCell;
+use std::collections::HashMap;
+
+/// Decides whether an interior pointer into a block counts as a start pointer.
+pub struct Heuristics<'a> {
+    mem: &'a dyn Memory,
+    maps: &'a [Mapping],
+    vtables: RefCell<HashMap<u64, bool>>,
+}
+
+/// How many words of a candidate vtable are looked at.
+const VTABLE_WORDS: usize = 20;
+
+impl<'a> Heuristics<'a> {
+    /// Heuristics reading block contents and vtables from `mem`.
+    pub fn new(mem: &'a dyn Memory, maps: &'a [Mapping]) -> Heuristics<'a> {
+        Heuristics {
+            mem,
+            maps,
+            vtables: RefCell::new(HashMap::new()),
+        }
+    }
+
+    fn word(&self, addr: u64) -> Option<u64> {
+        let mut b = [0u8; 8];
+        (self.mem.read(addr, &mut b) == 8).then(|| u64::from_le_bytes(b))
+    }
+
+    fn mapping(&self, addr: u64) -> Option<&Mapping> {
+        self.maps.iter().find(|m| m.contains(addr))
+    }
+
+    /// Whether `ptr`, inside `b` but not at its start, should count as reaching it.
+    pub fn reaches(&self, b: &Block, ptr: u64) -> bool {
+        let off = ptr - b.addr;
+        if off == 24 {
+            if let (Some(len), Some(cap)) = (self.word(b.addr), self.word(b.addr + 8)) {
+                if cap.checked_add(25) == Some(b.size) && len <= cap {
+                    return true; // stdstring
+                }
+            }
+        }
+        if off == 8 {
+            if let Some(n) = self.word(b.addr) {
+                // length64 (n == size - 8) is a special case of newarray (n divides size - 8).
+                if n > 0 && (b.size - 8).is_multiple_of(n) {
+                    return true;
+                }
+            }
+        }
+        if ptr.is_multiple_of(8) {
+            if let (Some(inner), Some(first)) = (self.word(ptr), self.word(b.addr)) {
+                if self.is_vtable(inner) && self.is_vtable(first) {
+                    return true; // multipleinheritance
+                }
+            }
+        }
+        false
+    }
+
+    /// A vtable: aligned, in a readable file mapping, its first non-null entries (at least
+    /// two among the first 20 words) all pointing into executable file mappings.
+    fn is_vtable(&self, addr: u64) -> bool {
+        if !addr.is_multiple_of(8) || addr < 4096 {
+            return false;
+        }
+        if let Some(&known) = self.vtables.borrow().get(&addr) {
+            return known;
+        }
+        let verdict = self.check_vtable(addr);
+        self.vtables.borrow_mut().insert(addr, verdict);
+        verdict
+    }
+
+    fn check_vtable(&self, addr: u64) -> bool {
+        let Some(m) = self.mapping(addr).filter(|m| m.read && m.is_file()) else {
+            return false;
+        };
+        let words = (((m.end - addr) / 8) as usize).min(VTABLE_WORDS);
+        let mut found = 0;
+        for i in 0..words {
+            let Some(f) = self.word(addr + 8 * i as u64) else {
+                return false;
+            };
+            if f == 0 {
+                continue;
+            }
+            if !self.mapping(f).is_some_and(|fm| fm.exec && fm.is_file()) {
+                return false;
+            }
+            found += 1;
+            if found == 2 {
+                return true;
+            }
+        }
+        false
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Memory made of a few words at fixed addresses.
+    struct Words(Vec<(u64, u64)>);
+    impl Memory for Words {
+        fn read(&self, addr: u64, buf: &mut [u8]) -> usize {
+            match self.0.iter().find(|w| w.0 == addr) {
+                Some(w) if buf.len() == 8 => {
+                    buf.copy_from_slice(&w.1.to_le_bytes());
+                    8
+                }
+                _ => 0,
+            }
+        }
+    }
+
+    fn block(addr: u64, size: u64) -> Block {
+        Block {
+            addr,
+            size,
+            seq: 1,
+            stack: 0,
+            api: 0,
+            span: size,
+        }
+    }
+
+    #[test]
+    fn layouts_with_a_header_count_and_others_do_not() {
+        let maps: Vec<Mapping> = Vec::new();
+        let mem = Words(vec![
+            (0x1000, 3),
+            (0x2000, 40),
+            (0x3000, 5),
+            (0x3008, 10),
+            (0x4000, 7),
+        ]);
+        let h = Heuristics::new(&mem, &maps);
+        assert!(
+            h.reaches(&block(0x1000, 8 + 3 * 16), 0x1008),
+            "new[] of 3 16-byte objects"
+        );
+        assert!(h.reaches(&block(0x2000, 48), 0x2008), "length64");
+        assert!(
+            h.reaches(&block(0x3000, 24 + 10 + 1), 0x3018),
+            "stdstring rep"
+        );
+        assert!(
+            !h.reaches(&block(0x4000, 8 + 20), 0x4008),
+            "7 does not divide 20"
+        );
+        assert!(
+            !h.reaches(&block(0x2000, 48), 0x2010),
+            "other offsets are just interior"
+        );
+    }
+}
