@@ -110,7 +110,6 @@ pub struct Periodic {
     /// Interval.
     pub every: Duration,
     opts: report::Options,
-    frames: usize,
     json: Option<PathBuf>,
     seen: HashMap<i32, HashSet<u64>>,
     count: u64,
@@ -122,16 +121,10 @@ pub struct Periodic {
 
 impl Periodic {
     /// Periodic checks every `every`; JSON lines appended to `json` if given.
-    pub fn new(
-        every: Duration,
-        opts: report::Options,
-        frames: usize,
-        json: Option<PathBuf>,
-    ) -> Periodic {
+    pub fn new(every: Duration, opts: report::Options, json: Option<PathBuf>) -> Periodic {
         Periodic {
             every,
             opts,
-            frames,
             json,
             seen: HashMap::new(),
             count: 0,
@@ -294,7 +287,6 @@ impl Periodic {
                 rec.kind.name()
             );
         }
-        let _ = self.frames;
         s
     }
 }

@@ -145,7 +145,7 @@ pub fn run(opts: &RunOptions) -> Result<i32> {
     let mut lost = false;
     let mut hellos = 0usize;
     let mut periodic = opts.check_every.map(|every| {
-        crate::periodic::Periodic::new(every, opts.report.clone(), opts.frames, opts.json.clone())
+        crate::periodic::Periodic::new(every, opts.report.clone(), opts.json.clone())
             .with_reclaim(opts.reclaim)
     });
     let mut last_check = std::time::Instant::now();
@@ -190,14 +190,12 @@ pub fn run(opts: &RunOptions) -> Result<i32> {
                 });
             }
         }
-        let mut i = 0;
         let ready: Vec<bool> = fds[1..].iter().map(|f| f.revents != 0).collect();
         let mut keep = Vec::with_capacity(conns.len());
         for (c, r) in conns
             .drain(..)
             .zip(ready.into_iter().chain(std::iter::repeat(false)))
         {
-            i += 1;
             if !r {
                 keep.push(c);
                 continue;
@@ -212,7 +210,6 @@ pub fn run(opts: &RunOptions) -> Result<i32> {
                 Err(e) => eprintln!("kal: {e:#}"),
             }
         }
-        let _ = i;
         conns = keep;
         if status.is_none() {
             status = child.try_wait()?;

@@ -52,6 +52,34 @@ fn json_lines(path: &std::path::Path) -> Vec<serde_json::Value> {
         .collect()
 }
 
+/// Runs `kal run --error-exitcode 0 --reclaim --check-every 300ms --json F [flags] -- prog
+/// args`; returns kal's output and the JSON lines it wrote.
+fn run_reclaiming(
+    flags: &[&str],
+    prog: &std::path::Path,
+    args: &[&str],
+) -> (std::process::Output, Vec<serde_json::Value>) {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("r.jsonl");
+    let mut a = vec![
+        "run",
+        "--error-exitcode",
+        "0",
+        "--reclaim",
+        "--check-every",
+        "300ms",
+        "--json",
+        json.to_str().unwrap(),
+    ];
+    a.extend_from_slice(flags);
+    a.push("--");
+    a.push(prog.to_str().unwrap());
+    a.extend_from_slice(args);
+    let out = kal(&a);
+    let lines = json_lines(&json);
+    (out, lines)
+}
+
 #[test]
 fn reclaim_keeps_the_classic_leak_loop_small() {
     let prog = build("leak_loop.c", &[]);
@@ -112,22 +140,7 @@ fn reclaim_keeps_the_classic_leak_loop_small() {
 #[test]
 fn reclaim_never_corrupts_reachable_data() {
     let prog = build("checksums.c", &["-O1"]);
-    let dir = tempfile::tempdir().unwrap();
-    let json = dir.path().join("r.jsonl");
-    let out = kal(&[
-        "run",
-        "-q",
-        "--error-exitcode",
-        "0",
-        "--reclaim",
-        "--check-every",
-        "300ms",
-        "--json",
-        json.to_str().unwrap(),
-        "--",
-        prog.to_str().unwrap(),
-        "4",
-    ]);
+    let (out, lines) = run_reclaiming(&["-q"], &prog, &["4"]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(
         out.status.code(),
@@ -136,7 +149,7 @@ fn reclaim_never_corrupts_reachable_data() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(stdout.contains("checksums ok"));
-    let last = json_lines(&json).pop().unwrap();
+    let last = lines.last().unwrap();
     assert!(
         last["reclaimed"]["blocks"].as_u64().unwrap() > 100,
         "{}",
@@ -159,21 +172,7 @@ fn reclaim_never_corrupts_reachable_data() {
 #[test]
 fn a_contradicted_site_is_never_reclaimed_again() {
     let prog = build("hidden.c", &[]);
-    let dir = tempfile::tempdir().unwrap();
-    let json = dir.path().join("r.jsonl");
-    let out = kal(&[
-        "run",
-        "--error-exitcode",
-        "0",
-        "--reclaim",
-        "--check-every",
-        "300ms",
-        "--json",
-        json.to_str().unwrap(),
-        "--",
-        prog.to_str().unwrap(),
-        "3",
-    ]);
+    let (out, lines) = run_reclaiming(&[], &prog, &["3"]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(
         out.status.code(),
@@ -181,7 +180,7 @@ fn a_contradicted_site_is_never_reclaimed_again() {
         "no double free, no crash: {stderr}"
     );
     assert!(String::from_utf8_lossy(&out.stdout).contains("hidden ok"));
-    let last = json_lines(&json).pop().unwrap();
+    let last = lines.last().unwrap();
     assert_eq!(
         last["reclaimed"]["blocks"], 1,
         "only the first hidden block: {}",
