@@ -67,6 +67,7 @@ fn hello() {
 }
 
 unsafe extern "C" fn after_fork_child() {
+    crate::table::resize::after_fork_child();
     let old = HELLO_FD.swap(-1, Ordering::Relaxed);
     if old >= 0 {
         // SAFETY: the child's copy of our own fd; the parent keeps its own.

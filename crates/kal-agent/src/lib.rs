@@ -98,6 +98,7 @@ extern "C" fn agent_start() {
     state::publish_reclaim();
     control::init();
     server::start();
+    table::resize::start();
     guard::leave();
 }
 

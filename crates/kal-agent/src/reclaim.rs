@@ -7,7 +7,7 @@
 //! free it twice, and bans the allocation site (the call site of the allocation, whatever
 //! path led to it) from ever being reclaimed again.
 
-use crate::table::{map, Tables};
+use crate::table::{mem, Tables};
 use core::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use kal_proto::MAX_BANNED;
 
@@ -24,21 +24,26 @@ pub static BANNED_LEN: AtomicU64 = AtomicU64::new(0);
 /// Blocks and bytes reclaimed so far.
 pub static RECLAIMED: [AtomicU64; 2] = [AtomicU64::new(0), AtomicU64::new(0)];
 
-fn set() -> *mut [AtomicU64; 2] {
+/// The set, mapped on first use; `None` if the kernel gives no memory (nothing is then
+/// reclaimed: a block that cannot be remembered is never freed).
+fn set() -> Option<*mut [AtomicU64; 2]> {
     let p = SET.load(Ordering::Acquire);
     if p != 0 {
-        return p as *mut [AtomicU64; 2];
+        return Some(p as *mut [AtomicU64; 2]);
     }
-    let m = map(SET_SLOTS * 16) as usize;
+    let m = mem::map(SET_SLOTS * 16, b"kal-reclaimed\0") as usize;
+    if m == 0 {
+        return None;
+    }
     match SET.compare_exchange(0, m, Ordering::AcqRel, Ordering::Acquire) {
-        Ok(_) => m as *mut [AtomicU64; 2],
-        Err(other) => other as *mut [AtomicU64; 2],
+        Ok(_) => Some(m as *mut [AtomicU64; 2]),
+        Err(other) => Some(other as *mut [AtomicU64; 2]),
     }
 }
 
-fn slot(i: usize) -> &'static [AtomicU64; 2] {
+fn slot(set: *mut [AtomicU64; 2], i: usize) -> &'static [AtomicU64; 2] {
     // SAFETY: i is masked into the set, which is never unmapped.
-    unsafe { &*set().add(i & (SET_SLOTS - 1)) }
+    unsafe { &*set.add(i & (SET_SLOTS - 1)) }
 }
 
 /// Home slot: nearby addresses get nearby slots (few pages touched), each 64 MiB region of
@@ -49,14 +54,15 @@ fn home(addr: u64) -> usize {
 
 /// The set's mapping `(start, length)` (mapped now if it was not yet).
 pub fn region() -> (u64, u64) {
-    (set() as u64, (SET_SLOTS * 16) as u64)
+    set().map_or((0, 0), |p| (p as u64, (SET_SLOTS * 16) as u64))
 }
 
 /// Records `addr` (from site `stack`) as reclaimed; false if the set has no room.
 fn remember(addr: u64, stack: u32) -> bool {
+    let Some(set) = set() else { return false };
     let h = home(addr);
     for k in 0..SET_PROBE {
-        let s = slot(h + k);
+        let s = slot(set, h + k);
         let cur = s[0].load(Ordering::Acquire);
         if cur == addr || cur == EMPTY || cur == GONE {
             s[1].store(stack as u64, Ordering::Relaxed);
@@ -68,9 +74,10 @@ fn remember(addr: u64, stack: u32) -> bool {
 }
 
 fn forget(addr: u64) {
+    let Some(set) = set() else { return };
     let h = home(addr);
     for k in 0..SET_PROBE {
-        let s = slot(h + k);
+        let s = slot(set, h + k);
         match s[0].load(Ordering::Acquire) {
             a if a == addr => {
                 s[0].store(GONE, Ordering::Release);
@@ -84,12 +91,13 @@ fn forget(addr: u64) {
 
 /// The site a reclaimed address came from, if `addr` was reclaimed.
 fn reclaimed_site(addr: u64) -> Option<u32> {
-    if SET.load(Ordering::Acquire) == 0 {
+    let set = SET.load(Ordering::Acquire) as *mut [AtomicU64; 2];
+    if set.is_null() {
         return None;
     }
     let h = home(addr);
     for k in 0..SET_PROBE {
-        let s = slot(h + k);
+        let s = slot(set, h + k);
         match s[0].load(Ordering::Acquire) {
             a if a == addr => return Some(s[1].load(Ordering::Relaxed) as u32),
             EMPTY => return None,

@@ -1,8 +1,8 @@
 //! The agent's process-wide state: its [`Header`] (what the CLI reads) and the tables.
 
-use crate::table::{Tables, DEFAULT_SLOTS};
+use crate::table::{blocks, Tables};
 use core::sync::atomic::{AtomicU64, AtomicU8, Ordering};
-use kal_proto::{Header, ENV_TABLE_SLOTS, MAGIC, VERSION};
+use kal_proto::{Header, MAGIC, VERSION};
 
 /// The header the CLI reads. Exported under this name so that `kal check PID` can find it
 /// in the agent's symbol table.
@@ -11,8 +11,8 @@ pub static mut KAL_HEADER: Header = Header {
     magic: 0,
     version: 0,
     header_size: 0,
-    table_addr: 0,
-    table_slots: 0,
+    table_descs: 0,
+    table_window: 0,
     stacks_addr: 0,
     stack_slots: 0,
     static_tls_size: 0,
@@ -38,36 +38,11 @@ pub fn header_addr() -> u64 {
     core::ptr::addr_of!(KAL_HEADER) as u64
 }
 
-/// Counts an allocation the table had no room for.
+/// Counts an allocation the table could not record.
 pub fn note_dropped() {
     // SAFETY: `dropped` is an aligned u64 inside a static; only updated atomically.
     let d = unsafe { &*(core::ptr::addr_of_mut!(KAL_HEADER.dropped) as *const AtomicU64) };
     d.fetch_add(1, Ordering::Relaxed);
-}
-
-/// Number of table slots: `KAL_TABLE_SLOTS` if it is a power of two ≥ 1024, else the default.
-fn slots_from_env() -> u64 {
-    let name = b"KAL_TABLE_SLOTS\0";
-    debug_assert_eq!(&name[..name.len() - 1], ENV_TABLE_SLOTS.as_bytes());
-    // SAFETY: getenv with a NUL-terminated name; the result is only read.
-    let v = unsafe { libc::getenv(name.as_ptr().cast()) };
-    if v.is_null() {
-        return DEFAULT_SLOTS;
-    }
-    // SAFETY: getenv returns a NUL-terminated string.
-    let s = unsafe { core::ffi::CStr::from_ptr(v) }.to_bytes();
-    let mut n: u64 = 0;
-    for &c in s {
-        if !c.is_ascii_digit() {
-            return DEFAULT_SLOTS;
-        }
-        n = n.saturating_mul(10).saturating_add((c - b'0') as u64);
-    }
-    if n.is_power_of_two() && n >= 1024 {
-        n
-    } else {
-        DEFAULT_SLOTS
-    }
 }
 
 /// The tables, mapped on first use (from any thread, even before the agent's constructor).
@@ -86,15 +61,17 @@ fn init_tables() -> Option<&'static Tables> {
         .compare_exchange(0, 1, Ordering::AcqRel, Ordering::Acquire)
         .is_ok()
     {
-        let t = Tables::new(slots_from_env());
-        let (ta, tn) = t.table_range();
+        let Some(t) = Tables::new() else {
+            STATE.store(3, Ordering::Release);
+            return None;
+        };
         let (sa, sn) = t.stack_range();
         // SAFETY: only this thread writes TABLES/HEADER fields until STATE is 2.
         unsafe {
             *core::ptr::addr_of_mut!(TABLES) = Some(t);
             let h = &mut *core::ptr::addr_of_mut!(KAL_HEADER);
-            h.table_addr = ta;
-            h.table_slots = tn;
+            h.table_descs = blocks::DESCS.as_ptr() as u64;
+            h.table_window = blocks::WINDOW.as_ptr() as u64;
             h.stacks_addr = sa;
             h.stack_slots = sn;
             h.header_size = core::mem::size_of::<Header>() as u32;
@@ -105,8 +82,21 @@ fn init_tables() -> Option<&'static Tables> {
         // SAFETY: just published.
         return unsafe { (*core::ptr::addr_of!(TABLES)).as_ref() };
     }
-    // Another thread maps the tables right now; this allocation goes unrecorded.
-    None
+    // Another thread maps the tables right now (a few system calls): wait for it, so that
+    // no allocation goes unrecorded.
+    loop {
+        match STATE.load(Ordering::Acquire) {
+            1 => core::hint::spin_loop(),
+            2 => {
+                // SAFETY: TABLES is written once before STATE becomes 2.
+                return unsafe { (*core::ptr::addr_of!(TABLES)).as_ref() };
+            }
+            _ => {
+                note_dropped();
+                return None;
+            }
+        }
+    }
 }
 
 /// Fills the header fields known once the agent has started.

@@ -10,7 +10,7 @@
 //!
 //! ```
 //! use kal_proto::{AllocSlot, SLOT_EMPTY, slot_state};
-//! let slot = AllocSlot { addr: SLOT_EMPTY, seq: 0, size: 0, stack: 0, api: 0 };
+//! let slot = AllocSlot { addr: SLOT_EMPTY, seq: 0, meta: 0 };
 //! assert_eq!(slot_state(slot.addr), kal_proto::SlotState::Empty);
 //! ```
 #![no_std]
@@ -23,27 +23,34 @@ pub mod ctl;
 /// Magic number at the start of the agent header ("KALAGENT" in little-endian ASCII).
 pub const MAGIC: u64 = u64::from_le_bytes(*b"KALAGENT");
 /// Version of the header and table layout. Bump on any incompatible change.
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 
 /// Maximum number of frames stored for one allocation stack.
 pub const MAX_FRAMES: usize = 24;
 
 /// Name of the environment variable holding the path of the CLI's unix socket.
 pub const ENV_SOCKET: &str = "KAL_SOCKET";
-/// Environment variable that overrides the number of allocation-table slots (a power of two).
-pub const ENV_TABLE_SLOTS: &str = "KAL_TABLE_SLOTS";
 
 /// `AllocSlot::addr` value of a slot that never held an allocation.
 pub const SLOT_EMPTY: u64 = 0;
-/// `AllocSlot::addr` value of a slot whose allocation was freed.
+/// `AllocSlot::addr` value of a slot whose allocation was freed (or moved to a newer table).
 pub const SLOT_TOMBSTONE: u64 = 1;
 /// `AllocSlot::addr` value of a slot being written by the agent right now.
 pub const SLOT_BUSY: u64 = 2;
+/// Low bit set on a live block's address while the agent copies the slot to a newer table
+/// (the block is live; the copy may be present too).
+pub const SLOT_MOVING: u64 = 1;
+/// Bit set on a live block's address while a reclaim request checks its sequence number
+/// (the block is live).
+pub const SLOT_CLAIMING: u64 = 2;
+/// Block addresses are at least 8-aligned: the low three bits of the address word are the
+/// `SLOT_MOVING` / `SLOT_CLAIMING` flags.
+pub const SLOT_FLAGS: u64 = 7;
 
 /// Stack id meaning "no stack was recorded" (stack table full or unwinding failed).
 pub const STACK_UNKNOWN: u32 = u32::MAX;
 
-/// Where the glibc chunk flags sit in [`AllocSlot::api`].
+/// Where the glibc chunk flags sit in [`Meta::api`].
 pub const CHUNK_FLAGS_SHIFT: u32 = 8;
 /// glibc chunk flag: the chunk is its own `mmap`.
 pub const CHUNK_IS_MMAPPED: u32 = 2;
@@ -63,13 +70,14 @@ pub enum SlotState {
     Live(u64),
 }
 
-/// Decodes the address word of an [`AllocSlot`].
+/// Decodes the address word of an [`AllocSlot`]. A block being moved to a newer table or
+/// checked by a reclaim request is live.
 pub fn slot_state(addr: u64) -> SlotState {
     match addr {
         SLOT_EMPTY => SlotState::Empty,
         SLOT_TOMBSTONE => SlotState::Tombstone,
-        SLOT_BUSY => SlotState::Busy,
-        a => SlotState::Live(a),
+        a if a < 4096 => SlotState::Busy,
+        a => SlotState::Live(a & !SLOT_FLAGS),
     }
 }
 
@@ -88,7 +96,7 @@ pub enum Api {
 }
 
 impl Api {
-    /// Decodes the `api` field of an [`AllocSlot`] (its low 8 bits).
+    /// Decodes the `api` field of a [`Meta`] (its low 8 bits).
     pub fn from_u32(v: u32) -> Api {
         match v & 0xff {
             1 => Api::Calloc,
@@ -109,28 +117,182 @@ impl Api {
     }
 }
 
-/// One entry of the live-allocation table (open addressing, keyed by address).
+/// One entry of a live-allocation table (open addressing, keyed by address): 24 bytes.
 ///
-/// The agent writes `size`, `seq`, `stack` and `api` while `addr` is [`SLOT_BUSY`], then
-/// publishes the address with a release store; it frees by turning `addr` into
-/// [`SLOT_TOMBSTONE`] *before* calling the real `free`. So a reader never sees a freed
-/// block as live.
-#[derive(Debug, Clone, Copy, Default)]
+/// The agent writes `seq` and `meta` while `addr` is [`SLOT_BUSY`], then publishes the
+/// address with a release store; it frees by turning `addr` into [`SLOT_TOMBSTONE`]
+/// *before* calling the real `free`. So a reader never sees a freed block as live.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 #[repr(C)]
 pub struct AllocSlot {
-    /// Block address, or one of the `SLOT_*` markers.
+    /// Block address (possibly with [`SLOT_MOVING`] or [`SLOT_CLAIMING`] set), or one of
+    /// the `SLOT_*` markers.
     pub addr: u64,
-    /// Allocation sequence number, unique per process lifetime. Next to `addr` so that a
-    /// reclaim can check and claim both with one 16-byte compare-and-swap.
+    /// Allocation sequence number, unique per process lifetime.
     pub seq: u64,
+    /// Requested size, allocation API, chunk flags and stack id: see [`Meta`].
+    pub meta: u64,
+}
+
+/// Largest requested size a slot can hold (16 TiB − 1); a larger block is not recorded
+/// and counted in [`Header::dropped`].
+pub const MAX_SIZE: u64 = (1 << 44) - 1;
+
+/// The decoded `meta` word of an [`AllocSlot`]: size in bits 0–43, the [`Api`] in bits
+/// 44–45, glibc's `IS_MMAPPED` and `NON_MAIN_ARENA` chunk flags in bits 46–47, the stack id
+/// in bits 48–63 (`0xffff` = [`STACK_UNKNOWN`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Meta {
     /// Requested size in bytes.
     pub size: u64,
     /// Index into the stack table, or [`STACK_UNKNOWN`].
     pub stack: u32,
-    /// The [`Api`] that allocated the block (low 8 bits) and, with glibc's allocator, the
-    /// chunk's flag bits (`IS_MMAPPED` = 2, `NON_MAIN_ARENA` = 4) shifted left by 8; see
-    /// [`CHUNK_FLAGS_SHIFT`].
+    /// The [`Api`] (low 8 bits) and glibc's chunk flags shifted by [`CHUNK_FLAGS_SHIFT`].
     pub api: u32,
+}
+
+impl Meta {
+    /// Packs into a slot's `meta` word; `None` if the size exceeds [`MAX_SIZE`].
+    #[inline]
+    pub fn pack(self) -> Option<u64> {
+        if self.size > MAX_SIZE {
+            return None;
+        }
+        let api = (self.api & 3) as u64;
+        let flags = ((self.api >> CHUNK_FLAGS_SHIFT) as u64 >> 1) & 3;
+        let stack = if self.stack >= STACK_SLOTS as u32 - 1 {
+            0xffff
+        } else {
+            self.stack as u64
+        };
+        Some(self.size | api << 44 | flags << 46 | stack << 48)
+    }
+
+    /// Unpacks a slot's `meta` word.
+    #[inline]
+    pub fn unpack(w: u64) -> Meta {
+        let stack = (w >> 48) as u32;
+        Meta {
+            size: w & MAX_SIZE,
+            stack: if stack == 0xffff {
+                STACK_UNKNOWN
+            } else {
+                stack
+            },
+            api: ((w >> 44) & 3) as u32 | ((((w >> 46) & 3) as u32) << 1) << CHUNK_FLAGS_SHIFT,
+        }
+    }
+}
+
+/// Number of slots of the stack table (stack ids are below `STACK_SLOTS - 1`).
+pub const STACK_SLOTS: u64 = 1 << 16;
+
+/// Number of table descriptors (a ring: a resize takes the next one).
+pub const MAX_TABLES: usize = 64;
+
+/// State of an allocation table, in [`TableWord::state`].
+pub mod table_state {
+    /// Receives new blocks (only the newest table).
+    pub const LIVE: u64 = 1;
+    /// Being emptied into the newest table: holds live blocks, receives none.
+    pub const DRAINING: u64 = 2;
+    /// Empty; its memory was given back (the address range stays reserved).
+    pub const RETIRED: u64 = 3;
+}
+
+/// One allocation table descriptor. The agent resizes by creating a new table and moving
+/// every block into it while the program runs; blocks live in the tables
+/// `oldest..=newest` (modulo [`MAX_TABLES`]) of the [`Window`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[repr(C)]
+pub struct TableDesc {
+    /// A [`TableWord`]: address, size and state in one atomically updated word, so that
+    /// a thread never pairs one table's address with another's size.
+    pub word: u64,
+    /// Longest probe distance any insert used (a lookup never needs to go further).
+    pub max_probe: u64,
+}
+
+/// Where a table is, how many slots it has, and its [`table_state`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TableWord {
+    /// Address of the `AllocSlot` array (page-aligned, below 2^47).
+    pub addr: u64,
+    /// Number of slots (a multiple of [`TABLE_GRAIN`]).
+    pub slots: u64,
+    /// One of [`table_state`].
+    pub state: u64,
+}
+
+/// Table sizes are multiples of this many slots.
+pub const TABLE_GRAIN: u64 = 512;
+
+impl TableWord {
+    /// Encodes; `None` if the address or size does not fit.
+    #[inline(always)]
+    pub fn encode(self) -> Option<u64> {
+        let (a, n) = (self.addr >> 12, self.slots / TABLE_GRAIN);
+        let fits = self.addr & 0xfff == 0
+            && a < 1 << 35
+            && n < 1 << 27
+            && self.slots % TABLE_GRAIN == 0
+            && self.state < 4;
+        fits.then_some(a << 29 | n << 2 | self.state)
+    }
+
+    /// Decodes a descriptor word.
+    #[inline(always)]
+    pub fn decode(w: u64) -> TableWord {
+        TableWord {
+            addr: (w >> 29) << 12,
+            slots: ((w >> 2) & ((1 << 27) - 1)) * TABLE_GRAIN,
+            state: w & 3,
+        }
+    }
+}
+
+/// The table window word: `(generation << 32) | (oldest << 16) | newest`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Window {
+    /// Index of the oldest table holding blocks.
+    pub oldest: usize,
+    /// Index of the table receiving new blocks.
+    pub newest: usize,
+    /// Bumped on every change.
+    pub generation: u32,
+}
+
+impl Window {
+    /// Decodes a window word.
+    #[inline(always)]
+    pub fn decode(w: u64) -> Window {
+        Window {
+            oldest: ((w >> 16) & 0xffff) as usize,
+            newest: (w & 0xffff) as usize,
+            generation: (w >> 32) as u32,
+        }
+    }
+
+    /// Encodes a window word.
+    #[inline(always)]
+    pub fn encode(self) -> u64 {
+        (self.generation as u64) << 32 | (self.oldest as u64) << 16 | self.newest as u64
+    }
+}
+
+/// Home slot of a block address in a table of `slots` slots: a strong mix of the address
+/// reduced to the range by multiplication (any table size works).
+#[inline(always)]
+pub fn home_slot(addr: u64, slots: u64) -> u64 {
+    ((mix64(addr >> 3) as u128 * slots as u128) >> 64) as u64
+}
+
+/// A 64-bit finaliser (splitmix64's).
+#[inline(always)]
+pub fn mix64(x: u64) -> u64 {
+    let x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    let x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
 }
 
 /// One entry of the stack table (open addressing, keyed by a hash of the frames).
@@ -162,10 +324,10 @@ pub struct Header {
     pub version: u32,
     /// `size_of::<Header>()`, so that a reader can check it.
     pub header_size: u32,
-    /// Address of the `AllocSlot` array.
-    pub table_addr: u64,
-    /// Number of slots in the `AllocSlot` array (a power of two).
-    pub table_slots: u64,
+    /// Address of the `[TableDesc; MAX_TABLES]` ring describing the allocation tables.
+    pub table_descs: u64,
+    /// Address of the [`Window`] word: which tables hold blocks now.
+    pub table_window: u64,
     /// Address of the `StackSlot` array.
     pub stacks_addr: u64,
     /// Number of slots in the `StackSlot` array (a power of two).
@@ -174,7 +336,9 @@ pub struct Header {
     pub static_tls_size: u64,
     /// 1 when the next allocator is glibc's ptmalloc (chunk headers can be read), else 0.
     pub glibc_malloc: u64,
-    /// Allocations not recorded because the table was full (they are never reported).
+    /// Allocations not recorded (the agent could not get memory for a bigger table, or a
+    /// size above [`MAX_SIZE`]). Non-zero means tracking is incomplete: blocks only such
+    /// an allocation points to look lost.
     pub dropped: u64,
     /// Start of the agent's own code (its frames are dropped from stacks).
     pub agent_text_start: u64,
@@ -274,6 +438,45 @@ mod tests {
     use super::*;
 
     #[test]
+    fn meta_round_trips() {
+        for &(size, stack, api) in &[
+            (0u64, 0u32, 0u32),
+            (MAX_SIZE, STACK_UNKNOWN, 3 | (6 << CHUNK_FLAGS_SHIFT)),
+            (4096, 1234, 1 | (2 << CHUNK_FLAGS_SHIFT)),
+            (17, 65534, 2 | (4 << CHUNK_FLAGS_SHIFT)),
+        ] {
+            let m = Meta { size, stack, api };
+            let stack = if stack >= 65535 { STACK_UNKNOWN } else { stack };
+            assert_eq!(Meta::unpack(m.pack().unwrap()), Meta { size, stack, api });
+        }
+        assert_eq!(
+            Meta {
+                size: MAX_SIZE + 1,
+                stack: 0,
+                api: 0
+            }
+            .pack(),
+            None
+        );
+    }
+
+    #[test]
+    fn moving_and_claiming_blocks_are_live() {
+        assert_eq!(slot_state(0x5000 | SLOT_MOVING), SlotState::Live(0x5000));
+        assert_eq!(slot_state(0x5000 | SLOT_CLAIMING), SlotState::Live(0x5000));
+        assert_eq!(slot_state(SLOT_BUSY), SlotState::Busy);
+        let w = Window {
+            oldest: 3,
+            newest: 5,
+            generation: 9,
+        };
+        assert_eq!(Window::decode(w.encode()), w);
+        for n in [1u64, 7, 1 << 20, 123_456_789] {
+            assert!(home_slot(0x7f00_1234_5678, n) < n);
+        }
+    }
+
+    #[test]
     fn hello_round_trips_and_rejects_garbage() {
         let h = Hello {
             magic: MAGIC,
@@ -294,7 +497,15 @@ mod tests {
 
     #[test]
     fn layout_sizes_are_stable() {
-        assert_eq!(core::mem::size_of::<AllocSlot>(), 32);
+        assert_eq!(core::mem::size_of::<AllocSlot>(), 24);
+        assert_eq!(core::mem::size_of::<TableDesc>(), 16);
+        let t = TableWord {
+            addr: 0x7f12_3456_7000,
+            slots: 512 * 1000,
+            state: 2,
+        };
+        assert_eq!(TableWord::decode(t.encode().unwrap()), t);
+        assert_eq!(TableWord { slots: 100, ..t }.encode(), None);
         assert_eq!(core::mem::size_of::<StackSlot>(), 16 + 8 * MAX_FRAMES);
         assert_eq!(HELLO_SIZE, 32);
     }

@@ -7,7 +7,8 @@ use crate::memory::{read_words, Image, Memory, ProcessMemory};
 use crate::procfs::{self, Mapping};
 use anyhow::{bail, Context, Result};
 use kal_proto::{
-    slot_state, AllocSlot, Header, SlotState, StackSlot, MAGIC, STACK_SLOT_BUSY, VERSION,
+    slot_state, table_state, Header, Meta, SlotState, StackSlot, TableDesc, TableWord, Window,
+    MAGIC, MAX_TABLES, STACK_SLOT_BUSY, VERSION,
 };
 use std::collections::HashMap;
 
@@ -133,6 +134,8 @@ pub struct Capture {
     pub memory: MemoryStats,
     /// Stack ids the agent will never reclaim again (the program contradicted a reclaim).
     pub banned: Vec<u32>,
+    /// The agent's own mappings (tables, side stacks): never roots, never heap.
+    pub agent: Vec<(u64, u64)>,
 }
 
 fn read_pod<T: Copy + Default>(mem: &dyn Memory, addr: u64) -> Option<T> {
@@ -159,40 +162,73 @@ pub fn read_header(mem: &dyn Memory, addr: u64) -> Result<Header> {
     Ok(h)
 }
 
-/// Reads the live blocks (sorted by address) and the stacks they use. Only pages of the
-/// tables that were ever touched are read.
+/// Bytes of one allocation-table slot (`kal_proto::AllocSlot`).
+const SLOT_BYTES: u64 = 24;
+
+/// The agent's allocation tables: `(descriptors of the tables holding blocks, every table
+/// ever made)`. Read from the header's descriptor ring and window.
+pub fn read_tables(mem: &dyn Memory, h: &Header) -> (Vec<TableWord>, Vec<TableWord>) {
+    let window = read_pod::<u64>(mem, h.table_window).map(Window::decode);
+    let descs: Vec<TableWord> = read_words(mem, h.table_descs, MAX_TABLES * 2)
+        .chunks_exact(std::mem::size_of::<TableDesc>() / 8)
+        .map(|d| TableWord::decode(d[0]))
+        .collect();
+    let all: Vec<TableWord> = descs.iter().copied().filter(|t| t.slots > 0).collect();
+    let Some(w) = window else {
+        return (Vec::new(), all);
+    };
+    let mut live = Vec::new();
+    let mut i = w.oldest % MAX_TABLES;
+    loop {
+        let t = descs[i];
+        if t.slots > 0 && (t.state == table_state::LIVE || t.state == table_state::DRAINING) {
+            live.push(t);
+        }
+        if i == w.newest % MAX_TABLES {
+            break;
+        }
+        i = (i + 1) % MAX_TABLES;
+    }
+    (live, all)
+}
+
+/// Reads the live blocks (sorted by address, each once) and the stacks they use. Only
+/// pages of the tables that were ever touched are read. A block being moved between two
+/// tables may be in both: it is the same allocation.
 pub fn read_blocks(mem: &dyn Memory, h: &Header) -> (Vec<Block>, HashMap<u32, Vec<u64>>) {
-    const SLOT_WORDS: usize = std::mem::size_of::<AllocSlot>() / 8;
     const STACK_WORDS: usize = std::mem::size_of::<StackSlot>() / 8;
-    // Stream the touched pages of the table through one reused buffer.
-    let end = h.table_addr + h.table_slots * (SLOT_WORDS as u64 * 8);
-    let mut buf = vec![0u64; 512 * 1024];
+    // Stream the touched pages of each table through one reused buffer (whole slots).
+    let mut buf = vec![0u64; 3 * 170 * 1024];
     let mut blocks: Vec<Block> = Vec::new();
-    for (s, e) in mem.present(h.table_addr, end) {
-        let mut at = s;
-        while at < e {
-            let n = ((e - at) as usize / 8).min(buf.len());
-            let words = &mut buf[..n];
-            crate::memory::read_into(mem, at, words);
-            blocks.extend(
-                words
-                    .chunks_exact(SLOT_WORDS)
-                    .filter_map(|w| match slot_state(w[0]) {
-                        SlotState::Live(addr) => {
-                            let api = (w[3] >> 32) as u32;
-                            Some(Block {
-                                addr,
-                                seq: w[1],
-                                size: w[2],
-                                stack: w[3] as u32,
-                                api,
-                                span: span(h, w[2], api),
-                            })
-                        }
-                        _ => None,
-                    }),
-            );
-            at += n as u64 * 8;
+    for t in read_tables(mem, h).0 {
+        let end = t.addr + t.slots * SLOT_BYTES;
+        for (s, e) in mem.present(t.addr, end) {
+            let mut at = t.addr + (s - t.addr) / SLOT_BYTES * SLOT_BYTES;
+            let e = (t.addr + (e - t.addr).div_ceil(SLOT_BYTES) * SLOT_BYTES).min(end);
+            while at < e {
+                let n = ((e - at) as usize / 8).min(buf.len());
+                let words = &mut buf[..n];
+                crate::memory::read_into(mem, at, words);
+                blocks.extend(
+                    words
+                        .chunks_exact(3)
+                        .filter_map(|w| match slot_state(w[0]) {
+                            SlotState::Live(addr) => {
+                                let m = Meta::unpack(w[2]);
+                                Some(Block {
+                                    addr,
+                                    seq: w[1],
+                                    size: m.size,
+                                    stack: m.stack,
+                                    api: m.api,
+                                    span: span(h, m.size, m.api),
+                                })
+                            }
+                            _ => None,
+                        }),
+                );
+                at += n as u64 * 8;
+            }
         }
     }
     blocks.sort_unstable_by_key(|b| b.addr);
@@ -287,8 +323,12 @@ pub fn capture_from(
             blocks.len()
         );
     }
-    let heap_ranges = crate::roots::heap_ranges(&maps, &blocks, &header, &mem);
-    let mut skip = agent_tables(&header);
+    let agent = agent_ranges(&mem, &header);
+    let heap_ranges = crate::ranges::subtract(
+        &crate::roots::heap_ranges(&maps, &blocks, &header, &mem),
+        &agent,
+    );
+    let mut skip = agent.clone();
     skip.extend_from_slice(&heap_ranges);
     let skip = crate::ranges::normalize(skip);
     let mut ranges: Vec<(u64, u64)> = maps
@@ -340,6 +380,7 @@ pub fn capture_from(
         heap: Box::new(mem),
         memory,
         banned,
+        agent,
     })
 }
 
@@ -353,13 +394,15 @@ pub fn active_side_slot(h: &Header, sp: u64) -> Option<(u64, u64)> {
     Some((sp.saturating_sub(128).max(top - h.side_slot), top))
 }
 
-/// The agent's own table mappings, never scanned as roots.
-pub fn agent_tables(h: &Header) -> Vec<(u64, u64)> {
-    let mut v = vec![
-        (
-            h.table_addr,
-            h.table_addr + h.table_slots * std::mem::size_of::<AllocSlot>() as u64,
-        ),
+/// The agent's own mappings (every allocation table ever made, the stack table, the side
+/// stacks, the reclaimed set): never roots, never the allocator's memory.
+pub fn agent_ranges(mem: &dyn Memory, h: &Header) -> Vec<(u64, u64)> {
+    let mut v: Vec<(u64, u64)> = read_tables(mem, h)
+        .1
+        .iter()
+        .map(|t| (t.addr, t.addr + t.slots * SLOT_BYTES))
+        .collect();
+    v.extend([
         (
             h.stacks_addr,
             h.stacks_addr + h.stack_slots * std::mem::size_of::<StackSlot>() as u64,
@@ -369,7 +412,6 @@ pub fn agent_tables(h: &Header) -> Vec<(u64, u64)> {
             h.reclaimed_set_addr,
             h.reclaimed_set_addr + h.reclaimed_set_len,
         ),
-    ];
-    v.sort_unstable();
-    v
+    ]);
+    crate::ranges::normalize(v)
 }

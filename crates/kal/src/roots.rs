@@ -10,7 +10,7 @@
 //! (then exactly that arena heap, from its `heap_info`); with another allocator, every
 //! mapping that holds a live block.
 
-use crate::capture::{active_side_slot, agent_tables, copyable, Block, Capture};
+use crate::capture::{active_side_slot, copyable, Block, Capture};
 use crate::memory::Memory;
 use crate::procfs::Mapping;
 use crate::ranges::{normalize, subtract};
@@ -100,7 +100,7 @@ pub fn roots(c: &Capture) -> Roots {
             .map(|b| (b.addr, b.addr + b.size.max(1)))
             .collect(),
     );
-    let tables = agent_tables(&c.header);
+    let tables = c.agent.clone();
     let mut live_stacks = Vec::new();
     let mut dead_stacks = Vec::new();
     let mut tls = Vec::new();

@@ -1,0 +1,147 @@
+//! The resizer: one agent thread that keeps the live-block table between a quarter and
+//! three quarters full (so its memory stays proportional to the live blocks) by making
+//! a new table and moving every block into it, while the program runs.
+//!
+//! It wakes every 50 ms, or at once when an insert probed far ([`hint`]), samples the
+//! newest table, and resizes to twice the live blocks when it is more than 70 % full
+//! (tombstones included: a rebuild clears them) or less than 1/16 full. The thread blocks
+//! every signal, never takes a lock the program could hold, and never waits for a program
+//! thread: a slot being written is simply looked at again later.
+
+use super::blocks;
+use core::sync::atomic::{AtomicI32, AtomicU32, Ordering};
+
+/// Futex word: 1 when an insert asked for a look.
+static HINT: AtomicU32 = AtomicU32::new(0);
+/// Process in which the resizer runs (a fork child has none until it starts its own).
+static OWNER: AtomicI32 = AtomicI32::new(0);
+
+/// Asks the resizer to look at the table now (an insert probed far, or a table was made).
+#[inline]
+pub fn hint() {
+    if HINT.load(Ordering::Relaxed) == 0 && HINT.swap(1, Ordering::AcqRel) == 0 {
+        // SAFETY: FUTEX_WAKE on a static word; wakes at most one waiter.
+        unsafe {
+            libc::syscall(
+                libc::SYS_futex,
+                HINT.as_ptr(),
+                libc::FUTEX_WAKE | libc::FUTEX_PRIVATE_FLAG,
+                1,
+            )
+        };
+    }
+}
+
+fn wait(ms: i64) {
+    let ts = libc::timespec {
+        tv_sec: ms / 1000,
+        tv_nsec: (ms % 1000) * 1_000_000,
+    };
+    // SAFETY: FUTEX_WAIT on a static word with a valid relative timeout.
+    unsafe {
+        libc::syscall(
+            libc::SYS_futex,
+            HINT.as_ptr(),
+            libc::FUTEX_WAIT | libc::FUTEX_PRIVATE_FLAG,
+            0,
+            &ts as *const libc::timespec,
+        )
+    };
+    HINT.store(0, Ordering::Release);
+}
+
+/// Starts the resizer thread (at agent start, and in every fork child).
+pub fn start() {
+    // SAFETY: getpid has no preconditions.
+    OWNER.store(unsafe { libc::getpid() }, Ordering::Release);
+    // SAFETY: plain pthread calls with zeroed attributes and a static entry point.
+    unsafe {
+        let mut t: libc::pthread_t = 0;
+        let mut attr: libc::pthread_attr_t = core::mem::zeroed();
+        libc::pthread_attr_init(&mut attr);
+        libc::pthread_attr_setdetachstate(&mut attr, libc::PTHREAD_CREATE_DETACHED);
+        libc::pthread_attr_setstacksize(&mut attr, 64 * 1024);
+        // The thread inherits this mask: block everything so that no signal meant for the
+        // program is ever delivered to it.
+        let mut all: libc::sigset_t = core::mem::zeroed();
+        let mut old: libc::sigset_t = core::mem::zeroed();
+        libc::sigfillset(&mut all);
+        libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old);
+        libc::pthread_create(&mut t, &attr, run, core::ptr::null_mut());
+        libc::pthread_sigmask(libc::SIG_SETMASK, &old, core::ptr::null_mut());
+        libc::pthread_attr_destroy(&mut attr);
+    }
+}
+
+/// In a fork child (noticed by a thread waiting on a slot, or by the child's first hook):
+/// release the slots the parent's agent threads held when it forked.
+pub fn repair_after_fork() {
+    // SAFETY: getpid has no preconditions.
+    let me = unsafe { libc::getpid() };
+    let owner = OWNER.load(Ordering::Acquire);
+    if owner == me
+        || OWNER
+            .compare_exchange(owner, me, Ordering::AcqRel, Ordering::Acquire)
+            .is_err()
+    {
+        return;
+    }
+    blocks::reset_after_fork();
+    blocks::repair_slot(blocks::MOVING_KEY.swap(0, Ordering::AcqRel));
+    blocks::repair_slot(blocks::CLAIMING_KEY.swap(0, Ordering::AcqRel));
+}
+
+/// In the fork child, before anything else runs: repair, then start a resizer.
+pub fn after_fork_child() {
+    repair_after_fork();
+    start();
+}
+
+extern "C" fn run(_: *mut libc::c_void) -> *mut libc::c_void {
+    let mut seed = 0x2545_f491_4f6c_dd1d_u64;
+    loop {
+        let w = blocks::window();
+        if w.oldest != w.newest {
+            if drain(w.oldest) {
+                blocks::retire(w.oldest);
+                continue;
+            }
+            wait(10);
+            continue;
+        }
+        let (seen, live, tomb) = blocks::sample(w.newest, &mut seed);
+        let n = blocks::slots(w.newest);
+        let live_est = live * n / seen.max(1);
+        let full = (live + tomb) * 10 > seen * 7;
+        let sparse = live * 16 < seen && n > blocks::MIN_SLOTS;
+        if full || sparse {
+            let want = (live_est * 2).max(blocks::MIN_SLOTS);
+            if blocks::install(w, want) {
+                continue;
+            }
+        }
+        wait(50);
+    }
+}
+
+/// Moves every block of table `index` to the newest table; true when none is left.
+fn drain(index: usize) -> bool {
+    let n = blocks::slots(index);
+    let (mut lo, mut hi) = (0, n);
+    for _ in 0..1000 {
+        let (mut first, mut last) = (u64::MAX, 0);
+        for i in lo..hi {
+            if !blocks::move_slot(index, i) {
+                first = first.min(i);
+                last = i;
+            }
+        }
+        if first == u64::MAX {
+            return true;
+        }
+        (lo, hi) = (first, last + 1);
+        // SAFETY: sched_yield has no preconditions; lets the slot's writer finish.
+        unsafe { libc::sched_yield() };
+    }
+    false
+}
