@@ -280,11 +280,14 @@ impl Window {
     }
 }
 
-/// Home slot of a block address in a table of `slots` slots: a strong mix of the address
-/// reduced to the range by multiplication (any table size works).
+/// Home slot of a block address in a table of `slots` slots: Fibonacci hashing of the
+/// address (consecutive and evenly spaced addresses land far apart, so an allocator's
+/// 8-byte spacing never piles blocks onto the same slots), reduced to the range by
+/// multiplication (any table size works).
 #[inline(always)]
 pub fn home_slot(addr: u64, slots: u64) -> u64 {
-    ((mix64(addr >> 3) as u128 * slots as u128) >> 64) as u64
+    let h = (addr >> 3).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    ((h as u128 * slots as u128) >> 64) as u64
 }
 
 /// A 64-bit finaliser (splitmix64's).

@@ -37,6 +37,19 @@ const HINT_PROBES: u64 = 24;
 /// as big itself.
 const GROW_PROBES: u64 = 512;
 
+/// A value alone on its cache lines: what every hook reads must not share a line with what
+/// the agent's threads write often.
+#[repr(C, align(128))]
+pub struct Line<T>(pub T);
+
+impl<T> core::ops::Deref for Line<T> {
+    type Target = T;
+    #[inline(always)]
+    fn deref(&self) -> &T {
+        &self.0
+    }
+}
+
 /// One descriptor of the ring (layout of `kal_proto::TableDesc`).
 #[repr(C)]
 pub struct Desc {
@@ -47,23 +60,25 @@ pub struct Desc {
 }
 
 /// The descriptor ring (the header points the CLI here).
-pub static DESCS: [Desc; MAX_TABLES] = [const {
-    Desc {
-        word: AtomicU64::new(0),
-        max_probe: AtomicU64::new(0),
-    }
-}; MAX_TABLES];
+pub static DESCS: Line<[Desc; MAX_TABLES]> = Line(
+    [const {
+        Desc {
+            word: AtomicU64::new(0),
+            max_probe: AtomicU64::new(0),
+        }
+    }; MAX_TABLES],
+);
 
 /// The window word (`kal_proto::Window`): which descriptors hold blocks.
-pub static WINDOW: AtomicU64 = AtomicU64::new(0);
+pub static WINDOW: Line<AtomicU64> = Line(AtomicU64::new(0));
 
 /// Held (try-lock only, never waited for) while a table is installed.
-static INSTALLING: AtomicBool = AtomicBool::new(false);
+static INSTALLING: Line<AtomicBool> = Line(AtomicBool::new(false));
 
 /// Key word of the slot being moved right now, or 0 (repaired in a fork child).
-pub static MOVING_KEY: AtomicU64 = AtomicU64::new(0);
+pub static MOVING_KEY: Line<AtomicU64> = Line(AtomicU64::new(0));
 /// Key word of the slot a reclaim request holds right now, or 0.
-pub static CLAIMING_KEY: AtomicU64 = AtomicU64::new(0);
+pub static CLAIMING_KEY: Line<AtomicU64> = Line(AtomicU64::new(0));
 
 /// What the table knew about a block.
 #[derive(Clone, Copy)]

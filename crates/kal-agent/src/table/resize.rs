@@ -2,17 +2,17 @@
 //! three quarters full (so its memory stays proportional to the live blocks) by making
 //! a new table and moving every block into it, while the program runs.
 //!
-//! It wakes every 50 ms, or at once when an insert probed far ([`hint`]), samples the
+//! It wakes every 50 ms, or earlier when an insert probed far ([`hint`]), samples the
 //! newest table, and resizes to twice the live blocks when it is more than 70 % full
 //! (tombstones included: a rebuild clears them) or less than 1/16 full. The thread blocks
 //! every signal, never takes a lock the program could hold, and never waits for a program
 //! thread: a slot being written is simply looked at again later.
 
-use super::blocks;
+use super::blocks::{self, Line};
 use core::sync::atomic::{AtomicI32, AtomicU32, Ordering};
 
 /// Futex word: 1 when an insert asked for a look.
-static HINT: AtomicU32 = AtomicU32::new(0);
+static HINT: Line<AtomicU32> = Line(AtomicU32::new(0));
 /// Process in which the resizer runs (a fork child has none until it starts its own).
 static OWNER: AtomicI32 = AtomicI32::new(0);
 
@@ -30,6 +30,15 @@ pub fn hint() {
             )
         };
     }
+}
+
+fn sleep(ms: i64) {
+    let ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: ms * 1_000_000,
+    };
+    // SAFETY: nanosleep with a valid request and no remainder pointer.
+    unsafe { libc::nanosleep(&ts, core::ptr::null_mut()) };
 }
 
 fn wait(ms: i64) {
@@ -120,7 +129,9 @@ extern "C" fn run(_: *mut libc::c_void) -> *mut libc::c_void {
                 continue;
             }
         }
-        wait(50);
+        // At most one look every 10 ms, however often inserts hint.
+        sleep(10);
+        wait(40);
     }
 }
 
