@@ -102,12 +102,36 @@ extern "C" fn agent_start() {
     guard::leave();
 }
 
-/// `malloc_trim(0)` with glibc's allocator: returns whether memory was released, or
-/// `None` when the allocator is not glibc's.
+/// Returns free memory the allocator keeps to the kernel: `malloc_trim(0)` with glibc's
+/// allocator, a purge of every arena (`mallctl("arena.4096.purge")`) with jemalloc.
+/// Returns whether that was done, or `None` when the allocator is neither.
 pub(crate) fn trim() -> Option<bool> {
     type TrimFn = unsafe extern "C" fn(usize) -> i32;
+    type MallctlFn = unsafe extern "C" fn(
+        *const libc::c_char,
+        *mut libc::c_void,
+        *mut usize,
+        *mut libc::c_void,
+        usize,
+    ) -> i32;
     if !real::get()?.glibc {
-        return None;
+        // SAFETY: dlsym with a valid name; jemalloc's mallctl has this signature, and
+        // "arena.4096.purge" (MALLCTL_ARENAS_ALL) takes no old or new value.
+        return unsafe {
+            let f = libc::dlsym(libc::RTLD_DEFAULT, c"mallctl".as_ptr());
+            if f.is_null() {
+                return None;
+            }
+            let f: MallctlFn = core::mem::transmute::<*mut libc::c_void, MallctlFn>(f);
+            let rc = f(
+                c"arena.4096.purge".as_ptr(),
+                core::ptr::null_mut(),
+                core::ptr::null_mut(),
+                core::ptr::null_mut(),
+                0,
+            );
+            Some(rc == 0)
+        };
     }
     // SAFETY: dlsym with a valid name; malloc_trim has this signature in glibc.
     unsafe {

@@ -1,10 +1,10 @@
-//! The resizer: one agent thread that keeps the live-block table between a quarter and
-//! three quarters full (so its memory stays proportional to the live blocks) by making
+//! The resizer: one agent thread that keeps the live-block table between 35 % and 75 %
+//! full (24-byte slots: 32 to 69 bytes per live block, 48 just after a resize) by making
 //! a new table and moving every block into it, while the program runs.
 //!
 //! It wakes every 50 ms, or earlier when an insert probed far ([`hint`]), samples the
-//! newest table, and resizes to twice the live blocks when it is more than 70 % full
-//! (tombstones included: a rebuild clears them) or less than 1/16 full. The thread blocks
+//! newest table, and resizes to twice the live blocks when it is more than 75 % full
+//! (tombstones included: a rebuild clears them) or less than 35 % full. The thread blocks
 //! every signal, never takes a lock the program could hold, and never waits for a program
 //! thread: a slot being written is simply looked at again later.
 
@@ -121,8 +121,8 @@ extern "C" fn run(_: *mut libc::c_void) -> *mut libc::c_void {
         let (seen, live, tomb) = blocks::sample(w.newest, &mut seed);
         let n = blocks::slots(w.newest);
         let live_est = live * n / seen.max(1);
-        let full = (live + tomb) * 10 > seen * 7;
-        let sparse = live * 16 < seen && n > blocks::MIN_SLOTS;
+        let full = (live + tomb) * 4 > seen * 3;
+        let sparse = live * 20 < seen * 7 && n > blocks::MIN_SLOTS;
         if full || sparse {
             let want = (live_est * 2).max(blocks::MIN_SLOTS);
             if blocks::install(w, want) {
