@@ -235,7 +235,7 @@ impl TableWord {
         let fits = self.addr & 0xfff == 0
             && a < 1 << 35
             && n < 1 << 27
-            && self.slots % TABLE_GRAIN == 0
+            && self.slots.is_multiple_of(TABLE_GRAIN)
             && self.state < 4;
         fits.then_some(a << 29 | n << 2 | self.state)
     }

@@ -306,13 +306,13 @@ fn wait_while(s: &AtomicU64, k: u64) {
     let mut spins = 0u32;
     while s.load(Ordering::Acquire) == k {
         spins = spins.wrapping_add(1);
-        if spins % 64 == 0 {
+        if spins.is_multiple_of(64) {
             // SAFETY: sched_yield has no preconditions.
             unsafe { libc::sched_yield() };
         } else {
             core::hint::spin_loop();
         }
-        if spins % 4096 == 0 {
+        if spins.is_multiple_of(4096) {
             // In a fork child the agent thread that held the slot does not exist.
             super::resize::repair_after_fork();
         }
