@@ -43,6 +43,9 @@ pub struct MemoryStats {
     pub retained_bytes: u64,
     /// Allocator arenas with live blocks (glibc: the main arena and each secondary one).
     pub arenas: u64,
+    /// Resident memory of kal's agent itself (its tables and side stacks), not counted in
+    /// any figure above but RSS.
+    pub agent_bytes: u64,
 }
 
 /// Resident bytes of the parts of `ranges` (sorted) in process `pid`, from smaps.
@@ -81,6 +84,7 @@ pub fn memory_stats(
     mem_pid: i32,
     blocks: &[Block],
     heap: &[(u64, u64)],
+    agent: &[(u64, u64)],
     h: &Header,
 ) -> MemoryStats {
     let live: u64 = blocks.iter().map(|b| b.size).sum();
@@ -104,6 +108,7 @@ pub fn memory_stats(
         live_bytes: live,
         retained_bytes: resident.saturating_sub(live),
         arenas,
+        agent_bytes: resident_in(mem_pid, agent),
     }
 }
 
@@ -351,7 +356,7 @@ pub fn capture_from(
             image.bytes() >> 10
         );
     }
-    let memory = memory_stats(pid, mem_pid, &blocks, &heap_ranges, &header);
+    let memory = memory_stats(pid, mem_pid, &blocks, &heap_ranges, &agent, &header);
     let n = (header.banned_len as usize).min(kal_proto::MAX_BANNED);
     let mut raw = vec![0u8; n * 4];
     if n > 0 {
