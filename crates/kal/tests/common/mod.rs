@@ -297,3 +297,151 @@ pub fn one_line_error(out: &Output, needle: &str) {
     );
     assert!(!stderr.contains("panicked"));
 }
+
+/// Panics with a clear message unless `path` exists (a test's prerequisite, installed by
+/// `.ci/run`).
+pub fn require_file(path: &str, package: &str) {
+    assert!(
+        Path::new(path).exists(),
+        "prerequisite missing: {path} (apt-get install {package}; .ci/run installs it)"
+    );
+}
+
+/// Panics with a clear message unless `cmd` is on PATH.
+pub fn require_command(cmd: &str, package: &str) {
+    let found = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).any(|d| d.join(cmd).is_file()))
+        .unwrap_or(false);
+    assert!(
+        found,
+        "prerequisite missing: `{cmd}` is not on PATH (apt-get install {package}; .ci/run installs it)"
+    );
+}
+
+/// Debian's jemalloc, for runs under `LD_PRELOAD`.
+pub const JEMALLOC: &str = "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2";
+
+/// Runs `kal ARGS` with no stdin and extra environment variables (`kal run` passes them on
+/// to the program; an `LD_PRELOAD` given here is loaded after the agent).
+pub fn kal_env(args: &[&str], envs: &[(&str, &str)]) -> Output {
+    ensure_agent();
+    Command::new(env!("CARGO_BIN_EXE_kal"))
+        .args(args)
+        .envs(envs.iter().copied())
+        .stdin(Stdio::null())
+        .output()
+        .expect("kal runs")
+}
+
+/// [`run_json`] with extra environment variables for kal and the program.
+pub fn run_json_env(flags: &[&str], prog: &Path, args: &[&str], envs: &[(&str, &str)]) -> Run {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("r.json");
+    let mut a = vec!["run", "--json", json.to_str().unwrap()];
+    a.extend_from_slice(flags);
+    a.push("--");
+    a.push(prog.to_str().unwrap());
+    a.extend_from_slice(args);
+    let out = kal_env(&a, envs);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    let text = std::fs::read_to_string(&json).unwrap_or_default();
+    let json = serde_json::from_str(&text)
+        .unwrap_or_else(|e| panic!("bad JSON ({e}): {text}\nstderr: {stderr}"));
+    Run { out, json, stderr }
+}
+
+/// Every document of a JSON Lines file.
+pub fn read_json_lines(path: &Path) -> Vec<Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// `kal check PID --json F [extra]`: kal's output and the parsed report.
+pub fn check_pid_json(pid: i32, extra: &[&str]) -> (Output, Value) {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("now.json");
+    let pid = pid.to_string();
+    let mut args = vec!["check", &pid, "--json", json.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    let out = kal(&args);
+    let text = std::fs::read_to_string(&json).unwrap_or_default();
+    let v = serde_json::from_str(&text).unwrap_or_else(|e| {
+        panic!(
+            "bad JSON ({e}): {text}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    (out, v)
+}
+
+/// `untracked_allocations` of a report.
+pub fn untracked(json: &Value) -> u64 {
+    json["untracked_allocations"].as_u64().unwrap()
+}
+
+/// A TCP port on 127.0.0.1 that was free a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl Live {
+    /// Starts `prog ARGS` under `kal run` with extra environment variables and waits for
+    /// its "ready PID" line.
+    pub fn start_with(prog: &Path, args: &[&str], envs: &[(&str, &str)]) -> Live {
+        ensure_agent();
+        let mut kal = Command::new(env!("CARGO_BIN_EXE_kal"))
+            .args(["run", "-q", "--error-exitcode", "0", "--"])
+            .arg(prog)
+            .args(args)
+            .envs(envs.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut out = BufReader::new(kal.stdout.take().unwrap());
+        let mut line = String::new();
+        while !line.starts_with("ready ") {
+            line.clear();
+            if out.read_line(&mut line).unwrap() == 0 {
+                panic!("{} ended before its ready line", prog.display());
+            }
+        }
+        let pid = line.trim().strip_prefix("ready ").unwrap().parse().unwrap();
+        Live { kal, pid, out }
+    }
+}
+
+/// memcheck's definitely lost `(bytes, blocks)` for `prog ARGS` run with extra environment
+/// variables (for the program only: valgrind itself gets them too, which is harmless for
+/// the ones used here).
+pub fn memcheck_definitely_env(prog: &Path, args: &[&str], envs: &[(&str, &str)]) -> (u64, u64) {
+    let o = Command::new("valgrind")
+        .args(["--leak-check=full", "--error-exitcode=0"])
+        .arg(prog)
+        .args(args)
+        .envs(envs.iter().copied())
+        .stdin(Stdio::null())
+        .output()
+        .expect("valgrind is installed");
+    let text = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        text.contains("HEAP SUMMARY"),
+        "valgrind gave no heap summary: {text}"
+    );
+    let Some(line) = text.lines().find(|l| l.contains("definitely lost:")) else {
+        return (0, 0); // "All heap blocks were freed -- no leaks are possible"
+    };
+    let nums: Vec<u64> = line
+        .split(|c: char| !c.is_ascii_digit() && c != ',')
+        .filter_map(|w| w.replace(',', "").parse().ok())
+        .collect();
+    (nums[nums.len() - 2], nums[nums.len() - 1])
+}
