@@ -155,6 +155,32 @@ impl<'a> BlockIndex<'a> {
         v.wrapping_sub(self.lo) < self.width
     }
 
+    /// One past the index of the last block starting in `v`'s granule (so usually the
+    /// block [`find`](Self::find) looks at, plus one), 0 if `v` is outside every region.
+    /// Cheaper than `find`: one read of the granule table.
+    #[inline]
+    fn candidate(&self, v: u64) -> usize {
+        if !self.may_hold(v) {
+            return 0;
+        }
+        let r = if self.regions.len() == 1 {
+            &self.regions[0]
+        } else {
+            match self
+                .region_starts
+                .partition_point(|&s| s <= v)
+                .checked_sub(1)
+            {
+                Some(k) => &self.regions[k],
+                None => return 0,
+            }
+        };
+        if v >= r.end {
+            return 0;
+        }
+        r.first + self.counts[r.base + ((v - r.start) >> r.shift) as usize + 1] as usize
+    }
+
     /// The block containing `v`, and whether `v` is its start.
     #[inline]
     pub fn find(&self, v: u64) -> Option<(usize, bool)> {
@@ -207,7 +233,32 @@ fn words_range(b: &Block) -> (u64, u64) {
     (b.addr & !7, (b.addr + b.size + 7) & !7)
 }
 
+/// Words that may be pointers are looked up this many at a time.
+const BATCH: usize = 16;
+
 impl Marks<'_> {
+    /// [`push`](Self::push) for each of `ws`, first touching the granule table, then the
+    /// blocks and states those words lead to, for all of them: the memory reads of
+    /// different words overlap instead of waiting for one another (pointers into a large
+    /// heap mostly miss the processor's caches).
+    #[inline]
+    fn push_batch(&mut self, ws: &[u64], definite: bool, cache: &PageCache<'_>) {
+        let mut cand = [0usize; BATCH];
+        for (c, &w) in cand.iter_mut().zip(ws) {
+            *c = self.idx.candidate(w);
+        }
+        let mut touch = 0u64;
+        for &c in &cand[..ws.len()] {
+            if let Some(i) = c.checked_sub(1) {
+                touch = touch.wrapping_add(self.blocks[i].addr ^ self.state[i] as u64);
+            }
+        }
+        std::hint::black_box(touch);
+        for &w in ws {
+            self.push(w, definite, cache);
+        }
+    }
+
     /// Marks the block `v` points into, if any, from definitely reachable memory
     /// (`definite`) or from a possibly reachable block. Heuristics read block words from
     /// `cache` when it holds them.
@@ -267,11 +318,17 @@ impl Marker<'_, '_> {
         e > s && (e - 1) / PAGE - s / PAGE >= self.cache.slots() / 2
     }
 
-    /// Whether all of block `i` is in the cache.
+    /// Whether block `i` is not large and all of it is in the cache.
     #[inline]
     fn cached(&self, i: usize) -> bool {
         let (s, e) = words_range(&self.marks.blocks[i]);
-        e <= s || self.cache.holds(s, e)
+        if e <= s {
+            return true;
+        }
+        let (first, last) = (s / PAGE, (e - 1) / PAGE);
+        // Most blocks lie in one page.
+        self.cache.has(first)
+            && (first == last || (last - first < self.cache.slots() / 2 && self.cache.holds(s, e)))
     }
 
     /// Scans the words of block `i`, whose pages (unless it is large) are cached.
@@ -303,13 +360,21 @@ impl Marker<'_, '_> {
     #[inline]
     fn scan_range(&mut self, s: u64, e: u64, definite: bool) {
         let (marks, cache) = (&mut self.marks, &self.cache);
+        let mut batch = [0u64; BATCH];
+        let mut n = 0;
         cache.for_each_piece(s, e, |words| {
             for &w in words {
                 if marks.idx.may_hold(w) {
-                    marks.push(w, definite, cache);
+                    batch[n] = w;
+                    n += 1;
+                    if n == BATCH {
+                        marks.push_batch(&batch, definite, cache);
+                        n = 0;
+                    }
                 }
             }
         });
+        marks.push_batch(&batch[..n], definite, cache);
     }
 
     /// Scans reached blocks from the stack while their pages are cached (depth first);
@@ -320,7 +385,7 @@ impl Marker<'_, '_> {
             if !self.needs_scan(i) {
                 continue;
             }
-            if !self.is_large(i) && self.cached(i) {
+            if self.cached(i) {
                 self.scan(i);
             } else {
                 self.deferred.push(i as u32);
@@ -383,7 +448,7 @@ impl Marker<'_, '_> {
                 if !self.needs_scan(i) {
                     continue;
                 }
-                if !self.is_large(i) && !self.cached(i) {
+                if !self.cached(i) && !self.is_large(i) {
                     self.load_ahead(&todo[k..]);
                 }
                 self.scan(i);
@@ -487,7 +552,7 @@ pub fn classify(
             continue;
         }
         let large = m.is_large(i);
-        if !large && !m.cached(i) {
+        if !m.cached(i) && !large {
             m.load_ahead(&unreached[k..]);
         }
         let chunk = m.cache.slots() / 2 * PAGE;
