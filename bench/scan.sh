@@ -6,8 +6,11 @@
 # (default 5) on each, with KAL_DEBUG_TIMING=1, and prints medians of:
 #   scan_ms  the report's figure (table read + root copy + roots + marking/classifying),
 #   mark_ms  the marking and classifying alone (kal::classify: roots, reach),
+#   cpu_ms   on-CPU time of the thread doing roots and marking (the machine is shared:
+#            wall times include waiting for a core),
 # and blocks/s and GiB/s (blocks the agent recorded, their live bytes) over mark_ms and
-# over scan_ms.
+# over scan_ms. If redis-server is installed, the same for redis-server with 1M keys
+# (DEBUG POPULATE 1000000), and the wall time of the whole `kal check`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CHECKS=${1:-5}
@@ -33,9 +36,18 @@ one_heap() { # SIZE: block size in bytes
   for _ in $(seq 600); do grep -q ready "$tmp/bh.out" 2>/dev/null && break; sleep 0.5; done
   bh=$(awk '{print $2}' "$tmp/bh.out")
   echo "target RSS: $(awk '/VmRSS/ {printf "%.2f GiB", $2/1048576}' "/proc/$bh/status")"
-  : > "$tmp/scan"; : > "$tmp/mark"
+  measure
+  kill "$bh"; wait "$bh" 2>/dev/null || true; bh=
+}
+
+measure() { # kal check $bh, CHECKS times; prints medians
+  : > "$tmp/scan"; : > "$tmp/mark"; : > "$tmp/cpu"; : > "$tmp/wall"
   for _ in $(seq "$CHECKS"); do
+    local t0 t1
+    t0=$(date +%s%N)
     KAL_DEBUG_TIMING=1 $KAL check "$bh" -q --json "$tmp/c.json" 2> "$tmp/err" || true
+    t1=$(date +%s%N)
+    echo $(((t1 - t0) / 1000000)) >> "$tmp/wall"
     python3 - "$tmp/c.json" >> "$tmp/scan" <<'PY'
 import json, sys
 d = json.load(open(sys.argv[1]))
@@ -47,6 +59,7 @@ d = json.load(open(sys.argv[1]))
 print(sum(d["summary"][k]["blocks"] for k in d["summary"]), d["memory"]["live_bytes"])
 PY
     sed -n 's/^timing: .*mark \([0-9.]*\) ms.*/\1/p' "$tmp/err" >> "$tmp/mark"
+    sed -n 's/^timing: .*on-CPU \([0-9.]*\) ms.*/\1/p' "$tmp/err" >> "$tmp/cpu"
     grep '^timing' "$tmp/err" | tr '\n' ';' | sed 's/;$/\n/' | sed 's/^/  /'
   done
   python3 - "$tmp/c.json" <<'PY'
@@ -55,18 +68,34 @@ d = json.load(open(sys.argv[1]))
 print("  last report summary:", json.dumps(d["summary"], separators=(",", ":")),
       "untracked:", d["untracked_allocations"])
 PY
-  kill "$bh"; wait "$bh" 2>/dev/null || true; bh=
-  local n bytes scan mark
+  local n bytes scan mark cpu
   read -r n bytes < "$tmp/live"
-  scan=$(median < "$tmp/scan"); mark=$(median < "$tmp/mark")
+  scan=$(median < "$tmp/scan"); mark=$(median < "$tmp/mark"); cpu=$(median < "$tmp/cpu")
   echo "scan_ms runs: $(tr '\n' ' ' < "$tmp/scan")"
   echo "mark_ms runs: $(tr '\n' ' ' < "$tmp/mark")"
-  awk -v n="$n" -v b="$bytes" -v s="$scan" -v m="$mark" 'BEGIN {
+  echo "cpu_ms runs: $(tr '\n' ' ' < "$tmp/cpu")"
+  echo "kal check wall ms runs: $(tr '\n' ' ' < "$tmp/wall"), median $(median < "$tmp/wall")"
+  awk -v n="$n" -v b="$bytes" -v s="$scan" -v m="$mark" -v c="$cpu" 'BEGIN {
     printf "%d blocks, %.3f GiB live\n", n, b/1073741824
     printf "median scan_ms %.1f: %.2f M blocks/s, %.2f GiB/s\n", s, n/s/1e3, b/1073741824/(s/1e3)
     printf "median mark_ms %.1f: %.2f M blocks/s, %.2f GiB/s\n", m, n/m/1e3, b/1073741824/(m/1e3)
+    if (c > 0) printf "median cpu_ms %.1f: %.2f M blocks/s, %.2f GiB/s\n", c, n/c/1e3, b/1073741824/(c/1e3)
   }'
 }
 
 one_heap 32
 one_heap 4096
+
+if command -v redis-server >/dev/null && command -v redis-cli >/dev/null; then
+  port=6391
+  echo "== redis-server with 1M keys (DEBUG POPULATE 1000000): $CHECKS x kal check"
+  KAL_TABLE_SLOTS=16777216 $KAL run -q --error-exitcode 0 -- redis-server --port $port \
+    --save '' --appendonly no --enable-debug-command yes > "$tmp/redis.out" 2>&1 &
+  for _ in $(seq 50); do redis-cli -p $port ping >/dev/null 2>&1 && break; sleep 0.1; done
+  redis-cli -p $port DEBUG POPULATE 1000000 > /dev/null
+  bh=$(redis-cli -p $port INFO server | tr -d '\r' | awk -F: '/^process_id/ {print $2}')
+  echo "target RSS: $(awk '/VmRSS/ {printf "%.2f GiB", $2/1048576}' "/proc/$bh/status")"
+  measure
+  redis-cli -p $port shutdown nosave > /dev/null 2>&1 || true
+  bh=
+fi
