@@ -18,7 +18,9 @@ use std::collections::HashMap;
 /// Decides whether an interior pointer into a block counts as a start pointer.
 pub struct Heuristics<'a> {
     mem: &'a dyn Memory,
-    maps: &'a [Mapping],
+    /// File mappings `(start, end, readable, executable)`, sorted: where vtables and the
+    /// code they point to live.
+    files: Vec<(u64, u64, bool, bool)>,
     vtables: RefCell<HashMap<u64, bool>>,
 }
 
@@ -27,10 +29,16 @@ const VTABLE_WORDS: usize = 20;
 
 impl<'a> Heuristics<'a> {
     /// Heuristics reading block contents and vtables from `mem`.
-    pub fn new(mem: &'a dyn Memory, maps: &'a [Mapping]) -> Heuristics<'a> {
+    pub fn new(mem: &'a dyn Memory, maps: &[Mapping]) -> Heuristics<'a> {
+        let mut files: Vec<(u64, u64, bool, bool)> = maps
+            .iter()
+            .filter(|m| m.is_file())
+            .map(|m| (m.start, m.end, m.read, m.exec))
+            .collect();
+        files.sort_unstable();
         Heuristics {
             mem,
-            maps,
+            files,
             vtables: RefCell::new(HashMap::new()),
         }
     }
@@ -40,22 +48,33 @@ impl<'a> Heuristics<'a> {
         (self.mem.read(addr, &mut b) == 8).then(|| u64::from_le_bytes(b))
     }
 
-    fn mapping(&self, addr: u64) -> Option<&Mapping> {
-        self.maps.iter().find(|m| m.contains(addr))
+    /// The file mapping holding `addr`: `(end, readable, executable)`.
+    #[inline]
+    fn file_mapping(&self, addr: u64) -> Option<(u64, bool, bool)> {
+        let i = self.files.partition_point(|f| f.0 <= addr).checked_sub(1)?;
+        let (_, end, read, exec) = self.files[i];
+        (addr < end).then_some((end, read, exec))
     }
 
     /// Whether `ptr`, inside `b` but not at its start, should count as reaching it.
     pub fn reaches(&self, b: &Block, ptr: u64) -> bool {
+        self.reaches_with(b, ptr, |a| self.word(a))
+    }
+
+    /// [`reaches`](Self::reaches), reading the block's words (8-aligned addresses) with
+    /// `word` (for instance from pages the scanner already holds).
+    #[inline]
+    pub fn reaches_with(&self, b: &Block, ptr: u64, word: impl Fn(u64) -> Option<u64>) -> bool {
         let off = ptr - b.addr;
         if off == 24 {
-            if let (Some(len), Some(cap)) = (self.word(b.addr), self.word(b.addr + 8)) {
+            if let (Some(len), Some(cap)) = (word(b.addr), word(b.addr + 8)) {
                 if cap.checked_add(25) == Some(b.size) && len <= cap {
                     return true; // stdstring
                 }
             }
         }
         if off == 8 {
-            if let Some(n) = self.word(b.addr) {
+            if let Some(n) = word(b.addr) {
                 // length64 (n == size - 8) is a special case of newarray (n divides size - 8).
                 if n > 0 && (b.size - 8).is_multiple_of(n) {
                     return true;
@@ -63,7 +82,7 @@ impl<'a> Heuristics<'a> {
             }
         }
         if ptr.is_multiple_of(8) {
-            if let (Some(inner), Some(first)) = (self.word(ptr), self.word(b.addr)) {
+            if let (Some(inner), Some(first)) = (word(ptr), word(b.addr)) {
                 if self.is_vtable(inner) && self.is_vtable(first) {
                     return true; // multipleinheritance
                 }
@@ -75,7 +94,7 @@ impl<'a> Heuristics<'a> {
     /// A vtable: aligned, in a readable file mapping, its first non-null entries (at least
     /// two among the first 20 words) all pointing into executable file mappings.
     fn is_vtable(&self, addr: u64) -> bool {
-        if !addr.is_multiple_of(8) || addr < 4096 {
+        if !addr.is_multiple_of(8) || addr < 4096 || !self.file_mapping(addr).is_some_and(|m| m.1) {
             return false;
         }
         if let Some(&known) = self.vtables.borrow().get(&addr) {
@@ -87,10 +106,10 @@ impl<'a> Heuristics<'a> {
     }
 
     fn check_vtable(&self, addr: u64) -> bool {
-        let Some(m) = self.mapping(addr).filter(|m| m.read && m.is_file()) else {
+        let Some((end, true, _)) = self.file_mapping(addr) else {
             return false;
         };
-        let words = (((m.end - addr) / 8) as usize).min(VTABLE_WORDS);
+        let words = (((end - addr) / 8) as usize).min(VTABLE_WORDS);
         let mut found = 0;
         for i in 0..words {
             let Some(f) = self.word(addr + 8 * i as u64) else {
@@ -99,7 +118,7 @@ impl<'a> Heuristics<'a> {
             if f == 0 {
                 continue;
             }
-            if !self.mapping(f).is_some_and(|fm| fm.exec && fm.is_file()) {
+            if !self.file_mapping(f).is_some_and(|m| m.2) {
                 return false;
             }
             found += 1;

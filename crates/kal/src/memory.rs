@@ -115,18 +115,36 @@ pub fn read_words(mem: &dyn Memory, addr: u64, len: usize) -> Words {
     w
 }
 
-/// Memory of a live process read with `process_vm_readv`.
+/// Memory of a live process, read through `/proc/PID/mem` (or with `process_vm_readv`
+/// when that file cannot be opened).
+///
+/// `process_vm_readv` pins the pages it reads, and pinning an anonymous page shared
+/// copy-on-write (the heap of a snapshot child and of the target it was forked from)
+/// makes the kernel copy it first: reading a snapshot that way runs at half the speed and
+/// duplicates every page read. `/proc/PID/mem` reads the pages without pinning them.
 pub struct ProcessMemory {
     pid: i32,
+    file: Option<std::fs::File>,
 }
 
 impl ProcessMemory {
     /// Memory of process `pid` (it should be frozen for a consistent view).
     pub fn new(pid: i32) -> ProcessMemory {
-        ProcessMemory { pid }
+        ProcessMemory {
+            pid,
+            file: std::fs::File::open(format!("/proc/{pid}/mem")).ok(),
+        }
     }
 
-    fn readv(&self, addr: u64, buf: &mut [u8]) -> usize {
+    fn read_some(&self, addr: u64, buf: &mut [u8]) -> usize {
+        if let Some(f) = &self.file {
+            use std::os::unix::fs::FileExt;
+            // Addresses above i64::MAX are not valid file offsets: nothing is there.
+            if addr > i64::MAX as u64 {
+                return 0;
+            }
+            return f.read_at(buf, addr).unwrap_or(0);
+        }
         let local = libc::iovec {
             iov_base: buf.as_mut_ptr().cast(),
             iov_len: buf.len(),
@@ -192,7 +210,7 @@ impl Memory for ProcessMemory {
         let mut total = 0;
         while done < buf.len() {
             let end = (done + CHUNK).min(buf.len());
-            let n = self.readv(addr + done as u64, &mut buf[done..end]);
+            let n = self.read_some(addr + done as u64, &mut buf[done..end]);
             total += n;
             if n < end - done {
                 // Partial: step over the unreadable page and go on.
@@ -209,74 +227,110 @@ impl Memory for ProcessMemory {
     }
 }
 
-/// Reads the contents of many blocks with few system calls: sorted by address, coalesced
-/// into runs, into one reused buffer (no fresh pages to fault and zero).
-pub struct BatchReader<'m> {
+/// Bytes in a [`PageCache`] page.
+pub const PAGE: u64 = 4096;
+const PAGE_WORDS: usize = (PAGE / 8) as usize;
+
+/// A direct-mapped cache of target pages, for reading many small heap blocks with few
+/// system calls: the caller loads runs of pages (one read per contiguous run) and then
+/// scans the blocks in them. Page `p` lives in slot `p % slots`, so a sweep in address
+/// order keeps the last `slots` pages (read-behind) and a load of fewer than `slots`
+/// consecutive page numbers never evicts one of its own pages.
+pub struct PageCache<'m> {
     mem: &'m dyn Memory,
     buf: Vec<u64>,
+    /// Page number held by each slot (`u64::MAX`: none).
+    tags: Vec<u64>,
+    /// Whether the slot's page was read in full (else unreadable parts are zeros).
+    whole: Vec<bool>,
+    mask: u64,
 }
 
-/// Largest gap between two blocks that one read still spans.
-const MAX_GAP: u64 = 4096;
-
-impl<'m> BatchReader<'m> {
-    /// A reader with a 4 MiB buffer.
-    pub fn new(mem: &'m dyn Memory) -> BatchReader<'m> {
-        BatchReader {
+impl<'m> PageCache<'m> {
+    /// A cache of `slots` pages (a power of two) over `mem`.
+    pub fn new(mem: &'m dyn Memory, slots: usize) -> PageCache<'m> {
+        assert!(
+            slots.is_power_of_two(),
+            "page cache slots must be a power of two"
+        );
+        PageCache {
             mem,
-            buf: vec![0u64; 512 * 1024],
+            buf: vec![0u64; slots * PAGE_WORDS],
+            tags: vec![u64::MAX; slots],
+            whole: vec![false; slots],
+            mask: slots as u64 - 1,
         }
     }
 
-    /// Calls `f(id, words)` with the contents of every `(id, addr, len)` item (8-aligned
-    /// addresses); a block larger than the buffer comes in several calls.
-    pub fn for_each(&mut self, items: &mut [(usize, u64, u64)], mut f: impl FnMut(usize, &[u64])) {
-        items.sort_unstable_by_key(|x| x.1);
-        let cap = self.buf.len() as u64 * 8;
-        let mut k = 0;
-        while k < items.len() {
-            let (id, addr, len) = items[k];
-            let start = addr & !7;
-            let end0 = (addr + len + 7) & !7;
-            if end0 - start > cap {
-                // One big block: in buffer-sized chunks.
-                let mut at = start;
-                while at < end0 {
-                    let n = (end0 - at).min(cap);
-                    let words = &mut self.buf[..(n / 8) as usize];
-                    read_into(self.mem, at, words);
-                    f(id, words);
-                    at += n;
-                }
-                k += 1;
-                continue;
+    /// Number of page slots.
+    pub fn slots(&self) -> u64 {
+        self.mask + 1
+    }
+
+    /// The memory the pages come from.
+    pub fn memory(&self) -> &'m dyn Memory {
+        self.mem
+    }
+
+    /// Whether page number `page` is cached.
+    #[inline]
+    pub fn has(&self, page: u64) -> bool {
+        self.tags[(page & self.mask) as usize] == page
+    }
+
+    /// Whether every page of the non-empty range `[start, end)` is cached.
+    #[inline]
+    pub fn holds(&self, start: u64, end: u64) -> bool {
+        (start / PAGE..=(end - 1) / PAGE).all(|p| self.has(p))
+    }
+
+    /// Reads pages `[first, first + n)` (`n` at most [`slots`](Self::slots)) into their
+    /// slots, one read per run of slots that does not wrap around.
+    pub fn load(&mut self, first: u64, n: u64) {
+        debug_assert!(n <= self.slots());
+        let mut page = first;
+        while page < first + n {
+            let slot = page & self.mask;
+            let k = (first + n - page).min(self.slots() - slot);
+            let (a, b) = (slot as usize, (slot + k) as usize);
+            let words = &mut self.buf[a * PAGE_WORDS..b * PAGE_WORDS];
+            let whole = read_into(self.mem, page * PAGE, words);
+            for (i, s) in (a..b).enumerate() {
+                self.tags[s] = page + i as u64;
+                self.whole[s] = whole;
             }
-            // A run of nearby blocks that fits in the buffer.
-            let mut end = end0;
-            let mut last = k + 1;
-            while last < items.len() {
-                let (_, a, l) = items[last];
-                let e = (a + l + 7) & !7;
-                if a > end + MAX_GAP || e.max(end) - start > cap {
-                    break;
-                }
-                end = end.max(e);
-                last += 1;
-            }
-            let words = &mut self.buf[..((end - start) / 8) as usize];
-            read_into(self.mem, start, words);
-            for &(id, a, l) in &items[k..last] {
-                let from = (((a & !7) - start) / 8) as usize;
-                let to = (((a + l + 7) & !7) - start) as usize / 8;
-                f(id, &words[from..to]);
-            }
-            k = last;
+            page += k;
+        }
+    }
+
+    /// The cached word at 8-aligned `addr`, if its page is cached and was read in full.
+    #[inline]
+    pub fn word(&self, addr: u64) -> Option<u64> {
+        let page = addr / PAGE;
+        let slot = (page & self.mask) as usize;
+        (self.tags[slot] == page && self.whole[slot])
+            .then(|| self.buf[slot * PAGE_WORDS + ((addr % PAGE) / 8) as usize])
+    }
+
+    /// Calls `f` with the words of the 8-aligned range `[start, end)`, every page of which
+    /// must be cached, in as few pieces as the slots allow (one unless it wraps around).
+    #[inline]
+    pub fn for_each_piece(&self, start: u64, end: u64, mut f: impl FnMut(&[u64])) {
+        let mut at = start;
+        while at < end {
+            let slot = (at / PAGE) & self.mask;
+            debug_assert!(self.has(at / PAGE));
+            // Up to the end of the range or of the buffer, whichever comes first.
+            let upto = end.min((at / PAGE + self.slots() - slot) * PAGE);
+            let from = (slot * PAGE + at % PAGE) as usize / 8;
+            f(&self.buf[from..from + ((upto - at) / 8) as usize]);
+            at = upto;
         }
     }
 }
 
-/// Fills `words` from `addr` (unreadable parts as zeros).
-pub fn read_into(mem: &dyn Memory, addr: u64, words: &mut [u64]) {
+/// Fills `words` from `addr` (unreadable parts as zeros). Returns whether all was read.
+pub fn read_into(mem: &dyn Memory, addr: u64, words: &mut [u64]) -> bool {
     // SAFETY: a u64 slice viewed as bytes of the same length; u8 has no alignment.
     let bytes =
         unsafe { std::slice::from_raw_parts_mut(words.as_mut_ptr().cast::<u8>(), words.len() * 8) };
@@ -284,7 +338,9 @@ pub fn read_into(mem: &dyn Memory, addr: u64, words: &mut [u64]) {
         // Partly unreadable: what read() could not fill must not keep old contents.
         bytes.fill(0);
         mem.read(addr, bytes);
+        return false;
     }
+    true
 }
 
 /// A copied segment of target memory.
@@ -401,28 +457,26 @@ mod tests {
     }
 
     #[test]
-    fn batch_reader_coalesces_and_splits() {
+    fn page_cache_loads_runs_and_wraps() {
         let mem = Fake;
-        let mut r = BatchReader::new(&mem);
-        let mut items = vec![(2, 0x2010, 16), (1, 0x2000, 8), (3, 0x9000_0000, 8 << 20)];
-        let mut seen: Vec<(usize, usize, u64)> = Vec::new();
-        r.for_each(&mut items, |id, w| seen.push((id, w.len(), w[0])));
-        assert_eq!(
-            seen[0],
-            (1, 1, u64::from_le_bytes([0, 1, 2, 3, 4, 5, 6, 7]))
-        );
-        assert_eq!(
-            seen[1],
-            (
-                2,
-                2,
-                u64::from_le_bytes([0x10, 0x11, 0x12, 0x13, 0x14, 0x15, 0x16, 0x17])
-            )
-        );
-        assert_eq!(
-            seen.iter().filter(|s| s.0 == 3).map(|s| s.1).sum::<usize>(),
-            1 << 20
-        );
+        let mut c = PageCache::new(&mem, 4);
+        // Pages 6..9 use slots 2, 3, 0, 1: two reads, and a range over them comes in two
+        // pieces.
+        c.load(6, 4);
+        assert!(c.holds(6 * PAGE, 10 * PAGE) && !c.has(5) && !c.has(10));
+        let start = 7 * PAGE - 16;
+        let mut pieces: Vec<(usize, u64)> = Vec::new();
+        c.for_each_piece(start, start + 32, |w| pieces.push((w.len(), w[0])));
+        let at =
+            |a: u64| u64::from_le_bytes(std::array::from_fn(|i| ((a + i as u64) & 0xff) as u8));
+        assert_eq!(pieces, vec![(4, at(start))]);
+        pieces.clear();
+        c.for_each_piece(8 * PAGE - 8, 8 * PAGE + 8, |w| pieces.push((w.len(), w[0])));
+        assert_eq!(pieces, vec![(1, at(8 * PAGE - 8)), (1, at(8 * PAGE))]);
+        assert_eq!(c.word(9 * PAGE + 16), Some(at(9 * PAGE + 16)));
+        // Loading page 10 evicts page 6 (same slot).
+        c.load(10, 1);
+        assert!(c.has(10) && !c.has(6) && c.word(6 * PAGE).is_none());
     }
 
     #[test]

@@ -28,6 +28,37 @@ pub fn subtract(a: &[(u64, u64)], b: &[(u64, u64)]) -> Vec<(u64, u64)> {
     out
 }
 
+/// `a` minus every range of `b`, in one pass over both: `a` sorted and disjoint, `b` any
+/// iterator of ranges sorted by start (they may overlap), such as the blocks of a heap.
+pub fn subtract_sorted(
+    a: &[(u64, u64)],
+    b: impl IntoIterator<Item = (u64, u64)>,
+) -> Vec<(u64, u64)> {
+    let mut b = b.into_iter().peekable();
+    let mut out = Vec::new();
+    // The furthest end of the ranges of `b` taken so far: they all start before the
+    // current range of `a`, so together they cover it up to there.
+    let mut reach = 0;
+    for &(s, e) in a {
+        let mut cur = s.max(reach);
+        while let Some(&(bs, be)) = b.peek() {
+            if bs >= e {
+                break;
+            }
+            b.next();
+            reach = reach.max(be);
+            if bs > cur {
+                out.push((cur, bs));
+            }
+            cur = cur.max(be);
+        }
+        if cur < e {
+            out.push((cur, e));
+        }
+    }
+    out
+}
+
 /// Sorts ranges and merges overlapping or touching ones.
 pub fn normalize(mut v: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
     v.retain(|r| r.1 > r.0);
@@ -59,5 +90,32 @@ mod tests {
             subtract(&[(60, 70), (80, 90)], &b),
             vec![(60, 70), (80, 90)]
         );
+    }
+
+    #[test]
+    fn subtract_sorted_matches_subtract() {
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        let mut next = |n: u64| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x % n
+        };
+        for _ in 0..300 {
+            let a = normalize((0..next(8)).map(|_| (next(200), next(200))).collect());
+            let mut b: Vec<(u64, u64)> = (0..next(12))
+                .map(|_| {
+                    let s = next(200);
+                    (s, s + next(40))
+                })
+                .collect();
+            b.sort_unstable_by_key(|r| r.0);
+            let want = normalize(subtract(&a, &normalize(b.clone())));
+            assert_eq!(
+                normalize(subtract_sorted(&a, b.iter().copied())),
+                want,
+                "{a:?} - {b:?}"
+            );
+        }
     }
 }

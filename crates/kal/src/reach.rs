@@ -8,7 +8,7 @@
 
 use crate::capture::Block;
 use crate::heuristics::Heuristics;
-use crate::memory::{BatchReader, Image, Memory};
+use crate::memory::{Image, Memory, PageCache, PAGE};
 use crate::roots::Roots;
 
 /// Class of a block after the scan.
@@ -45,50 +45,427 @@ impl Kind {
     }
 }
 
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum State {
-    Unreached,
-    Possible,
-    Reachable,
-    Indirect,
+// A block's state: bits.
+/// Reached from a root (possibly only through interior pointers).
+const REACHED: u8 = 1;
+/// Reached through start pointers (or interior ones a heuristic accepts): reachable.
+const DEFINITE: u8 = 2;
+/// Contents scanned while possibly reached.
+const SCANNED_POSSIBLE: u8 = 4;
+/// Contents scanned while reachable.
+const SCANNED_DEFINITE: u8 = 8;
+/// Lost, reached from another lost block.
+const INDIRECT: u8 = 16;
+
+/// Blocks within this distance of each other share a region of the lookup index.
+const REGION_GAP: u64 = 64 << 10;
+
+/// A run of nearby blocks with its own granule table.
+struct Region {
+    start: u64,
+    end: u64,
+    /// log2 of the granule size.
+    shift: u32,
+    /// Index of the region's first block.
+    first: usize,
+    /// Where the region's granule counts start in [`BlockIndex::counts`].
+    base: usize,
 }
 
-/// Sorted blocks with fast "which block holds this address" lookup.
+/// Sorted blocks with fast "which block holds this address" lookup: the address space is
+/// cut into regions of nearby blocks, each region into equal granules (about one block
+/// each), and for every granule the number of the region's blocks that start before it is
+/// recorded, so a lookup is one region search (usually a single region), one table read
+/// and a search among the few blocks of one granule.
 pub struct BlockIndex<'a> {
     blocks: &'a [Block],
     lo: u64,
-    hi: u64,
+    /// `hi - lo`: addresses in `[lo, hi)` may be in a block.
+    width: u64,
+    region_starts: Vec<u64>,
+    regions: Vec<Region>,
+    /// Per region, per granule (and one past the last): blocks starting before it,
+    /// counted from the region's first block.
+    counts: Vec<u32>,
+}
+
+#[inline]
+fn end_of(b: &Block) -> u64 {
+    b.addr + b.span.max(1)
 }
 
 impl<'a> BlockIndex<'a> {
     /// Indexes blocks sorted by address.
     pub fn new(blocks: &'a [Block]) -> BlockIndex<'a> {
-        let lo = blocks.first().map_or(u64::MAX, |b| b.addr);
-        let hi = blocks
-            .iter()
-            .map(|b| b.addr + b.span.max(1))
-            .max()
-            .unwrap_or(0);
-        BlockIndex { blocks, lo, hi }
+        let mut regions = Vec::new();
+        let mut counts = Vec::new();
+        let mut hi = 0;
+        let mut i = 0;
+        while i < blocks.len() {
+            let start = blocks[i].addr;
+            let mut end = end_of(&blocks[i]);
+            let mut j = i + 1;
+            // Relative counts are u32: a region holds fewer than 2^32 blocks.
+            while j < blocks.len()
+                && blocks[j].addr <= end.saturating_add(REGION_GAP)
+                && j - i < u32::MAX as usize
+            {
+                end = end.max(end_of(&blocks[j]));
+                j += 1;
+            }
+            // Granules of about the region's mean block spacing (a power of two).
+            let mean = ((end - start) / (j - i) as u64).max(1);
+            let shift = (63 - mean.leading_zeros()).clamp(3, 40);
+            let granules = ((end - start - 1) >> shift) as usize + 1;
+            let base = counts.len();
+            counts.reserve(granules + 1);
+            let mut k = i;
+            for g in 0..=granules as u64 {
+                let at = start.saturating_add(g << shift);
+                while k < j && blocks[k].addr < at {
+                    k += 1;
+                }
+                counts.push((k - i) as u32);
+            }
+            regions.push(Region {
+                start,
+                end,
+                shift,
+                first: i,
+                base,
+            });
+            hi = hi.max(end);
+            i = j;
+        }
+        let lo = blocks.first().map_or(0, |b| b.addr);
+        BlockIndex {
+            blocks,
+            lo,
+            width: hi.saturating_sub(lo),
+            region_starts: regions.iter().map(|r| r.start).collect(),
+            regions,
+            counts,
+        }
+    }
+
+    /// Whether `v` is between the first block's start and the last block's end (a cheap
+    /// test that rejects most words that are not pointers).
+    #[inline(always)]
+    pub fn may_hold(&self, v: u64) -> bool {
+        v.wrapping_sub(self.lo) < self.width
+    }
+
+    /// One past the index of the last block starting in `v`'s granule (so usually the
+    /// block [`find`](Self::find) looks at, plus one), 0 if `v` is outside every region.
+    /// Cheaper than `find`: one read of the granule table.
+    #[inline]
+    fn candidate(&self, v: u64) -> usize {
+        if !self.may_hold(v) {
+            return 0;
+        }
+        let r = if self.regions.len() == 1 {
+            &self.regions[0]
+        } else {
+            match self
+                .region_starts
+                .partition_point(|&s| s <= v)
+                .checked_sub(1)
+            {
+                Some(k) => &self.regions[k],
+                None => return 0,
+            }
+        };
+        if v >= r.end {
+            return 0;
+        }
+        r.first + self.counts[r.base + ((v - r.start) >> r.shift) as usize + 1] as usize
     }
 
     /// The block containing `v`, and whether `v` is its start.
     #[inline]
     pub fn find(&self, v: u64) -> Option<(usize, bool)> {
-        if v < self.lo || v >= self.hi {
+        if !self.may_hold(v) {
             return None;
         }
-        let i = self
-            .blocks
-            .partition_point(|b| b.addr <= v)
-            .checked_sub(1)?;
-        let b = &self.blocks[i];
-        (v < b.addr + b.span.max(1)).then_some((i, v == b.addr))
+        let r = if self.regions.len() == 1 {
+            &self.regions[0]
+        } else {
+            let k = self.region_starts.partition_point(|&s| s <= v);
+            &self.regions[k.checked_sub(1)?]
+        };
+        if v >= r.end {
+            return None;
+        }
+        let g = r.base + ((v - r.start) >> r.shift) as usize;
+        let (a, b) = (self.counts[g] as usize, self.counts[g + 1] as usize);
+        // The last block starting at or before v: among those starting in v's granule,
+        // else the last one before it.
+        let from = r.first + a;
+        let k = from
+            + self.blocks[from..r.first + b]
+                .iter()
+                .take_while(|x| x.addr <= v)
+                .count();
+        let i = k.checked_sub(1).filter(|&i| i >= r.first)?;
+        let blk = &self.blocks[i];
+        (v < end_of(blk)).then_some((i, v == blk.addr))
     }
 }
 
+/// Pages read ahead in one load while sweeping pending blocks in address order.
+const LOAD_PAGES: u64 = 64;
+/// Pages the scanner keeps (4 MiB): blocks reached inside them are scanned at once.
+const CACHE_PAGES: usize = 1024;
+
+/// Block states and the mark stack.
+struct Marks<'a> {
+    blocks: &'a [Block],
+    idx: BlockIndex<'a>,
+    heuristics: Option<&'a Heuristics<'a>>,
+    state: Vec<u8>,
+    /// Reached blocks to scan now if their pages are cached.
+    stack: Vec<u32>,
+}
+
+/// The 8-aligned range of a block's words.
+#[inline]
+fn words_range(b: &Block) -> (u64, u64) {
+    (b.addr & !7, (b.addr + b.size + 7) & !7)
+}
+
+/// Words that may be pointers are looked up this many at a time.
+const BATCH: usize = 16;
+
+impl Marks<'_> {
+    /// [`push`](Self::push) for each of `ws`, first touching the granule table, then the
+    /// blocks and states those words lead to, for all of them: the memory reads of
+    /// different words overlap instead of waiting for one another (pointers into a large
+    /// heap mostly miss the processor's caches).
+    #[inline]
+    fn push_batch(&mut self, ws: &[u64], definite: bool, cache: &PageCache<'_>) {
+        let mut cand = [0usize; BATCH];
+        for (c, &w) in cand.iter_mut().zip(ws) {
+            *c = self.idx.candidate(w);
+        }
+        let mut touch = 0u64;
+        for &c in &cand[..ws.len()] {
+            if let Some(i) = c.checked_sub(1) {
+                touch = touch.wrapping_add(self.blocks[i].addr ^ self.state[i] as u64);
+            }
+        }
+        std::hint::black_box(touch);
+        for &w in ws {
+            self.push(w, definite, cache);
+        }
+    }
+
+    /// Marks the block `v` points into, if any, from definitely reachable memory
+    /// (`definite`) or from a possibly reachable block. Heuristics read block words from
+    /// `cache` when it holds them.
+    #[inline]
+    fn push(&mut self, v: u64, definite: bool, cache: &PageCache<'_>) {
+        let Some((i, start)) = self.idx.find(v) else {
+            return;
+        };
+        let s = self.state[i];
+        if s & DEFINITE != 0 {
+            return;
+        }
+        // A start pointer, or an interior one that a known layout makes as good, from
+        // definitely reachable memory: reachable.
+        if definite
+            && (start
+                || self.heuristics.is_some_and(|h| {
+                    h.reaches_with(&self.blocks[i], v, |a| {
+                        cache.word(a).or_else(|| read_word(cache.memory(), a))
+                    })
+                }))
+        {
+            self.state[i] = s | REACHED | DEFINITE;
+            self.stack.push(i as u32);
+        } else if s & REACHED == 0 {
+            self.state[i] = REACHED;
+            self.stack.push(i as u32);
+        }
+    }
+}
+
+/// The marking machinery: block states and mark stack, the page cache, what waits for
+/// the next sweep.
+struct Marker<'a, 'm> {
+    marks: Marks<'a>,
+    cache: PageCache<'m>,
+    /// Reached blocks to scan in the next sweep.
+    deferred: Vec<u32>,
+}
+
+impl Marker<'_, '_> {
+    /// Whether block `i` was reached and not yet scanned in its present state.
+    #[inline]
+    fn needs_scan(&self, i: usize) -> bool {
+        let s = self.marks.state[i];
+        if s & DEFINITE != 0 {
+            s & SCANNED_DEFINITE == 0
+        } else {
+            s & REACHED != 0 && s & SCANNED_POSSIBLE == 0
+        }
+    }
+
+    /// Whether block `i` is too large to be held in the cache at once.
+    #[inline]
+    fn is_large(&self, i: usize) -> bool {
+        let (s, e) = words_range(&self.marks.blocks[i]);
+        e > s && (e - 1) / PAGE - s / PAGE >= self.cache.slots() / 2
+    }
+
+    /// Whether block `i` is not large and all of it is in the cache.
+    #[inline]
+    fn cached(&self, i: usize) -> bool {
+        let (s, e) = words_range(&self.marks.blocks[i]);
+        if e <= s {
+            return true;
+        }
+        let (first, last) = (s / PAGE, (e - 1) / PAGE);
+        // Most blocks lie in one page.
+        self.cache.has(first)
+            && (first == last || (last - first < self.cache.slots() / 2 && self.cache.holds(s, e)))
+    }
+
+    /// Scans the words of block `i`, whose pages (unless it is large) are cached.
+    fn scan(&mut self, i: usize) {
+        let definite = self.marks.state[i] & DEFINITE != 0;
+        self.marks.state[i] |= if definite {
+            SCANNED_DEFINITE
+        } else {
+            SCANNED_POSSIBLE
+        };
+        let (s, e) = words_range(&self.marks.blocks[i]);
+        if self.is_large(i) {
+            // In cache-sized pieces, loaded as they come.
+            let chunk = self.cache.slots() / 2 * PAGE;
+            let mut at = s;
+            while at < e {
+                let upto = e.min((at / PAGE) * PAGE + chunk);
+                self.cache
+                    .load(at / PAGE, (upto - 1) / PAGE - at / PAGE + 1);
+                self.scan_range(at, upto, definite);
+                at = upto;
+            }
+        } else if e > s {
+            self.scan_range(s, e, definite);
+        }
+    }
+
+    /// Marks every block a word of the cached range `[s, e)` points into.
+    #[inline]
+    fn scan_range(&mut self, s: u64, e: u64, definite: bool) {
+        let (marks, cache) = (&mut self.marks, &self.cache);
+        let mut batch = [0u64; BATCH];
+        let mut n = 0;
+        cache.for_each_piece(s, e, |words| {
+            for &w in words {
+                if marks.idx.may_hold(w) {
+                    batch[n] = w;
+                    n += 1;
+                    if n == BATCH {
+                        marks.push_batch(&batch, definite, cache);
+                        n = 0;
+                    }
+                }
+            }
+        });
+        marks.push_batch(&batch[..n], definite, cache);
+    }
+
+    /// Scans reached blocks from the stack while their pages are cached (depth first);
+    /// the others wait for the next sweep.
+    fn drain(&mut self) {
+        while let Some(i) = self.marks.stack.pop() {
+            let i = i as usize;
+            if !self.needs_scan(i) {
+                continue;
+            }
+            if self.cached(i) {
+                self.scan(i);
+            } else {
+                self.deferred.push(i as u32);
+            }
+        }
+    }
+
+    /// Loads the uncached pages of the blocks `todo` (sorted; the first one not empty and
+    /// not large) from the first one on, up to [`LOAD_PAGES`] pages past its first page, in
+    /// runs of consecutive pages.
+    fn load_ahead(&mut self, todo: &[u32]) {
+        // All of the first block (not large: fewer than slots/2 pages), and what follows
+        // it up to LOAD_PAGES pages: fewer than `slots` consecutive pages, which never
+        // evict one another.
+        let (s0, e0) = words_range(&self.marks.blocks[todo[0] as usize]);
+        let limit = (s0 / PAGE + LOAD_PAGES.min(self.cache.slots() / 2)).max((e0 - 1) / PAGE + 1);
+        let mut run: Option<(u64, u64)> = None;
+        for &i in todo {
+            let (s, e) = words_range(&self.marks.blocks[i as usize]);
+            if s / PAGE >= limit {
+                break;
+            }
+            if e <= s || self.is_large(i as usize) {
+                continue;
+            }
+            for p in s / PAGE..=((e - 1) / PAGE).min(limit - 1) {
+                if self.cache.has(p) {
+                    continue;
+                }
+                run = match run {
+                    // Contiguous, or across a gap of one page (cheaper than a second read).
+                    Some((a, b)) if p >= b && p <= b + 1 => Some((a, p + 1)),
+                    Some((a, b)) if p < b => Some((a, b)),
+                    Some((a, b)) => {
+                        self.cache.load(a, b - a);
+                        Some((p, p + 1))
+                    }
+                    None => Some((p, p + 1)),
+                };
+            }
+        }
+        if let Some((a, b)) = run {
+            self.cache.load(a, b - a);
+        }
+    }
+
+    /// Scans everything reachable from what is on the stack: depth first inside the
+    /// cached pages, and sweeps over the rest in address order.
+    fn mark(&mut self) {
+        loop {
+            self.drain();
+            if self.deferred.is_empty() {
+                return;
+            }
+            let mut todo = std::mem::take(&mut self.deferred);
+            todo.sort_unstable();
+            todo.dedup();
+            for k in 0..todo.len() {
+                let i = todo[k] as usize;
+                if !self.needs_scan(i) {
+                    continue;
+                }
+                if !self.cached(i) && !self.is_large(i) {
+                    self.load_ahead(&todo[k..]);
+                }
+                self.scan(i);
+                self.drain();
+            }
+        }
+    }
+}
+
+/// Reads one 8-byte word from `mem`.
+fn read_word(mem: &dyn Memory, addr: u64) -> Option<u64> {
+    let mut b = [0u8; 8];
+    (mem.read(addr, &mut b) == 8).then(|| u64::from_le_bytes(b))
+}
+
 /// Classifies every block. `blocks` must be sorted by address; their contents are read
-/// from `heap` in address-ordered batches as the marking reaches them.
+/// from `heap` a few pages at a time as the marking reaches them.
 pub fn classify(
     blocks: &[Block],
     image: &Image,
@@ -96,35 +473,24 @@ pub fn classify(
     heap: &dyn Memory,
     heuristics: Option<&Heuristics<'_>>,
 ) -> Vec<Kind> {
-    let idx = BlockIndex::new(blocks);
-    let mut state = vec![State::Unreached; blocks.len()];
-    let mut stack: Vec<usize> = Vec::new();
-    let mut reader = BatchReader::new(heap);
-
-    // Marks a pointer found in definitely-reachable memory (`definite`) or in a possibly
-    // reachable block.
-    let push = |v: u64, definite: bool, state: &mut [State], stack: &mut Vec<usize>| {
-        let Some((i, start)) = idx.find(v) else {
-            return;
-        };
-        match state[i] {
-            State::Reachable => {}
-            // A start pointer, or an interior one that a known layout makes as good, from
-            // definitely reachable memory: reachable.
-            _ if definite && (start || heuristics.is_some_and(|h| h.reaches(&blocks[i], v))) => {
-                state[i] = State::Reachable;
-                stack.push(i);
-            }
-            State::Unreached => {
-                state[i] = State::Possible;
-                stack.push(i);
-            }
-            _ => {}
-        }
+    assert!(
+        blocks.len() < u32::MAX as usize,
+        "more than 2^32 blocks: the mark stack holds u32 indices"
+    );
+    let mut m = Marker {
+        marks: Marks {
+            blocks,
+            idx: BlockIndex::new(blocks),
+            heuristics,
+            state: vec![0u8; blocks.len()],
+            stack: Vec::new(),
+        },
+        cache: PageCache::new(heap, CACHE_PAGES),
+        deferred: Vec::new(),
     };
 
     for &v in &roots.values {
-        push(v, true, &mut state, &mut stack);
+        m.marks.push(v, true, &m.cache);
     }
     let why = std::env::var_os("KAL_DEBUG_ROOTS").is_some();
     // glibc's thread control block: [tcb] = tcb, [tcb+8] = &dtv[1], [tcb+16] = tcb. The dtv
@@ -136,89 +502,340 @@ pub fn classify(
         let mut at = s & !7;
         image.for_each_piece(s, e, |words| {
             for &w in words {
-                let w = match idx.find(w) {
+                let w = match m.marks.idx.find(w) {
                     Some((_, false)) if dtv_field(at) => w.wrapping_sub(16),
                     _ => w,
                 };
                 if why
-                    && idx
+                    && m.marks
+                        .idx
                         .find(w)
-                        .is_some_and(|(i, _)| state[i] == State::Unreached)
+                        .is_some_and(|(i, _)| m.marks.state[i] & REACHED == 0)
                 {
-                    let (bi, st) = idx.find(w).unwrap_or_default();
+                    let (bi, st) = m.marks.idx.find(w).unwrap_or_default();
                     eprintln!(
                         "root word at {at:#x} -> {w:#x} block {:#x}+{} start={st}",
                         blocks[bi].addr, blocks[bi].size
                     );
                 }
-                push(w, true, &mut state, &mut stack);
+                m.marks.push(w, true, &m.cache);
                 at += 8;
             }
         });
     }
-    // Scan reached blocks, a batch (everything pending) at a time, in address order.
-    let mut batch: Vec<(usize, u64, u64)> = Vec::new();
-    while !stack.is_empty() {
-        stack.sort_unstable();
-        stack.dedup();
-        batch.clear();
-        batch.extend(stack.drain(..).map(|i| (i, blocks[i].addr, blocks[i].size)));
-        reader.for_each(&mut batch, |i, words| {
-            let definite = state[i] == State::Reachable;
-            for &w in words {
-                push(w, definite, &mut state, &mut stack);
-            }
-        });
-    }
+    m.mark();
 
     // Lost blocks: first the pointers between them, then cliques. Each unreached block not
     // yet claimed (in address order) leads the blocks it reaches, which become indirect.
-    let unreached: Vec<usize> = (0..blocks.len())
-        .filter(|&i| state[i] == State::Unreached)
+    let unreached: Vec<u32> = (0..blocks.len() as u32)
+        .filter(|&i| m.marks.state[i as usize] & REACHED == 0)
         .collect();
-    let pos: std::collections::HashMap<usize, usize> =
-        unreached.iter().enumerate().map(|(p, &i)| (i, p)).collect();
-    let mut edges: Vec<Vec<u32>> = vec![Vec::new(); unreached.len()];
-    batch.clear();
-    batch.extend(
-        unreached
-            .iter()
-            .map(|&i| (i, blocks[i].addr, blocks[i].size)),
-    );
-    reader.for_each(&mut batch, |i, words| {
-        let from = pos[&i];
-        for &w in words {
-            if let Some((j, _)) = idx.find(w) {
-                if j != i && state[j] == State::Unreached {
-                    edges[from].push(j as u32);
-                }
-            }
+    let mut pos = vec![
+        0u32;
+        if unreached.is_empty() {
+            0
+        } else {
+            blocks.len()
         }
-    });
+    ];
+    for (p, &i) in unreached.iter().enumerate() {
+        pos[i as usize] = p as u32;
+    }
+    // Edges in compressed rows: block unreached[p] points to edges[from[p]..from[p + 1]].
+    let mut from: Vec<usize> = Vec::with_capacity(unreached.len() + 1);
+    let mut edges: Vec<u32> = Vec::new();
+    for k in 0..unreached.len() {
+        let i = unreached[k] as usize;
+        from.push(edges.len());
+        let (s, e) = words_range(&blocks[i]);
+        if e <= s {
+            continue;
+        }
+        let large = m.is_large(i);
+        if !m.cached(i) && !large {
+            m.load_ahead(&unreached[k..]);
+        }
+        let chunk = m.cache.slots() / 2 * PAGE;
+        let mut at = s;
+        while at < e {
+            let upto = if large {
+                e.min((at / PAGE) * PAGE + chunk)
+            } else {
+                e
+            };
+            if large {
+                m.cache.load(at / PAGE, (upto - 1) / PAGE - at / PAGE + 1);
+            }
+            m.cache.for_each_piece(at, upto, |words| {
+                for &w in words {
+                    if let Some((j, _)) = m.marks.idx.find(w) {
+                        if j != i && m.marks.state[j] & REACHED == 0 {
+                            edges.push(j as u32);
+                        }
+                    }
+                }
+            });
+            at = upto;
+        }
+    }
+    from.push(edges.len());
+    let mut stack: Vec<u32> = Vec::new();
     for &leader in &unreached {
-        if state[leader] != State::Unreached {
+        if m.marks.state[leader as usize] != 0 {
             continue;
         }
         stack.push(leader);
         while let Some(i) = stack.pop() {
-            for &j in &edges[pos[&i]] {
-                let j = j as usize;
+            let p = pos[i as usize] as usize;
+            for &j in &edges[from[p]..from[p + 1]] {
                 // An unreached block here is fresh, or an earlier leader now absorbed.
-                if j != leader && state[j] == State::Unreached {
-                    state[j] = State::Indirect;
+                if j != leader && m.marks.state[j as usize] == 0 {
+                    m.marks.state[j as usize] = INDIRECT;
                     stack.push(j);
                 }
             }
         }
     }
 
-    state
+    m.marks
+        .state
         .into_iter()
-        .map(|s| match s {
-            State::Unreached => Kind::Direct,
-            State::Indirect => Kind::Indirect,
-            State::Possible => Kind::Possible,
-            State::Reachable => Kind::Reachable,
+        .map(|s| {
+            if s & INDIRECT != 0 {
+                Kind::Indirect
+            } else if s & DEFINITE != 0 {
+                Kind::Reachable
+            } else if s & REACHED != 0 {
+                Kind::Possible
+            } else {
+                Kind::Direct
+            }
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Memory backed by one vector of words at a base address; zeros elsewhere.
+    struct Flat {
+        base: u64,
+        words: Vec<u64>,
+    }
+
+    impl Memory for Flat {
+        fn read(&self, addr: u64, buf: &mut [u8]) -> usize {
+            for (k, b) in buf.iter_mut().enumerate() {
+                let a = addr + k as u64;
+                *b = a
+                    .checked_sub(self.base)
+                    .and_then(|o| self.words.get((o / 8) as usize))
+                    .map_or(0, |w| w.to_le_bytes()[(a % 8) as usize]);
+            }
+            buf.len()
+        }
+    }
+
+    fn block(addr: u64, size: u64) -> Block {
+        Block {
+            addr,
+            size,
+            seq: 0,
+            stack: 0,
+            api: 0,
+            span: size,
+        }
+    }
+
+    /// A small deterministic generator (xorshift).
+    struct Rng(u64);
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0
+        }
+        fn below(&mut self, n: u64) -> u64 {
+            self.next() % n
+        }
+    }
+
+    /// Blocks of mixed sizes (a few larger than half the page cache) in clusters with
+    /// small and large gaps between them, and a few of size 0.
+    fn random_blocks(rng: &mut Rng, n: usize, base: u64) -> Vec<Block> {
+        let mut at = base;
+        let mut v = Vec::new();
+        for _ in 0..n {
+            at += match rng.below(100) {
+                0 => 1 << 20,
+                1..=3 => rng.below(64 << 10),
+                _ => 16 * rng.below(3),
+            };
+            let size = match rng.below(1000) {
+                0 => 3 << 20,
+                1..=20 => rng.below(40_000),
+                21..=30 => 0,
+                _ => rng.below(100),
+            };
+            v.push(block(at, size));
+            at += size.max(1).div_ceil(16) * 16 + 16;
+        }
+        v
+    }
+
+    #[test]
+    fn index_finds_what_a_binary_search_finds() {
+        let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+        for n in [0, 1, 2, 10, 3000] {
+            let blocks = random_blocks(&mut rng, n, 0x5555_0000_0000);
+            let idx = BlockIndex::new(&blocks);
+            let naive = |v: u64| {
+                let i = blocks.partition_point(|b| b.addr <= v).checked_sub(1)?;
+                let b = &blocks[i];
+                (v < b.addr + b.span.max(1)).then_some((i, v == b.addr))
+            };
+            let hi = blocks
+                .last()
+                .map_or(0x5555_0001_0000, |b| b.addr + b.size + 64);
+            let mut probes: Vec<u64> = vec![0, 1, u64::MAX, 0x5554_ffff_fff8, hi];
+            for b in &blocks {
+                probes.extend([b.addr, b.addr + 1, b.addr + b.span, b.addr.wrapping_sub(1)]);
+            }
+            probes.extend((0..20_000).map(|_| 0x5555_0000_0000 + rng.below(hi - 0x5555_0000_0000)));
+            for v in probes {
+                assert_eq!(idx.find(v), naive(v), "address {v:#x}, {n} blocks");
+            }
+        }
+    }
+
+    /// The marking and classification this module does, written plainly: a whole-memory
+    /// fixpoint with a binary search per word and no page cache.
+    fn reference(blocks: &[Block], mem: &Flat, values: &[u64]) -> Vec<Kind> {
+        let find = |v: u64| {
+            let i = blocks.partition_point(|b| b.addr <= v).checked_sub(1)?;
+            let b = &blocks[i];
+            (v < b.addr + b.span.max(1)).then_some((i, v == b.addr))
+        };
+        let words = |b: &Block| {
+            let (s, e) = words_range(b);
+            let mut buf = vec![0u8; (e - s) as usize];
+            mem.read(s, &mut buf);
+            buf.chunks_exact(8)
+                .map(|c| u64::from_le_bytes(c.try_into().unwrap()))
+                .collect::<Vec<u64>>()
+        };
+        // 0 unreached, 1 possible, 2 reachable, 3 indirect.
+        let mut st = vec![0u8; blocks.len()];
+        let mut work: Vec<usize> = Vec::new();
+        let push = |v: u64, definite: bool, st: &mut Vec<u8>, work: &mut Vec<usize>| {
+            if let Some((i, start)) = find(v) {
+                if st[i] != 2 && definite && start {
+                    st[i] = 2;
+                    work.push(i);
+                } else if st[i] == 0 {
+                    st[i] = 1;
+                    work.push(i);
+                }
+            }
+        };
+        for &v in values {
+            push(v, true, &mut st, &mut work);
+        }
+        while let Some(i) = work.pop() {
+            let definite = st[i] == 2;
+            for w in words(&blocks[i]) {
+                push(w, definite, &mut st, &mut work);
+            }
+        }
+        let unreached: Vec<usize> = (0..blocks.len()).filter(|&i| st[i] == 0).collect();
+        let edges: Vec<Vec<usize>> = unreached
+            .iter()
+            .map(|&i| {
+                words(&blocks[i])
+                    .into_iter()
+                    .filter_map(find)
+                    .map(|(j, _)| j)
+                    .filter(|&j| j != i && st[j] == 0)
+                    .collect()
+            })
+            .collect();
+        for &leader in &unreached {
+            if st[leader] != 0 {
+                continue;
+            }
+            work.push(leader);
+            while let Some(i) = work.pop() {
+                let p = unreached.binary_search(&i).unwrap();
+                for &j in &edges[p] {
+                    if j != leader && st[j] == 0 {
+                        st[j] = 3;
+                        work.push(j);
+                    }
+                }
+            }
+        }
+        st.iter()
+            .map(|s| {
+                [
+                    Kind::Direct,
+                    Kind::Possible,
+                    Kind::Reachable,
+                    Kind::Indirect,
+                ][*s as usize]
+            })
+            .collect()
+    }
+
+    #[test]
+    fn classify_agrees_with_the_plain_reference() {
+        let base = 0x5555_0000_0000u64;
+        for seed in 1..=6u64 {
+            let mut rng = Rng(seed.wrapping_mul(0x2545_f491_4f6c_dd1d));
+            let blocks = random_blocks(&mut rng, 4000, base);
+            let end = blocks.last().map_or(base, |b| b.addr + b.size + 8);
+            let mut mem = Flat {
+                base,
+                words: vec![0; ((end - base) / 8) as usize],
+            };
+            // Each block gets a few pointers to other blocks (start, interior, past the
+            // span) and data; few blocks are pointed at from the roots.
+            let density = 1 + seed % 3;
+            for b in &blocks {
+                let (s, e) = words_range(b);
+                for w in (s..e).step_by(8) {
+                    let slot = &mut mem.words[((w - base) / 8) as usize];
+                    *slot = match rng.below(8) {
+                        x if x < density => {
+                            let t = &blocks[rng.below(blocks.len() as u64) as usize];
+                            match rng.below(10) {
+                                0 => t.addr + rng.below(t.size.max(1)),
+                                1 => t.addr + t.span + 8,
+                                _ => t.addr,
+                            }
+                        }
+                        _ => rng.next() >> 20,
+                    };
+                }
+            }
+            let values: Vec<u64> = (0..5)
+                .map(|_| {
+                    let t = &blocks[rng.below(blocks.len() as u64) as usize];
+                    t.addr + if rng.below(3) == 0 { 8 } else { 0 }
+                })
+                .collect();
+            let roots = Roots {
+                ranges: Vec::new(),
+                values: values.clone(),
+            };
+            let got = classify(&blocks, &Image::default(), &roots, &mem, None);
+            let want = reference(&blocks, &mem, &values);
+            let count = |v: &[Kind], k: Kind| v.iter().filter(|&&x| x == k).count();
+            for k in Kind::ALL {
+                eprintln!("seed {seed}: {} {}", k.name(), count(&want, k));
+            }
+            assert_eq!(got, want, "seed {seed}");
+        }
+    }
 }

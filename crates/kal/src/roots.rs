@@ -13,7 +13,7 @@
 use crate::capture::{active_side_slot, copyable, Block, Capture};
 use crate::memory::Memory;
 use crate::procfs::Mapping;
-use crate::ranges::{normalize, subtract};
+use crate::ranges::{normalize, subtract, subtract_sorted};
 use kal_proto::Header;
 
 /// glibc's `HEAP_MAX_SIZE` on 64-bit: secondary arena heaps are aligned to it.
@@ -94,12 +94,8 @@ pub fn heap_ranges(
 
 /// Computes the roots of a capture.
 pub fn roots(c: &Capture) -> Roots {
-    let blocks = normalize(
-        c.blocks
-            .iter()
-            .map(|b| (b.addr, b.addr + b.size.max(1)))
-            .collect(),
-    );
+    // The blocks, sorted by address: subtracted in one pass, never copied or sorted.
+    let blocks = || c.blocks.iter().map(|b| (b.addr, b.addr + b.size.max(1)));
     let tables = c.agent.clone();
     let mut live_stacks = Vec::new();
     let mut dead_stacks = Vec::new();
@@ -133,7 +129,6 @@ pub fn roots(c: &Capture) -> Roots {
         }
     }
     let mut excluded = c.heap_ranges.clone();
-    excluded.extend_from_slice(&blocks);
     excluded.extend_from_slice(&tables);
     excluded.extend_from_slice(&dead_stacks);
     let excluded = normalize(excluded);
@@ -143,11 +138,14 @@ pub fn roots(c: &Capture) -> Roots {
         .filter(|m| copyable(m))
         .map(|m| (m.start, m.end))
         .collect();
-    let mut ranges = subtract(&normalize(general), &excluded);
-    let not_blocks = normalize([blocks, tables].concat());
-    ranges.extend(subtract(&normalize(live_stacks), &not_blocks));
+    let without_blocks = |r: Vec<(u64, u64)>, also: &[(u64, u64)]| {
+        subtract_sorted(&subtract(&normalize(r), also), blocks())
+    };
+    let mut ranges = without_blocks(general, &excluded);
+    let tables = normalize(tables);
+    ranges.extend(without_blocks(live_stacks, &tables));
     ranges.extend(side_live);
-    ranges.extend(subtract(&normalize(tls), &not_blocks));
+    ranges.extend(without_blocks(tls, &tables));
     let values = c.threads.iter().flat_map(|t| t.values()).collect();
     Roots {
         ranges: normalize(ranges),
