@@ -29,8 +29,8 @@ use kal_proto::{
 
 /// Size of a slot in bytes (`AllocSlot`).
 pub const SLOT_BYTES: u64 = 24;
-/// Slots of the first table (768 KiB).
-pub const MIN_SLOTS: u64 = 1 << 15;
+/// Slots of the first table (96 KiB: small programs keep it in cache).
+pub const MIN_SLOTS: u64 = 1 << 12;
 /// Probe length at which an insert asks the resizer to look at the table now.
 const HINT_PROBES: u64 = 24;
 /// Probe length at which an insert does not wait for the resizer and makes a table twice
