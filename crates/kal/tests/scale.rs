@@ -103,6 +103,8 @@ fn jemalloc_list_survives_reclaim_and_nothing_is_reclaimed() {
     }
 }
 
+/// HEAVY: 2 to 4 GiB of RAM; about 100 s in a debug build on 2 cores (8 s of that is the
+/// program itself, at -O2). The slowest test of the suite: keep it the only one this size.
 #[test]
 fn fifty_million_blocks_from_four_threads_are_all_tracked() {
     let prog = build("fifty_million.c", &["-O2"]);
