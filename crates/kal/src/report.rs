@@ -391,7 +391,7 @@ pub fn text(r: &Report, frames: usize) -> String {
     if r.untracked_allocations > 0 {
         let _ = writeln!(
             s,
-            "{tag} note: {} allocations were not tracked (table full; raise KAL_TABLE_SLOTS)",
+            "{tag} note: {} allocations were not tracked (the agent could not get memory for its table): lost counts are unreliable",
             r.untracked_allocations
         );
     }
