@@ -31,6 +31,11 @@ pub const MAX_FRAMES: usize = 24;
 /// Name of the environment variable holding the path of the CLI's unix socket.
 pub const ENV_SOCKET: &str = "KAL_SOCKET";
 
+/// Environment variable capping the agent's allocation table at this many slots (24 bytes
+/// each), to bound the agent's memory. Allocations that do not fit are not recorded: they
+/// are counted, reports say tracking is incomplete, and nothing is reclaimed.
+pub const ENV_TABLE_MAX_SLOTS: &str = "KAL_TABLE_MAX_SLOTS";
+
 /// `AllocSlot::addr` value of a slot that never held an allocation.
 pub const SLOT_EMPTY: u64 = 0;
 /// `AllocSlot::addr` value of a slot whose allocation was freed (or moved to a newer table).

@@ -23,7 +23,8 @@ pub fn check(pid: i32, opts: &report::Options) -> Result<Check> {
     check_with_header(pid, header, opts, &Default::default())
 }
 
-/// Checks process `pid` whose agent header address is already known.
+/// Checks process `pid` whose agent header address is already known. A dying process
+/// (see [`crate::fatal`]) is not checked: the error is a [`crate::fatal::Crashing`].
 /// `reclaimed_sites`: what this kal reclaimed in the process so far, by stack id.
 pub fn check_with_header(
     pid: i32,
@@ -31,6 +32,7 @@ pub fn check_with_header(
     opts: &report::Options,
     reclaimed_sites: &std::collections::HashMap<u32, report::Totals>,
 ) -> Result<Check> {
+    crate::fatal::ensure_not_dying(pid)?;
     let snap = crate::snapshot::take(pid)?;
     let pause = snap.pause;
     crate::snapshot::test_hold("snapshot");

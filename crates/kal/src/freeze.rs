@@ -228,6 +228,28 @@ impl Frozen {
         }
     }
 
+    /// A thread that kal stopped at a signal-delivery stop for a signal that will end the
+    /// process once delivered (the process is crashing), as `(tid, signal)`.
+    pub fn fatal_signal(&self) -> Option<(i32, i32)> {
+        self.threads.iter().find_map(|&(tid, sig)| {
+            let sig = sig? as i32;
+            crate::fatal::fatal_for(self.pid, sig).then_some((tid, sig))
+        })
+    }
+
+    /// Fails with [`crate::fatal::Crashing`] when a frozen thread was stopped delivering a
+    /// fatal signal; dropping `self` then detaches and lets the signal be delivered.
+    pub fn ensure_not_crashing(&self) -> Result<()> {
+        match self.fatal_signal() {
+            Some((_, sig)) => Err(crate::fatal::Crashing {
+                pid: self.pid,
+                why: crate::fatal::Dying::Signal(sig),
+            }
+            .into()),
+            None => Ok(()),
+        }
+    }
+
     /// Process id.
     pub fn pid(&self) -> i32 {
         self.pid

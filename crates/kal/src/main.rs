@@ -83,10 +83,28 @@ enum Cmd {
         report: ReportArgs,
         /// Also check the running program every D (e.g. 10s, 500ms, 1m): each check prints,
         /// with a timestamp, what was lost since the previous one and the running totals.
+        /// A check still running when the next is due makes that one skipped, never queued
+        /// (see --max-cpu). A process dying of a signal is no longer checked.
         #[arg(long, value_name = "D", value_parser = kal::periodic::parse_duration)]
         check_every: Option<std::time::Duration>,
+        /// Cap on kal's own CPU time for periodic checks, in percent of one core, averaged:
+        /// a check that cost kal C seconds of CPU is followed by at least
+        /// C / (PERCENT/100) seconds before the next one starts; the line of a check held
+        /// back this way says by how long. Independently, a check is never queued behind a
+        /// running one: checks that come due while one runs are skipped, and the next
+        /// check's line says how many.
+        #[arg(
+            long,
+            value_name = "PERCENT",
+            requires = "check_every",
+            value_parser = kal::pace::parse_percent,
+            default_value_t = kal::pace::DEFAULT_MAX_CPU_PERCENT
+        )]
+        max_cpu: f64,
         /// Leak tolerance: after each periodic check, free the blocks that were definitely
-        /// lost in it and in the previous one (needs --check-every).
+        /// lost in it and in the previous one (needs --check-every). Refused, with a note,
+        /// for a process whose allocations were not all recorded, and never done in a
+        /// process dying of a signal.
         #[arg(long, requires = "check_every")]
         reclaim: bool,
         /// The program and its arguments (put them after `--`).
@@ -102,7 +120,7 @@ enum Cmd {
     ///
     /// The process is paused only while a copy-on-write snapshot is made (milliseconds);
     /// the snapshot is scanned while the program runs on. Exit status 23 when something
-    /// is definitely lost.
+    /// is definitely lost. A process dying of a signal is left alone (a one-line error).
     ///
     /// Example: kal check 4242 --json now.json
     Check {
@@ -116,7 +134,8 @@ enum Cmd {
     /// Takes two snapshots in a row and asks the agent to free, with the program's own
     /// `free`, every block definitely lost in both (the agent checks each block's
     /// allocation sequence number first), then returns free pages to the OS. Never touches
-    /// possibly lost or reachable blocks.
+    /// possibly lost or reachable blocks. Refuses, with a one-line error, a process whose
+    /// allocations the agent did not all record, or that is dying of a signal.
     ///
     /// Example: kal reclaim 4242
     Reclaim {
@@ -206,6 +225,7 @@ fn trim(pid: i32) -> Result<i32> {
 fn run(
     report: &ReportArgs,
     check_every: Option<std::time::Duration>,
+    max_cpu: f64,
     reclaim: bool,
     command: Vec<OsString>,
 ) -> Result<i32> {
@@ -222,6 +242,7 @@ fn run(
         quiet: report.quiet,
         check_every,
         reclaim,
+        max_cpu_percent: max_cpu,
     })
 }
 
@@ -230,9 +251,10 @@ fn main() {
         Cmd::Run {
             report,
             check_every,
+            max_cpu,
             reclaim,
             command,
-        } => run(&report, check_every, reclaim, command),
+        } => run(&report, check_every, max_cpu, reclaim, command),
         Cmd::Check { pid, report } => check(pid, &report),
         Cmd::Reclaim { pid, report } => reclaim(pid, &report),
         Cmd::Trim { pid } => trim(pid),

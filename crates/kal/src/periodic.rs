@@ -2,7 +2,10 @@
 
 use crate::capture::Block;
 use crate::check::{check_with_header, Check};
+use crate::fatal::Crashing;
+use crate::pace::{self, Pacer, Round};
 use crate::reach::Kind;
+use crate::reclaim::{self, Reclaimer};
 use crate::report::{self, Report, Totals};
 use anyhow::{bail, Result};
 use serde::Serialize;
@@ -10,7 +13,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt::Write as _;
 use std::io::Write as _;
 use std::path::PathBuf;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// Parses `10s`, `500ms`, `2m`, `1h` or a plain number of seconds.
 pub fn parse_duration(s: &str) -> Result<Duration> {
@@ -76,6 +79,19 @@ struct Line<'a> {
     new: &'a New,
     new_leaks: &'a [report::Record],
     reclaimed_now: Totals,
+    /// Why nothing is reclaimed in this process (with `--reclaim`), if so.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reclaim_refused: Option<&'a str>,
+    /// Stacks of sites contradicted since the previous check.
+    new_contradictions: Vec<&'a [crate::symbolize::Frame]>,
+    /// Due checks skipped since the previous one because a check was still running.
+    skipped: u64,
+    /// How long this check was held back to keep kal under `--max-cpu`.
+    delayed_ms: f64,
+    /// kal's own CPU time (user + system) for this check.
+    cpu_ms: f64,
+    /// Wall time of this check, start to end.
+    wall_ms: f64,
     #[serde(flatten)]
     report: &'a Report,
 }
@@ -107,49 +123,75 @@ pub fn append_exit_line(path: &std::path::Path, r: &Report) -> Result<()> {
 
 /// State of periodic checking across processes.
 pub struct Periodic {
-    /// Interval.
-    pub every: Duration,
+    /// When checks run.
+    pub pacer: Pacer,
     opts: report::Options,
     json: Option<PathBuf>,
     seen: HashMap<i32, HashSet<u64>>,
     count: u64,
-    reclaim: bool,
-    /// Per process: definitely lost blocks of the previous check, by address → seq.
-    prev_direct: HashMap<i32, HashMap<u64, u64>>,
-    reclaimed: HashMap<i32, HashMap<u32, Totals>>,
+    reclaimer: Option<Reclaimer>,
+    /// Per process: contradicted sites (stack ids) already reported.
+    contradicted: HashMap<i32, HashSet<u32>>,
+    /// Processes found dying: never checked again.
+    dying: HashSet<i32>,
+}
+
+/// What one check produced, for its text line and JSON line.
+struct Outcome<'a> {
+    c: &'a Check,
+    time: String,
+    new: New,
+    new_leaks: Vec<report::Record>,
+    reclaimed_now: Totals,
+    refused: Option<(String, bool)>,
+    contradictions: Vec<&'a [crate::symbolize::Frame]>,
+    round: Round,
+    cpu: Duration,
+    wall: Duration,
 }
 
 impl Periodic {
-    /// Periodic checks every `every`; JSON lines appended to `json` if given.
-    pub fn new(every: Duration, opts: report::Options, json: Option<PathBuf>) -> Periodic {
+    /// Periodic checks as `pacer` schedules them; JSON lines appended to `json` if given.
+    pub fn new(pacer: Pacer, opts: report::Options, json: Option<PathBuf>) -> Periodic {
         Periodic {
-            every,
+            pacer,
             opts,
             json,
             seen: HashMap::new(),
             count: 0,
-            reclaim: false,
-            prev_direct: HashMap::new(),
-            reclaimed: HashMap::new(),
+            reclaimer: None,
+            contradicted: HashMap::new(),
+            dying: HashSet::new(),
         }
     }
 
     /// Also reclaim, after each check, the blocks definitely lost in it and in the previous
     /// check of the same process.
     pub fn with_reclaim(mut self, on: bool) -> Periodic {
-        self.reclaim = on;
+        self.reclaimer = on.then(Reclaimer::default);
         self
     }
 
     /// What this kal reclaimed in process `pid`, by stack id.
     pub fn sites(&self, pid: i32) -> HashMap<u32, Totals> {
-        self.reclaimed.get(&pid).cloned().unwrap_or_default()
+        self.reclaimer
+            .as_ref()
+            .map(|r| r.sites(pid))
+            .unwrap_or_default()
     }
 
-    /// Checks one process now and prints what is new.
-    pub fn check(&mut self, pid: i32, header: u64, quiet: bool) -> Result<()> {
+    /// Checks one process now, in round `round`, and prints what is new. A process found
+    /// dying of a signal is announced once and never checked (nor reclaimed in) again.
+    pub fn check(&mut self, pid: i32, header: u64, quiet: bool, round: &Round) -> Result<()> {
+        if self.dying.contains(&pid) {
+            return Ok(());
+        }
+        let (t0, cpu0) = (Instant::now(), pace::cpu_time());
         let sites = self.sites(pid);
-        let c = check_with_header(pid, header, &self.opts, &sites)?;
+        let c = match check_with_header(pid, header, &self.opts, &sites) {
+            Ok(c) => c,
+            Err(e) => return self.dying_or(pid, quiet, e),
+        };
         self.count += 1;
         let seen = self.seen.entry(pid).or_default();
         let fresh: Vec<(Block, Kind)> = c
@@ -161,58 +203,94 @@ impl Periodic {
         *seen = c.lost.iter().map(|(b, _)| b.seq).collect();
         let (new, new_leaks) = self.new_records(&c, &fresh);
         let mut reclaimed_now = Totals::default();
-        if self.reclaim {
-            let direct = crate::reclaim::direct_map(&c.lost);
-            let prev = self.prev_direct.remove(&pid).unwrap_or_default();
-            let cands = crate::reclaim::candidates(&prev, &c);
-            let mut now = direct;
-            if !cands.is_empty() {
-                match crate::reclaim::send(pid, &cands) {
-                    Ok(done) => {
-                        let sites = self.reclaimed.entry(pid).or_default();
-                        for (site, t) in done.by_site {
-                            let e = sites.entry(site).or_default();
-                            e.bytes += t.bytes;
-                            e.blocks += t.blocks;
-                        }
-                        reclaimed_now = done.total;
-                        for b in &done.freed {
-                            now.remove(b);
-                        }
-                    }
-                    Err(e) => eprintln!("kal: reclaim in process {pid} failed: {e:#}"),
+        let mut refused = None;
+        match self.reclaimer.as_mut().map(|r| r.after_check(pid, &c)) {
+            None => {}
+            Some(reclaim::Outcome::Freed(done)) => reclaimed_now = done.total,
+            Some(reclaim::Outcome::Refused { reason, first }) => refused = Some((reason, first)),
+            Some(reclaim::Outcome::Failed(e)) => {
+                if let Err(e) = self.dying_or(pid, quiet, e) {
+                    eprintln!("kal: reclaim in process {pid} failed: {e:#}");
                 }
             }
-            self.prev_direct.insert(pid, now);
         }
-        let time = timestamp(SystemTime::now());
+        let contradictions = self.new_contradictions(pid, &c);
+        let out = Outcome {
+            c: &c,
+            time: timestamp(SystemTime::now()),
+            new,
+            new_leaks,
+            reclaimed_now,
+            refused,
+            contradictions,
+            round: *round,
+            cpu: pace::cpu_time().saturating_sub(cpu0),
+            wall: t0.elapsed(),
+        };
         if !quiet {
-            eprint!("{}", self.text(&c.report, &time, &new, &new_leaks));
-            if reclaimed_now.blocks > 0 {
-                eprintln!(
-                    "[{time}] =={pid}== kal reclaimed {} bytes in {} blocks definitely lost in two checks in a row (RSS now {:.1} MiB)",
-                    reclaimed_now.bytes,
-                    reclaimed_now.blocks,
-                    crate::control::rss(pid).unwrap_or(0) as f64 / (1 << 20) as f64
-                );
-            }
+            eprint!("{}", self.text(&out));
         }
         if let Some(j) = &self.json {
-            let line = Line {
-                check: self.count,
-                time,
-                new: &new,
-                new_leaks: &new_leaks,
-                reclaimed_now,
-                report: &c.report,
-            };
-            let mut f = std::fs::OpenOptions::new()
-                .append(true)
-                .create(true)
-                .open(j)?;
-            serde_json::to_writer(&mut f, &line)?;
-            f.write_all(b"\n")?;
+            self.append_line(j, &out)?;
         }
+        Ok(())
+    }
+
+    /// Handles a failed check: a process that died meanwhile is let go quietly, a dying
+    /// one is announced once and left alone; any other failure is returned.
+    fn dying_or(&mut self, pid: i32, quiet: bool, e: anyhow::Error) -> Result<()> {
+        let found = crate::fatal::dying(pid).map(|why| Crashing { pid, why });
+        let Some(crash) = e.downcast_ref::<Crashing>().copied().or(found) else {
+            if crate::fatal::ended(pid) {
+                self.dying.insert(pid);
+                return Ok(());
+            }
+            return Err(e);
+        };
+        if self.dying.insert(pid) && !quiet {
+            eprintln!("[{}] =={pid}== kal: {crash}", timestamp(SystemTime::now()));
+        }
+        Ok(())
+    }
+
+    /// Symbolized stacks of the sites contradicted in `c` that were not reported before.
+    fn new_contradictions<'a>(
+        &mut self,
+        pid: i32,
+        c: &'a Check,
+    ) -> Vec<&'a [crate::symbolize::Frame]> {
+        let known = self.contradicted.entry(pid).or_default();
+        c.capture
+            .banned
+            .iter()
+            .zip(&c.report.reclaimed.never_again)
+            .filter(|(id, _)| known.insert(**id))
+            .map(|(_, st)| st.as_slice())
+            .collect()
+    }
+
+    fn append_line(&self, path: &std::path::Path, o: &Outcome<'_>) -> Result<()> {
+        let ms = |d: Duration| d.as_secs_f64() * 1e3;
+        let line = Line {
+            check: self.count,
+            time: o.time.clone(),
+            new: &o.new,
+            new_leaks: &o.new_leaks,
+            reclaimed_now: o.reclaimed_now,
+            reclaim_refused: o.refused.as_ref().map(|r| r.0.as_str()),
+            new_contradictions: o.contradictions.clone(),
+            skipped: o.round.skipped,
+            delayed_ms: ms(o.round.delayed),
+            cpu_ms: ms(o.cpu),
+            wall_ms: ms(o.wall),
+            report: &o.c.report,
+        };
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .open(path)?;
+        serde_json::to_writer(&mut f, &line)?;
+        f.write_all(b"\n")?;
         Ok(())
     }
 
@@ -251,40 +329,86 @@ impl Periodic {
         (new, records)
     }
 
-    fn text(&self, r: &Report, time: &str, new: &New, records: &[report::Record]) -> String {
+    /// The text of one check: its line, then one line per new leak site, reclaim and
+    /// contradiction.
+    fn text(&self, o: &Outcome<'_>) -> String {
         let mut s = String::new();
+        let r = &o.c.report;
         let sm = &r.summary;
+        let head = format!("[{}] =={}== kal check {}:", o.time, r.pid, self.count);
+        let warning = if r.tracking_complete {
+            String::new()
+        } else {
+            format!(
+                " WARNING: tracking incomplete: {} allocations were not recorded; lost counts are unreliable;",
+                r.untracked_allocations
+            )
+        };
         let _ = writeln!(
             s,
-            "[{time}] =={}== kal check {}: new: definitely lost {} bytes in {} blocks, indirectly lost {} bytes in {} blocks; total: definitely lost {} bytes in {} blocks, indirectly lost {} bytes in {} blocks, possibly lost {} bytes in {} blocks (paused {:.2} ms)",
-            r.pid,
-            self.count,
-            new.direct.bytes,
-            new.direct.blocks,
-            new.indirect.bytes,
-            new.indirect.blocks,
+            "{head}{warning} new: definitely lost {} bytes in {} blocks, indirectly lost {} bytes in {} blocks; total: definitely lost {} bytes in {} blocks, indirectly lost {} bytes in {} blocks, possibly lost {} bytes in {} blocks (paused {:.2} ms{})",
+            o.new.direct.bytes,
+            o.new.direct.blocks,
+            o.new.indirect.bytes,
+            o.new.indirect.blocks,
             sm.direct.bytes,
             sm.direct.blocks,
             sm.indirect.bytes,
             sm.indirect.blocks,
             sm.possible.bytes,
             sm.possible.blocks,
-            r.pause_ms.unwrap_or(0.0)
+            r.pause_ms.unwrap_or(0.0),
+            self.pacing_note(&o.round)
         );
-        for rec in records {
-            let at = rec
-                .stack
-                .iter()
-                .find(|f| f.line > 0)
-                .or(rec.stack.first())
-                .map(|f| format!("{} {}:{}", f.function, f.file, f.line))
-                .unwrap_or_else(|| "(no stack)".into());
+        for rec in &o.new_leaks {
             let _ = writeln!(
                 s,
-                "    +{} bytes in {} blocks ({}) at {at}",
+                "    +{} bytes in {} blocks ({}) at {}",
                 rec.bytes,
                 rec.blocks,
-                rec.kind.name()
+                rec.kind.name(),
+                crate::site::where_(&rec.stack)
+            );
+        }
+        if let Some((why, true)) = &o.refused {
+            let _ = writeln!(s, "{head} not reclaiming in this process: {why}");
+        }
+        if o.reclaimed_now.blocks > 0 {
+            let _ = writeln!(
+                s,
+                "{head} reclaimed {} bytes in {} blocks definitely lost in two checks in a row (RSS now {:.1} MiB)",
+                o.reclaimed_now.bytes,
+                o.reclaimed_now.blocks,
+                crate::control::rss(r.pid).unwrap_or(0) as f64 / (1 << 20) as f64
+            );
+        }
+        for st in &o.contradictions {
+            let _ = writeln!(
+                s,
+                "{head} contradiction: the program freed a block kal had reclaimed, allocated at {}; that site is never reclaimed again",
+                crate::site::where_(st)
+            );
+        }
+        s
+    }
+
+    /// "; 3 due checks skipped …; delayed … ms …" for a check line, or nothing.
+    fn pacing_note(&self, round: &Round) -> String {
+        let mut s = String::new();
+        if round.skipped > 0 {
+            let _ = write!(
+                s,
+                "; skipped {} due check{} while the previous one ran",
+                round.skipped,
+                if round.skipped == 1 { "" } else { "s" }
+            );
+        }
+        if !round.delayed.is_zero() {
+            let _ = write!(
+                s,
+                "; delayed {:.0} ms to keep kal under {}% of a CPU (--max-cpu)",
+                round.delayed.as_secs_f64() * 1e3,
+                self.pacer.max_cpu * 100.0
             );
         }
         s

@@ -9,8 +9,19 @@
 use crate::capture::Block;
 use crate::reach::Kind;
 use crate::report::Totals;
-use anyhow::Result;
-use std::collections::HashMap;
+use anyhow::{bail, Result};
+use std::collections::{HashMap, HashSet};
+
+/// Why nothing may be reclaimed on the strength of check `c`, if so: a block the agent's
+/// table did not record is never scanned, so whatever only it points to looks lost.
+pub fn refusal(c: &crate::check::Check) -> Option<String> {
+    let n = c.capture.header.dropped;
+    (n > 0).then(|| {
+        format!(
+            "tracking is incomplete ({n} allocations were not recorded), so blocks that look lost may be live"
+        )
+    })
+}
 
 /// Definitely lost blocks of a check: address → sequence number.
 pub fn direct_map(lost: &[(Block, Kind)]) -> HashMap<u64, u64> {
@@ -74,6 +85,75 @@ pub fn send(pid: i32, blocks: &[Block]) -> Result<Done> {
     Ok(done)
 }
 
+/// What reclaiming after one periodic check did.
+pub enum Outcome {
+    /// Freed what was definitely lost in this check and the previous one (maybe nothing).
+    Freed(Done),
+    /// Refused ([`refusal`]); `first` for the first refusal in this process.
+    Refused {
+        /// Why.
+        reason: String,
+        /// Whether this is the first refusal for this process.
+        first: bool,
+    },
+    /// Asking the agent failed (a dying process fails with [`crate::fatal::Crashing`]).
+    Failed(anyhow::Error),
+}
+
+/// The two-checks-in-a-row reclaim policy of `kal run --reclaim`, across processes.
+#[derive(Default)]
+pub struct Reclaimer {
+    /// Per process: definitely lost blocks of the previous check, by address → seq.
+    prev_direct: HashMap<i32, HashMap<u64, u64>>,
+    /// Per process: what was reclaimed so far, by stack id.
+    reclaimed: HashMap<i32, HashMap<u32, Totals>>,
+    /// Processes whose tracking is incomplete: never reclaimed from again.
+    refused: HashSet<i32>,
+}
+
+impl Reclaimer {
+    /// What was reclaimed in process `pid` so far, by stack id.
+    pub fn sites(&self, pid: i32) -> HashMap<u32, Totals> {
+        self.reclaimed.get(&pid).cloned().unwrap_or_default()
+    }
+
+    /// After check `c` of process `pid`: frees the blocks definitely lost in it and, as the
+    /// same allocations, in the previous check — unless the capture is incomplete or the
+    /// process is dying.
+    pub fn after_check(&mut self, pid: i32, c: &crate::check::Check) -> Outcome {
+        if let Some(reason) = refusal(c) {
+            self.prev_direct.remove(&pid);
+            let first = self.refused.insert(pid);
+            return Outcome::Refused { reason, first };
+        }
+        let prev = self.prev_direct.remove(&pid).unwrap_or_default();
+        let cands = candidates(&prev, c);
+        let mut now = direct_map(&c.lost);
+        let mut done = Done::default();
+        if !cands.is_empty() {
+            let sent = crate::fatal::ensure_not_dying(pid).and_then(|()| send(pid, &cands));
+            match sent {
+                Ok(d) => done = d,
+                Err(e) => {
+                    self.prev_direct.insert(pid, now);
+                    return Outcome::Failed(e);
+                }
+            }
+        }
+        let sites = self.reclaimed.entry(pid).or_default();
+        for (site, t) in &done.by_site {
+            let e = sites.entry(*site).or_default();
+            e.bytes += t.bytes;
+            e.blocks += t.blocks;
+        }
+        for b in &done.freed {
+            now.remove(b);
+        }
+        self.prev_direct.insert(pid, now);
+        Outcome::Freed(done)
+    }
+}
+
 /// `kal reclaim PID`: two snapshots in a row, then free what was definitely lost in both.
 /// Returns the report of the second snapshot, completed with what was reclaimed, and the
 /// RSS before and after.
@@ -83,14 +163,26 @@ pub fn reclaim_now(
 ) -> Result<(crate::report::Report, Done, u64, u64)> {
     let header = crate::agent::find_header(pid)?;
     let none = HashMap::new();
+    let refuse = |c: &crate::check::Check| match refusal(c) {
+        Some(why) => bail!("refusing to reclaim in process {pid}: {why}"),
+        None => Ok(()),
+    };
+    let dropped =
+        crate::capture::read_header(&crate::memory::ProcessMemory::new(pid), header)?.dropped;
+    if dropped > 0 {
+        bail!("refusing to reclaim in process {pid}: tracking is incomplete ({dropped} allocations were not recorded), so blocks that look lost may be live");
+    }
     let first = crate::check::check_with_header(pid, header, opts, &none)?;
+    refuse(&first)?;
     std::thread::sleep(std::time::Duration::from_millis(200));
     let second = crate::check::check_with_header(pid, header, opts, &none)?;
+    refuse(&second)?;
     let cands = candidates(&direct_map(&first.lost), &second);
     let before = crate::control::rss(pid)?;
     let done = if cands.is_empty() {
         Done::default()
     } else {
+        crate::fatal::ensure_not_dying(pid)?;
         send(pid, &cands)?
     };
     let after = crate::control::rss(pid)?;

@@ -129,6 +129,12 @@ pub struct Report {
     pub suppressed: Suppressed,
     /// Allocations the agent could not record (table full).
     pub untracked_allocations: u64,
+    /// Whether the agent recorded every allocation (`untracked_allocations` is 0). When
+    /// not, blocks only an unrecorded block points to look lost, and nothing is reclaimed.
+    pub tracking_complete: bool,
+    /// Whether the lost counts can be trusted: false when anything kal knows of makes
+    /// them unreliable (today: incomplete tracking).
+    pub lost_reliable: bool,
     /// Where the memory goes: RSS, live blocks, free memory the allocator keeps.
     pub memory: crate::capture::MemoryStats,
     /// What kal reclaimed in this process.
@@ -257,6 +263,8 @@ pub fn build(
         leaks,
         suppressed,
         untracked_allocations: c.header.dropped,
+        tracking_complete: c.header.dropped == 0,
+        lost_reliable: c.header.dropped == 0,
         pause_ms: None,
         scan_ms: None,
     }
@@ -283,6 +291,9 @@ fn plural(n: u64, one: &str) -> String {
 pub fn text(r: &Report, frames: usize) -> String {
     let mut s = String::new();
     let tag = format!("=={}==", r.pid);
+    if let Some(w) = warning(r) {
+        let _ = writeln!(s, "{tag} {w}");
+    }
     let _ = writeln!(
         s,
         "{tag} kal: leak report for {} (pid {})",
@@ -301,7 +312,11 @@ pub fn text(r: &Report, frames: usize) -> String {
             let _ = writeln!(s, "    (no stack recorded)");
         }
         for (i, f) in rec.stack.iter().take(frames).enumerate() {
-            let module = f.module.rsplit('/').next().unwrap_or("");
+            let module = if f.line == 0 && !f.module.is_empty() {
+                crate::site::module_offset(f)
+            } else {
+                crate::site::base_name(&f.module).to_string()
+            };
             let loc = if f.file.is_empty() {
                 String::new()
             } else if f.line > 0 {
@@ -388,35 +403,26 @@ pub fn text(r: &Report, frames: usize) -> String {
     if let (Some(p), Some(sc)) = (r.pause_ms, r.scan_ms) {
         let _ = writeln!(s, "{tag} live check: the program was paused {p:.2} ms; copying and scanning took {sc:.1} ms");
     }
-    if r.untracked_allocations > 0 {
-        let _ = writeln!(
-            s,
-            "{tag} note: {} allocations were not tracked (the agent could not get memory for its table): lost counts are unreliable",
-            r.untracked_allocations
-        );
-    }
     s
+}
+
+/// The warning every report about this capture starts with, if its lost counts cannot be
+/// trusted.
+pub fn warning(r: &Report) -> Option<String> {
+    (!r.tracking_complete).then(|| {
+        format!(
+            "kal: WARNING: tracking incomplete: {} allocations were not recorded; lost counts below are unreliable",
+            r.untracked_allocations
+        )
+    })
 }
 
 fn mib(b: u64) -> String {
     format!("{:.1} MiB", b as f64 / (1 << 20) as f64)
 }
 
-/// "function file:line" of the first frame with a line, for one-line mentions of a site.
-pub fn where_(stack: &[Frame]) -> String {
-    stack
-        .iter()
-        .find(|f| f.line > 0)
-        .or(stack.first())
-        .map(|f| {
-            if f.line > 0 {
-                format!("{} {}:{}", f.function, f.file, f.line)
-            } else {
-                f.function.clone()
-            }
-        })
-        .unwrap_or_else(|| "(no stack)".into())
-}
+/// The site of a stack in one line (see [`crate::site`]).
+pub use crate::site::where_;
 
 /// Writes the JSON report.
 pub fn write_json(r: &Report, path: &Path) -> Result<()> {

@@ -13,7 +13,7 @@ use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus};
 use std::sync::atomic::{AtomicI32, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// What `kal run` was asked to do.
 #[derive(Debug, Clone)]
@@ -37,6 +37,9 @@ pub struct RunOptions {
     pub check_every: Option<Duration>,
     /// Reclaim blocks definitely lost in two periodic checks in a row (`--reclaim`).
     pub reclaim: bool,
+    /// Cap on kal's own CPU time for periodic checks, in percent of one core
+    /// (`--max-cpu`).
+    pub max_cpu_percent: f64,
 }
 
 /// Finds `libkal_agent.so`: `$KAL_AGENT`, next to the kal executable, or in `../lib/kal`.
@@ -145,24 +148,30 @@ pub fn run(opts: &RunOptions) -> Result<i32> {
     let mut lost = false;
     let mut hellos = 0usize;
     let mut periodic = opts.check_every.map(|every| {
-        crate::periodic::Periodic::new(every, opts.report.clone(), opts.json.clone())
+        let pacer = crate::pace::Pacer::new(every, opts.max_cpu_percent);
+        crate::periodic::Periodic::new(pacer, opts.report.clone(), opts.json.clone())
             .with_reclaim(opts.reclaim)
     });
-    let mut last_check = std::time::Instant::now();
     loop {
+        let mut wait_ms = 50;
         if let Some(p) = periodic.as_mut() {
-            if last_check.elapsed() >= p.every {
-                last_check = std::time::Instant::now();
+            if p.pacer.due(Instant::now()) {
+                // One round: every live process once. Rounds never overlap; those that
+                // came due meanwhile are skipped, and counted, by the pacer.
+                let round = p.pacer.begin();
                 for c in conns.iter().filter(|c| c.pid.is_some()) {
                     let pid = c.pid.unwrap_or(0);
                     if !Path::new(&format!("/proc/{pid}")).exists() {
                         continue; // exited since its last message: nothing to check
                     }
-                    if let Err(e) = p.check(pid, c.header, opts.quiet) {
+                    if let Err(e) = p.check(pid, c.header, opts.quiet, &round) {
                         eprintln!("kal: check of process {pid} failed: {e:#}");
                     }
                 }
+                p.pacer.end(round);
             }
+            let until = p.pacer.until_due(Instant::now());
+            wait_ms = wait_ms.min(until.as_millis() as i32 + 1);
         }
         let sig = FORWARD.swap(0, Ordering::Relaxed);
         if sig != 0 && status.is_none() {
@@ -178,7 +187,7 @@ pub fn run(opts: &RunOptions) -> Result<i32> {
             })
             .collect();
         // SAFETY: fds is a valid array of pollfd of the given length.
-        unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 50) };
+        unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, wait_ms) };
         if fds[0].revents & libc::POLLIN != 0 {
             while let Ok((s, _)) = listener.accept() {
                 s.set_nonblocking(false)?;

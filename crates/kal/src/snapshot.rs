@@ -124,6 +124,8 @@ pub fn test_hold(stage: &str) {
 pub fn take(pid: i32) -> Result<Snapshot> {
     let syscall_at = find_syscall(pid)?;
     let mut frozen = Frozen::freeze(pid)?;
+    // A thread stopped delivering a fatal signal: the process is crashing, copy nothing.
+    frozen.ensure_not_crashing()?;
     test_hold("frozen");
     let threads = frozen.regs()?;
     let t = threads
@@ -153,8 +155,10 @@ pub fn take(pid: i32) -> Result<Snapshot> {
     let _ = waitpid(cp, Some(WaitPidFlag::__WALL));
     let _ = ptrace::setoptions(cp, ptrace::Options::PTRACE_O_EXITKILL);
     let pause = frozen.paused_for();
+    // A fatal signal that arrived while kal worked: the process dies once let go.
+    let crashing = frozen.ensure_not_crashing();
     drop(frozen);
-    Ok(Snapshot {
+    let snap = Snapshot {
         pid,
         child,
         threads,
@@ -162,7 +166,9 @@ pub fn take(pid: i32) -> Result<Snapshot> {
         syscall_at,
         injector: tid,
         released: false,
-    })
+    };
+    crashing?; // dropping `snap` kills the copy
+    Ok(snap)
 }
 
 impl Snapshot {

@@ -98,6 +98,7 @@ mod tests {
             line: 1,
             module: module.into(),
             address: 0,
+            offset: 0,
         }
     }
 

@@ -19,6 +19,10 @@ pub struct Frame {
     pub module: String,
     /// Return address in the target.
     pub address: u64,
+    /// The return address inside its module, as the module's own virtual address (what
+    /// `nm` and `objdump` show); 0 when there is no module.
+    #[serde(default)]
+    pub offset: u64,
 }
 
 /// Symbolizes addresses of one captured process.
@@ -47,16 +51,25 @@ impl Symbols {
     /// Symbolizes return addresses `addrs` against the mappings they were captured with.
     /// Each address gives one frame, or several when calls were inlined (innermost first).
     pub fn resolve(&self, maps: &[Mapping], addrs: &[u64]) -> HashMap<u64, Vec<Frame>> {
-        let mut by_module: HashMap<&str, Vec<(u64, u64)>> = HashMap::new();
+        // Per module: (return address, file offset of the call, module address of the
+        // return address).
+        let mut by_module: HashMap<&str, Vec<(u64, u64, u64)>> = HashMap::new();
+        let mut segments: HashMap<&str, Vec<crate::elf::Segment>> = HashMap::new();
         let mut out = HashMap::new();
         for &a in addrs {
             // Return addresses point after the call: look up the call instruction itself.
             let pc = a.saturating_sub(1);
             match maps.iter().find(|m| m.contains(pc) && m.is_file()) {
-                Some(m) => by_module
-                    .entry(&m.path)
-                    .or_default()
-                    .push((a, pc - m.start + m.offset)),
+                Some(m) => {
+                    let segs = segments
+                        .entry(&m.path)
+                        .or_insert_with(|| crate::elf::load_segments(m.path.as_ref()));
+                    let off = crate::elf::vaddr_of(segs, a - m.start + m.offset);
+                    by_module
+                        .entry(&m.path)
+                        .or_default()
+                        .push((a, pc - m.start + m.offset, off))
+                }
                 None => {
                     out.insert(a, vec![unknown(a, "")]);
                 }
@@ -66,11 +79,14 @@ impl Symbols {
             let offsets: Vec<u64> = list.iter().map(|x| x.1).collect();
             let src = Source::Elf(Elf::new(path));
             let syms = self.inner.symbolize(&src, Input::FileOffset(&offsets));
-            for (i, &(a, _)) in list.iter().enumerate() {
-                let frames = match syms.as_ref().ok().and_then(|s| s.get(i)) {
+            for (i, &(a, _, off)) in list.iter().enumerate() {
+                let mut frames = match syms.as_ref().ok().and_then(|s| s.get(i)) {
                     Some(Symbolized::Sym(sym)) => expand(sym, a, path),
                     _ => vec![unknown(a, path)],
                 };
+                for f in &mut frames {
+                    f.offset = off;
+                }
                 out.insert(a, frames);
             }
         }
@@ -85,6 +101,7 @@ fn unknown(address: u64, module: &str) -> Frame {
         line: 0,
         module: module.into(),
         address,
+        offset: 0,
     }
 }
 
@@ -108,6 +125,7 @@ fn expand(sym: &blazesym::symbolize::Sym<'_>, address: u64, module: &str) -> Vec
         line,
         module: module.into(),
         address,
+        offset: 0,
     };
     let mut frames: Vec<Frame> = sym
         .inlined

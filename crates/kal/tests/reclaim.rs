@@ -201,6 +201,27 @@ fn a_contradicted_site_is_never_reclaimed_again() {
         stderr.contains("that site is never reclaimed again"),
         "{stderr}"
     );
+    // The periodic text line tells, with the site, at the first check after it happened.
+    let said: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.starts_with('[') && l.contains("kal check "))
+        .filter(|l| l.contains("contradiction: the program freed a block kal had reclaimed"))
+        .collect();
+    assert_eq!(said.len(), 1, "once: {stderr}");
+    assert!(
+        said[0].contains("hide_me ") && said[0].contains(&format!("hidden.c:{site}")),
+        "{}",
+        said[0]
+    );
+    let told: Vec<&serde_json::Value> = lines
+        .iter()
+        .filter(|l| {
+            l["new_contradictions"]
+                .as_array()
+                .is_some_and(|a| !a.is_empty())
+        })
+        .collect();
+    assert_eq!(told.len(), 1, "one JSON line tells of it");
 }
 
 #[test]

@@ -142,9 +142,47 @@ pub fn window() -> Window {
     Window::decode(WINDOW.load(Ordering::Acquire))
 }
 
+/// Most slots any table may have (`KAL_TABLE_MAX_SLOTS`), or 0 for no limit.
+static MAX_SLOTS: AtomicU64 = AtomicU64::new(0);
+
+/// `KAL_TABLE_MAX_SLOTS` as a number of slots (at least one table grain), or 0.
+fn max_slots_from_env() -> u64 {
+    let name = b"KAL_TABLE_MAX_SLOTS\0";
+    debug_assert_eq!(
+        &name[..name.len() - 1],
+        kal_proto::ENV_TABLE_MAX_SLOTS.as_bytes()
+    );
+    // SAFETY: getenv with a NUL-terminated name; the result is only read.
+    let v = unsafe { libc::getenv(name.as_ptr().cast()) };
+    if v.is_null() {
+        return 0;
+    }
+    // SAFETY: getenv returns a NUL-terminated string.
+    let s = unsafe { core::ffi::CStr::from_ptr(v) }.to_bytes();
+    let mut n: u64 = 0;
+    for &c in s {
+        if !c.is_ascii_digit() {
+            return 0;
+        }
+        n = n.saturating_mul(10).saturating_add((c - b'0') as u64);
+    }
+    if n == 0 {
+        0
+    } else {
+        n.div_ceil(TABLE_GRAIN) * TABLE_GRAIN
+    }
+}
+
 /// Maps the first table. Called once, before any other function here.
 pub fn init() -> bool {
-    let Some(word) = new_table(MIN_SLOTS) else {
+    let cap = max_slots_from_env();
+    MAX_SLOTS.store(cap, Ordering::Relaxed);
+    let first = if cap == 0 {
+        MIN_SLOTS
+    } else {
+        MIN_SLOTS.min(cap)
+    };
+    let Some(word) = new_table(first) else {
         return false;
     };
     DESCS[0].word.store(word, Ordering::Release);
@@ -246,7 +284,13 @@ pub fn install(w: Window, slots: u64) -> bool {
     if INSTALLING.swap(true, Ordering::Acquire) {
         return false;
     }
-    let ok = install_locked(w, slots.max(MIN_SLOTS));
+    let cap = MAX_SLOTS.load(Ordering::Relaxed);
+    let slots = if cap == 0 {
+        slots.max(MIN_SLOTS)
+    } else {
+        slots.max(MIN_SLOTS).min(cap)
+    };
+    let ok = install_locked(w, slots);
     INSTALLING.store(false, Ordering::Release);
     ok
 }
@@ -254,6 +298,11 @@ pub fn install(w: Window, slots: u64) -> bool {
 fn install_locked(w: Window, slots: u64) -> bool {
     if window() != w {
         return true; // someone else changed it: the caller looks again
+    }
+    let cap = MAX_SLOTS.load(Ordering::Relaxed);
+    let now = TableWord::decode(DESCS[w.newest % MAX_TABLES].word.load(Ordering::Acquire));
+    if cap != 0 && slots <= now.slots && slots == cap {
+        return false; // at the cap already: no bigger table
     }
     let next = (w.newest + 1) % MAX_TABLES;
     if next == w.oldest % MAX_TABLES {
