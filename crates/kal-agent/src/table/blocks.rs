@@ -271,6 +271,13 @@ fn insert_into(v: View, w: Window, addr: u64, seq: u64, meta: u64) -> Result<(),
                 return Err(Miss::Retry);
             }
             if probes >= v.t.slots {
+                if INSTALLING.load(Ordering::Acquire) || window() != w {
+                    // Another thread is making (or just made) the bigger table (never
+                    // this one: hooks do not re-enter): let it finish, then look again.
+                    // SAFETY: sched_yield has no preconditions.
+                    unsafe { libc::sched_yield() };
+                    return Err(Miss::Retry);
+                }
                 return Err(Miss::Full);
             }
         }
