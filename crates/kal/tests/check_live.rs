@@ -6,34 +6,12 @@ use std::io::BufRead;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-fn check_json(pid: i32, extra: &[&str]) -> (std::process::Output, serde_json::Value) {
-    let dir = tempfile::tempdir().unwrap();
-    let json = dir.path().join("now.json");
-    let mut args = vec![
-        "check".to_string(),
-        pid.to_string(),
-        "--json".into(),
-        json.to_str().unwrap().into(),
-    ];
-    args.extend(extra.iter().map(|s| s.to_string()));
-    let a: Vec<&str> = args.iter().map(String::as_str).collect();
-    let out = kal(&a);
-    let text = std::fs::read_to_string(&json).unwrap_or_default();
-    let v = serde_json::from_str(&text).unwrap_or_else(|e| {
-        panic!(
-            "bad JSON ({e}): {text}\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        )
-    });
-    (out, v)
-}
-
 #[test]
 fn check_reports_exact_leaks_of_a_running_program_and_leaves_no_trace() {
     let live = Live::start(&build("live_leaker.c", &[]));
     let line = line_of("live_leaker.c", "live_leak");
     for _ in 0..2 {
-        let (out, j) = check_json(live.pid, &[]);
+        let (out, j) = check_pid_json(live.pid, &[]);
         assert_eq!(
             out.status.code(),
             Some(23),
@@ -64,7 +42,7 @@ fn check_reports_exact_leaks_of_a_running_program_and_leaves_no_trace() {
 fn pointers_in_flight_between_threads_are_never_reported() {
     let live = Live::start(&build("inflight.c", &["-O2"]));
     for i in 0..20 {
-        let (out, j) = check_json(live.pid, &[]);
+        let (out, j) = check_pid_json(live.pid, &[]);
         let stderr = String::from_utf8_lossy(&out.stderr);
         for kind in ["direct", "indirect", "possible"] {
             assert_eq!(totals(&j, kind), (0, 0), "check {i}, {kind}: {stderr}");

@@ -11,8 +11,11 @@ use std::process::{Command, Stdio};
 /// The one way these tests make the agent drop allocations: its table capped far below the
 /// program's live blocks (`KAL_TABLE_MAX_SLOTS`, as a user bounding the agent's memory).
 fn force_dropped_allocations(cmd: &mut Command) -> &mut Command {
-    cmd.env("KAL_TABLE_MAX_SLOTS", "1024")
+    cmd.env(DROPPING.0, DROPPING.1)
 }
+
+/// The environment that makes the agent drop allocations.
+const DROPPING: (&str, &str) = ("KAL_TABLE_MAX_SLOTS", "1024");
 
 /// Live blocks of `many_live.c` in the tests: far more than 1024 table slots, small enough
 /// that its pointer array stays in the heap (not an mmap, which would be scanned as a root).
@@ -20,12 +23,7 @@ const LIVE_BLOCKS: &str = "12000";
 
 /// `kal ARGS` with allocations dropped.
 fn kal_dropping(args: &[&str]) -> std::process::Output {
-    ensure_agent();
-    force_dropped_allocations(&mut Command::new(env!("CARGO_BIN_EXE_kal")))
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap()
+    kal_env(args, &[DROPPING])
 }
 
 /// `many_live` running (forever) under `kal run` with allocations dropped.
@@ -113,22 +111,7 @@ fn kal_check_warns_and_kal_reclaim_refuses() {
 #[test]
 fn periodic_checks_warn_on_every_line_and_reclaim_refuses_once() {
     let prog = build("many_live.c", &[]);
-    let dir = tempfile::tempdir().unwrap();
-    let json = dir.path().join("r.jsonl");
-    let out = kal_dropping(&[
-        "run",
-        "--error-exitcode",
-        "0",
-        "--reclaim",
-        "--check-every",
-        "300ms",
-        "--json",
-        json.to_str().unwrap(),
-        "--",
-        prog.to_str().unwrap(),
-        LIVE_BLOCKS,
-        "2",
-    ]);
+    let (out, lines) = run_reclaiming(&[], &prog, &[LIVE_BLOCKS, "2"], &[DROPPING]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(0), "{stderr}");
@@ -153,11 +136,6 @@ fn periodic_checks_warn_on_every_line_and_reclaim_refuses_once() {
         1,
         "said once: {stderr}"
     );
-    let lines: Vec<Value> = std::fs::read_to_string(&json)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
     let checks: Vec<&Value> = lines.iter().filter(|l| l.get("check").is_some()).collect();
     assert!(checks.len() >= 2);
     for c in &checks {

@@ -6,18 +6,9 @@ use common::*;
 use serde_json::Value;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::process::ExitStatusExt;
-use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
-
-fn json_lines(path: &Path) -> Vec<Value> {
-    std::fs::read_to_string(path)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
 
 /// Milliseconds since the epoch of a `"time"` field (`2026-11-21T15:18:49.657Z`); only
 /// differences are used.
@@ -62,7 +53,7 @@ fn checks_of_a_large_heap_are_skipped_and_paced_never_queued() {
     seen.extend(rx.iter());
     let stderr = seen.join("\n");
     assert_eq!(status.code(), Some(0), "{stderr}");
-    let lines = json_lines(&json);
+    let lines = read_json_lines(&json);
     let checks: Vec<&Value> = lines.iter().filter(|l| l.get("check").is_some()).collect();
     assert!(checks.len() >= 3, "{stderr}");
     let skipped: u64 = checks.iter().map(|c| c["skipped"].as_u64().unwrap()).sum();

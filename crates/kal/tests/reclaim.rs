@@ -44,42 +44,6 @@ fn run_sampling_rss(args: &[&str]) -> (std::process::Output, u64) {
     (out, sampler.join().unwrap())
 }
 
-fn json_lines(path: &std::path::Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(path)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
-
-/// Runs `kal run --error-exitcode 0 --reclaim --check-every 300ms --json F [flags] -- prog
-/// args`; returns kal's output and the JSON lines it wrote.
-fn run_reclaiming(
-    flags: &[&str],
-    prog: &std::path::Path,
-    args: &[&str],
-) -> (std::process::Output, Vec<serde_json::Value>) {
-    let dir = tempfile::tempdir().unwrap();
-    let json = dir.path().join("r.jsonl");
-    let mut a = vec![
-        "run",
-        "--error-exitcode",
-        "0",
-        "--reclaim",
-        "--check-every",
-        "300ms",
-        "--json",
-        json.to_str().unwrap(),
-    ];
-    a.extend_from_slice(flags);
-    a.push("--");
-    a.push(prog.to_str().unwrap());
-    a.extend_from_slice(args);
-    let out = kal(&a);
-    let lines = json_lines(&json);
-    (out, lines)
-}
-
 #[test]
 fn reclaim_keeps_the_classic_leak_loop_small() {
     let prog = build("leak_loop.c", &[]);
@@ -117,7 +81,7 @@ fn reclaim_keeps_the_classic_leak_loop_small() {
         peak < 120 * 1024,
         "with reclaim RSS stays low: {peak} KiB (without: {peak_plain} KiB)"
     );
-    let last = json_lines(&json).pop().unwrap();
+    let last = read_json_lines(&json).pop().unwrap();
     assert_eq!(last["at_exit"], true);
     let blocks = last["reclaimed"]["blocks"].as_u64().unwrap();
     assert!(blocks >= 30, "reclaimed {blocks} blocks");
@@ -140,7 +104,7 @@ fn reclaim_keeps_the_classic_leak_loop_small() {
 #[test]
 fn reclaim_never_corrupts_reachable_data() {
     let prog = build("checksums.c", &["-O1"]);
-    let (out, lines) = run_reclaiming(&["-q"], &prog, &["4"]);
+    let (out, lines) = run_reclaiming(&["-q"], &prog, &["4"], &[]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(
         out.status.code(),
@@ -172,7 +136,7 @@ fn reclaim_never_corrupts_reachable_data() {
 #[test]
 fn a_contradicted_site_is_never_reclaimed_again() {
     let prog = build("hidden.c", &[]);
-    let (out, lines) = run_reclaiming(&[], &prog, &["3"]);
+    let (out, lines) = run_reclaiming(&[], &prog, &["3"], &[]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(
         out.status.code(),

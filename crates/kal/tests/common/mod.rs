@@ -117,12 +117,7 @@ pub fn line_of(name: &str, marker: &str) -> u32 {
 
 /// Runs `kal ARGS` with no stdin.
 pub fn kal(args: &[&str]) -> Output {
-    ensure_agent();
-    Command::new(env!("CARGO_BIN_EXE_kal"))
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .expect("kal runs")
+    kal_env(args, &[])
 }
 
 /// Result of `kal run --json` on a program.
@@ -137,19 +132,7 @@ pub struct Run {
 
 /// Runs `kal run --json FILE [flags] -- prog args` and parses the report.
 pub fn run_json(flags: &[&str], prog: &Path, args: &[&str]) -> Run {
-    let dir = tempfile::tempdir().unwrap();
-    let json = dir.path().join("r.json");
-    let mut a = vec!["run", "--json", json.to_str().unwrap()];
-    a.extend_from_slice(flags);
-    a.push("--");
-    a.push(prog.to_str().unwrap());
-    a.extend_from_slice(args);
-    let out = kal(&a);
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    let text = std::fs::read_to_string(&json).unwrap_or_default();
-    let json = serde_json::from_str(&text)
-        .unwrap_or_else(|e| panic!("bad JSON ({e}): {text}\nstderr: {stderr}"));
-    Run { out, json, stderr }
+    run_json_env(flags, prog, args, &[])
 }
 
 /// `(bytes, blocks)` of one summary class.
@@ -353,7 +336,7 @@ pub fn run_json_env(flags: &[&str], prog: &Path, args: &[&str], envs: &[(&str, &
 /// Every document of a JSON Lines file.
 pub fn read_json_lines(path: &Path) -> Vec<Value> {
     std::fs::read_to_string(path)
-        .unwrap_or_default()
+        .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()))
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect()
@@ -444,4 +427,33 @@ pub fn memcheck_definitely_env(prog: &Path, args: &[&str], envs: &[(&str, &str)]
         .filter_map(|w| w.replace(',', "").parse().ok())
         .collect();
     (nums[nums.len() - 2], nums[nums.len() - 1])
+}
+
+/// Runs `kal run --error-exitcode 0 --reclaim --check-every 300ms --json F [flags] -- prog
+/// args` with extra environment variables; returns kal's output and the JSON lines it wrote.
+pub fn run_reclaiming(
+    flags: &[&str],
+    prog: &Path,
+    args: &[&str],
+    envs: &[(&str, &str)],
+) -> (Output, Vec<Value>) {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("r.jsonl");
+    let mut a = vec![
+        "run",
+        "--error-exitcode",
+        "0",
+        "--reclaim",
+        "--check-every",
+        "300ms",
+        "--json",
+        json.to_str().unwrap(),
+    ];
+    a.extend_from_slice(flags);
+    a.push("--");
+    a.push(prog.to_str().unwrap());
+    a.extend_from_slice(args);
+    let out = kal_env(&a, envs);
+    let lines = read_json_lines(&json);
+    (out, lines)
 }
