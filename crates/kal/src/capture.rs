@@ -48,12 +48,12 @@ pub struct MemoryStats {
     pub agent_bytes: u64,
 }
 
-/// Resident bytes of the parts of `ranges` (sorted) in process `pid`, from smaps.
-fn resident_in(pid: i32, ranges: &[(u64, u64)]) -> u64 {
+/// Resident bytes of the parts of each range set in process `pid`, from one read of smaps.
+fn resident_in<const N: usize>(pid: i32, sets: [&[(u64, u64)]; N]) -> [u64; N] {
+    let mut total = [0u64; N];
     let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/smaps")) else {
-        return 0;
+        return total;
     };
-    let mut total = 0u64;
     let mut cur: Option<(u64, u64)> = None;
     for line in text.lines() {
         if let Some(m) = procfs::parse_maps(line).into_iter().next() {
@@ -66,12 +66,14 @@ fn resident_in(pid: i32, ranges: &[(u64, u64)]) -> u64 {
                 .parse::<u64>()
                 .unwrap_or(0)
                 * 1024;
-            let overlap: u64 = ranges
-                .iter()
-                .map(|r| r.1.min(e).saturating_sub(r.0.max(s)))
-                .sum();
-            if overlap > 0 {
-                total += (rss as u128 * overlap as u128 / (e - s) as u128) as u64;
+            for (t, ranges) in total.iter_mut().zip(sets) {
+                let overlap: u64 = ranges
+                    .iter()
+                    .map(|r| r.1.min(e).saturating_sub(r.0.max(s)))
+                    .sum();
+                if overlap > 0 {
+                    *t += (rss as u128 * overlap as u128 / (e - s) as u128) as u64;
+                }
             }
         }
     }
@@ -88,7 +90,7 @@ pub fn memory_stats(
     h: &Header,
 ) -> MemoryStats {
     let live: u64 = blocks.iter().map(|b| b.size).sum();
-    let resident = resident_in(mem_pid, heap);
+    let [resident, agent_bytes] = resident_in(mem_pid, [heap, agent]);
     let arenas = if h.glibc_malloc != 0 {
         let mut bases: Vec<u64> = blocks
             .iter()
@@ -108,7 +110,7 @@ pub fn memory_stats(
         live_bytes: live,
         retained_bytes: resident.saturating_sub(live),
         arenas,
-        agent_bytes: resident_in(mem_pid, agent),
+        agent_bytes,
     }
 }
 
