@@ -193,7 +193,8 @@ extern "C" fn free_impl(p: *mut c_void, _: usize, _: usize, _: usize, _: usize) 
         return;
     }
     let Some(r) = real::get() else { return };
-    if forget(p).is_none() && crate::reclaim::contradicts(p as u64) {
+    let known = state::tables().is_some_and(|t| t.forget(p as u64));
+    if !known && crate::reclaim::contradicts(p as u64) {
         return; // kal reclaimed it already: freeing it again would be a double free
     }
     // SAFETY: p is the caller's block, handed to the allocator that produced it.

@@ -216,9 +216,49 @@ fn new_table(slots: u64) -> Option<u64> {
     word
 }
 
+/// Probes the fast path of [`insert`] tries before handing over to the general one.
+const FAST_PROBES: u64 = 8;
+
 /// Records a live block; false if it could not be recorded (counted by the caller).
-#[inline]
+#[inline(always)]
 pub fn insert(addr: u64, seq: u64, meta: u64) -> bool {
+    // Fast path: a free slot near home in the newest table, which is still receiving
+    // blocks after the slot was taken (the same steps as `insert_into`).
+    let v = View::of(window().newest);
+    if v.t.state == table_state::LIVE {
+        let mut i = home_slot(addr, v.t.slots);
+        for probes in 0..FAST_PROBES {
+            let s = v.slot(i);
+            let k = s[0].load(Ordering::Relaxed);
+            if k == SLOT_EMPTY || k == SLOT_TOMBSTONE {
+                if s[0]
+                    .compare_exchange(k, SLOT_BUSY, Ordering::SeqCst, Ordering::Relaxed)
+                    .is_err()
+                {
+                    break;
+                }
+                if v.desc.word.load(Ordering::SeqCst) != v.word {
+                    s[0].store(SLOT_TOMBSTONE, Ordering::Release);
+                    break;
+                }
+                s[1].store(seq, Ordering::Relaxed);
+                s[2].store(meta, Ordering::Relaxed);
+                s[0].store(addr, Ordering::Release);
+                if probes > 0 && probes > v.desc.max_probe.load(Ordering::Relaxed) {
+                    v.desc.max_probe.fetch_max(probes, Ordering::Relaxed);
+                }
+                return true;
+            }
+            i = v.next(i);
+        }
+    }
+    insert_slow(addr, seq, meta)
+}
+
+/// [`insert`] in every case: long probes, a table being replaced, a full table.
+#[cold]
+#[inline(never)]
+fn insert_slow(addr: u64, seq: u64, meta: u64) -> bool {
     loop {
         let w = window();
         match insert_into(View::of(w.newest), w, addr, seq, meta) {
@@ -431,8 +471,49 @@ fn locate<R>(addr: u64, mut f: impl FnMut(&'static [AtomicU64; 3]) -> Option<R>)
 
 /// Retires block `addr` (the program frees it), returning what was recorded, or `None` if
 /// it was not recorded (allocated before the agent, or reclaimed).
-#[inline]
+#[inline(always)]
 pub fn remove(addr: u64) -> Option<Entry> {
+    // Fast path: one table, and the block's key found within the table's probe bound. A
+    // slot whose key is exactly `addr` is the block's only live record (a copy being
+    // moved has its old key flagged), so retiring it here is what the general path does.
+    let w = window();
+    if w.oldest == w.newest {
+        let v = View::of(w.newest);
+        if v.t.state == table_state::LIVE {
+            let mut i = home_slot(addr, v.t.slots);
+            let mut left = v.desc.max_probe.load(Ordering::Relaxed);
+            loop {
+                let s = v.slot(i);
+                let k = s[0].load(Ordering::Acquire);
+                if k == addr {
+                    let e = Entry {
+                        seq: s[1].load(Ordering::Relaxed),
+                        meta: s[2].load(Ordering::Relaxed),
+                    };
+                    if s[0]
+                        .compare_exchange(addr, SLOT_TOMBSTONE, Ordering::AcqRel, Ordering::Relaxed)
+                        .is_ok()
+                    {
+                        return Some(e);
+                    }
+                    break;
+                }
+                if k == SLOT_EMPTY || left == 0 {
+                    break;
+                }
+                left -= 1;
+                i = v.next(i);
+            }
+        }
+    }
+    remove_slow(addr)
+}
+
+/// [`remove`] in every case: several tables, a slot held by an agent thread, a block the
+/// table does not know.
+#[cold]
+#[inline(never)]
+fn remove_slow(addr: u64) -> Option<Entry> {
     locate(addr, |s| {
         let e = Entry {
             seq: s[1].load(Ordering::Relaxed),

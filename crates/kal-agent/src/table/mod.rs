@@ -70,6 +70,12 @@ impl Tables {
         blocks::remove(addr).map(Removed::from)
     }
 
+    /// Retires the block at `addr` like [`Tables::remove`]; false if it was not recorded.
+    #[inline(always)]
+    pub fn forget(&self, addr: u64) -> bool {
+        blocks::remove(addr).is_some()
+    }
+
     /// Claims the block at `addr` for freeing if its slot still holds allocation `seq`.
     pub fn claim(&self, addr: u64, seq: u64) -> Option<Removed> {
         blocks::claim(addr, seq).map(Removed::from)
