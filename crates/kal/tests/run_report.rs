@@ -251,3 +251,27 @@ fn same_site_from_two_callers_is_attributed_to_each() {
         (50, 5)
     );
 }
+
+#[test]
+fn c_names_are_not_demangled_as_types() {
+    let prog = build("short_names.c", &["-O1"]);
+    let r = run_json(&[], &prog, &[]);
+    assert_eq!(totals(&r.json, "direct"), (66, 3), "{}", r.stderr);
+    for (func, marker, bytes) in [("f", "in_f", 11), ("i", "in_i", 22), ("d", "in_d", 33)] {
+        let line = line_of("short_names.c", marker);
+        let recs = records_at(&r.json, "direct", "short_names.c", line);
+        assert_eq!(sum(&recs), (bytes, 1), "{}", r.stderr);
+        let names: Vec<&str> = recs[0]["stack"]
+            .as_array()
+            .expect("a stack")
+            .iter()
+            .filter_map(|f| f["function"].as_str())
+            .collect();
+        assert_eq!(names.first().copied(), Some(func), "{names:?}");
+        assert!(
+            !names.iter().any(|n| ["float", "int", "double"].contains(n)),
+            "{names:?}"
+        );
+    }
+    assert!(!r.stderr.contains("float"), "{}", r.stderr);
+}
