@@ -74,12 +74,9 @@ pub fn map_stack() -> usize {
     slot + SLOT
 }
 
-/// Hands this thread's side stack back to the pool (thread exit).
-pub fn release_thread_stack() {
-    let top = TOP.with(|t| t.replace(0));
-    if top != 0 {
-        crate::pool::give_stack(top);
-    }
+/// The calling thread's side stack top, or 0 if it has none yet.
+pub fn current_top() -> usize {
+    TOP.with(|t| t.get())
 }
 
 /// Top of the calling thread's side stack (16-aligned), or 0 if it has none.

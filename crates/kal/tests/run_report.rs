@@ -275,3 +275,31 @@ fn c_names_are_not_demangled_as_types() {
     }
     assert!(!r.stderr.contains("float"), "{}", r.stderr);
 }
+
+#[test]
+fn agent_takes_no_pthread_key_and_reuses_dead_threads_stacks() {
+    let prog = build("keys_churn.c", &["-pthread"]);
+    let plain = std::process::Command::new(&prog)
+        .arg("0")
+        .output()
+        .expect("run keys_churn");
+    let plain = String::from_utf8_lossy(&plain.stdout).to_string();
+    assert!(plain.starts_with("keys "), "{plain}");
+    // 3,000 threads one after another: more than the agent has side stacks (2,048).
+    let r = run_json(&[], &prog, &["3000"]);
+    let out = String::from_utf8_lossy(&r.out.stdout).to_string();
+    assert_eq!(out.lines().next(), plain.lines().next(), "{}", r.stderr);
+    let line = line_of("keys_churn.c", "churn_leak");
+    assert_eq!(
+        sum(&records_at(&r.json, "direct", "keys_churn.c", line)),
+        (24 * 3000, 3000),
+        "{}",
+        r.stderr
+    );
+    assert_eq!(totals(&r.json, "direct"), (24 * 3000, 3000));
+    // Dead threads' side stacks and caches were reused, not one per thread.
+    let agent = r.json["memory"]["agent_bytes"]
+        .as_u64()
+        .expect("agent_bytes");
+    assert!(agent < 16 << 20, "agent uses {agent} bytes");
+}
