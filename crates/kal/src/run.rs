@@ -119,6 +119,14 @@ struct Conn {
 pub fn run(opts: &RunOptions) -> Result<i32> {
     let program = resolve_program(&opts.program)?;
     crate::elf::check_preloadable(&program)?;
+    let own = crate::elf::own_allocator(&program);
+    if !own.is_empty() {
+        eprintln!(
+            "kal: {} defines its own {}: allocations made through it never reach the C library and are not tracked (only those that do are)",
+            program.display(),
+            own.join("/")
+        );
+    }
     let agent = find_agent()?;
 
     let dir = tempfile::Builder::new()

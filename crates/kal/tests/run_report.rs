@@ -303,3 +303,20 @@ fn agent_takes_no_pthread_key_and_reuses_dead_threads_stacks() {
         .expect("agent_bytes");
     assert!(agent < 16 << 20, "agent uses {agent} bytes");
 }
+
+#[test]
+fn a_program_with_its_own_malloc_is_told_it_is_not_tracked() {
+    let prog = build("own_malloc.c", &[]);
+    let r = run_json(&[], &prog, &[]);
+    let line = r
+        .stderr
+        .lines()
+        .find(|l| l.contains("defines its own"))
+        .unwrap_or_else(|| panic!("no line about its own malloc: {}", r.stderr));
+    assert!(line.contains("malloc/free/calloc/realloc"), "{line}");
+    assert!(line.contains("not tracked"), "{line}");
+    // A normal program gets no such line.
+    let plain = build("tree.c", &[]);
+    let r = run_json(&[], &plain, &[]);
+    assert!(!r.stderr.contains("defines its own"), "{}", r.stderr);
+}
