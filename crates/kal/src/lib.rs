@@ -36,6 +36,7 @@ pub mod freeze;
 pub mod heuristics;
 pub mod memory;
 pub mod pace;
+pub mod peer;
 pub mod periodic;
 pub mod procfs;
 pub mod ranges;

@@ -129,8 +129,10 @@ pub fn run(opts: &RunOptions) -> Result<i32> {
     }
     let agent = find_agent()?;
 
+    // Private whatever the umask: only kal and the program's processes may say hello.
     let dir = tempfile::Builder::new()
         .prefix("kal-")
+        .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o700))
         .tempdir()
         .context("cannot create a private directory")?;
     let sock = dir.path().join("agent.sock");
@@ -269,17 +271,24 @@ fn handle(
     let Some(msg) = Hello::decode(&buf) else {
         bail!("ignoring a malformed message from an agent");
     };
+    // The process as the kernel names it in kal's namespace (see `crate::peer`): the
+    // program kal started or one of its descendants, or nobody kal will touch.
+    let Some(pid) =
+        crate::peer::peer_pid(&c.stream).filter(|&p| crate::peer::descends_from(p, main_pid))
+    else {
+        bail!("ignoring a message from a process kal did not start");
+    };
     if msg.kind == MsgKind::Hello as u32 {
-        c.pid = Some(msg.pid as i32);
+        c.pid = Some(pid);
         c.header = msg.header_addr;
         return Ok(Handled::Keep(c));
     }
     // Exit: trace the exit, let the process run to exit_group, copy it there (as memcheck
     // does, so the exit path's frames are below the stack pointer), let it go, then
     // analyse at leisure.
-    let pid = msg.pid as i32;
+    let tid = crate::peer::host_tid(pid, msg.tid as i32).unwrap_or(pid);
     let (cap, kinds) = {
-        let frozen = Frozen::at_exit(pid, msg.tid as i32, || {
+        let frozen = Frozen::at_exit(pid, tid, || {
             let _ = c.stream.write_all(&[1]);
         })?;
         let cap = capture(&frozen, msg.header_addr)?;

@@ -457,3 +457,40 @@ pub fn run_reclaiming(
     let lines = read_json_lines(&json);
     (out, lines)
 }
+
+/// kal's stderr, line by line, as it comes.
+pub fn stderr_lines(child: &mut std::process::Child) -> std::sync::mpsc::Receiver<String> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let err = BufReader::new(child.stderr.take().unwrap());
+    std::thread::spawn(move || {
+        for l in err.lines().map_while(Result::ok) {
+            if tx.send(l).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+/// Collects lines until one satisfies `want` (panics, with what came, after a minute in
+/// all, however many other lines arrive meanwhile).
+pub fn wait_for(
+    rx: &std::sync::mpsc::Receiver<String>,
+    seen: &mut Vec<String>,
+    want: impl Fn(&str) -> bool,
+) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(l) => {
+                let done = want(&l);
+                seen.push(l);
+                if done {
+                    return;
+                }
+            }
+            Err(e) => panic!("{e}; kal said:\n{}", seen.join("\n")),
+        }
+    }
+}
