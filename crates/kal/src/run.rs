@@ -144,6 +144,11 @@ pub fn run(opts: &RunOptions) -> Result<i32> {
         preload.push(":");
         preload.push(old);
     }
+    // Orphans of the program (a daemon whose parent exited) are adopted by kal rather than
+    // by init: they stay descendants kal accepts, reports and reaps.
+    // SAFETY: prctl with integer arguments only.
+    unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
+    let me = std::process::id() as i32;
     let mut child = Command::new(&opts.program)
         .args(&opts.args)
         .env("LD_PRELOAD", preload)
@@ -219,7 +224,7 @@ pub fn run(opts: &RunOptions) -> Result<i32> {
                 keep.push(c);
                 continue;
             }
-            match handle(c, main_pid, opts, periodic.as_ref()) {
+            match handle(c, me, main_pid, opts, periodic.as_ref()) {
                 Ok(Handled::Keep(c)) => {
                     hellos += 1;
                     keep.push(c)
@@ -233,7 +238,8 @@ pub fn run(opts: &RunOptions) -> Result<i32> {
         if status.is_none() {
             status = child.try_wait()?;
         }
-        if status.is_some() && conns.iter().all(|c| c.pid.is_none()) {
+        let adopted = reap_adopted(main_pid, status.is_some());
+        if status.is_some() && !adopted && conns.iter().all(|c| c.pid.is_none()) {
             break;
         }
     }
@@ -252,6 +258,49 @@ pub fn run(opts: &RunOptions) -> Result<i32> {
     })
 }
 
+/// Reaps adopted orphans that exited (never the program itself while its status is still
+/// to be collected); true while kal still has children other than the program.
+fn reap_adopted(main_pid: i32, main_reaped: bool) -> bool {
+    loop {
+        // SAFETY: a zeroed siginfo is a valid value for waitid to fill.
+        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+        // SAFETY: waitid peeks (WNOWAIT) at our own children into our own siginfo.
+        let r = unsafe {
+            libc::waitid(
+                libc::P_ALL,
+                0,
+                &mut info,
+                libc::WEXITED | libc::WNOHANG | libc::WNOWAIT,
+            )
+        };
+        if r != 0 {
+            return false; // ECHILD: no children at all
+        }
+        // SAFETY: waitid filled the siginfo (si_pid is 0 when no child has exited).
+        let pid = unsafe { info.si_pid() };
+        if pid == 0 || (pid == main_pid && !main_reaped) {
+            return has_child_besides(main_pid);
+        }
+        let mut st = 0;
+        // SAFETY: reaping a child of ours that has exited.
+        unsafe { libc::waitpid(pid, &mut st, libc::WNOHANG) };
+    }
+}
+
+/// Whether kal has a child other than `main_pid`.
+fn has_child_besides(main_pid: i32) -> bool {
+    let me = std::process::id();
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{me}/task")) else {
+        return false;
+    };
+    tasks.flatten().any(|t| {
+        std::fs::read_to_string(t.path().join("children"))
+            .unwrap_or_default()
+            .split_whitespace()
+            .any(|p| p.parse::<i32>().is_ok_and(|p| p != main_pid))
+    })
+}
+
 enum Handled {
     Keep(Conn),
     Done(bool),
@@ -260,6 +309,7 @@ enum Handled {
 
 fn handle(
     mut c: Conn,
+    me: i32,
     main_pid: i32,
     opts: &RunOptions,
     periodic: Option<&crate::periodic::Periodic>,
@@ -272,9 +322,10 @@ fn handle(
         bail!("ignoring a malformed message from an agent");
     };
     // The process as the kernel names it in kal's namespace (see `crate::peer`): the
-    // program kal started or one of its descendants, or nobody kal will touch.
+    // program kal started or one of its descendants (adopted orphans included: kal is
+    // their subreaper), or nobody kal will touch.
     let Some(pid) =
-        crate::peer::peer_pid(&c.stream).filter(|&p| crate::peer::descends_from(p, main_pid))
+        crate::peer::peer_pid(&c.stream).filter(|&p| p != me && crate::peer::descends_from(p, me))
     else {
         bail!("ignoring a message from a process kal did not start");
     };

@@ -211,3 +211,31 @@ fn bad_input_gets_one_clear_line() {
         "cannot read suppressions file",
     );
 }
+
+#[test]
+fn a_daemon_adopted_after_its_parent_exits_is_still_reported() {
+    let prog = build("daemon.c", &[]);
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("r.json");
+    let out = kal(&[
+        "run",
+        "--json",
+        json.to_str().unwrap(),
+        "--",
+        prog.to_str().unwrap(),
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("did not start"), "{stderr}");
+    let line = line_of("daemon.c", "daemon_leak");
+    let found: Vec<serde_json::Value> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| {
+            serde_json::from_str(&std::fs::read_to_string(e.unwrap().path()).unwrap()).unwrap()
+        })
+        .collect();
+    let daemon = found
+        .iter()
+        .find(|r| !records_at(r, "direct", "daemon.c", line).is_empty())
+        .unwrap_or_else(|| panic!("no report from the daemon: {stderr}"));
+    assert_eq!(totals(daemon, "direct"), (99, 1), "{stderr}");
+}

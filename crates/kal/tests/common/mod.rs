@@ -45,7 +45,21 @@ pub fn ensure_agent() {
 }
 
 /// Compiles `name` (C, C++ or Rust, by extension) with debug info; returns the binary.
+/// Each program is compiled once per test binary: a test's running program must never
+/// have its file replaced under it (its mappings would then say `(deleted)`).
 pub fn build(name: &str, extra: &[&str]) -> PathBuf {
+    static BUILT: std::sync::Mutex<Vec<(String, PathBuf)>> = std::sync::Mutex::new(Vec::new());
+    let key = format!("{name} {}", extra.join(" "));
+    let mut built = BUILT.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((_, p)) = built.iter().find(|(k, _)| *k == key) {
+        return p.clone();
+    }
+    let p = compile(name, extra);
+    built.push((key, p.clone()));
+    p
+}
+
+fn compile(name: &str, extra: &[&str]) -> PathBuf {
     let src = src_dir().join(name);
     let stem = Path::new(name).file_stem().unwrap().to_str().unwrap();
     let tag = extra.join("_").replace(['/', '-', '.'], "");
