@@ -537,6 +537,42 @@ mod tests {
         assert_eq!(pieces, vec![1, 1]);
     }
 
+    /// [`Fake`] with the page at 0x3000 unreadable.
+    struct Holed;
+    impl Memory for Holed {
+        fn read(&self, addr: u64, buf: &mut [u8]) -> Result<(), Unreadable> {
+            let mut read = 0;
+            for (i, b) in buf.iter_mut().enumerate() {
+                let a = addr + i as u64;
+                *b = if (0x3000..0x4000).contains(&a) {
+                    0
+                } else {
+                    (a & 0xff) as u8
+                };
+                read += usize::from(!(0x3000..0x4000).contains(&a));
+            }
+            if read == buf.len() {
+                Ok(())
+            } else {
+                Err(Unreadable { read })
+            }
+        }
+    }
+
+    #[test]
+    fn an_unreadable_page_is_a_recorded_gap_not_silent_zeros() {
+        let (img, gaps) = Image::copy(&Holed, &[(0x2ff8, 0x4010)]);
+        assert_eq!(gaps, vec![(0x3000, 0x4000)]);
+        assert_eq!(
+            img.word(0x2ff8),
+            Some(u64::from_le_bytes(std::array::from_fn(|i| 0xf8 + i as u8)))
+        );
+        assert_eq!(
+            img.word(0x4008),
+            Some(u64::from_le_bytes(std::array::from_fn(|i| 8 + i as u8)))
+        );
+    }
+
     #[test]
     fn page_cache_loads_runs_and_wraps() {
         let mem = Fake;
