@@ -500,7 +500,7 @@ pub fn capture_from(
     let ranges = crate::ranges::normalize(ranges);
     let t1 = std::time::Instant::now();
     let (mut image, unread) = Image::copy(&mem, &ranges);
-    let gaps = gaps_of(&extras, &smaps, &skip, unread, &header);
+    let gaps = gaps_of(&extras, &smaps, &agent, &heap_ranges, unread, &header);
     let Extras {
         image: parent_image,
         values: kernel_values,
@@ -556,7 +556,8 @@ pub fn capture_from(
 fn gaps_of(
     extras: &Extras,
     smaps: &[SmapsEntry],
-    skip: &[(u64, u64)],
+    agent: &[(u64, u64)],
+    heap: &[(u64, u64)],
     unread: Vec<(u64, u64)>,
     header: &Header,
 ) -> Gaps {
@@ -571,7 +572,7 @@ fn gaps_of(
             .map(|(s, e)| Gap::range(s, e, "unreadable")),
     );
     g.unread
-        .extend(crate::freeze_copy::unseen(extras, smaps, skip));
+        .extend(crate::freeze_copy::unseen(extras, smaps, agent, heap));
     g
 }
 

@@ -202,14 +202,20 @@ fn within_budget(ranges: &[(u64, u64)], budget: u64) -> (Ranges, Ranges) {
 
 /// After the copy: memory the copy lacks or wiped that was not read during the freeze
 /// (marked dc/wf between [`plan`] and the freeze), as gaps. `child` is the copy's smaps;
-/// `skip`: ranges that are never roots (heap, kal's own).
-pub fn unseen(x: &Extras, child: &[SmapsEntry], skip: &[(u64, u64)]) -> Vec<Gap> {
+/// `agent`: kal's own ranges (never scanned). Heap blocks are read from the copy, so heap
+/// memory the copy lacks or wiped is a gap even when it was read from the target.
+pub fn unseen(
+    x: &Extras,
+    child: &[SmapsEntry],
+    agent: &[(u64, u64)],
+    heap: &[(u64, u64)],
+) -> Vec<Gap> {
     if x.parent_maps.is_empty() {
         return Vec::new();
     }
-    let mut seen = x.ranges.clone();
+    let mut seen = subtract(&x.ranges, heap);
     seen.extend(x.gaps.iter().filter_map(|g| g.range_of()));
-    seen.extend_from_slice(skip);
+    seen.extend_from_slice(agent);
     let seen = normalize(seen);
     let in_child = normalize(
         child
