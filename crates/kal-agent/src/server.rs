@@ -109,7 +109,15 @@ pub fn start() {
         let mut attr: libc::pthread_attr_t = core::mem::zeroed();
         libc::pthread_attr_init(&mut attr);
         libc::pthread_attr_setdetachstate(&mut attr, libc::PTHREAD_CREATE_DETACHED);
+        // The server thread blocks every signal (it inherits the mask it is created with):
+        // a process-directed signal the program blocks in its own threads and collects with
+        // sigwaitinfo (a POSIX timer's, say) must not be delivered to, and kill, kal's thread.
+        let mut all: libc::sigset_t = core::mem::zeroed();
+        let mut old_mask: libc::sigset_t = core::mem::zeroed();
+        libc::sigfillset(&mut all);
+        libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old_mask);
         libc::pthread_create(&mut t, &attr, serve, core::ptr::null_mut());
+        libc::pthread_sigmask(libc::SIG_SETMASK, &old_mask, core::ptr::null_mut());
         libc::pthread_attr_destroy(&mut attr);
     }
 }

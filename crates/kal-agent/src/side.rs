@@ -19,6 +19,8 @@ const SLOT: usize = SIZE + GUARD;
 const SLOTS: usize = 2048;
 
 static BASE: AtomicUsize = AtomicUsize::new(0);
+/// Set once [`init`] has run: a hook without a side stack after that is counted.
+static READY: core::sync::atomic::AtomicBool = core::sync::atomic::AtomicBool::new(false);
 /// Offset of `TOP` from the thread pointer (static TLS: the same in every thread), read by
 /// the trampolines as `fs:[TOP_OFFSET]`; 0 while unknown or if it ever differs.
 pub static KAL_SIDE_TOP_OFFSET: AtomicUsize = AtomicUsize::new(0);
@@ -44,9 +46,19 @@ pub fn init() {
             0,
         )
     };
-    if p != libc::MAP_FAILED {
+    if p != libc::MAP_FAILED && no_side_stacks_wanted() == 0 {
         BASE.store(p as usize, Ordering::Release);
     }
+    READY.store(true, Ordering::Release);
+}
+
+/// For tests: `KAL_TEST_NO_SIDE_STACKS=1` leaves the agent without side stacks, so every
+/// hook runs on the program's stack and is counted. Read with `getenv` (no allocation).
+fn no_side_stacks_wanted() -> usize {
+    // SAFETY: a NUL-terminated name; getenv returns null or a NUL-terminated string.
+    let v = unsafe { libc::getenv(c"KAL_TEST_NO_SIDE_STACKS".as_ptr()) };
+    // SAFETY: non-null, so it points at a NUL-terminated string of at least one byte.
+    usize::from(!v.is_null() && unsafe { *v } == b'1' as libc::c_char)
 }
 
 /// The reserved region `(start, length, slot size)`, for the header.
@@ -96,6 +108,10 @@ fn first_top() -> usize {
         return 0;
     }
     let t = crate::pool::take_stack();
+    if t == 0 && READY.load(Ordering::Acquire) {
+        // This hook (and the next ones of this thread) run on the program's stack.
+        crate::state::note_no_side_stack();
+    }
     TOP.with(|c| c.set(t));
     let tp: usize;
     // SAFETY: fs:0 holds the thread pointer on x86-64 Linux.

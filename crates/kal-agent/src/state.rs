@@ -29,6 +29,7 @@ pub static mut KAL_HEADER: Header = Header {
     banned_len: 0,
     reclaimed_set_addr: 0,
     reclaimed_set_len: 0,
+    no_side_stack: 0,
 };
 static mut TABLES: Option<Tables> = None;
 static STATE: AtomicU8 = AtomicU8::new(0);
@@ -42,6 +43,13 @@ pub fn header_addr() -> u64 {
 pub fn note_dropped() {
     // SAFETY: `dropped` is an aligned u64 inside a static; only updated atomically.
     let d = unsafe { &*(core::ptr::addr_of_mut!(KAL_HEADER.dropped) as *const AtomicU64) };
+    d.fetch_add(1, Ordering::Relaxed);
+}
+
+/// Counts an allocation hook that ran without a side stack.
+pub fn note_no_side_stack() {
+    // SAFETY: `no_side_stack` is an aligned u64 inside a static; only updated atomically.
+    let d = unsafe { &*(core::ptr::addr_of_mut!(KAL_HEADER.no_side_stack) as *const AtomicU64) };
     d.fetch_add(1, Ordering::Relaxed);
 }
 

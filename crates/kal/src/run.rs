@@ -344,7 +344,7 @@ fn handle(
         })?;
         let cap = capture(&frozen, msg.header_addr)?;
         // Blocks are read from the process itself: scan before letting it go.
-        let kinds = crate::classify(&cap);
+        let kinds = crate::classify_with(&cap, &opts.report.suppressions);
         (cap, kinds)
     };
     drop(c);

@@ -7,6 +7,10 @@
 //! reaps it by injecting `wait4` into the target. The child is set to die with kal
 //! (`PTRACE_O_EXITKILL`), so a killed kal never leaves a running copy behind.
 //!
+//! What the copy cannot show as the target has it (`MADV_DONTFORK`, `MADV_WIPEONFORK` and
+//! shared memory) and the pointers the kernel holds for it are read from the target before
+//! its threads are let go ([`crate::freeze_copy`]); the slow part (smaps) before the freeze.
+//!
 //! Injected registers are restored at the single-step trap that follows the syscall, so the
 //! kernel's own restart logic still applies to a syscall the thread was blocked in.
 
@@ -35,6 +39,8 @@ pub struct Snapshot {
     pub threads: Vec<ThreadRegs>,
     /// How long the target's threads were stopped.
     pub pause: Duration,
+    /// What was read from the frozen target beside the copy, and what could not be.
+    pub extras: crate::freeze_copy::Extras,
     syscall_at: u64,
     injector: i32,
     released: bool,
@@ -49,7 +55,10 @@ fn find_syscall(pid: i32) -> Result<u64> {
         let mut buf = vec![0u8; 64 * 1024];
         while at < m.end {
             let n = ((m.end - at) as usize).min(buf.len());
-            let got = mem.read(at, &mut buf[..n]);
+            let got = match mem.read(at, &mut buf[..n]) {
+                Ok(()) => n,
+                Err(e) => e.read,
+            };
             if let Some(i) = buf[..got].windows(2).position(|w| w == [0x0f, 0x05]) {
                 return Ok(at + i as u64);
             }
@@ -114,8 +123,10 @@ fn inject(
 
 /// For tests of "kal killed mid-check": with `KAL_TEST_HOLD=<stage>`, sleep 5 s at that
 /// stage (`frozen`: target stopped; `snapshot`: copy alive) so the test can kill kal there.
+/// Says `kal: test hold: <stage>` on stderr once it is there, so a test can wait for it.
 pub fn test_hold(stage: &str) {
     if std::env::var("KAL_TEST_HOLD").is_ok_and(|v| v == stage) {
+        eprintln!("kal: test hold: {stage}");
         std::thread::sleep(Duration::from_secs(5));
     }
 }
@@ -123,11 +134,12 @@ pub fn test_hold(stage: &str) {
 /// Takes a snapshot of `pid`.
 pub fn take(pid: i32) -> Result<Snapshot> {
     let syscall_at = find_syscall(pid)?;
+    let plan = crate::freeze_copy::plan(pid);
     let mut frozen = Frozen::freeze(pid)?;
     // A thread stopped delivering a fatal signal: the process is crashing, copy nothing.
     frozen.ensure_not_crashing()?;
     test_hold("frozen");
-    let threads = frozen.regs()?;
+    let (threads, missing) = frozen.regs_and_missing();
     let t = threads
         .iter()
         .find(|t| t.tid == pid)
@@ -154,6 +166,9 @@ pub fn take(pid: i32) -> Result<Snapshot> {
     let cp = Pid::from_raw(child);
     let _ = waitpid(cp, Some(WaitPidFlag::__WALL));
     let _ = ptrace::setoptions(cp, ptrace::Options::PTRACE_O_EXITKILL);
+    // Still frozen, at the instant of the copy: what the copy does not show as it is.
+    let mut extras = plan.read(pid);
+    extras.threads_without_registers = missing;
     let pause = frozen.paused_for();
     // A fatal signal that arrived while kal worked: the process dies once let go.
     let crashing = frozen.ensure_not_crashing();
@@ -163,6 +178,7 @@ pub fn take(pid: i32) -> Result<Snapshot> {
         child,
         threads,
         pause,
+        extras,
         syscall_at,
         injector: tid,
         released: false,

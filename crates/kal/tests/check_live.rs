@@ -60,10 +60,14 @@ fn killing_kal_mid_check_leaves_the_target_running() {
             .args(["check", &live.pid.to_string(), "-q"])
             .env("KAL_TEST_HOLD", stage)
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(Stdio::piped())
             .spawn()
             .unwrap();
-        std::thread::sleep(Duration::from_millis(700));
+        // Kill kal only once it says it is held at that stage.
+        let mut err = std::io::BufReader::new(check.stderr.take().unwrap());
+        let mut said = String::new();
+        err.read_line(&mut said).unwrap();
+        assert_eq!(said.trim(), format!("kal: test hold: {stage}"));
         check.kill().unwrap();
         check.wait().unwrap();
         // The program goes on ticking: read a few fresh lines within a deadline.
