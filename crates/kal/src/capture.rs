@@ -314,11 +314,18 @@ pub fn read_tables(mem: &dyn Memory, h: &Header) -> (Vec<TableWord>, Vec<TableWo
 /// Reads the live blocks (sorted by address, each once) and the stacks they use. Only
 /// pages of the tables that were ever touched are read. A block being moved between two
 /// tables may be in both: it is the same allocation.
-pub fn read_blocks(mem: &dyn Memory, h: &Header) -> (Vec<Block>, HashMap<u32, Vec<u64>>) {
+///
+/// Also returns the parts of the tables that could not be read: blocks recorded there are
+/// unknown, so the capture has a gap.
+pub fn read_blocks(
+    mem: &dyn Memory,
+    h: &Header,
+) -> (Vec<Block>, HashMap<u32, Vec<u64>>, Vec<(u64, u64)>) {
     const STACK_WORDS: usize = std::mem::size_of::<StackSlot>() / 8;
     // Stream the touched pages of each table through one reused buffer (whole slots).
     let mut buf = vec![0u64; 3 * 170 * 1024];
     let mut blocks: Vec<Block> = Vec::new();
+    let mut unread = Vec::new();
     for t in read_tables(mem, h).0 {
         let end = t.addr + t.slots * SLOT_BYTES;
         for (s, e) in mem.present(t.addr, end) {
@@ -327,7 +334,9 @@ pub fn read_blocks(mem: &dyn Memory, h: &Header) -> (Vec<Block>, HashMap<u32, Ve
             while at < e {
                 let n = ((e - at) as usize / 8).min(buf.len());
                 let words = &mut buf[..n];
-                crate::memory::read_into(mem, at, words);
+                if !crate::memory::read_into(mem, at, words) {
+                    unread.push((at, at + n as u64 * 8));
+                }
                 blocks.extend(
                     words
                         .chunks_exact(3)
@@ -367,7 +376,7 @@ pub fn read_blocks(mem: &dyn Memory, h: &Header) -> (Vec<Block>, HashMap<u32, Ve
             stacks.insert(b.stack, s[2..2 + d].to_vec());
         }
     }
-    (blocks, stacks)
+    (blocks, stacks, unread)
 }
 
 /// Reads one stack of the agent's stack table.
@@ -464,7 +473,7 @@ pub fn capture_from(
     let header = read_header(&mem, header_addr)?;
     let smaps = procfs::smaps(mem_pid)?;
     let maps: Vec<Mapping> = smaps.iter().map(|e| e.mapping.clone()).collect();
-    let (blocks, stacks) = read_blocks(&mem, &header);
+    let (blocks, stacks, table_unread) = read_blocks(&mem, &header);
     if timing {
         eprintln!(
             "timing: table read {:?} ({} blocks)",
@@ -499,7 +508,8 @@ pub fn capture_from(
     );
     let ranges = crate::ranges::normalize(ranges);
     let t1 = std::time::Instant::now();
-    let (mut image, unread) = Image::copy(&mem, &ranges);
+    let (mut image, mut unread) = Image::copy(&mem, &ranges);
+    unread.extend(table_unread);
     let gaps = gaps_of(&extras, &smaps, &agent, &heap_ranges, unread, &header);
     let Extras {
         image: parent_image,
