@@ -311,16 +311,23 @@ pub fn read_tables(mem: &dyn Memory, h: &Header) -> (Vec<TableWord>, Vec<TableWo
     (live, all)
 }
 
+/// What [`read_blocks`] found in the agent's tables.
+pub struct TableRead {
+    /// Live blocks, sorted by address, each once.
+    pub blocks: Vec<Block>,
+    /// Allocation stacks by id.
+    pub stacks: HashMap<u32, Vec<u64>>,
+    /// Table ranges that could not be read.
+    pub unread: Vec<(u64, u64)>,
+}
+
 /// Reads the live blocks (sorted by address, each once) and the stacks they use. Only
 /// pages of the tables that were ever touched are read. A block being moved between two
 /// tables may be in both: it is the same allocation.
 ///
 /// Also returns the parts of the tables that could not be read: blocks recorded there are
 /// unknown, so the capture has a gap.
-pub fn read_blocks(
-    mem: &dyn Memory,
-    h: &Header,
-) -> (Vec<Block>, HashMap<u32, Vec<u64>>, Vec<(u64, u64)>) {
+pub fn read_blocks(mem: &dyn Memory, h: &Header) -> TableRead {
     const STACK_WORDS: usize = std::mem::size_of::<StackSlot>() / 8;
     // Stream the touched pages of each table through one reused buffer (whole slots).
     let mut buf = vec![0u64; 3 * 170 * 1024];
@@ -376,7 +383,11 @@ pub fn read_blocks(
             stacks.insert(b.stack, s[2..2 + d].to_vec());
         }
     }
-    (blocks, stacks, unread)
+    TableRead {
+        blocks,
+        stacks,
+        unread,
+    }
 }
 
 /// Reads one stack of the agent's stack table.
@@ -473,7 +484,11 @@ pub fn capture_from(
     let header = read_header(&mem, header_addr)?;
     let smaps = procfs::smaps(mem_pid)?;
     let maps: Vec<Mapping> = smaps.iter().map(|e| e.mapping.clone()).collect();
-    let (blocks, stacks, table_unread) = read_blocks(&mem, &header);
+    let TableRead {
+        blocks,
+        stacks,
+        unread: table_unread,
+    } = read_blocks(&mem, &header);
     if timing {
         eprintln!(
             "timing: table read {:?} ({} blocks)",
