@@ -49,7 +49,8 @@ fn parse_line(line: &str) -> Option<Mapping> {
     let offset = u64::from_str_radix(it.next()?, 16).ok()?;
     let _dev = it.next()?;
     let inode = it.next()?.parse().ok()?;
-    let path = it.next().unwrap_or("").trim_start().to_string();
+    // The kernel writes a newline in a path as `\012` (the only character it escapes).
+    let path = it.next().unwrap_or("").trim_start().replace("\\012", "\n");
     let (s, e) = range.split_once('-')?;
     if perms.len() < 4 {
         return None;
@@ -69,9 +70,10 @@ fn parse_line(line: &str) -> Option<Mapping> {
 
 /// Reads the mappings of a process.
 pub fn maps(pid: i32) -> Result<Vec<Mapping>> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/maps"))
+    let raw = std::fs::read(format!("/proc/{pid}/maps"))
         .with_context(|| format!("cannot read the memory map of process {pid}"))?;
-    Ok(parse_maps(&text))
+    // Paths need not be UTF-8: such a path is shown lossily, the mapping is kept.
+    Ok(parse_maps(&String::from_utf8_lossy(&raw)))
 }
 
 /// One mapping of `/proc/PID/smaps` with the figures kal uses.
@@ -126,9 +128,9 @@ pub fn parse_smaps(text: &str) -> Vec<SmapsEntry> {
 
 /// Reads the smaps of a process.
 pub fn smaps(pid: i32) -> Result<Vec<SmapsEntry>> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps"))
+    let raw = std::fs::read(format!("/proc/{pid}/smaps"))
         .with_context(|| format!("cannot read the memory map of process {pid}"))?;
-    Ok(parse_smaps(&text))
+    Ok(parse_smaps(&String::from_utf8_lossy(&raw)))
 }
 
 /// The open file descriptors of a process, sorted.
@@ -208,6 +210,12 @@ mod tests {
         assert!(m[1].write && !m[1].is_file());
         assert_eq!(m[2].path, "[stack]");
         assert!(m[2].contains(0x7ffd3fff) && !m[2].contains(0x7ffd4000));
+    }
+
+    #[test]
+    fn a_newline_in_a_path_is_unescaped() {
+        let m = parse_maps("1000-2000 r-xp 00000000 fe:01 9   /tmp/a\\012b/prog\n");
+        assert_eq!(m[0].path, "/tmp/a\nb/prog");
     }
 
     #[test]

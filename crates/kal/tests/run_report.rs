@@ -320,3 +320,21 @@ fn a_program_with_its_own_malloc_is_told_it_is_not_tracked() {
     let r = run_json(&[], &plain, &[]);
     assert!(!r.stderr.contains("defines its own"), "{}", r.stderr);
 }
+
+#[test]
+fn a_program_whose_path_holds_a_newline_keeps_its_symbols() {
+    let prog = build("tree.c", &[]);
+    let dir = tempfile::tempdir().unwrap();
+    let odd = dir.path().join("new\nline dir");
+    std::fs::create_dir(&odd).unwrap();
+    let copy = odd.join("tree");
+    std::fs::copy(&prog, &copy).unwrap();
+    let r = run_json(&[], &copy, &[]);
+    let line = line_of("tree.c", "node");
+    assert_eq!(
+        sum(&records_at(&r.json, "direct", "tree.c", line)),
+        (48, 1),
+        "{}",
+        r.stderr
+    );
+}
