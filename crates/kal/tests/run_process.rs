@@ -239,3 +239,30 @@ fn a_daemon_adopted_after_its_parent_exits_is_still_reported() {
         .unwrap_or_else(|| panic!("no report from the daemon: {stderr}"));
     assert_eq!(totals(daemon, "direct"), (99, 1), "{stderr}");
 }
+
+#[test]
+fn a_blocked_sigterm_read_from_a_signalfd_never_kills_the_program() {
+    let prog = build("signalfd.c", &[]);
+    ensure_agent();
+    for _ in 0..5 {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_kal"))
+            .args(["run", "-q", "--"])
+            .arg(&prog)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut out, &mut line).unwrap();
+        let pid: i32 = line.trim().parse().expect("the program's pid");
+        // SAFETY: signalling the program this test started.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+        let mut rest = String::new();
+        std::io::Read::read_to_string(&mut out, &mut rest).unwrap();
+        let status = child.wait().unwrap();
+        assert_eq!(rest.trim(), "got TERM");
+        assert_eq!(status.code(), Some(0));
+    }
+}
