@@ -116,10 +116,53 @@ pub fn start() {
         let mut old_mask: libc::sigset_t = core::mem::zeroed();
         libc::sigfillset(&mut all);
         libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old_mask);
+        // Its own stack, named in the header: the addresses it handles (reclaim requests)
+        // must not linger where a scan would take them for the program's pointers.
+        let stack = server_stack();
+        if !stack.is_null() {
+            libc::pthread_attr_setstack(&mut attr, stack, SERVER_STACK);
+        }
+        // What glibc allocates for the thread (its DTV) is the agent's, not the program's:
+        // untracked, so that it never shows as lost once the stack holding its only
+        // pointer is left out of scans.
+        let entered = crate::guard::enter();
         libc::pthread_create(&mut t, &attr, serve, core::ptr::null_mut());
+        if entered {
+            crate::guard::leave();
+        }
         libc::pthread_sigmask(libc::SIG_SETMASK, &old_mask, core::ptr::null_mut());
         libc::pthread_attr_destroy(&mut attr);
     }
+}
+
+/// Size of the server thread's stack.
+const SERVER_STACK: usize = 256 * 1024;
+
+/// A stack for the server thread (mapped once; a fork child reuses its copy, as only
+/// the forking thread runs there), or null.
+fn server_stack() -> *mut libc::c_void {
+    static STACK: core::sync::atomic::AtomicUsize = core::sync::atomic::AtomicUsize::new(0);
+    let mut p = STACK.load(Ordering::Acquire);
+    if p == 0 {
+        // SAFETY: a fresh private anonymous mapping.
+        let m = unsafe {
+            libc::mmap(
+                core::ptr::null_mut(),
+                SERVER_STACK,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_STACK,
+                -1,
+                0,
+            )
+        };
+        if m == libc::MAP_FAILED {
+            return core::ptr::null_mut();
+        }
+        p = m as usize;
+        STACK.store(p, Ordering::Release);
+        state::set_server_stack(p as u64, SERVER_STACK as u64);
+    }
+    p as *mut libc::c_void
 }
 
 /// Removes the socket file (at exit).
@@ -134,6 +177,8 @@ pub fn stop() {
 }
 
 extern "C" fn serve(_: *mut libc::c_void) -> *mut libc::c_void {
+    // SAFETY: gettid has no preconditions.
+    state::set_server_tid(unsafe { libc::gettid() } as u64);
     loop {
         let lfd = LISTEN_FD.load(Ordering::Acquire);
         // SAFETY: accepting on our own listening socket.
@@ -151,6 +196,7 @@ extern "C" fn serve(_: *mut libc::c_void) -> *mut libc::c_void {
             if e == libc::EINTR || e == libc::ECONNABORTED {
                 continue;
             }
+            state::set_server_tid(0);
             return core::ptr::null_mut();
         }
         if peer_allowed(fd) {
@@ -224,7 +270,8 @@ fn write_full(fd: i32, buf: &[u8]) {
     }
 }
 
-fn reply(fd: i32, r: &Response, bitmap: &[u8]) {
+/// Writes a response and, for a reclaim, its bitmap.
+pub(crate) fn reply(fd: i32, r: &Response, bitmap: &[u8]) {
     write_full(fd, &r.encode());
     write_full(fd, bitmap);
 }
@@ -249,6 +296,7 @@ fn handle(fd: i32) {
     };
     let Some(r) = real::get() else { return };
     match h.op {
+        Op::Snapshot => crate::snapshot::serve(fd),
         Op::Trim => {
             let released = crate::trim();
             let status = if released.is_some() {

@@ -27,6 +27,11 @@ pub enum Op {
     Reclaim = 1,
     /// Return free memory the allocator keeps to the OS (`malloc_trim(0)`).
     Trim = 2,
+    /// Make a copy-on-write snapshot: the agent's server thread forks the process (the
+    /// CLI holds every other thread stopped), answers with the copy's pid in
+    /// `Response::freed_blocks`, and reaps the copy once the CLI closes the connection (the
+    /// copy exits then, or when the CLI dies).
+    Snapshot = 3,
 }
 
 /// A decoded request header.
@@ -70,12 +75,13 @@ impl ReqHeader {
         let op = match u16::from_le_bytes([b[6], b[7]]) {
             1 => Op::Reclaim,
             2 => Op::Trim,
+            3 => Op::Snapshot,
             _ => return Err(DecodeError::UnknownOp),
         };
         let count = u32::from_le_bytes([b[8], b[9], b[10], b[11]]);
         let ok = match op {
             Op::Reclaim => count <= MAX_RECLAIM,
-            Op::Trim => count == 0,
+            Op::Trim | Op::Snapshot => count == 0,
         };
         if !ok {
             return Err(DecodeError::BadCount);
@@ -118,7 +124,7 @@ pub enum Status {
 pub struct Response {
     /// A [`Status`] value.
     pub status: u32,
-    /// Reclaim: blocks freed. Trim: 1 if memory was released.
+    /// Reclaim: blocks freed. Trim: 1 if memory was released. Snapshot: the copy's pid.
     pub freed_blocks: u64,
     /// Reclaim: bytes freed.
     pub freed_bytes: u64,

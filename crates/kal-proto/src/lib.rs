@@ -376,6 +376,13 @@ pub struct Header {
     /// available (the region ran out or could not be mapped). Non-zero is a gap: stale
     /// heap addresses those hooks left on program stacks may hide leaks.
     pub no_side_stack: u64,
+    /// Thread id of the agent's control-server thread (0 while it has none): it makes
+    /// snapshots on request, so the CLI stops every other thread but not this one.
+    pub server_tid: u64,
+    /// Start of the server thread's stack (the agent maps it; never scanned).
+    pub server_stack_addr: u64,
+    /// Length of that stack's mapping.
+    pub server_stack_len: u64,
 }
 
 /// Capacity of the banned-sites array.

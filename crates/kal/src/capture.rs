@@ -629,6 +629,10 @@ pub fn agent_ranges(mem: &dyn Memory, h: &Header) -> Vec<(u64, u64)> {
             h.reclaimed_set_addr,
             h.reclaimed_set_addr + h.reclaimed_set_len,
         ),
+        (
+            h.server_stack_addr,
+            h.server_stack_addr + h.server_stack_len,
+        ),
     ]);
     crate::ranges::normalize(v)
 }

@@ -49,6 +49,8 @@ pub struct Frozen {
     started: Instant,
     /// Threads seen but never stopped (at exit: stuck in the kernel): no registers.
     unstopped: u64,
+    /// A thread left running (the agent's server thread, which makes the snapshot), or 0.
+    skip: i32,
 }
 
 /// How long one thread may take to stop.
@@ -57,12 +59,18 @@ const STOP_DEADLINE: Duration = Duration::from_secs(2);
 impl Frozen {
     /// Seizes and stops every thread of `pid`, including threads created meanwhile.
     pub fn freeze(pid: i32) -> Result<Frozen> {
+        Frozen::freeze_except(pid, 0)
+    }
+
+    /// [`Frozen::freeze`], leaving thread `skip` running (0: none).
+    pub fn freeze_except(pid: i32, skip: i32) -> Result<Frozen> {
         let started = Instant::now();
         let mut f = Frozen {
             pid,
             threads: Vec::new(),
             started,
             unstopped: 0,
+            skip,
         };
         f.seize_all(ptrace::Options::empty(), |f, tid| {
             if ptrace::interrupt(Pid::from_raw(tid)).is_err() {
@@ -95,6 +103,7 @@ impl Frozen {
             threads: Vec::new(),
             started,
             unstopped: 0,
+            skip: 0,
         };
         let opts = ptrace::Options::PTRACE_O_TRACEEXIT | ptrace::Options::PTRACE_O_TRACECLONE;
         f.seize_all(opts, |_, _| Ok(()))?;
@@ -181,7 +190,7 @@ impl Frozen {
         loop {
             let new: Vec<i32> = crate::procfs::tasks(pid)?
                 .into_iter()
-                .filter(|t| !self.threads.iter().any(|(x, _)| x == t))
+                .filter(|t| *t != self.skip && !self.threads.iter().any(|(x, _)| x == t))
                 .collect();
             if new.is_empty() {
                 return Ok(());
@@ -208,6 +217,7 @@ impl Frozen {
             threads: Vec::new(),
             started,
             unstopped: 0,
+            skip: 0,
         };
         let mut candidates = vec![tid];
         candidates.extend(crate::procfs::tasks(pid)?);

@@ -255,11 +255,9 @@ impl Live {
             .to_string()
     }
 
-    /// Children of the target that are not zombies.
-    /// Children of the program that are not zombies.
+    /// Children of the program (of any of its threads) that are not zombies.
     pub fn live_children(&self) -> Vec<String> {
-        let kids = std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", self.pid))
-            .unwrap_or_default();
+        let kids = all_children(self.pid);
         kids.split_whitespace()
             .filter(|c| {
                 let st = std::fs::read_to_string(format!("/proc/{c}/stat")).unwrap_or_default();
@@ -281,6 +279,20 @@ impl Drop for Live {
         unsafe { libc::kill(self.pid, libc::SIGKILL) };
         let _ = self.kal.wait();
     }
+}
+
+/// The children of every thread of process `pid`, space-separated (zombies included).
+pub fn all_children(pid: i32) -> String {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return String::new();
+    };
+    tasks
+        .flatten()
+        .map(|t| std::fs::read_to_string(t.path().join("children")).unwrap_or_default())
+        .collect::<Vec<_>>()
+        .join(" ")
+        .trim()
+        .to_string()
 }
 
 /// Asserts that kal failed with exit status 125 and one line naming the problem.
