@@ -154,6 +154,7 @@ pub fn test_hold(stage: &str) {
 /// Takes a snapshot of `pid`, whose agent header is at `header_addr`: made by the agent
 /// when its server thread runs, else by injection.
 pub fn take(pid: i32, header_addr: u64) -> Result<Snapshot> {
+    refuse_seccomp(pid)?;
     let server = server_thread(pid, header_addr);
     if std::env::var_os("KAL_DEBUG_TIMING").is_some() {
         eprintln!(
@@ -169,6 +170,40 @@ pub fn take(pid: i32, header_addr: u64) -> Result<Snapshot> {
         Some(tid) => take_by_agent(pid, tid),
         None => take_injected(pid),
     }
+}
+
+/// A process under seccomp may be killed by its filter for the fork a snapshot needs (a
+/// sandbox's filter typically forbids it, with `SIGSYS`): kal does not try.
+fn refuse_seccomp(pid: i32) -> Result<()> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .with_context(|| format!("process {pid} is gone"))?;
+    let mode = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Seccomp:"))
+        .map(str::trim)
+        .unwrap_or("0");
+    if mode != "0" {
+        bail!(
+            "process {pid} runs under seccomp ({}): its filter may kill it for the fork a live check needs, so kal does not check it live (kal run still reports it at exit)",
+            if mode == "1" { "strict mode" } else { "a filter" }
+        );
+    }
+    Ok(())
+}
+
+/// Whether `child` is a process whose parent is `pid` (a value that is not a fresh child
+/// of the target is never read, traced or signalled as one).
+fn is_child_of(child: i32, pid: i32) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{child}/stat")) else {
+        return false;
+    };
+    let Some(rest) = stat.rfind(')').map(|i| &stat[i + 1..]) else {
+        return false;
+    };
+    rest.split_whitespace()
+        .nth(1)
+        .and_then(|p| p.parse::<i32>().ok())
+        == Some(pid)
 }
 
 /// The agent's running server thread, if any.
@@ -210,6 +245,9 @@ fn take_by_agent(pid: i32, server: i32) -> Result<Snapshot> {
         bail!("the kal agent of process {pid} could not fork a snapshot copy");
     }
     let child = r.freed_blocks as i32;
+    if !is_child_of(child, pid) {
+        bail!("the kal agent of process {pid} named {child}, which is not its copy");
+    }
     // Still frozen, at the instant of the copy: what the copy does not show as it is.
     let mut extras = plan.read(pid);
     extras.threads_without_registers = missing;
@@ -254,7 +292,10 @@ fn take_injected(pid: i32) -> Result<Snapshot> {
         [0, 0, 0, 0],
     )?;
     let _ = ptrace::setoptions(Pid::from_raw(tid), ptrace::Options::empty());
-    let Some(child) = child.or((rc > 0).then_some(rc as i32)) else {
+    // The clone event names the copy; a return value is trusted only if it is a child of
+    // the target (a seccomp TRAP returns the syscall number, which names another process).
+    let fresh = (rc > 0 && is_child_of(rc as i32, pid)).then_some(rc as i32);
+    let Some(child) = child.or(fresh) else {
         bail!(
             "clone failed in process {pid}: {}",
             Errno::from_raw(-rc as i32)

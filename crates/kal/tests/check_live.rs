@@ -228,3 +228,18 @@ fn killing_kal_at_any_instant_of_a_check_never_harms_the_target() {
     }
     assert_eq!(kids().trim(), "", "copies or zombies left in the target");
 }
+
+#[test]
+fn a_process_under_a_seccomp_filter_is_refused_and_unharmed() {
+    let mut live = Live::start(&build("seccomp.c", &[]));
+    let out = kal(&["check", &live.pid.to_string()]);
+    one_line_error(&out, "seccomp");
+    // The filter kills the process on a fork: it is still running, so none happened.
+    let mut line = String::new();
+    for _ in 0..3 {
+        line.clear();
+        live.out.read_line(&mut line).unwrap();
+        assert_eq!(line.trim(), "tick");
+    }
+    assert_eq!(live.status("TracerPid:"), "0");
+}
