@@ -15,8 +15,27 @@ use core::sync::atomic::{AtomicUsize, Ordering};
 pub const SIZE: usize = 128 * 1024;
 const GUARD: usize = 4096;
 const SLOT: usize = SIZE + GUARD;
-/// Number of side stacks (threads alive at once that get one; others run in place).
-const SLOTS: usize = 2048;
+/// Most side stacks (threads alive at once that get one; others run in place and are
+/// counted as a gap).
+const MAX_SLOTS: usize = 2048;
+/// Number of side stacks reserved: [`MAX_SLOTS`], fewer under an address-space limit.
+static SLOTS: AtomicUsize = AtomicUsize::new(MAX_SLOTS);
+
+/// How many side stacks to reserve: all of them, or under `RLIMIT_AS` (`ulimit -v`) at
+/// most a sixteenth of the limit, so that the program keeps its address space.
+fn slots_to_reserve() -> usize {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit fills a plain struct.
+    if unsafe { libc::getrlimit(libc::RLIMIT_AS, &mut lim) } != 0
+        || lim.rlim_cur == libc::RLIM_INFINITY
+    {
+        return MAX_SLOTS;
+    }
+    (lim.rlim_cur as usize / 16 / SLOT).clamp(1, MAX_SLOTS)
+}
 
 static BASE: AtomicUsize = AtomicUsize::new(0);
 /// Set once [`init`] has run: a hook without a side stack after that is counted.
@@ -35,11 +54,13 @@ pub fn init() {
     if BASE.load(Ordering::Acquire) != 0 {
         return;
     }
+    let slots = slots_to_reserve();
+    SLOTS.store(slots, Ordering::Release);
     // SAFETY: a fresh private anonymous reservation.
     let p = unsafe {
         libc::mmap(
             core::ptr::null_mut(),
-            SLOT * SLOTS,
+            SLOT * slots,
             libc::PROT_READ | libc::PROT_WRITE,
             libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
             -1,
@@ -65,7 +86,7 @@ fn no_side_stacks_wanted() -> usize {
 pub fn region() -> (u64, u64, u64) {
     (
         BASE.load(Ordering::Acquire) as u64,
-        (SLOT * SLOTS) as u64,
+        (SLOT * SLOTS.load(Ordering::Acquire)) as u64,
         SLOT as u64,
     )
 }
@@ -77,7 +98,7 @@ pub fn map_stack() -> usize {
         return 0;
     }
     let i = NEXT.fetch_add(1, Ordering::Relaxed);
-    if i >= SLOTS {
+    if i >= SLOTS.load(Ordering::Acquire) {
         return 0;
     }
     let slot = base + i * SLOT;

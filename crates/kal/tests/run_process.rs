@@ -266,3 +266,28 @@ fn a_blocked_sigterm_read_from_a_signalfd_never_kills_the_program() {
         assert_eq!(status.code(), Some(0));
     }
 }
+
+#[test]
+fn under_an_address_space_limit_the_agent_fits_and_the_report_is_complete() {
+    let prog = build("tree.c", &[]);
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("r.json");
+    ensure_agent();
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "ulimit -v 100000; exec {} run --json {} -- {}",
+            env!("CARGO_BIN_EXE_kal"),
+            json.display(),
+            prog.display()
+        ))
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(r["lost_reliable"], true, "{stderr}");
+    assert_eq!(r["gaps"]["hooks_without_side_stack"], 0, "{stderr}");
+    assert_eq!(totals(&r, "direct"), (48, 1), "{stderr}");
+}
