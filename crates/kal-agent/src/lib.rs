@@ -17,6 +17,7 @@
 //! a re-entrancy guard), no locks around the real allocator, no panics, thread-locals
 //! without destructors.
 
+mod alone;
 mod control;
 mod diag;
 mod guard;

@@ -165,6 +165,15 @@ fn server_stack() -> *mut libc::c_void {
     p as *mut libc::c_void
 }
 
+/// Stops serving: the server thread's `accept` fails and the thread ends.
+pub fn shut_down() {
+    let fd = LISTEN_FD.load(Ordering::Acquire);
+    if fd >= 0 {
+        // SAFETY: shutting down our own listening socket.
+        unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
+    }
+}
+
 /// Removes the socket file (at exit).
 pub fn stop() {
     // SAFETY: PATH is NUL-terminated (or empty) and ours.

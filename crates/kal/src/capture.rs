@@ -463,9 +463,9 @@ pub fn may_hold_roots(m: &Mapping, anonymous: u64) -> bool {
 /// too).
 pub fn capture(frozen: &Frozen, header_addr: u64) -> Result<Capture> {
     let (threads, missing) = frozen.regs_and_missing();
-    let mut extras = crate::freeze_copy::in_place(frozen.pid());
+    let mut extras = crate::freeze_copy::in_place(frozen.mem_pid());
     extras.threads_without_registers = missing;
-    capture_from(frozen.pid(), frozen.pid(), threads, header_addr, extras)
+    capture_from(frozen.pid(), frozen.mem_pid(), threads, header_addr, extras)
 }
 
 /// Captures process `pid` from the memory of `mem_pid` (the process itself, frozen, or a
@@ -557,7 +557,9 @@ pub fn capture_from(
     }
     Ok(Capture {
         pid,
-        exe: procfs::exe(pid),
+        exe: Some(procfs::exe(pid))
+            .filter(|e| !e.is_empty())
+            .unwrap_or_else(|| procfs::exe(mem_pid)),
         threads,
         maps,
         header,

@@ -53,6 +53,20 @@ pub struct Frozen {
     skip: i32,
 }
 
+/// Whether thread `tid` of process `pid` has exited (a zombie, or gone).
+fn is_zombie(pid: i32, tid: i32) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/stat")) else {
+        return true;
+    };
+    stat.rfind(')')
+        .and_then(|i| stat[i + 1..].split_whitespace().next())
+        .is_some_and(|s| s == "Z" || s == "X")
+}
+
+/// How long a thread stopped at its exit is held while the exiting thread's event is
+/// awaited (that thread is on its way to `exit_group` already: microseconds).
+const EXIT_GRACE: Duration = Duration::from_millis(200);
+
 /// How long one thread may take to stop.
 const STOP_DEADLINE: Duration = Duration::from_secs(2);
 
@@ -110,15 +124,30 @@ impl Frozen {
         ready();
         let mut stopped: Vec<i32> = Vec::new();
         let mut exit_seen: Option<Instant> = None;
+        // Threads stopped at their exit before the exiting thread's own event came: most
+        // likely killed by its exit_group already (their events may come first), so they
+        // are held; one that really ended on its own is let go after a short grace.
+        let mut held: Vec<(i32, Instant)> = Vec::new();
         loop {
             let mut progress = false;
+            if exit_seen.is_some() {
+                stopped.extend(held.drain(..).map(|h| h.0));
+            } else {
+                held.retain(|&(tid, since)| {
+                    let keep = since.elapsed() < EXIT_GRACE;
+                    if !keep {
+                        let _ = ptrace::cont(Pid::from_raw(tid), None);
+                    }
+                    keep
+                });
+            }
             let tids: Vec<i32> = f
                 .threads
                 .iter()
                 .map(|t| t.0)
-                .filter(|t| !stopped.contains(t))
+                .filter(|t| !stopped.contains(t) && !held.iter().any(|h| h.0 == *t))
                 .collect();
-            if tids.is_empty() {
+            if tids.is_empty() && held.is_empty() {
                 break;
             }
             if let Some(t0) = exit_seen {
@@ -136,8 +165,7 @@ impl Frozen {
                             exit_seen.get_or_insert_with(Instant::now);
                             stopped.push(tid);
                         } else {
-                            // One thread ending on its own while the process goes on.
-                            let _ = ptrace::cont(p, None);
+                            held.push((tid, Instant::now()));
                         }
                     }
                     Ok(WaitStatus::PtraceEvent(_, _, ev)) if ev == libc::PTRACE_EVENT_CLONE => {
@@ -187,10 +215,16 @@ impl Frozen {
         mut then: impl FnMut(&mut Frozen, i32) -> Result<()>,
     ) -> Result<()> {
         let pid = self.pid;
+        // Threads that exited (still listed for a moment, or as a zombie main thread).
+        let mut gone: Vec<i32> = Vec::new();
         loop {
             let new: Vec<i32> = crate::procfs::tasks(pid)?
                 .into_iter()
-                .filter(|t| *t != self.skip && !self.threads.iter().any(|(x, _)| x == t))
+                .filter(|t| {
+                    *t != self.skip
+                        && !gone.contains(t)
+                        && !self.threads.iter().any(|(x, _)| x == t)
+                })
                 .collect();
             if new.is_empty() {
                 return Ok(());
@@ -198,7 +232,15 @@ impl Frozen {
             for tid in new {
                 match ptrace::seize(Pid::from_raw(tid), opts) {
                     Ok(()) => self.threads.push((tid, None)),
-                    Err(Errno::ESRCH) => continue, // the thread exited meanwhile
+                    Err(Errno::ESRCH) => {
+                        gone.push(tid); // the thread exited meanwhile
+                        continue;
+                    }
+                    // An exited main thread stays listed as a zombie, and cannot be seized.
+                    Err(Errno::EPERM) if is_zombie(pid, tid) => {
+                        gone.push(tid);
+                        continue;
+                    }
                     Err(Errno::EPERM) => bail!(
                         "no permission to trace process {pid} (run as its user or root, and check /proc/sys/kernel/yama/ptrace_scope)"
                     ),
@@ -270,6 +312,17 @@ impl Frozen {
     /// Process id.
     pub fn pid(&self) -> i32 {
         self.pid
+    }
+
+    /// A process id under which the frozen process's memory reads: a stopped thread's (the
+    /// main thread may have exited, and its `/proc` entry then shows no memory).
+    pub fn mem_pid(&self) -> i32 {
+        self.threads
+            .iter()
+            .map(|t| t.0)
+            .find(|&t| t == self.pid)
+            .or(self.threads.first().map(|t| t.0))
+            .unwrap_or(self.pid)
     }
 
     /// Registers of every frozen thread that has them, and how many threads kal holds or

@@ -291,3 +291,45 @@ fn under_an_address_space_limit_the_agent_fits_and_the_report_is_complete() {
     assert_eq!(r["gaps"]["hooks_without_side_stack"], 0, "{stderr}");
     assert_eq!(totals(&r, "direct"), (48, 1), "{stderr}");
 }
+
+#[test]
+fn a_main_thread_that_calls_pthread_exit_ends_and_is_reported() {
+    let prog = build("ends.c", &[]);
+    for _ in 0..5 {
+        let r = run_json(&["--error-exitcode", "0"], &prog, &["pthread_exit"]);
+        assert_eq!(r.out.status.code(), Some(0), "{}", r.stderr);
+        let late = line_of("ends.c", "late_leak");
+        let main = line_of("ends.c", "main_leak");
+        assert_eq!(
+            sum(&records_at(&r.json, "direct", "ends.c", late)),
+            (66, 1),
+            "{}",
+            r.stderr
+        );
+        assert_eq!(
+            sum(&records_at(&r.json, "direct", "ends.c", main)),
+            (55, 1),
+            "{}",
+            r.stderr
+        );
+        // Not asserted: the total. The exited worker's DTV (glibc's, 288 bytes) is reported
+        // lost in about 1 run of 30: the exited-thread stack question of issue 11.
+    }
+}
+
+#[test]
+fn exit_from_a_second_thread_is_reported_with_its_status() {
+    let prog = build("ends.c", &[]);
+    for _ in 0..5 {
+        let r = run_json(&["--error-exitcode", "0"], &prog, &["thread_exit"]);
+        assert_eq!(r.out.status.code(), Some(3), "{}", r.stderr);
+        let main = line_of("ends.c", "main_leak");
+        assert_eq!(
+            sum(&records_at(&r.json, "direct", "ends.c", main)),
+            (55, 1),
+            "{}",
+            r.stderr
+        );
+        assert_eq!(totals(&r.json, "direct"), (55, 1), "{}", r.stderr);
+    }
+}

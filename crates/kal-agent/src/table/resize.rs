@@ -108,7 +108,20 @@ pub fn after_fork_child() {
 
 extern "C" fn run(_: *mut libc::c_void) -> *mut libc::c_void {
     let mut seed = 0x2545_f491_4f6c_dd1d_u64;
+    // SAFETY: gettid has no preconditions.
+    let me = unsafe { libc::gettid() };
+    crate::alone::RESIZER_TID.store(me, Ordering::Release);
+    let mut wakeups = 0u32;
     loop {
+        wakeups = wakeups.wrapping_add(1);
+        if wakeups.is_multiple_of(crate::alone::LOOK_EVERY)
+            && crate::alone::only_agent_threads_left()
+        {
+            // The program's threads are all gone: let the process end as it would have.
+            crate::server::shut_down();
+            crate::alone::RESIZER_TID.store(0, Ordering::Release);
+            return core::ptr::null_mut();
+        }
         let w = blocks::window();
         if w.oldest != w.newest {
             if drain(w.oldest) {
