@@ -20,6 +20,7 @@
 mod control;
 mod diag;
 mod guard;
+mod park;
 pub mod hooks;
 mod pool;
 mod real;

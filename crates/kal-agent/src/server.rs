@@ -5,7 +5,7 @@
 //! (same uid, or root), reads are bounded in size and time, and a request that does not
 //! decode is refused without touching anything.
 
-use crate::{real, reclaim, state};
+use crate::{park, real, reclaim, state};
 use core::sync::atomic::{AtomicI32, Ordering};
 use kal_proto::ctl::{decode_entry, Op, ReqHeader, Response, Status, ENTRY_SIZE, REQ_HEADER_SIZE};
 
@@ -126,6 +126,8 @@ pub fn stop() {
 }
 
 extern "C" fn serve(_: *mut libc::c_void) -> *mut libc::c_void {
+    // This thread's own allocations (request lists, lz4's table) pass through untracked.
+    crate::guard::enter();
     loop {
         let lfd = LISTEN_FD.load(Ordering::Acquire);
         // SAFETY: accepting on our own listening socket.
@@ -221,12 +223,100 @@ fn reply(fd: i32, r: &Response, bitmap: &[u8]) {
     write_full(fd, bitmap);
 }
 
+/// Reads the request header, and a descriptor passed with it (`SCM_RIGHTS`), if any.
+fn read_header(fd: i32, hb: &mut [u8; REQ_HEADER_SIZE]) -> Option<i32> {
+    let mut passed = -1;
+    let mut got = 0;
+    while got < hb.len() {
+        let mut cbuf = [0u64; 8];
+        let mut iov = libc::iovec {
+            iov_base: hb[got..].as_mut_ptr().cast(),
+            iov_len: hb.len() - got,
+        };
+        // SAFETY: a zeroed msghdr pointing at our own buffers, sized as given.
+        let n = unsafe {
+            let mut m: libc::msghdr = core::mem::zeroed();
+            m.msg_iov = &mut iov;
+            m.msg_iovlen = 1;
+            m.msg_control = cbuf.as_mut_ptr().cast();
+            m.msg_controllen = core::mem::size_of_val(&cbuf);
+            let n = libc::recvmsg(fd, &mut m, libc::MSG_CMSG_CLOEXEC);
+            if n > 0 {
+                let mut c = libc::CMSG_FIRSTHDR(&m);
+                while !c.is_null() {
+                    if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_RIGHTS {
+                        let nfd = ((*c).cmsg_len as usize - libc::CMSG_LEN(0) as usize) / 4;
+                        let data = libc::CMSG_DATA(c) as *const i32;
+                        for k in 0..nfd {
+                            let f = data.add(k).read_unaligned();
+                            if passed < 0 {
+                                passed = f;
+                            } else {
+                                libc::close(f);
+                            }
+                        }
+                    }
+                    c = libc::CMSG_NXTHDR(&m, c);
+                }
+            }
+            n
+        };
+        if n <= 0 {
+            if n < 0 && park_errno() == libc::EINTR {
+                continue;
+            }
+            close_fd(passed);
+            return None;
+        }
+        got += n as usize;
+    }
+    Some(passed)
+}
+
+fn park_errno() -> i32 {
+    // SAFETY: errno is thread-local.
+    unsafe { *libc::__errno_location() }
+}
+
+fn close_fd(fd: i32) {
+    if fd >= 0 {
+        // SAFETY: closing a descriptor we were passed and own.
+        unsafe { libc::close(fd) };
+    }
+}
+
+/// Reads `count` entries of a reclaim or park request; `None` if cut short.
+fn read_entries(fd: i32, count: usize) -> Option<Vec<(u64, u64)>> {
+    let mut out = Vec::with_capacity(count);
+    let mut chunk = [0u8; ENTRY_SIZE * 256];
+    let mut ok = true;
+    while out.len() < count {
+        let n = (count - out.len()).min(256);
+        if !read_full(fd, &mut chunk[..n * ENTRY_SIZE]) {
+            ok = false;
+            break;
+        }
+        for e in chunk[..n * ENTRY_SIZE].chunks_exact(ENTRY_SIZE) {
+            let mut b = [0u8; ENTRY_SIZE];
+            b.copy_from_slice(e);
+            out.push(decode_entry(&b));
+        }
+    }
+    chunk.fill(0);
+    ok.then_some(out)
+}
+
 fn handle(fd: i32) {
     let mut hb = [0u8; REQ_HEADER_SIZE];
-    if !read_full(fd, &mut hb) {
+    let Some(passed) = read_header(fd, &mut hb) else {
         return;
-    }
-    let h = match ReqHeader::decode(&hb) {
+    };
+    handle_request(fd, &hb, passed);
+    close_fd(passed);
+}
+
+fn handle_request(fd: i32, hb: &[u8; REQ_HEADER_SIZE], passed: i32) {
+    let h = match ReqHeader::decode(hb) {
         Ok(h) => h,
         Err(_) => {
             return reply(
@@ -287,8 +377,60 @@ fn handle(fd: i32) {
             if resp.freed_blocks > 0 {
                 crate::trim();
             }
-            state::publish_reclaim();
+            publish();
             reply(fd, &resp, &bitmap);
         }
+        Op::Park => {
+            let Some(t) = state::tables() else { return };
+            let Some(mut entries) = read_entries(fd, h.count as usize) else {
+                return; // truncated: nothing was parked
+            };
+            if let Err(note) = park::ensure(passed) {
+                let resp = Response {
+                    status: Status::Unsupported as u32,
+                    note,
+                    ..Default::default()
+                };
+                entries.iter_mut().for_each(|e| *e = (0, 0));
+                return reply(fd, &resp, &[]);
+            }
+            let mut pages = vec![0u32; entries.len()];
+            let c = park::park_blocks(t, &entries, h.arg, &mut pages);
+            // Leave no block addresses behind in this thread's memory.
+            entries.iter_mut().for_each(|e| *e = (0, 0));
+            drop(entries);
+            let resp = Response {
+                status: Status::Ok as u32,
+                freed_blocks: c.blocks,
+                freed_bytes: c.bytes,
+                stale: c.stale,
+                banned: c.banned,
+                skipped: c.skipped,
+                note: park::NOTE.load(Ordering::Relaxed),
+            };
+            let mut out = Vec::with_capacity(pages.len() * 4);
+            for p in &pages {
+                out.extend_from_slice(&p.to_le_bytes());
+            }
+            publish();
+            reply(fd, &resp, &out);
+        }
+        Op::Stats => {
+            publish();
+            let st = park::stats();
+            let resp = Response {
+                status: Status::Ok as u32,
+                note: st.note,
+                ..Default::default()
+            };
+            reply(fd, &resp, &st.encode());
+        }
     }
+}
+
+/// Publishes the reclaim counters and banned sites to the header (under the parking
+/// lock, which the fault handler holds when it bans a site).
+fn publish() {
+    let _l = park::runs::lock();
+    state::publish_reclaim();
 }
