@@ -139,8 +139,8 @@ pub struct Periodic {
     seen: HashMap<i32, HashSet<u64>>,
     count: u64,
     policy: Option<Policy>,
-    /// Per process: contradicted sites (stack ids) already reported.
-    contradicted: HashMap<i32, HashSet<u32>>,
+    /// Per process: contradicted sites (symbolized stacks) already reported.
+    contradicted: HashMap<i32, Vec<Vec<crate::symbolize::Frame>>>,
     /// Processes found dying: never checked again.
     dying: HashSet<i32>,
 }
@@ -282,13 +282,14 @@ impl Periodic {
         c: &'a Check,
     ) -> Vec<&'a [crate::symbolize::Frame]> {
         let known = self.contradicted.entry(pid).or_default();
-        c.capture
-            .banned
-            .iter()
-            .zip(&c.report.reclaimed.never_again)
-            .filter(|(id, _)| known.insert(**id))
-            .map(|(_, st)| st.as_slice())
-            .collect()
+        let mut new = Vec::new();
+        for st in &c.report.reclaimed.never_again {
+            if !known.contains(st) {
+                known.push(st.clone());
+                new.push(st.as_slice());
+            }
+        }
+        new
     }
 
     fn append_line(&self, path: &std::path::Path, o: &Outcome<'_>) -> Result<()> {

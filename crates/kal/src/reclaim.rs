@@ -253,8 +253,22 @@ impl Policy {
             site.blocks = site.blocks.max(f.freed.blocks);
             site.freed_bytes = site.bytes;
         }
-        r.sites
-            .sort_by_key(|s| std::cmp::Reverse(s.bytes + s.parked_bytes));
+        // Several stack ids can symbolize to one stack: list each stack once.
+        let mut merged: Vec<crate::report::Site> = Vec::new();
+        for s in r.sites.drain(..) {
+            match merged.iter_mut().find(|m| m.stack == s.stack) {
+                Some(m) => {
+                    m.bytes += s.bytes;
+                    m.blocks += s.blocks;
+                    m.freed_bytes += s.freed_bytes;
+                    m.parked_bytes += s.parked_bytes;
+                    m.parked_blocks += s.parked_blocks;
+                }
+                None => merged.push(s),
+            }
+        }
+        merged.sort_by_key(|s| std::cmp::Reverse(s.bytes + s.parked_bytes));
+        r.sites = merged;
     }
 
     /// After check `c` of the process `agent` serves: parks (or frees, or shows) what
@@ -348,7 +362,8 @@ impl Policy {
             p.sent.retain(|k| live.contains(k));
             match agent.stats() {
                 Ok(st) => {
-                    if done.unavailable.is_none() && st.state >= 2 {
+                    // (At exit the agent restores everything and stops: nothing to say.)
+                    if done.unavailable.is_none() && st.state >= 2 && st.note & 0xff != 5 {
                         done.unavailable = Some(crate::control::describe_note(st.note));
                     }
                     p.stats = Some(st);
@@ -390,7 +405,9 @@ fn park(agent: &Agent, blocks: &[Block], limit: u32, done: &mut Done) -> Result<
     let entries: Vec<(u64, u64)> = blocks.iter().map(|b| (b.addr, b.seq)).collect();
     let (resp, pages) = agent.park(&entries, limit)?;
     if resp.status != kal_proto::ctl::Status::Ok as u32 {
-        done.unavailable = Some(crate::control::describe_note(resp.note));
+        if resp.note & 0xff != 5 {
+            done.unavailable = Some(crate::control::describe_note(resp.note));
+        }
         return Ok(());
     }
     done.stale = resp.stale;

@@ -279,7 +279,16 @@ pub fn build(
         blocks: c.header.reclaimed_blocks,
         freed_bytes: c.header.reclaimed_bytes,
         sites,
-        never_again: c.banned.iter().map(stack_of).collect(),
+        never_again: {
+            // Several stack ids can symbolize to one stack: name each stack once.
+            let mut v: Vec<Vec<Frame>> = Vec::new();
+            for st in c.banned.iter().map(stack_of) {
+                if !v.contains(&st) {
+                    v.push(st);
+                }
+            }
+            v
+        },
         ..Default::default()
     };
     Report {

@@ -191,7 +191,37 @@ fn restore_all(l: &mut runs::Locked) {
     }
 }
 
-/// At exit: restores everything, unregisters every span and parks nothing again.
+/// `MemAvailable` of `/proc/meminfo` in bytes (0 if unknown), read without allocating.
+fn mem_available() -> u64 {
+    let mut buf = [0u8; 4096];
+    // SAFETY: open/read/close of a proc file into a stack buffer.
+    let n = unsafe {
+        let fd = libc::open(c"/proc/meminfo".as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC);
+        if fd < 0 {
+            return 0;
+        }
+        let n = libc::read(fd, buf.as_mut_ptr().cast(), buf.len());
+        libc::close(fd);
+        n
+    };
+    let text = &buf[..n.max(0) as usize];
+    let key = b"MemAvailable:";
+    let Some(at) = text.windows(key.len()).position(|w| w == key) else {
+        return 0;
+    };
+    let kib = text[at + key.len()..]
+        .iter()
+        .skip_while(|c| **c == b' ')
+        .take_while(|c| c.is_ascii_digit())
+        .fold(0u64, |v, c| v * 10 + (c - b'0') as u64);
+    kib * 1024
+}
+
+/// At exit: restores everything (kal reads the process at exit, and the handler thread
+/// does not survive `exit_group`), unregisters every span and parks nothing again. When
+/// restoring would take more than half the memory available, the parked pages are left
+/// as zeros instead of risking the OOM killer: only the exit path's own code (after kal's
+/// exit handler: other libraries' late destructors) could still read them.
 pub fn shutdown() {
     if STATE.load(Ordering::Acquire) != ACTIVE {
         return;
@@ -199,7 +229,10 @@ pub fn shutdown() {
     let mut l = runs::lock();
     set_note(Note::Exiting, 0);
     STATE.store(STOPPED, Ordering::Release);
-    restore_all(&mut l);
+    let avail = mem_available();
+    if avail == 0 || PARKED.load(Ordering::Relaxed) <= avail / 2 {
+        restore_all(&mut l);
+    }
     let fd = fd();
     let n = l.nspans();
     for k in 0..n {

@@ -194,6 +194,18 @@ pub fn park_blocks(t: &Tables, entries: &[(u64, u64)], arg: u32, pages: &mut [u3
         }
         g = h;
     }
+    // Leave no block addresses behind in this thread's (untracked, unscanned-as-heap)
+    // memory: a stale copy there would make the parked blocks look reachable.
+    for k in cands.iter_mut() {
+        *k = Cand {
+            entry: 0,
+            addr: 0,
+            len: 0,
+            stack: 0,
+            a: 0,
+            b: 0,
+        };
+    }
     c
 }
 
