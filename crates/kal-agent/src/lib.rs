@@ -20,8 +20,8 @@
 mod control;
 mod diag;
 mod guard;
-mod park;
 pub mod hooks;
+mod park;
 mod pool;
 mod real;
 mod reclaim;

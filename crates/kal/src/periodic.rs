@@ -450,7 +450,12 @@ impl Periodic {
                     t.blocks += 1;
                 }
                 for (site, t) in by {
-                    let stack = r.leaks.iter().find(|l| l.site == site).map(|l| l.stack.as_slice()).unwrap_or(&[]);
+                    let stack = r
+                        .leaks
+                        .iter()
+                        .find(|l| l.site == site)
+                        .map(|l| l.stack.as_slice())
+                        .unwrap_or(&[]);
                     let _ = writeln!(
                         s,
                         "    would park {} bytes in {} blocks at {}",

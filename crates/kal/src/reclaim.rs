@@ -104,7 +104,9 @@ pub fn parse_park_limit(s: &str) -> Result<u32> {
     if mib == 0 {
         bail!("invalid --park-limit {s:?}: must be positive");
     }
-    Ok(kal_proto::ctl::park_limit_mib(mib.min(u32::MAX as u64 >> 1) as u32))
+    Ok(kal_proto::ctl::park_limit_mib(
+        mib.min(u32::MAX as u64 >> 1) as u32,
+    ))
 }
 
 /// Parked and freed figures of one site.
@@ -306,7 +308,12 @@ impl Policy {
         }
         p.seen = seen;
         let banned = banned_sites(c);
-        let site_of = |b: &Block| c.capture.stacks.get(&b.stack).and_then(|s| s.first().copied());
+        let site_of = |b: &Block| {
+            c.capture
+                .stacks
+                .get(&b.stack)
+                .and_then(|s| s.first().copied())
+        };
         let eligible = |b: &Block| site_of(b).is_none_or(|s| !banned.contains(&s));
         let free_match = |b: &Block| {
             c.report
@@ -452,11 +459,9 @@ pub fn reclaim_now(
     config: Config,
 ) -> Result<(Report, Done, u64, u64)> {
     let agent = Agent::find(pid)?;
-    let dropped = crate::capture::read_header(
-        &crate::memory::ProcessMemory::new(pid),
-        agent.header(),
-    )?
-    .dropped;
+    let dropped =
+        crate::capture::read_header(&crate::memory::ProcessMemory::new(pid), agent.header())?
+            .dropped;
     if dropped > 0 {
         bail!("refusing to reclaim in process {pid}: tracking is incomplete ({dropped} allocations were not recorded), so blocks that look lost may be live");
     }

@@ -100,7 +100,10 @@ fn parking_keeps_the_classic_loop_small_and_it_runs_on() {
         assert!(p >= last, "parked bytes only grow");
         last = p;
         let now = &c["parked_now"];
-        let (bytes, blocks) = (now["bytes"].as_u64().unwrap(), now["blocks"].as_u64().unwrap());
+        let (bytes, blocks) = (
+            now["bytes"].as_u64().unwrap(),
+            now["blocks"].as_u64().unwrap(),
+        );
         if i + 1 < cs.len() {
             assert_eq!(bytes, blocks * chunk, "check {i}");
         } else {
@@ -242,7 +245,11 @@ fn pointers_only_the_kernel_holds_survive_parking() {
     assert_eq!(out.status.code(), Some(0), "{stdout}{stderr}");
     assert!(!stdout.contains("CORRUPT"), "{stdout}");
     assert!(stdout.contains("hidden ok"), "{stdout}{stderr}");
-    assert!(checks(&lines).len() >= 20, "{} checks", checks(&lines).len());
+    assert!(
+        checks(&lines).len() >= 20,
+        "{} checks",
+        checks(&lines).len()
+    );
     let r = &lines.last().unwrap()["reclaimed"];
     // Both were parked (they look lost), and both came back when the program (the pipe's
     // reader) or the kernel (a signal frame on the alternate stack) touched them.
@@ -252,7 +259,13 @@ fn pointers_only_the_kernel_holds_survive_parking() {
     let parked_at = |line: u32| {
         sites
             .iter()
-            .find(|s| s["stack"].as_array().unwrap().iter().any(|f| f["line"] == line))
+            .find(|s| {
+                s["stack"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|f| f["line"] == line)
+            })
             .map(|s| s["parked_bytes"].as_u64().unwrap())
     };
     assert_eq!(parked_at(alt), Some(mmapped_chunk(256 * 1024)), "{r}");
@@ -327,9 +340,19 @@ fn kal_reclaim_parks_and_names_each_site_once() {
     let mut stdout = std::io::BufReader::new(run.stdout.take().unwrap());
     let mut ready = String::new();
     stdout.read_line(&mut ready).unwrap();
-    let pid: i32 = ready.trim().strip_prefix("ready ").unwrap().parse().unwrap();
+    let pid: i32 = ready
+        .trim()
+        .strip_prefix("ready ")
+        .unwrap()
+        .parse()
+        .unwrap();
     let json = dir.path().join("r.json");
-    let out = kal(&["reclaim", &pid.to_string(), "--json", json.to_str().unwrap()]);
+    let out = kal(&[
+        "reclaim",
+        &pid.to_string(),
+        "--json",
+        json.to_str().unwrap(),
+    ]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
     let both = 2 * mmapped_chunk(1 << 20);
@@ -345,7 +368,9 @@ fn kal_reclaim_parks_and_names_each_site_once() {
         named[0]
     );
     assert!(
-        stderr.contains(&format!("kal: parked {both} bytes of 2 blocks and freed 0 bytes")),
+        stderr.contains(&format!(
+            "kal: parked {both} bytes of 2 blocks and freed 0 bytes"
+        )),
         "{stderr}"
     );
     let report: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();

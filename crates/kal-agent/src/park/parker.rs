@@ -210,8 +210,7 @@ pub fn park_blocks(t: &Tables, entries: &[(u64, u64)], arg: u32, pages: &mut [u3
 }
 
 fn active() -> bool {
-    super::STATE.load(Ordering::Acquire) == super::ACTIVE
-        && !super::FORKING.load(Ordering::Acquire)
+    super::STATE.load(Ordering::Acquire) == super::ACTIVE && !super::FORKING.load(Ordering::Acquire)
 }
 
 /// Gives run `i` back untouched: write protection lifted, slot and store extent freed.
@@ -312,8 +311,8 @@ fn park_run(start: u64, n: u64, k: &Cand, arg: u32) -> Result<u64, Stop> {
         abandon(&mut runs::lock(), i, None);
         return Ok(0);
     };
-    let full = store::BYTES.load(Ordering::Relaxed) + (m as u64).div_ceil(PAGE) * PAGE
-        > limit(arg, len);
+    let full =
+        store::BYTES.load(Ordering::Relaxed) + (m as u64).div_ceil(PAGE) * PAGE > limit(arg, len);
     let extent = if full { None } else { store::put(&out[..m]) };
     crate::table::mem::release(out.as_mut_ptr(), m);
     let mut l = runs::lock();
