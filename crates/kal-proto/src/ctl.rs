@@ -22,7 +22,7 @@ pub const ENTRY_SIZE: usize = 16;
 /// Size of a response (without the reclaim bitmap).
 pub const RESPONSE_SIZE: usize = 64;
 /// Size of a [`ParkStats`].
-pub const STATS_SIZE: usize = 88;
+pub const STATS_SIZE: usize = 96;
 
 /// What a request asks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -223,6 +223,8 @@ pub struct ParkStats {
     pub spans: u64,
     /// Runs not parked because a limit was reached.
     pub skipped: u64,
+    /// Runs left in place because the program wrote to them while they were being parked.
+    pub raced: u64,
 }
 
 impl ParkStats {
@@ -241,6 +243,7 @@ impl ParkStats {
             self.runs,
             self.spans,
             self.skipped,
+            self.raced,
         ];
         for (i, w) in words.iter().enumerate() {
             b[8 + i * 8..16 + i * 8].copy_from_slice(&w.to_le_bytes());
@@ -267,6 +270,7 @@ impl ParkStats {
             runs: w(6),
             spans: w(7),
             skipped: w(8),
+            raced: w(9),
         }
     }
 }

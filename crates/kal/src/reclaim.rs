@@ -227,6 +227,7 @@ impl Policy {
             r.parked_now_bytes = st.parked_bytes;
             r.store_bytes = st.store_bytes;
             r.touched = st.contradictions;
+            r.parking_raced = st.raced;
         }
         r.freed_bytes = r.bytes;
         for (id, f) in &p.sites {

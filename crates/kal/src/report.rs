@@ -130,6 +130,9 @@ pub struct Reclaimed {
     pub touched: u64,
     /// Bytes the agent's compressed store holds for the parked pages.
     pub store_bytes: u64,
+    /// Runs left in place because the program wrote to them while they were being parked
+    /// (write protection caught the write; nothing was lost).
+    pub parking_raced: u64,
     /// By allocation site, largest first.
     pub sites: Vec<Site>,
     /// Sites never reclaimed again: the program freed, reallocated or touched a block kal

@@ -67,6 +67,11 @@ pub static RESTORES: AtomicU64 = AtomicU64::new(0);
 pub static CONTRADICTIONS: AtomicU64 = AtomicU64::new(0);
 /// Runs not parked because the store limit or the span limit was reached.
 pub static SKIPPED: AtomicU64 = AtomicU64::new(0);
+/// Runs left in place because the program touched them while they were being parked.
+pub static RACED: AtomicU64 = AtomicU64::new(0);
+/// Test hook (`KAL_TEST_PARK_PAUSE_MS`): the parker waits this long between copying a run
+/// and dropping its pages, so that a test can write into that window at will.
+static PAUSE_MS: AtomicU64 = AtomicU64::new(0);
 
 /// Why parking is not available.
 #[repr(u32)]
@@ -164,6 +169,18 @@ pub fn ensure(dev: i32) -> Result<(), u32> {
         return Err(NOTE.load(Ordering::Relaxed));
     }
     RUNS_READY.store(true, Ordering::Release);
+    // SAFETY: getenv with a NUL-terminated name; the value is parsed at once.
+    unsafe {
+        let v = libc::getenv(c"KAL_TEST_PARK_PAUSE_MS".as_ptr());
+        if !v.is_null() {
+            let ms = core::ffi::CStr::from_ptr(v)
+                .to_bytes()
+                .iter()
+                .take_while(|c| c.is_ascii_digit())
+                .fold(0u64, |a, c| a * 10 + (c - b'0') as u64);
+            PAUSE_MS.store(ms.min(10_000), Ordering::Relaxed);
+        }
+    }
     EXACT.store(
         features & uffd::FEATURE_EXACT_ADDRESS != 0,
         Ordering::Relaxed,
@@ -278,6 +295,7 @@ pub fn after_fork_child() {
         &RESTORES,
         &CONTRADICTIONS,
         &SKIPPED,
+        &RACED,
     ] {
         c.store(0, Ordering::Relaxed);
     }
@@ -306,6 +324,7 @@ pub fn stats() -> kal_proto::ctl::ParkStats {
         runs: runs_now,
         spans,
         skipped: SKIPPED.load(Ordering::Relaxed),
+        raced: RACED.load(Ordering::Relaxed),
     }
 }
 

@@ -315,6 +315,15 @@ fn park_run(start: u64, n: u64, k: &Cand, arg: u32) -> Result<u64, Stop> {
         store::BYTES.load(Ordering::Relaxed) + (m as u64).div_ceil(PAGE) * PAGE > limit(arg, len);
     let extent = if full { None } else { store::put(&out[..m]) };
     crate::table::mem::release(out.as_mut_ptr(), m);
+    let pause = super::PAUSE_MS.load(Ordering::Relaxed);
+    if pause > 0 {
+        let ts = libc::timespec {
+            tv_sec: (pause / 1000) as i64,
+            tv_nsec: ((pause % 1000) * 1_000_000) as i64,
+        };
+        // SAFETY: nanosleep with a valid request and no remainder pointer.
+        unsafe { libc::nanosleep(&ts, core::ptr::null_mut()) };
+    }
     let mut l = runs::lock();
     let Some((off, alloc)) = extent else {
         abandon(&mut l, i, None);
@@ -322,6 +331,9 @@ fn park_run(start: u64, n: u64, k: &Cand, arg: u32) -> Result<u64, Stop> {
     };
     let r = *l.run(i);
     if r.abandoned != 0 || !active() {
+        if r.abandoned != 0 {
+            super::RACED.fetch_add(1, Ordering::Relaxed);
+        }
         abandon(&mut l, i, Some((off, alloc)));
         return Ok(0);
     }
