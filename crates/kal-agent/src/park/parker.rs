@@ -194,8 +194,16 @@ pub fn park_blocks(t: &Tables, entries: &[(u64, u64)], arg: u32, pages: &mut [u3
         }
         g = h;
     }
-    // Leave no block addresses behind in this thread's (untracked, unscanned-as-heap)
-    // memory: a stale copy there would make the parked blocks look reachable.
+    // Leave no copy of the parked bytes (their pointers) in the agent's memory, which kal
+    // scans: the buffers go back to the kernel once per request (not per run: refaulting
+    // them costs more than the copy).
+    crate::table::mem::release(IN.load(Ordering::Acquire) as *mut u8, run_bytes());
+    crate::table::mem::release(
+        OUT.load(Ordering::Acquire) as *mut u8,
+        lz4_flex::block::get_maximum_output_size(run_bytes()),
+    );
+    // Nor block addresses in this thread's (untracked, unscanned-as-heap) memory: a stale
+    // copy there would make the parked blocks look reachable.
     for k in cands.iter_mut() {
         *k = Cand {
             entry: 0,
@@ -306,7 +314,6 @@ fn park_run(start: u64, n: u64, k: &Cand, arg: u32) -> Result<u64, Stop> {
     } else {
         None
     };
-    crate::table::mem::release(inp.as_mut_ptr(), len as usize);
     let Some(m) = packed else {
         abandon(&mut runs::lock(), i, None);
         return Ok(0);
@@ -314,7 +321,6 @@ fn park_run(start: u64, n: u64, k: &Cand, arg: u32) -> Result<u64, Stop> {
     let full =
         store::BYTES.load(Ordering::Relaxed) + (m as u64).div_ceil(PAGE) * PAGE > limit(arg, len);
     let extent = if full { None } else { store::put(&out[..m]) };
-    crate::table::mem::release(out.as_mut_ptr(), m);
     let pause = super::PAUSE_MS.load(Ordering::Relaxed);
     if pause > 0 {
         let ts = libc::timespec {
