@@ -180,6 +180,9 @@ struct Process {
     stats: Option<ParkStats>,
     /// Whether "parking unavailable" was said.
     told_unavailable: bool,
+    /// Symbolized stacks of the sites acted on, kept for reports made after their blocks
+    /// are gone (a capture reads only the stacks of live blocks).
+    stacks: HashMap<u32, Vec<crate::symbolize::Frame>>,
 }
 
 /// The reclaim policy, across processes: the one owner of the decision.
@@ -250,6 +253,11 @@ impl Policy {
                 }
             };
             let site = &mut r.sites[i];
+            if site.stack.is_empty() {
+                if let Some(st) = p.stacks.get(id) {
+                    site.stack = st.clone();
+                }
+            }
             site.parked_bytes = f.parked.bytes;
             site.parked_blocks = f.parked.blocks;
             site.bytes = site.bytes.max(f.freed.bytes);
@@ -383,6 +391,11 @@ impl Policy {
                     done.unavailable = None;
                 }
                 p.told_unavailable = true;
+            }
+        }
+        for site in done.by_site.keys() {
+            if let Some(r) = c.report.leaks.iter().find(|r| r.site == *site) {
+                p.stacks.entry(*site).or_insert_with(|| r.stack.clone());
             }
         }
         for (site, f) in &done.by_site {

@@ -457,3 +457,86 @@ fn a_write_while_a_run_is_being_parked_keeps_the_run_in_place() {
     assert!(r["parked_bytes"].as_u64().unwrap() <= 4096, "{r}");
     assert_eq!(r["restored_bytes"], 0, "{r}");
 }
+
+#[test]
+fn a_parked_block_the_program_frees_is_restored_first_then_forgotten() {
+    let prog = build("park_reuse.c", &[]);
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("r.jsonl");
+    let (f1, f2) = (dir.path().join("1"), dir.path().join("2"));
+    ensure_agent();
+    let mut kal = Command::new(env!("CARGO_BIN_EXE_kal"))
+        .args([
+            "run",
+            "--error-exitcode",
+            "0",
+            "--reclaim",
+            "--check-every",
+            "300ms",
+            "--json",
+            json.to_str().unwrap(),
+            "--",
+            prog.to_str().unwrap(),
+            f1.to_str().unwrap(),
+            f2.to_str().unwrap(),
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = std::io::BufReader::new(kal.stdout.take().unwrap());
+    let mut ready = String::new();
+    stdout.read_line(&mut ready).unwrap();
+    let chunk = mmapped_chunk(1 << 20);
+    wait_for_line(&json, 30, |l| {
+        l["reclaimed"]["parked_bytes"].as_u64() == Some(chunk)
+    });
+    std::fs::write(&f1, b"").unwrap();
+    // The freed block's first run was restored (free read its header), the rest went
+    // with munmap; the new block (from the heap now: glibc raised its mmap threshold) is
+    // parked in turn.
+    let both = wait_for_line(&json, 30, |l| {
+        l["reclaimed"]["parked_blocks"].as_u64() == Some(2)
+            && l["reclaimed"]["parked_now_bytes"].as_u64() > Some(0)
+    });
+    let second_parked = both["reclaimed"]["parked_bytes"].as_u64().unwrap() - chunk;
+    assert_eq!(
+        both["reclaimed"]["parked_now_bytes"].as_u64(),
+        Some(second_parked)
+    );
+    assert_eq!(
+        both["reclaimed"]["restored_bytes"].as_u64(),
+        Some(256 * 4096)
+    );
+    std::fs::write(&f2, b"").unwrap();
+    let out = kal.wait_with_output().unwrap();
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut stdout, &mut rest).unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(rest.contains("reuse ok"), "{rest}\n{stderr}");
+    assert!(out.status.success(), "{stderr}");
+    let lines = read_json_lines(&json);
+    let r = &checks(&lines).pop().unwrap()["reclaimed"];
+    // The second block came back whole when the program read it.
+    assert_eq!(
+        r["restored_bytes"].as_u64(),
+        Some(256 * 4096 + second_parked),
+        "{r}"
+    );
+    assert_eq!(r["parked_now_bytes"], 0, "{r}");
+    // Each site is named, the freed block's too (its stack kept from when it was parked).
+    for s in r["sites"].as_array().unwrap() {
+        assert!(!s["stack"].as_array().unwrap().is_empty(), "{s}");
+    }
+    // Reading the second block is a contradiction; free() of the first touched only its
+    // header (allocator metadata), which is not.
+    let never = r["never_again"].as_array().unwrap();
+    assert_eq!(never.len(), 1, "{never:?}");
+    let second = line_of("park_reuse.c", "second_site");
+    assert!(never[0]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|f| f["line"] == second));
+}

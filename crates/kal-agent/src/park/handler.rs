@@ -224,12 +224,14 @@ fn remap(from: u64, to: u64, len: u64) {
             }
         }
     }
+    l.forget_spans(from, from + len);
     l.note_span(to, to + len);
 }
 
 /// `[start, end)` was unmapped: parked runs there are gone with it.
 fn unmap(start: u64, end: u64) {
     let mut l = runs::lock();
+    l.forget_spans(start, end);
     for i in 0..l.high() {
         let r = *l.run(i);
         if r.state == runs::FREE || r.start() < start || r.start() >= end {

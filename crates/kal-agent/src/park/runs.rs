@@ -207,6 +207,22 @@ impl Locked {
         true
     }
 
+    /// Forgets every span overlapping `[a, b)` (unmapped or moved: the kernel dropped the
+    /// registration there). Forgetting too much is harmless: registering again is.
+    pub fn forget_spans(&mut self, a: u64, b: u64) {
+        let mut i = 0;
+        while i < NSPANS.load(Ordering::Relaxed) {
+            let s = *self.span(i);
+            if !s[0] < b && a < !s[1] {
+                let last = NSPANS.load(Ordering::Relaxed) - 1;
+                *self.span(i) = *self.span(last);
+                NSPANS.store(last, Ordering::Relaxed);
+            } else {
+                i += 1;
+            }
+        }
+    }
+
     /// Whether `[a, b)` lies inside a span already registered.
     pub fn registered(&mut self, a: u64, b: u64) -> bool {
         self.spans().any(|(sa, sb)| sa <= a && b <= sb)
