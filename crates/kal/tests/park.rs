@@ -540,3 +540,38 @@ fn a_parked_block_the_program_frees_is_restored_first_then_forgotten() {
         .iter()
         .any(|f| f["line"] == second));
 }
+
+#[test]
+fn without_userfaultfd_kal_says_so_once_and_parks_nothing() {
+    // As an unprivileged user (vm.unprivileged_userfaultfd = 0 here), neither the target
+    // nor kal can get a userfaultfd.
+    require_command("setpriv", "util-linux");
+    let prog = build("leak_loop.c", &[]);
+    ensure_agent();
+    let out = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(env!("CARGO_BIN_EXE_kal"))
+        .args([
+            "run",
+            "--error-exitcode",
+            "0",
+            "--reclaim",
+            "--check-every",
+            "300ms",
+            "--",
+        ])
+        .arg(&prog)
+        .arg("3")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let said: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.contains("not parking in this process: userfaultfd is not available"))
+        .collect();
+    assert_eq!(said.len(), 1, "once: {stderr}");
+    assert!(!stderr.lines().any(|l| l.contains(": parked ")), "{stderr}");
+    assert!(!stderr.contains("reclaimed so far"), "{stderr}");
+}
