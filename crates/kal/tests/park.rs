@@ -575,3 +575,68 @@ fn without_userfaultfd_kal_says_so_once_and_parks_nothing() {
     assert!(!stderr.lines().any(|l| l.contains(": parked ")), "{stderr}");
     assert!(!stderr.contains("reclaimed so far"), "{stderr}");
 }
+
+#[test]
+fn a_forked_child_reads_the_exact_bytes_of_parked_blocks() {
+    let prog = build("park_touch.c", &["-O1"]);
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("r.jsonl");
+    let flag = dir.path().join("touch-now");
+    ensure_agent();
+    let mut kal = Command::new(env!("CARGO_BIN_EXE_kal"))
+        .args([
+            "run",
+            "--error-exitcode",
+            "0",
+            "--reclaim",
+            "--check-every",
+            "300ms",
+            "--json",
+            json.to_str().unwrap(),
+            "--",
+            prog.to_str().unwrap(),
+            flag.to_str().unwrap(),
+            "fork",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = std::io::BufReader::new(kal.stdout.take().unwrap());
+    let mut ready = String::new();
+    stdout.read_line(&mut ready).unwrap();
+    let pid: i64 = ready
+        .trim()
+        .strip_prefix("ready ")
+        .unwrap()
+        .parse()
+        .unwrap();
+    let both = 2 * mmapped_chunk(1 << 20);
+    wait_for_line(&json, 30, |l| {
+        l["pid"] == pid && l["reclaimed"]["parked_now_bytes"].as_u64() == Some(both)
+    });
+    std::fs::write(&flag, b"").unwrap();
+    let out = kal.wait_with_output().unwrap();
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut stdout, &mut rest).unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!rest.contains("CORRUPT"), "{rest}");
+    assert!(
+        rest.contains("touch ok (in a forked child)"),
+        "{rest}\n{stderr}"
+    );
+    assert!(out.status.success(), "{stderr}");
+    // The parent put everything back before it forked: nothing was touched in it, no
+    // site is banned.
+    let lines = read_json_lines(&json);
+    let last = lines
+        .iter()
+        .filter(|l| l["pid"] == pid && l["check"].is_u64())
+        .last()
+        .unwrap();
+    let r = &last["reclaimed"];
+    assert_eq!(r["parked_now_bytes"], 0, "{r}");
+    assert_eq!(r["restored_bytes"], 0, "{r}");
+    assert_eq!(r["never_again"].as_array().unwrap().len(), 0, "{r}");
+}

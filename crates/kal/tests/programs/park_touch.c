@@ -3,11 +3,14 @@
  * argv[1] exists (the test creates it after kal reported the blocks parked), it touches
  * them again: block 0 is read by the program, block 1 by the kernel (write(2) to a pipe).
  * Prints "touch ok", or CORRUPT on the first wrong byte; then lives 2 s more so that a
- * check sees the contradiction. */
+ * check sees the contradiction. With a second argument "fork", a forked child does the
+ * touching instead (the parent restores everything before fork: the child does not
+ * inherit the registrations). */
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #define SIZE (1 << 20)
@@ -38,6 +41,14 @@ int main(int argc, char **argv) {
   printf("ready %d\n", getpid());
   fflush(stdout);
   while (access(argv[1], F_OK) != 0) usleep(50000);
+  int forked = argc > 2 && strcmp(argv[2], "fork") == 0;
+  pid_t child = forked ? fork() : 0;
+  if (child > 0) {
+    int st = 0;
+    waitpid(child, &st, 0);
+    sleep(2);
+    return WIFEXITED(st) ? WEXITSTATUS(st) : 1;
+  }
   int ok = verify((unsigned char *)(hidden[0] ^ KEY), 0);
   /* The kernel reads block 1 (copy_from_user): a parked page must be restored for it. */
   int fds[2];
@@ -58,8 +69,9 @@ int main(int argc, char **argv) {
         break;
       }
   }
-  if (ok) printf("touch ok\n");
+  if (ok) printf("touch ok%s\n", forked ? " (in a forked child)" : "");
   fflush(stdout);
+  if (forked) _exit(ok ? 0 : 1);
   sleep(2);
   return 0;
 }
