@@ -56,6 +56,8 @@ fn mmapped_chunk(size: u64) -> u64 {
 
 #[test]
 fn parking_keeps_the_classic_loop_small_and_it_runs_on() {
+    // (Each test builds its own copy: a binary rebuilt under a running test is "deleted"
+    // and its symbols are gone.)
     let prog = build("leak_loop.c", &[]);
     let dir = tempfile::tempdir().unwrap();
     let json = dir.path().join("r.jsonl");
@@ -125,11 +127,15 @@ fn parking_keeps_the_classic_loop_small_and_it_runs_on() {
     let site = &exit["reclaimed"]["sites"][0];
     assert_eq!(site["parked_bytes"].as_u64().unwrap(), last);
     let line = line_of("leak_loop.c", "loop_leak");
-    assert!(site["stack"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .any(|f| f["line"] == line));
+    assert!(
+        site["stack"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|f| f["line"] == line),
+        "{}",
+        exit["reclaimed"]
+    );
 }
 
 /// Waits until `pred` holds for the JSON lines of `path` (or panics after `secs`).
@@ -276,7 +282,7 @@ fn pointers_only_the_kernel_holds_survive_parking() {
 
 #[test]
 fn dry_run_changes_nothing_and_says_what_it_would_park() {
-    let prog = build("leak_loop.c", &[]);
+    let prog = build("leak_loop.c", &["-DDRY_RUN"]);
     let dir = tempfile::tempdir().unwrap();
     let json = dir.path().join("r.jsonl");
     let (out, peak) = run_sampling_rss(&[
@@ -324,7 +330,7 @@ fn dry_run_changes_nothing_and_says_what_it_would_park() {
 
 #[test]
 fn kal_reclaim_parks_and_names_each_site_once() {
-    let prog = build("park_touch.c", &["-O1"]);
+    let prog = build("park_touch.c", &["-O1", "-DRECLAIM"]);
     let dir = tempfile::tempdir().unwrap();
     let never = dir.path().join("never");
     ensure_agent();
@@ -425,7 +431,7 @@ fn parking_never_loses_a_write_racing_it() {
 fn a_write_while_a_run_is_being_parked_keeps_the_run_in_place() {
     // The parker waits 300 ms between copying a run and dropping it: the program's thread,
     // stamping every page each millisecond, writes into that window every time.
-    let prog = build("park_race.c", &[]);
+    let prog = build("park_race.c", &["-DPAUSE"]);
     let dir = tempfile::tempdir().unwrap();
     let json = dir.path().join("r.jsonl");
     let out = kal_env(
@@ -546,7 +552,7 @@ fn without_userfaultfd_kal_says_so_once_and_parks_nothing() {
     // As an unprivileged user (vm.unprivileged_userfaultfd = 0 here), neither the target
     // nor kal can get a userfaultfd.
     require_command("setpriv", "util-linux");
-    let prog = build("leak_loop.c", &[]);
+    let prog = build("leak_loop.c", &["-DNO_UFFD"]);
     ensure_agent();
     let out = Command::new("setpriv")
         .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
@@ -578,7 +584,7 @@ fn without_userfaultfd_kal_says_so_once_and_parks_nothing() {
 
 #[test]
 fn a_forked_child_reads_the_exact_bytes_of_parked_blocks() {
-    let prog = build("park_touch.c", &["-O1"]);
+    let prog = build("park_touch.c", &["-O1", "-DFORK"]);
     let dir = tempfile::tempdir().unwrap();
     let json = dir.path().join("r.jsonl");
     let flag = dir.path().join("touch-now");
@@ -632,8 +638,7 @@ fn a_forked_child_reads_the_exact_bytes_of_parked_blocks() {
     let lines = read_json_lines(&json);
     let last = lines
         .iter()
-        .filter(|l| l["pid"] == pid && l["check"].is_u64())
-        .last()
+        .rfind(|l| l["pid"] == pid && l["check"].is_u64())
         .unwrap();
     let r = &last["reclaimed"];
     assert_eq!(r["parked_now_bytes"], 0, "{r}");
