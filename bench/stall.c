@@ -3,7 +3,8 @@
  * between iterations of its own loop. On SIGUSR2 it reads one byte of every page of the
  * leaked blocks (through pointers it kept aside, XOR-ed so kal sees them as lost), timing
  * each read, and prints the slowest and the total. On SIGUSR1 it prints its three worst
- * stalls (µs, and when they began) and exits. Usage: stall N [SIZE [random]] */
+ * stalls (µs, and when they began), then every stall over 500 µs ("stall BEGIN US"), and
+ * exits. Usage: stall N [SIZE [random]] */
 #include <signal.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -16,6 +17,10 @@ static void on_usr1(int s) { (void)s; done = 1; }
 static void on_usr2(int s) { (void)s; touch = 1; }
 static double now_us(void) { struct timespec t; clock_gettime(CLOCK_REALTIME, &t); return t.tv_sec * 1e6 + t.tv_nsec / 1e3; }
 void *volatile sink;
+/* Every stall over 500 µs: when it began, how long (printed at the end). */
+#define LOG (1 << 16)
+static double log_at[LOG], log_us[LOG];
+static int logged;
 #define KEY 0x6b6b6b6b6b6b6b6bUL
 static uintptr_t *hidden;
 
@@ -77,6 +82,10 @@ int main(int argc, char **argv) {
         w = when[k]; when[k] = when[k - 1]; when[k - 1] = w;
       }
     }
+    if (d > 500 && logged < LOG) {
+      log_at[logged] = last;
+      log_us[logged++] = d;
+    }
     last = t;
     free(malloc(32));
     if (touch) {
@@ -87,5 +96,6 @@ int main(int argc, char **argv) {
   }
   printf("worst stall %.0f us (then %.0f, %.0f)\n", worst[0], worst[1], worst[2]);
   printf("stalls began at (unix s): %.3f %.3f %.3f\n", when[0] / 1e6, when[1] / 1e6, when[2] / 1e6);
+  for (int i = 0; i < logged; i++) printf("stall %.6f %.0f\n", log_at[i] / 1e6, log_us[i]);
   return 0;
 }

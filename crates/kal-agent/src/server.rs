@@ -128,6 +128,10 @@ pub fn stop() {
 extern "C" fn serve(_: *mut libc::c_void) -> *mut libc::c_void {
     // This thread's own allocations (request lists, lz4's table) pass through untracked.
     crate::guard::enter();
+    // It parks (seconds of CPU for gigabytes) next to the program's own threads: at the
+    // lowest priority, the program keeps its CPU where the two share one.
+    // SAFETY: setpriority on this thread only (Linux: PRIO_PROCESS with a thread id).
+    unsafe { libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, 19) };
     loop {
         let lfd = LISTEN_FD.load(Ordering::Acquire);
         // SAFETY: accepting on our own listening socket.
@@ -395,7 +399,18 @@ fn handle_request(fd: i32, hb: &[u8; REQ_HEADER_SIZE], passed: i32) {
                 return reply(fd, &resp, &[]);
             }
             let mut pages = vec![0u32; entries.len()];
+            let t0 = now();
             let c = park::park_blocks(t, &entries, h.arg, &mut pages);
+            if park::debug() {
+                // (This thread's allocations pass through untracked.)
+                let msg = format!(
+                    "kal agent: park request of {} blocks ran from {:.6} to {:.6} (unix s)\n",
+                    entries.len(),
+                    t0,
+                    now()
+                );
+                crate::diag::say(msg.as_bytes());
+            }
             // Leave no block addresses behind in this thread's memory.
             entries.iter_mut().for_each(|e| *e = (0, 0));
             drop(entries);
@@ -426,6 +441,17 @@ fn handle_request(fd: i32, hb: &[u8; REQ_HEADER_SIZE], passed: i32) {
             reply(fd, &resp, &st.encode());
         }
     }
+}
+
+/// Seconds since the epoch.
+fn now() -> f64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime fills the timespec we own.
+    unsafe { libc::clock_gettime(libc::CLOCK_REALTIME, &mut ts) };
+    ts.tv_sec as f64 + ts.tv_nsec as f64 / 1e9
 }
 
 /// Publishes the reclaim counters and banned sites to the header (under the parking

@@ -72,6 +72,13 @@ pub static RACED: AtomicU64 = AtomicU64::new(0);
 /// Test hook (`KAL_TEST_PARK_PAUSE_MS`): the parker waits this long between copying a run
 /// and dropping its pages, so that a test can write into that window at will.
 static PAUSE_MS: AtomicU64 = AtomicU64::new(0);
+/// `KAL_DEBUG_PARK`: the control thread says on stderr when each park request ran.
+static DEBUG: AtomicBool = AtomicBool::new(false);
+
+/// Whether `KAL_DEBUG_PARK` is set.
+pub fn debug() -> bool {
+    DEBUG.load(Ordering::Relaxed)
+}
 
 /// Why parking is not available.
 #[repr(u32)]
@@ -169,8 +176,12 @@ pub fn ensure(dev: i32) -> Result<(), u32> {
         return Err(NOTE.load(Ordering::Relaxed));
     }
     RUNS_READY.store(true, Ordering::Release);
-    // SAFETY: getenv with a NUL-terminated name; the value is parsed at once.
+    // SAFETY: getenv with NUL-terminated names; the values are parsed at once.
     unsafe {
+        DEBUG.store(
+            !libc::getenv(c"KAL_DEBUG_PARK".as_ptr()).is_null(),
+            Ordering::Relaxed,
+        );
         let v = libc::getenv(c"KAL_TEST_PARK_PAUSE_MS".as_ptr());
         if !v.is_null() {
             let ms = core::ffi::CStr::from_ptr(v)
