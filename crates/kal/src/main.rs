@@ -150,9 +150,9 @@ enum Cmd {
         /// anything touches them (userfaultfd; the allocator never sees a thing). A touch of
         /// a parked block's own bytes bans its site. `--reclaim=free` frees, with the
         /// program's free(), blocks from the sites named with --free-sites once lost in 3
-        /// checks spanning --free-after. `--reclaim=dry-run` says what would be parked and
-        /// does nothing. Refused, with a note, for a process whose allocations were not all
-        /// recorded, and never done in a process dying of a signal.
+        /// checks spanning --free-after. `--reclaim=dry-run` says what would be parked (with
+        /// --free-sites: freed) and does nothing. Refused, with a note, for a process whose
+        /// allocations were not all recorded, and never done in a process dying of a signal.
         #[arg(
             long,
             value_name = "MODE",
@@ -263,7 +263,12 @@ fn reclaim(
     }
     if mode == kal::reclaim::Mode::DryRun {
         eprintln!(
-            "kal: dry run: would park the pages of {} bytes in {} blocks in process {pid}; nothing done",
+            "kal: dry run: would {} {} bytes in {} blocks in process {pid}; nothing done",
+            if done.would_free {
+                "free"
+            } else {
+                "park the pages of"
+            },
             done.would.iter().map(|b| b.size).sum::<u64>(),
             done.would.len()
         );

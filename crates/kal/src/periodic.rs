@@ -437,9 +437,18 @@ impl Periodic {
                 );
             }
             if self.dry_run() && !d.would.is_empty() {
+                let (verb, what) = if d.would_free {
+                    (
+                        "free",
+                        "definitely lost in 3 checks or more over --free-after, from sites named by --free-sites",
+                    )
+                } else {
+                    ("park", "definitely lost in two checks in a row")
+                };
                 let _ = writeln!(
                     s,
-                    "{head} dry run: would park the pages of {} bytes in {} blocks definitely lost in two checks in a row (nothing done):",
+                    "{head} dry run: would {verb}{} {} bytes in {} blocks {what} (nothing done):",
+                    if d.would_free { "" } else { " the pages of" },
                     d.would.iter().map(|b| b.size).sum::<u64>(),
                     d.would.len()
                 );
@@ -458,7 +467,7 @@ impl Periodic {
                         .unwrap_or(&[]);
                     let _ = writeln!(
                         s,
-                        "    would park {} bytes in {} blocks at {}",
+                        "    would {verb} {} bytes in {} blocks at {}",
                         t.bytes,
                         t.blocks,
                         crate::site::where_(stack)

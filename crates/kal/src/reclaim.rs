@@ -42,7 +42,7 @@ pub enum Mode {
     Park,
     /// free() blocks from the sites named with `--free-sites`, after stricter gates.
     Free,
-    /// Say what would be parked, do nothing.
+    /// Say what would be parked (with `--free-sites`: freed), do nothing.
     DryRun,
 }
 
@@ -133,8 +133,10 @@ pub struct Done {
     pub banned: u64,
     /// Runs not parked: the store limit (`--park-limit`) or the range limit was reached.
     pub skipped: u64,
-    /// Dry run: blocks that would be parked (or freed) now.
+    /// Dry run: blocks that would be parked (or, with `--free-sites`, freed) now.
     pub would: Vec<Block>,
+    /// Dry run: `would` lists blocks that would be freed, not parked.
+    pub would_free: bool,
     /// Why parking is not available in this process, if it is not.
     pub unavailable: Option<String>,
     /// How long the agent took (requests sent to answers received).
@@ -331,21 +333,22 @@ impl Policy {
                 .find(|r| r.site == b.stack)
                 .is_some_and(|r| config.free_sites.matches(&r.stack))
         };
+        // A dry run with --free-sites shows what the free mode would free.
+        let free_gates = config.mode == Mode::Free
+            || (config.mode == Mode::DryRun && !config.free_sites.is_empty());
         let cands: Vec<Block> = c
             .lost
             .iter()
             .filter(|(b, k)| *k == Kind::Direct && eligible(b))
             .filter(|(b, _)| {
                 let s = p.seen[&b.addr];
-                match config.mode {
-                    Mode::Park | Mode::DryRun => {
-                        s.checks >= 2 && !p.sent.contains(&(b.addr, b.seq))
-                    }
-                    Mode::Free => {
-                        s.checks >= 3
-                            && now.duration_since(s.first) >= config.free_after
-                            && free_match(b)
-                    }
+                if free_gates {
+                    s.checks >= 3
+                        && now.duration_since(s.first) >= config.free_after
+                        && free_match(b)
+                        && (config.mode == Mode::Free || !p.sent.contains(&(b.addr, b.seq)))
+                } else {
+                    s.checks >= 2 && !p.sent.contains(&(b.addr, b.seq))
                 }
             })
             .map(|(b, _)| *b)
@@ -356,6 +359,7 @@ impl Policy {
                 p.sent.insert((b.addr, b.seq));
             }
             done.would = cands;
+            done.would_free = free_gates;
             return Outcome::Acted(done);
         }
         if !cands.is_empty() {
@@ -479,9 +483,12 @@ pub fn reclaim_now(
     if dropped > 0 {
         bail!("refusing to reclaim in process {pid}: tracking is incomplete ({dropped} allocations were not recorded), so blocks that look lost may be live");
     }
-    let (checks, gap) = match config.mode {
-        Mode::Free => (3, (config.free_after / 2).max(Duration::from_millis(200))),
-        _ => (2, Duration::from_millis(200)),
+    let free_gates =
+        config.mode == Mode::Free || (config.mode == Mode::DryRun && !config.free_sites.is_empty());
+    let (checks, gap) = if free_gates {
+        (3, (config.free_after / 2).max(Duration::from_millis(200)))
+    } else {
+        (2, Duration::from_millis(200))
     };
     let mut policy = Policy::new(config);
     let before = crate::control::rss(pid)?;
@@ -529,6 +536,7 @@ impl Done {
         self.banned += d.banned;
         self.skipped += d.skipped;
         self.would.extend(d.would);
+        self.would_free |= d.would_free;
         self.unavailable = self.unavailable.take().or(d.unavailable);
         self.took += d.took;
     }

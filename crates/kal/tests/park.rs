@@ -645,3 +645,71 @@ fn a_forked_child_reads_the_exact_bytes_of_parked_blocks() {
     assert_eq!(r["restored_bytes"], 0, "{r}");
     assert_eq!(r["never_again"].as_array().unwrap().len(), 0, "{r}");
 }
+
+#[test]
+fn kal_reclaim_dry_run_with_free_sites_says_what_it_would_free() {
+    let prog = build("park_touch.c", &["-O1", "-DDRY_FREE"]);
+    let dir = tempfile::tempdir().unwrap();
+    let never = dir.path().join("never");
+    ensure_agent();
+    let mut run = Command::new(env!("CARGO_BIN_EXE_kal"))
+        .args(["run", "-q", "--error-exitcode", "0", "--"])
+        .arg(&prog)
+        .arg(&never)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stdout = std::io::BufReader::new(run.stdout.take().unwrap());
+    let mut ready = String::new();
+    stdout.read_line(&mut ready).unwrap();
+    let pid: i32 = ready
+        .trim()
+        .strip_prefix("ready ")
+        .unwrap()
+        .parse()
+        .unwrap();
+    let rss = || {
+        let st = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        st.lines()
+            .find(|l| l.starts_with("VmRSS:"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap()
+    };
+    let before = rss();
+    let p = pid.to_string();
+    let out = kal(&[
+        "reclaim",
+        &p,
+        "-q",
+        "--mode",
+        "dry-run",
+        "--free-sites",
+        "leak_one",
+        "--free-after",
+        "0s",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "kal: dry run: would free {} bytes in 2 blocks in process {pid}; nothing done",
+            2 << 20
+        )),
+        "{stderr}"
+    );
+    assert!(
+        rss() >= before,
+        "nothing given back: {} -> {} KiB",
+        before,
+        rss()
+    );
+    // Free mode needs sites: one clear line.
+    let refused = kal(&["reclaim", &p, "--mode", "free"]);
+    one_line_error(&refused, "free mode needs --free-sites PATTERN");
+    // SAFETY: signalling the process this test started.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    let _ = run.wait();
+}
