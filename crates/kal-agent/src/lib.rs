@@ -27,6 +27,7 @@ mod real;
 mod reclaim;
 mod server;
 mod side;
+mod snapshot;
 mod state;
 mod table;
 mod unwind;

@@ -109,9 +109,60 @@ pub fn start() {
         let mut attr: libc::pthread_attr_t = core::mem::zeroed();
         libc::pthread_attr_init(&mut attr);
         libc::pthread_attr_setdetachstate(&mut attr, libc::PTHREAD_CREATE_DETACHED);
+        // The server thread blocks every signal (it inherits the mask it is created with):
+        // a process-directed signal the program blocks in its own threads and collects with
+        // sigwaitinfo (a POSIX timer's, say) must not be delivered to, and kill, kal's thread.
+        let mut all: libc::sigset_t = core::mem::zeroed();
+        let mut old_mask: libc::sigset_t = core::mem::zeroed();
+        libc::sigfillset(&mut all);
+        libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old_mask);
+        // Its own stack, named in the header: the addresses it handles (reclaim requests)
+        // must not linger where a scan would take them for the program's pointers.
+        let stack = server_stack();
+        if !stack.is_null() {
+            libc::pthread_attr_setstack(&mut attr, stack, SERVER_STACK);
+        }
+        // What glibc allocates for the thread (its DTV) is the agent's, not the program's:
+        // untracked, so that it never shows as lost once the stack holding its only
+        // pointer is left out of scans.
+        let entered = crate::guard::enter();
         libc::pthread_create(&mut t, &attr, serve, core::ptr::null_mut());
+        if entered {
+            crate::guard::leave();
+        }
+        libc::pthread_sigmask(libc::SIG_SETMASK, &old_mask, core::ptr::null_mut());
         libc::pthread_attr_destroy(&mut attr);
     }
+}
+
+/// Size of the server thread's stack.
+const SERVER_STACK: usize = 256 * 1024;
+
+/// A stack for the server thread (mapped once; a fork child reuses its copy, as only
+/// the forking thread runs there), or null.
+fn server_stack() -> *mut libc::c_void {
+    static STACK: core::sync::atomic::AtomicUsize = core::sync::atomic::AtomicUsize::new(0);
+    let mut p = STACK.load(Ordering::Acquire);
+    if p == 0 {
+        // SAFETY: a fresh private anonymous mapping.
+        let m = unsafe {
+            libc::mmap(
+                core::ptr::null_mut(),
+                SERVER_STACK,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_STACK,
+                -1,
+                0,
+            )
+        };
+        if m == libc::MAP_FAILED {
+            return core::ptr::null_mut();
+        }
+        p = m as usize;
+        STACK.store(p, Ordering::Release);
+        state::set_server_stack(p as u64, SERVER_STACK as u64);
+    }
+    p as *mut libc::c_void
 }
 
 /// Removes the socket file (at exit).
@@ -128,10 +179,8 @@ pub fn stop() {
 extern "C" fn serve(_: *mut libc::c_void) -> *mut libc::c_void {
     // This thread's own allocations (request lists, lz4's table) pass through untracked.
     crate::guard::enter();
-    // It parks (seconds of CPU for gigabytes) next to the program's own threads: at the
-    // lowest priority, the program keeps its CPU where the two share one.
-    // SAFETY: setpriority on this thread only (Linux: PRIO_PROCESS with a thread id).
-    unsafe { libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, 19) };
+    // SAFETY: gettid has no preconditions.
+    state::set_server_tid(unsafe { libc::gettid() } as u64);
     loop {
         let lfd = LISTEN_FD.load(Ordering::Acquire);
         // SAFETY: accepting on our own listening socket.
@@ -149,6 +198,7 @@ extern "C" fn serve(_: *mut libc::c_void) -> *mut libc::c_void {
             if e == libc::EINTR || e == libc::ECONNABORTED {
                 continue;
             }
+            state::set_server_tid(0);
             return core::ptr::null_mut();
         }
         if peer_allowed(fd) {
@@ -222,7 +272,8 @@ fn write_full(fd: i32, buf: &[u8]) {
     }
 }
 
-fn reply(fd: i32, r: &Response, bitmap: &[u8]) {
+/// Writes a response and, for a reclaim, its bitmap.
+pub(crate) fn reply(fd: i32, r: &Response, bitmap: &[u8]) {
     write_full(fd, &r.encode());
     write_full(fd, bitmap);
 }
@@ -335,6 +386,7 @@ fn handle_request(fd: i32, hb: &[u8; REQ_HEADER_SIZE], passed: i32) {
     };
     let Some(r) = real::get() else { return };
     match h.op {
+        Op::Snapshot => crate::snapshot::serve(fd),
         Op::Trim => {
             let released = crate::trim();
             let status = if released.is_some() {
@@ -400,7 +452,18 @@ fn handle_request(fd: i32, hb: &[u8; REQ_HEADER_SIZE], passed: i32) {
             }
             let mut pages = vec![0u32; entries.len()];
             let t0 = now();
+            // Parking takes seconds of CPU for gigabytes, next to the program's own
+            // threads: at the lowest priority the program keeps its CPU where they share
+            // one. The priority comes back afterwards where the kernel lets it (root).
+            // SAFETY: get/setpriority on this thread only (PRIO_PROCESS with a thread id).
+            let me = unsafe { libc::gettid() } as libc::id_t;
+            // SAFETY: as above.
+            let nice = unsafe { libc::getpriority(libc::PRIO_PROCESS, me) };
+            // SAFETY: as above.
+            unsafe { libc::setpriority(libc::PRIO_PROCESS, me, 19) };
             let c = park::park_blocks(t, &entries, h.arg, &mut pages);
+            // SAFETY: as above.
+            unsafe { libc::setpriority(libc::PRIO_PROCESS, me, nice) };
             if park::debug() {
                 // (This thread's allocations pass through untracked.)
                 let msg = format!(

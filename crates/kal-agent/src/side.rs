@@ -15,10 +15,31 @@ use core::sync::atomic::{AtomicUsize, Ordering};
 pub const SIZE: usize = 128 * 1024;
 const GUARD: usize = 4096;
 const SLOT: usize = SIZE + GUARD;
-/// Number of side stacks (threads alive at once that get one; others run in place).
-const SLOTS: usize = 2048;
+/// Most side stacks (threads alive at once that get one; others run in place and are
+/// counted as a gap).
+const MAX_SLOTS: usize = 2048;
+/// Number of side stacks reserved: [`MAX_SLOTS`], fewer under an address-space limit.
+static SLOTS: AtomicUsize = AtomicUsize::new(MAX_SLOTS);
+
+/// How many side stacks to reserve: all of them, or under `RLIMIT_AS` (`ulimit -v`) at
+/// most a sixteenth of the limit, so that the program keeps its address space.
+fn slots_to_reserve() -> usize {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit fills a plain struct.
+    if unsafe { libc::getrlimit(libc::RLIMIT_AS, &mut lim) } != 0
+        || lim.rlim_cur == libc::RLIM_INFINITY
+    {
+        return MAX_SLOTS;
+    }
+    (lim.rlim_cur as usize / 16 / SLOT).clamp(1, MAX_SLOTS)
+}
 
 static BASE: AtomicUsize = AtomicUsize::new(0);
+/// Set once [`init`] has run: a hook without a side stack after that is counted.
+static READY: core::sync::atomic::AtomicBool = core::sync::atomic::AtomicBool::new(false);
 /// Offset of `TOP` from the thread pointer (static TLS: the same in every thread), read by
 /// the trampolines as `fs:[TOP_OFFSET]`; 0 while unknown or if it ever differs.
 pub static KAL_SIDE_TOP_OFFSET: AtomicUsize = AtomicUsize::new(0);
@@ -33,27 +54,39 @@ pub fn init() {
     if BASE.load(Ordering::Acquire) != 0 {
         return;
     }
+    let slots = slots_to_reserve();
+    SLOTS.store(slots, Ordering::Release);
     // SAFETY: a fresh private anonymous reservation.
     let p = unsafe {
         libc::mmap(
             core::ptr::null_mut(),
-            SLOT * SLOTS,
+            SLOT * slots,
             libc::PROT_READ | libc::PROT_WRITE,
             libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
             -1,
             0,
         )
     };
-    if p != libc::MAP_FAILED {
+    if p != libc::MAP_FAILED && no_side_stacks_wanted() == 0 {
         BASE.store(p as usize, Ordering::Release);
     }
+    READY.store(true, Ordering::Release);
+}
+
+/// For tests: `KAL_TEST_NO_SIDE_STACKS=1` leaves the agent without side stacks, so every
+/// hook runs on the program's stack and is counted. Read with `getenv` (no allocation).
+fn no_side_stacks_wanted() -> usize {
+    // SAFETY: a NUL-terminated name; getenv returns null or a NUL-terminated string.
+    let v = unsafe { libc::getenv(c"KAL_TEST_NO_SIDE_STACKS".as_ptr()) };
+    // SAFETY: non-null, so it points at a NUL-terminated string of at least one byte.
+    usize::from(!v.is_null() && unsafe { *v } == b'1' as libc::c_char)
 }
 
 /// The reserved region `(start, length, slot size)`, for the header.
 pub fn region() -> (u64, u64, u64) {
     (
         BASE.load(Ordering::Acquire) as u64,
-        (SLOT * SLOTS) as u64,
+        (SLOT * SLOTS.load(Ordering::Acquire)) as u64,
         SLOT as u64,
     )
 }
@@ -65,7 +98,7 @@ pub fn map_stack() -> usize {
         return 0;
     }
     let i = NEXT.fetch_add(1, Ordering::Relaxed);
-    if i >= SLOTS {
+    if i >= SLOTS.load(Ordering::Acquire) {
         return 0;
     }
     let slot = base + i * SLOT;
@@ -74,12 +107,9 @@ pub fn map_stack() -> usize {
     slot + SLOT
 }
 
-/// Hands this thread's side stack back to the pool (thread exit).
-pub fn release_thread_stack() {
-    let top = TOP.with(|t| t.replace(0));
-    if top != 0 {
-        crate::pool::give_stack(top);
-    }
+/// The calling thread's side stack top, or 0 if it has none yet.
+pub fn current_top() -> usize {
+    TOP.with(|t| t.get())
 }
 
 /// Top of the calling thread's side stack (16-aligned), or 0 if it has none.
@@ -99,6 +129,10 @@ fn first_top() -> usize {
         return 0;
     }
     let t = crate::pool::take_stack();
+    if t == 0 && READY.load(Ordering::Acquire) {
+        // This hook (and the next ones of this thread) run on the program's stack.
+        crate::state::note_no_side_stack();
+    }
     TOP.with(|c| c.set(t));
     let tp: usize;
     // SAFETY: fs:0 holds the thread pointer on x86-64 Linux.

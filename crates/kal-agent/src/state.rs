@@ -29,6 +29,10 @@ pub static mut KAL_HEADER: Header = Header {
     banned_len: 0,
     reclaimed_set_addr: 0,
     reclaimed_set_len: 0,
+    no_side_stack: 0,
+    server_tid: 0,
+    server_stack_addr: 0,
+    server_stack_len: 0,
 };
 static mut TABLES: Option<Tables> = None;
 static STATE: AtomicU8 = AtomicU8::new(0);
@@ -43,6 +47,31 @@ pub fn note_dropped() {
     // SAFETY: `dropped` is an aligned u64 inside a static; only updated atomically.
     let d = unsafe { &*(core::ptr::addr_of_mut!(KAL_HEADER.dropped) as *const AtomicU64) };
     d.fetch_add(1, Ordering::Relaxed);
+}
+
+/// Counts an allocation hook that ran without a side stack.
+pub fn note_no_side_stack() {
+    // SAFETY: `no_side_stack` is an aligned u64 inside a static; only updated atomically.
+    let d = unsafe { &*(core::ptr::addr_of_mut!(KAL_HEADER.no_side_stack) as *const AtomicU64) };
+    d.fetch_add(1, Ordering::Relaxed);
+}
+
+/// Publishes where the control-server thread's stack is (the CLI never scans it).
+pub fn set_server_stack(addr: u64, len: u64) {
+    // SAFETY: aligned u64 fields inside a static; only written atomically.
+    unsafe {
+        (*(core::ptr::addr_of_mut!(KAL_HEADER.server_stack_addr) as *const AtomicU64))
+            .store(addr, Ordering::Release);
+        (*(core::ptr::addr_of_mut!(KAL_HEADER.server_stack_len) as *const AtomicU64))
+            .store(len, Ordering::Release);
+    }
+}
+
+/// Publishes the thread id of the control-server thread (0: none).
+pub fn set_server_tid(tid: u64) {
+    // SAFETY: `server_tid` is an aligned u64 inside a static; only written atomically.
+    let d = unsafe { &*(core::ptr::addr_of_mut!(KAL_HEADER.server_tid) as *const AtomicU64) };
+    d.store(tid, Ordering::Release);
 }
 
 /// The tables, mapped on first use (from any thread, even before the agent's constructor).

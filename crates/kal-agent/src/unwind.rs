@@ -288,12 +288,9 @@ pub fn new_cache() -> *mut ThreadState {
     }))
 }
 
-/// Hands this thread's state back to the pool (from the thread-exit key destructor).
-pub fn release_thread_cache() {
-    let c = CACHE.with(|c| c.replace(core::ptr::null_mut()));
-    if !c.is_null() {
-        crate::pool::give_cache(c);
-    }
+/// The calling thread's state, or null if it has none yet.
+pub fn current_cache() -> *mut ThreadState {
+    CACHE.with(|c| c.get())
 }
 
 /// The stack-table id of the stack of the allocation function's caller at `at`.

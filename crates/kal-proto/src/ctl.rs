@@ -32,11 +32,16 @@ pub enum Op {
     Reclaim = 1,
     /// Return free memory the allocator keeps to the OS (`malloc_trim(0)`).
     Trim = 2,
+    /// Make a copy-on-write snapshot: the agent's server thread forks the process (the
+    /// CLI holds every other thread stopped), answers with the copy's pid in
+    /// `Response::freed_blocks`, and reaps the copy once the CLI closes the connection (the
+    /// copy exits then, or when the CLI dies).
+    Snapshot = 3,
     /// Park the listed blocks' pages if each is still the same allocation; `arg` is the
     /// store limit ([`park_limit_mib`], [`park_limit_percent`], or 0 for the default).
-    Park = 3,
+    Park = 4,
     /// Report the parking counters ([`ParkStats`]).
-    Stats = 4,
+    Stats = 5,
 }
 
 /// Park request argument: a store limit of `mib` MiB (at least 1).
@@ -93,8 +98,9 @@ impl ReqHeader {
         let op = match u16::from_le_bytes([b[6], b[7]]) {
             1 => Op::Reclaim,
             2 => Op::Trim,
-            3 => Op::Park,
-            4 => Op::Stats,
+            3 => Op::Snapshot,
+            4 => Op::Park,
+            5 => Op::Stats,
             _ => return Err(DecodeError::UnknownOp),
         };
         let count = u32::from_le_bytes([b[8], b[9], b[10], b[11]]);
@@ -102,7 +108,7 @@ impl ReqHeader {
         let ok = match op {
             Op::Reclaim => count <= MAX_RECLAIM && arg == 0,
             Op::Park => count <= MAX_RECLAIM,
-            Op::Trim | Op::Stats => count == 0 && arg == 0,
+            Op::Trim | Op::Stats | Op::Snapshot => count == 0 && arg == 0,
         };
         if !ok {
             return Err(DecodeError::BadCount);
@@ -145,7 +151,7 @@ pub enum Status {
 pub struct Response {
     /// A [`Status`] value.
     pub status: u32,
-    /// Reclaim: blocks freed. Trim: 1 if memory was released.
+    /// Reclaim: blocks freed. Trim: 1 if memory was released. Snapshot: the copy's pid.
     pub freed_blocks: u64,
     /// Reclaim: bytes freed.
     pub freed_bytes: u64,

@@ -23,7 +23,7 @@ pub mod ctl;
 /// Magic number at the start of the agent header ("KALAGENT" in little-endian ASCII).
 pub const MAGIC: u64 = u64::from_le_bytes(*b"KALAGENT");
 /// Version of the header and table layout. Bump on any incompatible change.
-pub const VERSION: u32 = 2;
+pub const VERSION: u32 = 3;
 
 /// Maximum number of frames stored for one allocation stack.
 pub const MAX_FRAMES: usize = 24;
@@ -372,6 +372,17 @@ pub struct Header {
     pub reclaimed_set_addr: u64,
     /// Length of that set's mapping.
     pub reclaimed_set_len: u64,
+    /// Allocation hooks that ran on the program's own stack because no side stack was
+    /// available (the region ran out or could not be mapped). Non-zero is a gap: stale
+    /// heap addresses those hooks left on program stacks may hide leaks.
+    pub no_side_stack: u64,
+    /// Thread id of the agent's control-server thread (0 while it has none): it makes
+    /// snapshots on request, so the CLI stops every other thread but not this one.
+    pub server_tid: u64,
+    /// Start of the server thread's stack (the agent maps it; never scanned).
+    pub server_stack_addr: u64,
+    /// Length of that stack's mapping.
+    pub server_stack_len: u64,
 }
 
 /// Capacity of the banned-sites array.

@@ -1,10 +1,25 @@
 //! Step 1 and 2 of the pipeline: a consistent [`Capture`] of a process — registers of every
 //! thread, mappings, the agent's live-block table with stacks, a copy of the (small) root
 //! memory, and a handle on the heap, whose blocks the scanner reads as it reaches them.
+//!
+//! Which mappings may hold roots ([`may_hold_roots`]): every readable mapping that can hold
+//! a pointer the program stored — anonymous memory, private or shared (`/dev/zero
+//! (deleted)`, `/memfd:…`, `/SYSV…`, `/anon_hugepage`, `[anon:…]`, `[stack]`), read-only as
+//! well as writable (memory made read-only after a pointer was stored in it still holds
+//! it), and file mappings that are writable or hold pages written copy-on-write (smaps
+//! `Anonymous:` above 0: data, RELRO). Not roots: kernel-special areas (`[vvar]`,
+//! `[vvar_vclock]`, `[vsyscall]`, `[vdso]`, `[uprobes]`), device mappings other than
+//! `/dev/zero` (reading them may have side effects or fail), and read-only file mappings
+//! never written (code and constant data of programs and libraries: scanning them costs
+//! time and yields false pointers). Heap and kal's own mappings are subtracted afterwards.
+//!
+//! A capture records its [`Gaps`]: what it could not see. Reports say so and nothing is
+//! reclaimed from a capture with gaps.
 
 use crate::freeze::{Frozen, ThreadRegs};
+use crate::freeze_copy::Extras;
 use crate::memory::{read_words, Image, Memory, ProcessMemory};
-use crate::procfs::{self, Mapping};
+use crate::procfs::{self, Mapping, SmapsEntry};
 use anyhow::{bail, Context, Result};
 use kal_proto::{
     slot_state, table_state, Header, Meta, SlotState, StackSlot, TableDesc, TableWord, Window,
@@ -48,49 +63,35 @@ pub struct MemoryStats {
     pub agent_bytes: u64,
 }
 
-/// Resident bytes of the parts of each range set in process `pid`, from one read of smaps.
-fn resident_in<const N: usize>(pid: i32, sets: [&[(u64, u64)]; N]) -> [u64; N] {
+/// Resident bytes of the parts of each range set, from the process's smaps.
+fn resident_in<const N: usize>(smaps: &[SmapsEntry], sets: [&[(u64, u64)]; N]) -> [u64; N] {
     let mut total = [0u64; N];
-    let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/smaps")) else {
-        return total;
-    };
-    let mut cur: Option<(u64, u64)> = None;
-    for line in text.lines() {
-        if let Some(m) = procfs::parse_maps(line).into_iter().next() {
-            cur = Some((m.start, m.end));
-        } else if let (Some((s, e)), Some(kb)) = (cur, line.strip_prefix("Rss:")) {
-            let rss = kb
-                .trim()
-                .trim_end_matches("kB")
-                .trim()
-                .parse::<u64>()
-                .unwrap_or(0)
-                * 1024;
-            for (t, ranges) in total.iter_mut().zip(sets) {
-                let overlap: u64 = ranges
-                    .iter()
-                    .map(|r| r.1.min(e).saturating_sub(r.0.max(s)))
-                    .sum();
-                if overlap > 0 {
-                    *t += (rss as u128 * overlap as u128 / (e - s) as u128) as u64;
-                }
+    for e in smaps {
+        let (s, end, rss) = (e.mapping.start, e.mapping.end, e.rss);
+        for (t, ranges) in total.iter_mut().zip(sets) {
+            let overlap: u64 = ranges
+                .iter()
+                .map(|r| r.1.min(end).saturating_sub(r.0.max(s)))
+                .sum();
+            if overlap > 0 {
+                *t += (rss as u128 * overlap as u128 / (end - s) as u128) as u64;
             }
         }
     }
     total
 }
 
-/// Computes the memory figures of a capture.
+/// Computes the memory figures of a capture from the smaps of the memory it was read from.
 pub fn memory_stats(
     pid: i32,
-    mem_pid: i32,
+    smaps: &[SmapsEntry],
     blocks: &[Block],
     heap: &[(u64, u64)],
     agent: &[(u64, u64)],
     h: &Header,
 ) -> MemoryStats {
     let live: u64 = blocks.iter().map(|b| b.size).sum();
-    let [resident, agent_bytes] = resident_in(mem_pid, [heap, agent]);
+    let [resident, agent_bytes] = resident_in(smaps, [heap, agent]);
     let arenas = if h.glibc_malloc != 0 {
         let mut bases: Vec<u64> = blocks
             .iter()
@@ -114,6 +115,109 @@ pub fn memory_stats(
     }
 }
 
+/// A pointer the kernel holds for the process (a root value), with where it came from.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct KernelValue {
+    /// The value.
+    pub value: u64,
+    /// Where it came from (`epoll registration (fd 5)`, `POSIX timer sigev_value`).
+    pub label: String,
+}
+
+/// Something a capture could not see: a range of memory, or a whole kind of roots.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Gap {
+    /// First address (0 with `end` 0: not a range).
+    pub start: u64,
+    /// One past the last address.
+    pub end: u64,
+    /// Why.
+    pub why: String,
+}
+
+impl Gap {
+    /// A range that could not be read.
+    pub fn range(start: u64, end: u64, why: &str) -> Gap {
+        Gap {
+            start,
+            end,
+            why: why.to_string(),
+        }
+    }
+
+    /// A kind of roots that could not be read.
+    pub fn whole(why: &str) -> Gap {
+        Gap::range(0, 0, why)
+    }
+
+    /// The range, if this gap is one.
+    pub fn range_of(&self) -> Option<(u64, u64)> {
+        (self.end > self.start).then_some((self.start, self.end))
+    }
+}
+
+/// What a capture could not see. Anything here can make live blocks look lost.
+#[derive(Debug, Default, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Gaps {
+    /// Memory and roots that could not be read.
+    pub unread: Vec<Gap>,
+    /// Threads whose registers could not be read.
+    pub threads_without_registers: u64,
+    /// Allocation hooks that ran on the program's stack (no side stack was available):
+    /// stale heap addresses they left there may hide leaks, and the count says the agent
+    /// ran short.
+    pub hooks_without_side_stack: u64,
+}
+
+impl Gaps {
+    /// Whether the capture saw everything.
+    pub fn is_empty(&self) -> bool {
+        self.unread.is_empty()
+            && self.threads_without_registers == 0
+            && self.hooks_without_side_stack == 0
+    }
+
+    /// The gaps in one line of text (empty when there are none).
+    pub fn line(&self) -> String {
+        let mut parts: Vec<String> = Vec::new();
+        let ranges: Vec<&Gap> = self.unread.iter().filter(|g| g.end > g.start).collect();
+        if !ranges.is_empty() {
+            let bytes: u64 = ranges.iter().map(|g| g.end - g.start).sum();
+            let mut whys: Vec<&str> = ranges.iter().map(|g| g.why.as_str()).collect();
+            whys.dedup();
+            parts.push(format!(
+                "{} not read ({} bytes: {})",
+                if ranges.len() == 1 {
+                    "1 memory range".to_string()
+                } else {
+                    format!("{} memory ranges", ranges.len())
+                },
+                bytes,
+                whys.join(", ")
+            ));
+        }
+        parts.extend(
+            self.unread
+                .iter()
+                .filter(|g| g.end <= g.start)
+                .map(|g| g.why.clone()),
+        );
+        if self.threads_without_registers > 0 {
+            parts.push(format!(
+                "registers of {} thread(s) not read",
+                self.threads_without_registers
+            ));
+        }
+        if self.hooks_without_side_stack > 0 {
+            parts.push(format!(
+                "{} allocation hook(s) ran without a side stack",
+                self.hooks_without_side_stack
+            ));
+        }
+        parts.join("; ")
+    }
+}
+
 /// Everything the later steps need. Heap blocks are read through [`Capture::heap`], which
 /// must stay readable (process frozen, or snapshot copy alive) until classification is done.
 pub struct Capture {
@@ -131,8 +235,16 @@ pub struct Capture {
     pub blocks: Vec<Block>,
     /// Allocation stacks by id (return addresses, innermost first).
     pub stacks: HashMap<u32, Vec<u64>>,
-    /// Copied writable memory that is not heap (where the roots are).
+    /// Copied memory that may hold roots and is not heap (see the module doc).
     pub image: Image,
+    /// The ranges that may hold roots (before heap, kal's own and stacks are taken out),
+    /// sorted and disjoint: the mappings [`may_hold_roots`] admits and what was read from the
+    /// frozen target.
+    pub root_maps: Vec<(u64, u64)>,
+    /// Pointers the kernel holds for the process (epoll data, timer values).
+    pub kernel_values: Vec<KernelValue>,
+    /// What this capture could not see.
+    pub gaps: Gaps,
     /// Memory the allocator owns, sorted and disjoint: scanned only as reached blocks.
     pub heap_ranges: Vec<(u64, u64)>,
     /// Where heap blocks are read from.
@@ -151,7 +263,7 @@ fn read_pod<T: Copy + Default>(mem: &dyn Memory, addr: u64) -> Option<T> {
     let bytes = unsafe {
         std::slice::from_raw_parts_mut((&mut v as *mut T).cast::<u8>(), std::mem::size_of::<T>())
     };
-    (mem.read(addr, bytes) == bytes.len()).then_some(v)
+    mem.read(addr, bytes).is_ok().then_some(v)
 }
 
 /// Reads and checks the agent header at `addr`.
@@ -199,14 +311,28 @@ pub fn read_tables(mem: &dyn Memory, h: &Header) -> (Vec<TableWord>, Vec<TableWo
     (live, all)
 }
 
+/// What [`read_blocks`] found in the agent's tables.
+pub struct TableRead {
+    /// Live blocks, sorted by address, each once.
+    pub blocks: Vec<Block>,
+    /// Allocation stacks by id.
+    pub stacks: HashMap<u32, Vec<u64>>,
+    /// Table ranges that could not be read.
+    pub unread: Vec<(u64, u64)>,
+}
+
 /// Reads the live blocks (sorted by address, each once) and the stacks they use. Only
 /// pages of the tables that were ever touched are read. A block being moved between two
 /// tables may be in both: it is the same allocation.
-pub fn read_blocks(mem: &dyn Memory, h: &Header) -> (Vec<Block>, HashMap<u32, Vec<u64>>) {
+///
+/// Also returns the parts of the tables that could not be read: blocks recorded there are
+/// unknown, so the capture has a gap.
+pub fn read_blocks(mem: &dyn Memory, h: &Header) -> TableRead {
     const STACK_WORDS: usize = std::mem::size_of::<StackSlot>() / 8;
     // Stream the touched pages of each table through one reused buffer (whole slots).
     let mut buf = vec![0u64; 3 * 170 * 1024];
     let mut blocks: Vec<Block> = Vec::new();
+    let mut unread = Vec::new();
     for t in read_tables(mem, h).0 {
         let end = t.addr + t.slots * SLOT_BYTES;
         for (s, e) in mem.present(t.addr, end) {
@@ -215,7 +341,9 @@ pub fn read_blocks(mem: &dyn Memory, h: &Header) -> (Vec<Block>, HashMap<u32, Ve
             while at < e {
                 let n = ((e - at) as usize / 8).min(buf.len());
                 let words = &mut buf[..n];
-                crate::memory::read_into(mem, at, words);
+                if !crate::memory::read_into(mem, at, words) {
+                    unread.push((at, at + n as u64 * 8));
+                }
                 blocks.extend(
                     words
                         .chunks_exact(3)
@@ -255,7 +383,11 @@ pub fn read_blocks(mem: &dyn Memory, h: &Header) -> (Vec<Block>, HashMap<u32, Ve
             stacks.insert(b.stack, s[2..2 + d].to_vec());
         }
     }
-    (blocks, stacks)
+    TableRead {
+        blocks,
+        stacks,
+        unread,
+    }
 }
 
 /// Reads one stack of the agent's stack table.
@@ -265,7 +397,8 @@ pub fn read_stack(mem: &dyn Memory, h: &Header, id: u32) -> Option<Vec<u64>> {
     }
     let size = std::mem::size_of::<StackSlot>();
     let mut b = vec![0u8; size];
-    mem.read(h.stacks_addr + id as u64 * size as u64, &mut b);
+    mem.read(h.stacks_addr + id as u64 * size as u64, &mut b)
+        .ok()?;
     let w: Vec<u64> = b
         .chunks_exact(8)
         .map(|c| u64::from_le_bytes(c.try_into().unwrap_or([0; 8])))
@@ -294,35 +427,68 @@ fn span(h: &Header, size: u64, api: u32) -> u64 {
     }
 }
 
-/// Whether a mapping's contents should be copied: readable, writable, private, and not a
-/// device or a kernel-special area.
-pub fn copyable(m: &Mapping) -> bool {
-    m.read
-        && m.write
-        && !m.path.starts_with("/dev/")
-        && m.path != "[vvar]"
-        && m.path != "[vsyscall]"
+/// Kernel-special areas: never roots.
+const SPECIAL: [&str; 5] = [
+    "[vvar]",
+    "[vvar_vclock]",
+    "[vsyscall]",
+    "[vdso]",
+    "[uprobes]",
+];
+
+/// Whether a mapping may hold root pointers (the rule is in the module doc). `anonymous`:
+/// its smaps `Anonymous:` bytes (0 when unknown).
+pub fn may_hold_roots(m: &Mapping, anonymous: u64) -> bool {
+    let p = m.path.as_str();
+    if !m.read || SPECIAL.contains(&p) {
+        return false;
+    }
+    let anon_like = p.is_empty()
+        || p.starts_with('[')
+        || p.starts_with("/dev/zero")
+        || p.starts_with("/memfd:")
+        || p.starts_with("/SYSV")
+        || p.starts_with("/anon_hugepage");
+    if anon_like {
+        return true;
+    }
+    if p.starts_with("/dev/") && !p.starts_with("/dev/shm/") {
+        return false; // a device
+    }
+    m.write || (!m.shared && anonymous > 0)
 }
 
-/// Captures a frozen process whose agent header lives at `header_addr`.
+/// Captures a frozen process whose agent header lives at `header_addr`, reading its
+/// memory in place (no copy: nothing is hidden from it; the kernel-held pointers are read
+/// too).
 pub fn capture(frozen: &Frozen, header_addr: u64) -> Result<Capture> {
-    capture_from(frozen.pid(), frozen.pid(), frozen.regs()?, header_addr)
+    let (threads, missing) = frozen.regs_and_missing();
+    let mut extras = crate::freeze_copy::in_place(frozen.pid());
+    extras.threads_without_registers = missing;
+    capture_from(frozen.pid(), frozen.pid(), threads, header_addr, extras)
 }
 
 /// Captures process `pid` from the memory of `mem_pid` (the process itself, frozen, or a
-/// snapshot copy of it) and the registers `threads` taken at the same instant.
+/// snapshot copy of it), the registers `threads` taken at the same instant, and what was
+/// read from the frozen target beside the copy (`extras`).
 pub fn capture_from(
     pid: i32,
     mem_pid: i32,
     threads: Vec<ThreadRegs>,
     header_addr: u64,
+    extras: Extras,
 ) -> Result<Capture> {
     let t0 = std::time::Instant::now();
     let timing = std::env::var_os("KAL_DEBUG_TIMING").is_some();
     let mem = ProcessMemory::new(mem_pid);
     let header = read_header(&mem, header_addr)?;
-    let maps = procfs::maps(mem_pid)?;
-    let (blocks, stacks) = read_blocks(&mem, &header);
+    let smaps = procfs::smaps(mem_pid)?;
+    let maps: Vec<Mapping> = smaps.iter().map(|e| e.mapping.clone()).collect();
+    let TableRead {
+        blocks,
+        stacks,
+        unread: table_unread,
+    } = read_blocks(&mem, &header);
     if timing {
         eprintln!(
             "timing: table read {:?} ({} blocks)",
@@ -338,11 +504,18 @@ pub fn capture_from(
     let mut skip = agent.clone();
     skip.extend_from_slice(&heap_ranges);
     let skip = crate::ranges::normalize(skip);
-    let mut ranges: Vec<(u64, u64)> = maps
+    let mut root_maps: Vec<(u64, u64)> = smaps
         .iter()
-        .filter(|m| copyable(m))
-        .flat_map(|m| crate::ranges::subtract(&[(m.start, m.end)], &skip))
+        .filter(|e| may_hold_roots(&e.mapping, e.anonymous))
+        .map(|e| (e.mapping.start, e.mapping.end))
         .collect();
+    root_maps.extend_from_slice(&extras.ranges);
+    let root_maps = crate::ranges::normalize(root_maps);
+    // From the copy: everything but what was read from the frozen target.
+    let mut not_here = skip.clone();
+    not_here.extend_from_slice(&extras.ranges);
+    let not_here = crate::ranges::normalize(not_here);
+    let mut ranges = crate::ranges::subtract(&root_maps, &not_here);
     ranges.extend(
         threads
             .iter()
@@ -350,7 +523,15 @@ pub fn capture_from(
     );
     let ranges = crate::ranges::normalize(ranges);
     let t1 = std::time::Instant::now();
-    let image = Image::copy(&mem, &ranges)?;
+    let (mut image, mut unread) = Image::copy(&mem, &ranges);
+    unread.extend(table_unread);
+    let gaps = gaps_of(&extras, &smaps, &agent, &heap_ranges, unread, &header);
+    let Extras {
+        image: parent_image,
+        values: kernel_values,
+        ..
+    } = extras;
+    image.overlay(parent_image);
     if timing {
         eprintln!(
             "timing: root memory copy {:?} ({} KiB)",
@@ -358,11 +539,11 @@ pub fn capture_from(
             image.bytes() >> 10
         );
     }
-    let memory = memory_stats(pid, mem_pid, &blocks, &heap_ranges, &agent, &header);
+    let memory = memory_stats(pid, &smaps, &blocks, &heap_ranges, &agent, &header);
     let n = (header.banned_len as usize).min(kal_proto::MAX_BANNED);
     let mut raw = vec![0u8; n * 4];
-    if n > 0 {
-        mem.read(header.banned_addr, &mut raw);
+    if n > 0 && mem.read(header.banned_addr, &mut raw).is_err() {
+        bail!("cannot read the agent's banned sites");
     }
     let banned: Vec<u32> = raw
         .chunks_exact(4)
@@ -383,12 +564,41 @@ pub fn capture_from(
         blocks,
         stacks,
         image,
+        root_maps,
+        kernel_values,
+        gaps,
         heap_ranges,
         heap: Box::new(mem),
         memory,
         banned,
         agent,
     })
+}
+
+/// Everything a capture could not see: the extras' gaps, ranges of the copy that could not
+/// be read, memory the copy lacks that was not read from the target, missing registers,
+/// and hooks the agent ran without a side stack.
+fn gaps_of(
+    extras: &Extras,
+    smaps: &[SmapsEntry],
+    agent: &[(u64, u64)],
+    heap: &[(u64, u64)],
+    unread: Vec<(u64, u64)>,
+    header: &Header,
+) -> Gaps {
+    let mut g = Gaps {
+        unread: extras.gaps.clone(),
+        threads_without_registers: extras.threads_without_registers,
+        hooks_without_side_stack: header.no_side_stack,
+    };
+    g.unread.extend(
+        unread
+            .into_iter()
+            .map(|(s, e)| Gap::range(s, e, "unreadable")),
+    );
+    g.unread
+        .extend(crate::freeze_copy::unseen(extras, smaps, agent, heap));
+    g
 }
 
 /// For a thread stopped inside a hook: the used part of its side-stack slot, up to the
@@ -418,6 +628,10 @@ pub fn agent_ranges(mem: &dyn Memory, h: &Header) -> Vec<(u64, u64)> {
         (
             h.reclaimed_set_addr,
             h.reclaimed_set_addr + h.reclaimed_set_len,
+        ),
+        (
+            h.server_stack_addr,
+            h.server_stack_addr + h.server_stack_len,
         ),
     ]);
     crate::ranges::normalize(v)

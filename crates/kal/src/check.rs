@@ -33,13 +33,14 @@ pub fn check_with_header(
     reclaimed_sites: &std::collections::HashMap<u32, report::Totals>,
 ) -> Result<Check> {
     crate::fatal::ensure_not_dying(pid)?;
-    let snap = crate::snapshot::take(pid)?;
+    let mut snap = crate::snapshot::take(pid, header)?;
     let pause = snap.pause;
     crate::snapshot::test_hold("snapshot");
     let started = Instant::now();
     // Blocks are read from the snapshot copy as they are reached: scan before releasing it.
-    let scanned = capture_from(pid, snap.child, snap.threads.clone(), header).map(|cap| {
-        let kinds = crate::classify(&cap);
+    let extras = std::mem::take(&mut snap.extras);
+    let scanned = capture_from(pid, snap.child, snap.threads.clone(), header, extras).map(|cap| {
+        let kinds = crate::classify_with(&cap, &opts.suppressions);
         (cap, kinds)
     });
     let scan = started.elapsed();

@@ -95,6 +95,24 @@ pub fn check_preloadable(path: &Path) -> Result<()> {
     )
 }
 
+/// The functions of the C allocator (`malloc`, `free`, `calloc`, `realloc`) that the
+/// program at `path` defines itself: its calls to them never reach the agent.
+pub fn own_allocator(path: &Path) -> Vec<&'static str> {
+    use blazesym::inspect::{source::Elf, source::Source, Inspector};
+    const NAMES: [&str; 4] = ["malloc", "free", "calloc", "realloc"];
+    let src = Source::Elf(Elf::new(path));
+    let inspector = Inspector::new();
+    let Ok(found) = inspector.lookup(&src, &NAMES) else {
+        return Vec::new();
+    };
+    NAMES
+        .iter()
+        .zip(found)
+        .filter(|(_, syms)| syms.iter().any(|s| s.addr != 0))
+        .map(|(n, _)| *n)
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -107,6 +125,12 @@ mod tests {
         std::fs::write(&script, "#!/bin/sh\necho hi\n").unwrap();
         assert!(check_preloadable(&script).is_ok());
         assert!(check_preloadable(&dir.path().join("missing")).is_err());
+    }
+
+    #[test]
+    fn programs_using_the_c_librarys_malloc_define_none() {
+        assert!(own_allocator(Path::new("/bin/ls")).is_empty());
+        assert!(own_allocator(Path::new("/nonexistent")).is_empty());
     }
 
     #[test]

@@ -47,6 +47,10 @@ pub struct Frozen {
     pid: i32,
     threads: Vec<(i32, Option<Signal>)>,
     started: Instant,
+    /// Threads seen but never stopped (at exit: stuck in the kernel): no registers.
+    unstopped: u64,
+    /// A thread left running (the agent's server thread, which makes the snapshot), or 0.
+    skip: i32,
 }
 
 /// How long one thread may take to stop.
@@ -55,11 +59,18 @@ const STOP_DEADLINE: Duration = Duration::from_secs(2);
 impl Frozen {
     /// Seizes and stops every thread of `pid`, including threads created meanwhile.
     pub fn freeze(pid: i32) -> Result<Frozen> {
+        Frozen::freeze_except(pid, 0)
+    }
+
+    /// [`Frozen::freeze`], leaving thread `skip` running (0: none).
+    pub fn freeze_except(pid: i32, skip: i32) -> Result<Frozen> {
         let started = Instant::now();
         let mut f = Frozen {
             pid,
             threads: Vec::new(),
             started,
+            unstopped: 0,
+            skip,
         };
         f.seize_all(ptrace::Options::empty(), |f, tid| {
             if ptrace::interrupt(Pid::from_raw(tid)).is_err() {
@@ -91,6 +102,8 @@ impl Frozen {
             pid,
             threads: Vec::new(),
             started,
+            unstopped: 0,
+            skip: 0,
         };
         let opts = ptrace::Options::PTRACE_O_TRACEEXIT | ptrace::Options::PTRACE_O_TRACECLONE;
         f.seize_all(opts, |_, _| Ok(()))?;
@@ -156,7 +169,9 @@ impl Frozen {
                 std::thread::sleep(Duration::from_micros(200));
             }
         }
+        let before = f.threads.len();
         f.threads.retain(|t| stopped.contains(&t.0));
+        f.unstopped = (before - f.threads.len()) as u64;
         if f.threads.is_empty() {
             bail!("process {pid} ended before it could be captured");
         }
@@ -175,7 +190,7 @@ impl Frozen {
         loop {
             let new: Vec<i32> = crate::procfs::tasks(pid)?
                 .into_iter()
-                .filter(|t| !self.threads.iter().any(|(x, _)| x == t))
+                .filter(|t| *t != self.skip && !self.threads.iter().any(|(x, _)| x == t))
                 .collect();
             if new.is_empty() {
                 return Ok(());
@@ -201,6 +216,8 @@ impl Frozen {
             pid,
             threads: Vec::new(),
             started,
+            unstopped: 0,
+            skip: 0,
         };
         let mut candidates = vec![tid];
         candidates.extend(crate::procfs::tasks(pid)?);
@@ -253,6 +270,23 @@ impl Frozen {
     /// Process id.
     pub fn pid(&self) -> i32 {
         self.pid
+    }
+
+    /// Registers of every frozen thread that has them, and how many threads kal holds or
+    /// saw whose registers it could not read (a thread that exited meanwhile has none and
+    /// is not counted).
+    pub fn regs_and_missing(&self) -> (Vec<ThreadRegs>, u64) {
+        let mut out = Vec::with_capacity(self.threads.len());
+        let mut missing = self.unstopped;
+        for &(tid, _) in &self.threads {
+            match ptrace::getregs(Pid::from_raw(tid)) {
+                Ok(regs) => out.push(ThreadRegs { tid, regs }),
+                Err(Errno::ESRCH)
+                    if !crate::procfs::tasks(self.pid).is_ok_and(|t| t.contains(&tid)) => {}
+                Err(_) => missing += 1,
+            }
+        }
+        (out, missing)
     }
 
     /// Registers of every frozen thread.

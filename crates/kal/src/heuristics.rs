@@ -45,7 +45,10 @@ impl<'a> Heuristics<'a> {
 
     fn word(&self, addr: u64) -> Option<u64> {
         let mut b = [0u8; 8];
-        (self.mem.read(addr, &mut b) == 8).then(|| u64::from_le_bytes(b))
+        self.mem
+            .read(addr, &mut b)
+            .is_ok()
+            .then(|| u64::from_le_bytes(b))
     }
 
     /// The file mapping holding `addr`: `(end, readable, executable)`.
@@ -133,17 +136,18 @@ impl<'a> Heuristics<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::memory::Unreadable;
 
     /// Memory made of a few words at fixed addresses.
     struct Words(Vec<(u64, u64)>);
     impl Memory for Words {
-        fn read(&self, addr: u64, buf: &mut [u8]) -> usize {
+        fn read(&self, addr: u64, buf: &mut [u8]) -> Result<(), Unreadable> {
             match self.0.iter().find(|w| w.0 == addr) {
                 Some(w) if buf.len() == 8 => {
                     buf.copy_from_slice(&w.1.to_le_bytes());
-                    8
+                    Ok(())
                 }
-                _ => 0,
+                _ => Err(Unreadable { read: 0 }),
             }
         }
     }

@@ -33,9 +33,11 @@ pub mod control;
 pub mod elf;
 pub mod fatal;
 pub mod freeze;
+pub mod freeze_copy;
 pub mod heuristics;
 pub mod memory;
 pub mod pace;
+pub mod peer;
 pub mod periodic;
 pub mod procfs;
 pub mod ranges;
@@ -86,9 +88,40 @@ fn thread_cpu_ms() -> f64 {
     t.tv_sec as f64 * 1e3 + t.tv_nsec as f64 / 1e6
 }
 
+/// Step 3 with suppressions, as LeakSanitizer does it: blocks of suppressed lost records
+/// become roots and the classification runs again, so what only they point to is not
+/// reported as lost. The suppressed blocks keep their first class (the report counts them
+/// as suppressed); what they reach becomes reachable.
+pub fn classify_with(cap: &capture::Capture, supp: &suppress::Suppressions) -> Vec<reach::Kind> {
+    let kinds = classify(cap);
+    if supp.is_empty() {
+        return kinds;
+    }
+    let chosen = suppress::suppressed_blocks(cap, &kinds, supp, &symbolize::Symbols::new());
+    if chosen.is_empty() {
+        return kinds;
+    }
+    let mut roots = roots::roots(cap);
+    roots
+        .values
+        .extend(chosen.iter().map(|&i| cap.blocks[i].addr));
+    let heuristics = heuristics::Heuristics::new(cap.heap.as_ref(), &cap.maps);
+    let mut again = reach::classify(
+        &cap.blocks,
+        &cap.image,
+        &roots,
+        cap.heap.as_ref(),
+        Some(&heuristics),
+    );
+    for i in chosen {
+        again[i] = kinds[i];
+    }
+    again
+}
+
 /// Steps 3 to 5 on a capture: roots, classification, symbolized records.
 pub fn analyze(cap: &capture::Capture, opts: &report::Options) -> report::Report {
-    let kinds = classify(cap);
+    let kinds = classify_with(cap, &opts.suppressions);
     report::build(
         cap,
         &kinds,
@@ -115,6 +148,9 @@ pub fn debug_roots(cap: &capture::Capture) {
             "root {s:#x}-{e:#x} {m} copied={}",
             cap.image.words(*s, e - s).is_some()
         );
+    }
+    for k in &cap.kernel_values {
+        eprintln!("root value {:#x} ({})", k.value, k.label);
     }
     for m in &cap.maps {
         eprintln!(

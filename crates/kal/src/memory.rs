@@ -1,13 +1,27 @@
 //! Where target memory comes from: one [`Memory`] trait for every source, and an [`Image`]
 //! (copied segments) that the scanner reads.
 
-use anyhow::Result;
+/// A read that could not fill its whole buffer: unreadable pages were left as zeros.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Unreadable {
+    /// Bytes that were really read.
+    pub read: usize,
+}
+
+impl std::fmt::Display for Unreadable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "memory unreadable ({} bytes read)", self.read)
+    }
+}
+
+impl std::error::Error for Unreadable {}
 
 /// A source of target memory: a live (frozen) process, a snapshot child, a core file…
 pub trait Memory {
-    /// Fills `buf` from address `addr`; unreadable pages are left as zeros.
-    /// Returns how many bytes were really read.
-    fn read(&self, addr: u64, buf: &mut [u8]) -> usize;
+    /// Fills `buf` from address `addr`. When part of it cannot be read, the unreadable
+    /// pages are left as zeros, the readable ones are filled all the same, and the error
+    /// says how many bytes were read: a caller must never take those zeros for memory.
+    fn read(&self, addr: u64, buf: &mut [u8]) -> Result<(), Unreadable>;
 
     /// The parts of `[start, end)` that may hold non-zero data (pages never touched read as
     /// zeros and need not be copied). By default, all of it.
@@ -102,17 +116,49 @@ impl Drop for Words {
 }
 
 /// Copies `[addr, addr + 8*len)` from `mem` into fresh words, reading only present pages.
+/// Unreadable parts read as zeros; use [`read_words_gaps`] where they matter.
 pub fn read_words(mem: &dyn Memory, addr: u64, len: usize) -> Words {
+    read_words_gaps(mem, addr, len).0
+}
+
+/// Like [`read_words`], and also returns the ranges that could not be read (sorted,
+/// disjoint, page-granular), which hold zeros in the copy.
+pub fn read_words_gaps(mem: &dyn Memory, addr: u64, len: usize) -> (Words, Vec<(u64, u64)>) {
     let mut w = Words::zeroed(len);
     let end = addr + len as u64 * 8;
     let bytes = w.bytes_mut();
+    let mut gaps = Vec::new();
     for (s, e) in mem.present(addr, end) {
         let (s, e) = (s.max(addr), e.min(end));
         if e > s {
-            mem.read(s, &mut bytes[(s - addr) as usize..(e - addr) as usize]);
+            let buf = &mut bytes[(s - addr) as usize..(e - addr) as usize];
+            if mem.read(s, buf).is_err() {
+                gaps.extend(unreadable_pages(mem, s, buf));
+            }
         }
     }
-    w
+    (w, crate::ranges::normalize(gaps))
+}
+
+/// After a read of `[addr, addr + buf.len())` failed: the pages that really cannot be read
+/// (each read again on its own, so `buf` ends up with every readable byte).
+fn unreadable_pages(mem: &dyn Memory, addr: u64, buf: &mut [u8]) -> Vec<(u64, u64)> {
+    let end = addr + buf.len() as u64;
+    let mut gaps: Vec<(u64, u64)> = Vec::new();
+    let mut at = addr;
+    while at < end {
+        let next = ((at / PAGE) + 1) * PAGE;
+        let upto = next.min(end);
+        let piece = &mut buf[(at - addr) as usize..(upto - addr) as usize];
+        if mem.read(at, piece).is_err() {
+            match gaps.last_mut() {
+                Some(g) if g.1 == at => g.1 = upto,
+                _ => gaps.push((at, upto)),
+            }
+        }
+        at = upto;
+    }
+    gaps
 }
 
 /// Memory of a live process, read through `/proc/PID/mem` (or with `process_vm_readv`
@@ -204,7 +250,7 @@ impl Memory for ProcessMemory {
             .unwrap_or_else(|| vec![(start, end)])
     }
 
-    fn read(&self, addr: u64, buf: &mut [u8]) -> usize {
+    fn read(&self, addr: u64, buf: &mut [u8]) -> Result<(), Unreadable> {
         const CHUNK: usize = 1 << 20;
         let mut done = 0;
         let mut total = 0;
@@ -223,7 +269,11 @@ impl Memory for ProcessMemory {
             }
             done = end;
         }
-        total
+        if total == buf.len() {
+            Ok(())
+        } else {
+            Err(Unreadable { read: total })
+        }
     }
 }
 
@@ -334,13 +384,19 @@ pub fn read_into(mem: &dyn Memory, addr: u64, words: &mut [u64]) -> bool {
     // SAFETY: a u64 slice viewed as bytes of the same length; u8 has no alignment.
     let bytes =
         unsafe { std::slice::from_raw_parts_mut(words.as_mut_ptr().cast::<u8>(), words.len() * 8) };
-    if mem.read(addr, bytes) < bytes.len() {
+    if mem.read(addr, bytes).is_err() {
         // Partly unreadable: what read() could not fill must not keep old contents.
         bytes.fill(0);
-        mem.read(addr, bytes);
+        let _ = mem.read(addr, bytes);
         return false;
     }
     true
+}
+
+/// Words viewed as bytes.
+fn as_bytes(w: &[u64]) -> &[u8] {
+    // SAFETY: a u64 slice viewed as bytes of the same length; u8 has no alignment.
+    unsafe { std::slice::from_raw_parts(w.as_ptr().cast::<u8>(), w.len() * 8) }
 }
 
 /// A copied segment of target memory.
@@ -366,19 +422,43 @@ pub struct Image {
 }
 
 impl Image {
-    /// Copies the 8-aligned ranges `ranges` (sorted, non-overlapping) from `mem`.
-    pub fn copy(mem: &dyn Memory, ranges: &[(u64, u64)]) -> Result<Image> {
+    /// Copies the 8-aligned ranges `ranges` (sorted, non-overlapping) from `mem`. Also
+    /// returns the ranges that could not be read: they hold zeros in the image, and a
+    /// capture records them as gaps.
+    pub fn copy(mem: &dyn Memory, ranges: &[(u64, u64)]) -> (Image, Vec<(u64, u64)>) {
         let mut segments = Vec::with_capacity(ranges.len());
+        let mut gaps = Vec::new();
         for &(s, e) in ranges {
             let (s, e) = (s & !7, (e + 7) & !7);
             if e <= s {
                 continue;
             }
-            let words = read_words(mem, s, ((e - s) / 8) as usize);
+            let (words, g) = read_words_gaps(mem, s, ((e - s) / 8) as usize);
+            gaps.extend(g);
             segments.push(Segment { start: s, words });
         }
         segments.sort_by_key(|s| s.start);
-        Ok(Image { segments })
+        (Image { segments }, gaps)
+    }
+
+    /// Adds segments copied elsewhere (from another source), replacing what this image
+    /// holds of their ranges.
+    pub fn overlay(&mut self, other: Image) {
+        let taken: Vec<(u64, u64)> = other.segments.iter().map(|g| (g.start, g.end())).collect();
+        let mut kept = Vec::with_capacity(self.segments.len() + other.segments.len());
+        for g in std::mem::take(&mut self.segments) {
+            for (s, e) in crate::ranges::subtract(&[(g.start, g.end())], &taken) {
+                let a = ((s - g.start) / 8) as usize;
+                let mut words = Words::zeroed(((e - s) / 8) as usize);
+                words
+                    .bytes_mut()
+                    .copy_from_slice(as_bytes(&g.words[a..a + ((e - s) / 8) as usize]));
+                kept.push(Segment { start: s, words });
+            }
+        }
+        kept.extend(other.segments);
+        kept.sort_by_key(|s| s.start);
+        self.segments = kept;
     }
 
     /// The words covering `[addr, addr+len)`, if one segment holds them all
@@ -432,17 +512,18 @@ mod tests {
 
     struct Fake;
     impl Memory for Fake {
-        fn read(&self, addr: u64, buf: &mut [u8]) -> usize {
+        fn read(&self, addr: u64, buf: &mut [u8]) -> Result<(), Unreadable> {
             for (i, b) in buf.iter_mut().enumerate() {
                 *b = ((addr + i as u64) & 0xff) as u8;
             }
-            buf.len()
+            Ok(())
         }
     }
 
     #[test]
     fn image_lookups_stay_inside_segments() {
-        let img = Image::copy(&Fake, &[(0x1000, 0x1010), (0x2000, 0x2008)]).unwrap();
+        let (img, gaps) = Image::copy(&Fake, &[(0x1000, 0x1010), (0x2000, 0x2008)]);
+        assert!(gaps.is_empty());
         assert_eq!(
             img.word(0x1008),
             Some(u64::from_le_bytes([8, 9, 10, 11, 12, 13, 14, 15]))
@@ -454,6 +535,42 @@ mod tests {
         let mut pieces = Vec::new();
         img.for_each_piece(0x1008, 0x2008, |w| pieces.push(w.len()));
         assert_eq!(pieces, vec![1, 1]);
+    }
+
+    /// [`Fake`] with the page at 0x3000 unreadable.
+    struct Holed;
+    impl Memory for Holed {
+        fn read(&self, addr: u64, buf: &mut [u8]) -> Result<(), Unreadable> {
+            let mut read = 0;
+            for (i, b) in buf.iter_mut().enumerate() {
+                let a = addr + i as u64;
+                *b = if (0x3000..0x4000).contains(&a) {
+                    0
+                } else {
+                    (a & 0xff) as u8
+                };
+                read += usize::from(!(0x3000..0x4000).contains(&a));
+            }
+            if read == buf.len() {
+                Ok(())
+            } else {
+                Err(Unreadable { read })
+            }
+        }
+    }
+
+    #[test]
+    fn an_unreadable_page_is_a_recorded_gap_not_silent_zeros() {
+        let (img, gaps) = Image::copy(&Holed, &[(0x2ff8, 0x4010)]);
+        assert_eq!(gaps, vec![(0x3000, 0x4000)]);
+        assert_eq!(
+            img.word(0x2ff8),
+            Some(u64::from_le_bytes(std::array::from_fn(|i| 0xf8 + i as u8)))
+        );
+        assert_eq!(
+            img.word(0x4008),
+            Some(u64::from_le_bytes(std::array::from_fn(|i| 8 + i as u8)))
+        );
     }
 
     #[test]
@@ -484,8 +601,8 @@ mod tests {
         let data = [7u8; 64];
         let mem = ProcessMemory::new(std::process::id() as i32);
         let mut buf = [0u8; 64];
-        assert_eq!(mem.read(data.as_ptr() as u64, &mut buf), 64);
+        assert_eq!(mem.read(data.as_ptr() as u64, &mut buf), Ok(()));
         assert_eq!(buf, data);
-        assert_eq!(mem.read(8, &mut buf[..8]), 0);
+        assert_eq!(mem.read(8, &mut buf[..8]), Err(Unreadable { read: 0 }));
     }
 }

@@ -365,7 +365,7 @@ impl Periodic {
         let r = &o.c.report;
         let sm = &r.summary;
         let head = format!("[{}] =={}== kal check {}:", o.time, r.pid, self.count);
-        let warning = if r.tracking_complete {
+        let mut warning = if r.tracking_complete {
             String::new()
         } else {
             format!(
@@ -373,6 +373,11 @@ impl Periodic {
                 r.untracked_allocations
             )
         };
+        if let Some(g) = report::gaps_line(r) {
+            warning.push_str(&format!(
+                " WARNING: {g}; lost counts may include false positives;"
+            ));
+        }
         let _ = writeln!(
             s,
             "{head}{warning} new: definitely lost {} bytes in {} blocks, indirectly lost {} bytes in {} blocks; total: definitely lost {} bytes in {} blocks, indirectly lost {} bytes in {} blocks, possibly lost {} bytes in {} blocks (paused {:.2} ms{})",

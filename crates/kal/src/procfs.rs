@@ -1,4 +1,4 @@
-//! Small readers for `/proc/PID/maps` and `/proc/PID/task`.
+//! Small readers for `/proc/PID/maps`, `smaps`, `task`, `fd`, `fdinfo` and `timers`.
 
 use anyhow::{Context, Result};
 
@@ -49,7 +49,8 @@ fn parse_line(line: &str) -> Option<Mapping> {
     let offset = u64::from_str_radix(it.next()?, 16).ok()?;
     let _dev = it.next()?;
     let inode = it.next()?.parse().ok()?;
-    let path = it.next().unwrap_or("").trim_start().to_string();
+    // The kernel writes a newline in a path as `\012` (the only character it escapes).
+    let path = it.next().unwrap_or("").trim_start().replace("\\012", "\n");
     let (s, e) = range.split_once('-')?;
     if perms.len() < 4 {
         return None;
@@ -69,9 +70,107 @@ fn parse_line(line: &str) -> Option<Mapping> {
 
 /// Reads the mappings of a process.
 pub fn maps(pid: i32) -> Result<Vec<Mapping>> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/maps"))
+    let raw = std::fs::read(format!("/proc/{pid}/maps"))
         .with_context(|| format!("cannot read the memory map of process {pid}"))?;
-    Ok(parse_maps(&text))
+    // Paths need not be UTF-8: such a path is shown lossily, the mapping is kept.
+    Ok(parse_maps(&String::from_utf8_lossy(&raw)))
+}
+
+/// One mapping of `/proc/PID/smaps` with the figures kal uses.
+#[derive(Debug, Clone)]
+pub struct SmapsEntry {
+    /// The maps line.
+    pub mapping: Mapping,
+    /// Resident bytes.
+    pub rss: u64,
+    /// Bytes of anonymous pages (for a file mapping: pages written, copied on write).
+    pub anonymous: u64,
+    /// `VmFlags: dc` (`MADV_DONTFORK`): absent from a fork copy.
+    pub dontfork: bool,
+    /// `VmFlags: wf` (`MADV_WIPEONFORK`): zeros in a fork copy.
+    pub wipeonfork: bool,
+}
+
+/// Parses the text of an smaps file.
+pub fn parse_smaps(text: &str) -> Vec<SmapsEntry> {
+    let kb = |v: &str| {
+        v.trim()
+            .trim_end_matches("kB")
+            .trim()
+            .parse::<u64>()
+            .unwrap_or(0)
+            * 1024
+    };
+    let mut out: Vec<SmapsEntry> = Vec::new();
+    for line in text.lines() {
+        if let Some(mapping) = parse_line(line) {
+            out.push(SmapsEntry {
+                mapping,
+                rss: 0,
+                anonymous: 0,
+                dontfork: false,
+                wipeonfork: false,
+            });
+            continue;
+        }
+        let Some(e) = out.last_mut() else { continue };
+        if let Some(v) = line.strip_prefix("Rss:") {
+            e.rss = kb(v);
+        } else if let Some(v) = line.strip_prefix("Anonymous:") {
+            e.anonymous = kb(v);
+        } else if let Some(v) = line.strip_prefix("VmFlags:") {
+            e.dontfork = v.split_whitespace().any(|f| f == "dc");
+            e.wipeonfork = v.split_whitespace().any(|f| f == "wf");
+        }
+    }
+    out
+}
+
+/// Reads the smaps of a process.
+pub fn smaps(pid: i32) -> Result<Vec<SmapsEntry>> {
+    let raw = std::fs::read(format!("/proc/{pid}/smaps"))
+        .with_context(|| format!("cannot read the memory map of process {pid}"))?;
+    Ok(parse_smaps(&String::from_utf8_lossy(&raw)))
+}
+
+/// The open file descriptors of a process, sorted.
+pub fn fds(pid: i32) -> Result<Vec<i32>> {
+    let mut v: Vec<i32> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .with_context(|| format!("cannot list the files of process {pid}"))?
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect();
+    v.sort_unstable();
+    Ok(v)
+}
+
+/// Whether descriptor `fd` of process `pid` is an epoll instance.
+pub fn is_epoll(pid: i32, fd: i32) -> bool {
+    std::fs::read_link(format!("/proc/{pid}/fd/{fd}"))
+        .is_ok_and(|l| l.as_os_str() == "anon_inode:[eventpoll]")
+}
+
+/// The `data` of every registration of an epoll descriptor, from its fdinfo text
+/// (`tfd: 5 events: 19 data: 7f0012345678 pos:0 …`).
+pub fn parse_epoll_data(fdinfo: &str) -> Vec<u64> {
+    fdinfo
+        .lines()
+        .filter(|l| l.starts_with("tfd:"))
+        .filter_map(|l| {
+            let rest = &l[l.find("data:")? + 5..];
+            u64::from_str_radix(rest.split_whitespace().next()?, 16).ok()
+        })
+        .collect()
+}
+
+/// The `sigev_value` of every POSIX timer, from the text of `/proc/PID/timers`
+/// (`signal: 14/00007f0012345678`).
+pub fn parse_timer_values(text: &str) -> Vec<u64> {
+    text.lines()
+        .filter_map(|l| {
+            let v = l.strip_prefix("signal:")?.split('/').nth(1)?.trim();
+            u64::from_str_radix(v.trim_start_matches("0x"), 16).ok()
+        })
+        .collect()
 }
 
 /// Thread ids of a process, sorted.
@@ -111,5 +210,35 @@ mod tests {
         assert!(m[1].write && !m[1].is_file());
         assert_eq!(m[2].path, "[stack]");
         assert!(m[2].contains(0x7ffd3fff) && !m[2].contains(0x7ffd4000));
+    }
+
+    #[test]
+    fn a_newline_in_a_path_is_unescaped() {
+        let m = parse_maps("1000-2000 r-xp 00000000 fe:01 9   /tmp/a\\012b/prog\n");
+        assert_eq!(m[0].path, "/tmp/a\nb/prog");
+    }
+
+    #[test]
+    fn parses_smaps_flags_epoll_data_and_timers() {
+        let s = parse_smaps(
+            "7f00-8f00 rw-p 00000000 00:00 0 \n\
+             Rss:                   8 kB\n\
+             Anonymous:             4 kB\n\
+             VmFlags: rd wr mr mw me dc ac \n\
+             9f00-af00 rw-s 00000000 00:01 7  /dev/zero (deleted)\n\
+             VmFlags: rd wr sh mr mw me ms wf \n",
+        );
+        assert_eq!(s.len(), 2);
+        assert_eq!((s[0].rss, s[0].anonymous), (8192, 4096));
+        assert!(s[0].dontfork && !s[0].wipeonfork);
+        assert!(!s[1].dontfork && s[1].wipeonfork && s[1].mapping.shared);
+        let e = parse_epoll_data(
+            "pos:\t0\nflags:\t02\ntfd:        4 events:       19 data:     7f0012345678  pos:0 ino:30f72 sdev:f\n",
+        );
+        assert_eq!(e, vec![0x7f00_1234_5678]);
+        let t = parse_timer_values(
+            "ID: 0\nsignal: 14/00007f0012345678\nnotify: signal/pid.12\nClockID: 1\n",
+        );
+        assert_eq!(t, vec![0x7f00_1234_5678]);
     }
 }

@@ -461,7 +461,9 @@ impl Marker<'_, '_> {
 /// Reads one 8-byte word from `mem`.
 fn read_word(mem: &dyn Memory, addr: u64) -> Option<u64> {
     let mut b = [0u8; 8];
-    (mem.read(addr, &mut b) == 8).then(|| u64::from_le_bytes(b))
+    mem.read(addr, &mut b)
+        .is_ok()
+        .then(|| u64::from_le_bytes(b))
 }
 
 /// Classifies every block. `blocks` must be sorted by address; their contents are read
@@ -625,7 +627,7 @@ mod tests {
     }
 
     impl Memory for Flat {
-        fn read(&self, addr: u64, buf: &mut [u8]) -> usize {
+        fn read(&self, addr: u64, buf: &mut [u8]) -> Result<(), crate::memory::Unreadable> {
             for (k, b) in buf.iter_mut().enumerate() {
                 let a = addr + k as u64;
                 *b = a
@@ -633,7 +635,7 @@ mod tests {
                     .and_then(|o| self.words.get((o / 8) as usize))
                     .map_or(0, |w| w.to_le_bytes()[(a % 8) as usize]);
             }
-            buf.len()
+            Ok(())
         }
     }
 
@@ -721,7 +723,7 @@ mod tests {
         let words = |b: &Block| {
             let (s, e) = words_range(b);
             let mut buf = vec![0u8; (e - s) as usize];
-            mem.read(s, &mut buf);
+            mem.read(s, &mut buf).unwrap();
             buf.chunks_exact(8)
                 .map(|c| u64::from_le_bytes(c.try_into().unwrap()))
                 .collect::<Vec<u64>>()

@@ -24,12 +24,21 @@ use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 /// Why nothing may be reclaimed on the strength of check `c`, if so: a block the agent's
-/// table did not record is never scanned, so whatever only it points to looks lost.
+/// table did not record is never scanned, and a capture with gaps (memory, registers or
+/// kernel-held pointers it could not read) may have missed the only pointer to a block;
+/// either way whatever only they point to looks lost.
 pub fn refusal(c: &crate::check::Check) -> Option<String> {
     let n = c.capture.header.dropped;
-    (n > 0).then(|| {
-        format!(
+    if n > 0 {
+        return Some(format!(
             "tracking is incomplete ({n} allocations were not recorded), so blocks that look lost may be live"
+        ));
+    }
+    let g = &c.capture.gaps;
+    (!g.is_empty()).then(|| {
+        format!(
+            "the capture is incomplete ({}), so blocks that look lost may be live",
+            g.line()
         )
     })
 }

@@ -159,8 +159,13 @@ pub struct Report {
     /// not, blocks only an unrecorded block points to look lost, and nothing is reclaimed.
     pub tracking_complete: bool,
     /// Whether the lost counts can be trusted: false when anything kal knows of makes
-    /// them unreliable (today: incomplete tracking).
+    /// them unreliable (incomplete tracking, or gaps in the capture): they may then
+    /// include false positives.
     pub lost_reliable: bool,
+    /// What the capture could not see (memory not read, registers, kernel-held pointers,
+    /// hooks without a side stack). Not empty: live blocks may look lost, and nothing is
+    /// reclaimed.
+    pub gaps: crate::capture::Gaps,
     /// Where the memory goes: RSS, live blocks, free memory the allocator keeps.
     pub memory: crate::capture::MemoryStats,
     /// What kal reclaimed in this process.
@@ -304,7 +309,8 @@ pub fn build(
         suppressed,
         untracked_allocations: c.header.dropped,
         tracking_complete: c.header.dropped == 0,
-        lost_reliable: c.header.dropped == 0,
+        lost_reliable: c.header.dropped == 0 && c.gaps.is_empty(),
+        gaps: c.gaps.clone(),
         pause_ms: None,
         scan_ms: None,
     }
@@ -464,14 +470,29 @@ pub fn text(r: &Report, frames: usize) -> String {
 }
 
 /// The warning every report about this capture starts with, if its lost counts cannot be
-/// trusted.
+/// trusted (one line).
 pub fn warning(r: &Report) -> Option<String> {
-    (!r.tracking_complete).then(|| {
-        format!(
-            "kal: WARNING: tracking incomplete: {} allocations were not recorded; lost counts below are unreliable",
+    let mut parts = Vec::new();
+    if !r.tracking_complete {
+        parts.push(format!(
+            "tracking incomplete: {} allocations were not recorded",
             r.untracked_allocations
+        ));
+    }
+    if let Some(g) = gaps_line(r) {
+        parts.push(g);
+    }
+    (!parts.is_empty()).then(|| {
+        format!(
+            "kal: WARNING: {}; lost counts below are unreliable and may include false positives",
+            parts.join("; ")
         )
     })
+}
+
+/// The capture's gaps in a few words (`capture incomplete: …`), if it has any.
+pub fn gaps_line(r: &Report) -> Option<String> {
+    (!r.gaps.is_empty()).then(|| format!("capture incomplete: {}", r.gaps.line()))
 }
 
 fn mib(b: u64) -> String {

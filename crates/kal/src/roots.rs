@@ -1,16 +1,21 @@
 //! Step 3a: the roots of the reachability scan.
 //!
-//! Roots are every writable mapping that is not heap (data and bss of every loaded object,
-//! private anonymous mmaps, …), every thread's stack from its stack pointer up (minus the
-//! 128-byte red zone below it), every thread's static TLS block and every thread's
-//! integer registers. Heap memory is scanned only as the contents of reached blocks.
+//! Roots are every mapping that may hold a pointer and is neither heap nor kal's own (the
+//! rule is [`crate::capture::may_hold_roots`]: data and bss of every loaded object, private
+//! and shared anonymous memory, memfd and SysV shm, read-only or writable; memory a fork
+//! copy does not show as it is was read from the frozen target), every thread's stack from
+//! its stack pointer up (minus the 128-byte red zone below it), every thread's static TLS
+//! block, every thread's integer registers, and the pointers the kernel holds for the
+//! process (epoll registrations' data, POSIX timers' `sigev_value`). Heap memory is scanned
+//! only as the contents of reached blocks. What could not be read is in the capture's
+//! [`crate::capture::Gaps`].
 //!
 //! Which memory is "heap": `[heap]`; with glibc's allocator, each block's chunk header says
 //! whether it was mmapped (then exactly that chunk's mapping) or lives in a secondary arena
 //! (then exactly that arena heap, from its `heap_info`); with another allocator, every
 //! mapping that holds a live block.
 
-use crate::capture::{active_side_slot, copyable, Block, Capture};
+use crate::capture::{active_side_slot, Block, Capture};
 use crate::memory::Memory;
 use crate::procfs::Mapping;
 use crate::ranges::{normalize, subtract, subtract_sorted};
@@ -69,7 +74,7 @@ pub fn heap_ranges(
             // A secondary arena's heap: heap_info (ar_ptr, prev, size, …) at its aligned base.
             let base = b.addr & !(HEAP_MAX - 1);
             let mut w = [0u8; 8];
-            let size = if mem.read(base + 16, &mut w) == 8 {
+            let size = if mem.read(base + 16, &mut w).is_ok() {
                 u64::from_le_bytes(w)
             } else {
                 0
@@ -132,12 +137,7 @@ pub fn roots(c: &Capture) -> Roots {
     excluded.extend_from_slice(&tables);
     excluded.extend_from_slice(&dead_stacks);
     let excluded = normalize(excluded);
-    let general: Vec<(u64, u64)> = c
-        .maps
-        .iter()
-        .filter(|m| copyable(m))
-        .map(|m| (m.start, m.end))
-        .collect();
+    let general = c.root_maps.clone();
     let without_blocks = |r: Vec<(u64, u64)>, also: &[(u64, u64)]| {
         subtract_sorted(&subtract(&normalize(r), also), blocks())
     };
@@ -146,7 +146,8 @@ pub fn roots(c: &Capture) -> Roots {
     ranges.extend(without_blocks(live_stacks, &tables));
     ranges.extend(side_live);
     ranges.extend(without_blocks(tls, &tables));
-    let values = c.threads.iter().flat_map(|t| t.values()).collect();
+    let mut values: Vec<u64> = c.threads.iter().flat_map(|t| t.values()).collect();
+    values.extend(c.kernel_values.iter().map(|k| k.value));
     Roots {
         ranges: normalize(ranges),
         values,

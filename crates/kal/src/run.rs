@@ -119,10 +119,20 @@ struct Conn {
 pub fn run(opts: &RunOptions) -> Result<i32> {
     let program = resolve_program(&opts.program)?;
     crate::elf::check_preloadable(&program)?;
+    let own = crate::elf::own_allocator(&program);
+    if !own.is_empty() {
+        eprintln!(
+            "kal: {} defines its own {}: allocations made through it never reach the C library and are not tracked (only those that do are)",
+            program.display(),
+            own.join("/")
+        );
+    }
     let agent = find_agent()?;
 
+    // Private whatever the umask: only kal and the program's processes may say hello.
     let dir = tempfile::Builder::new()
         .prefix("kal-")
+        .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o700))
         .tempdir()
         .context("cannot create a private directory")?;
     let sock = dir.path().join("agent.sock");
@@ -134,6 +144,11 @@ pub fn run(opts: &RunOptions) -> Result<i32> {
         preload.push(":");
         preload.push(old);
     }
+    // Orphans of the program (a daemon whose parent exited) are adopted by kal rather than
+    // by init: they stay descendants kal accepts, reports and reaps.
+    // SAFETY: prctl with integer arguments only.
+    unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
+    let me = std::process::id() as i32;
     let mut child = Command::new(&opts.program)
         .args(&opts.args)
         .env("LD_PRELOAD", preload)
@@ -209,7 +224,7 @@ pub fn run(opts: &RunOptions) -> Result<i32> {
                 keep.push(c);
                 continue;
             }
-            match handle(c, main_pid, opts, periodic.as_ref()) {
+            match handle(c, me, main_pid, opts, periodic.as_ref()) {
                 Ok(Handled::Keep(c)) => {
                     hellos += 1;
                     keep.push(c)
@@ -223,7 +238,8 @@ pub fn run(opts: &RunOptions) -> Result<i32> {
         if status.is_none() {
             status = child.try_wait()?;
         }
-        if status.is_some() && conns.iter().all(|c| c.pid.is_none()) {
+        let adopted = reap_adopted(main_pid, status.is_some());
+        if status.is_some() && !adopted && conns.iter().all(|c| c.pid.is_none()) {
             break;
         }
     }
@@ -242,6 +258,49 @@ pub fn run(opts: &RunOptions) -> Result<i32> {
     })
 }
 
+/// Reaps adopted orphans that exited (never the program itself while its status is still
+/// to be collected); true while kal still has children other than the program.
+fn reap_adopted(main_pid: i32, main_reaped: bool) -> bool {
+    loop {
+        // SAFETY: a zeroed siginfo is a valid value for waitid to fill.
+        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+        // SAFETY: waitid peeks (WNOWAIT) at our own children into our own siginfo.
+        let r = unsafe {
+            libc::waitid(
+                libc::P_ALL,
+                0,
+                &mut info,
+                libc::WEXITED | libc::WNOHANG | libc::WNOWAIT,
+            )
+        };
+        if r != 0 {
+            return false; // ECHILD: no children at all
+        }
+        // SAFETY: waitid filled the siginfo (si_pid is 0 when no child has exited).
+        let pid = unsafe { info.si_pid() };
+        if pid == 0 || (pid == main_pid && !main_reaped) {
+            return has_child_besides(main_pid);
+        }
+        let mut st = 0;
+        // SAFETY: reaping a child of ours that has exited.
+        unsafe { libc::waitpid(pid, &mut st, libc::WNOHANG) };
+    }
+}
+
+/// Whether kal has a child other than `main_pid`.
+fn has_child_besides(main_pid: i32) -> bool {
+    let me = std::process::id();
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{me}/task")) else {
+        return false;
+    };
+    tasks.flatten().any(|t| {
+        std::fs::read_to_string(t.path().join("children"))
+            .unwrap_or_default()
+            .split_whitespace()
+            .any(|p| p.parse::<i32>().is_ok_and(|p| p != main_pid))
+    })
+}
+
 enum Handled {
     Keep(Conn),
     Done(bool),
@@ -250,6 +309,7 @@ enum Handled {
 
 fn handle(
     mut c: Conn,
+    me: i32,
     main_pid: i32,
     opts: &RunOptions,
     periodic: Option<&crate::periodic::Periodic>,
@@ -261,22 +321,30 @@ fn handle(
     let Some(msg) = Hello::decode(&buf) else {
         bail!("ignoring a malformed message from an agent");
     };
+    // The process as the kernel names it in kal's namespace (see `crate::peer`): the
+    // program kal started or one of its descendants (adopted orphans included: kal is
+    // their subreaper), or nobody kal will touch.
+    let Some(pid) =
+        crate::peer::peer_pid(&c.stream).filter(|&p| p != me && crate::peer::descends_from(p, me))
+    else {
+        bail!("ignoring a message from a process kal did not start");
+    };
     if msg.kind == MsgKind::Hello as u32 {
-        c.pid = Some(msg.pid as i32);
+        c.pid = Some(pid);
         c.header = msg.header_addr;
         return Ok(Handled::Keep(c));
     }
     // Exit: trace the exit, let the process run to exit_group, copy it there (as memcheck
     // does, so the exit path's frames are below the stack pointer), let it go, then
     // analyse at leisure.
-    let pid = msg.pid as i32;
+    let tid = crate::peer::host_tid(pid, msg.tid as i32).unwrap_or(pid);
     let (cap, kinds) = {
-        let frozen = Frozen::at_exit(pid, msg.tid as i32, || {
+        let frozen = Frozen::at_exit(pid, tid, || {
             let _ = c.stream.write_all(&[1]);
         })?;
         let cap = capture(&frozen, msg.header_addr)?;
         // Blocks are read from the process itself: scan before letting it go.
-        let kinds = crate::classify(&cap);
+        let kinds = crate::classify_with(&cap, &opts.report.suppressions);
         (cap, kinds)
     };
     drop(c);

@@ -1,11 +1,25 @@
 //! Copy-on-write snapshots of a live process.
 //!
-//! All threads are seized and stopped, their registers saved, and a `clone` (no shared
-//! memory, exit signal 0 so the target never sees a `SIGCHLD`) is injected into one of
-//! them. The child — a frozen copy of the whole address space — arrives traced and stopped;
-//! the target's threads run on at once. kal reads the child at leisure, then kills it and
-//! reaps it by injecting `wait4` into the target. The child is set to die with kal
-//! (`PTRACE_O_EXITKILL`), so a killed kal never leaves a running copy behind.
+//! All threads are seized and stopped and their registers saved. Then the copy is made:
+//!
+//! * **by the agent** (when its control-server thread runs; its id is in the header): kal
+//!   leaves that one thread running and asks it for a snapshot over the control socket. It
+//!   forks the process (no shared memory, exit signal 0: the program never sees a
+//!   `SIGCHLD`), answers with the copy's pid and reaps the copy when it ends; the copy ends
+//!   when kal closes the connection, or when kal dies. No thread of the program ever runs
+//!   code it would not have run, so killing kal at any instant cannot harm it, and nothing
+//!   is left behind (see the agent's `snapshot` module);
+//! * **by injection** otherwise: a `clone` is injected into one thread; the child arrives
+//!   traced and stopped, is set to die with kal (`PTRACE_O_EXITKILL`), and is reaped by
+//!   injecting `wait4` into the target. A kal killed while an injected call is in flight
+//!   can still harm the target: this path is the fallback only.
+//!
+//! Either way the target's threads run on as soon as the copy exists, and kal reads the
+//! copy at leisure.
+//!
+//! What the copy cannot show as the target has it (`MADV_DONTFORK`, `MADV_WIPEONFORK` and
+//! shared memory) and the pointers the kernel holds for it are read from the target before
+//! its threads are let go ([`crate::freeze_copy`]); the slow part (smaps) before the freeze.
 //!
 //! Injected registers are restored at the single-step trap that follows the syscall, so the
 //! kernel's own restart logic still applies to a syscall the thread was blocked in.
@@ -13,11 +27,14 @@
 use crate::freeze::{Frozen, ThreadRegs};
 use crate::memory::{Memory, ProcessMemory};
 use anyhow::{bail, Context, Result};
+use kal_proto::ctl::{Op, ReqHeader, Response, Status, RESPONSE_SIZE};
 use nix::errno::Errno;
 use nix::sys::ptrace;
 use nix::sys::signal::{self, Signal};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
 const SYS_CLONE: u64 = 56;
@@ -35,9 +52,18 @@ pub struct Snapshot {
     pub threads: Vec<ThreadRegs>,
     /// How long the target's threads were stopped.
     pub pause: Duration,
-    syscall_at: u64,
-    injector: i32,
+    /// What was read from the frozen target beside the copy, and what could not be.
+    pub extras: crate::freeze_copy::Extras,
+    maker: Maker,
     released: bool,
+}
+
+/// Who made the copy, and so how it is let go.
+enum Maker {
+    /// The agent's server thread; the copy lives while this connection is open.
+    Agent(UnixStream),
+    /// A `clone` injected into thread `injector` at the `syscall` instruction `syscall_at`.
+    Injected { syscall_at: u64, injector: i32 },
 }
 
 /// Address of a `syscall` instruction (`0f 05`) in the target's libc.
@@ -49,7 +75,10 @@ fn find_syscall(pid: i32) -> Result<u64> {
         let mut buf = vec![0u8; 64 * 1024];
         while at < m.end {
             let n = ((m.end - at) as usize).min(buf.len());
-            let got = mem.read(at, &mut buf[..n]);
+            let got = match mem.read(at, &mut buf[..n]) {
+                Ok(()) => n,
+                Err(e) => e.read,
+            };
             if let Some(i) = buf[..got].windows(2).position(|w| w == [0x0f, 0x05]) {
                 return Ok(at + i as u64);
             }
@@ -114,20 +143,140 @@ fn inject(
 
 /// For tests of "kal killed mid-check": with `KAL_TEST_HOLD=<stage>`, sleep 5 s at that
 /// stage (`frozen`: target stopped; `snapshot`: copy alive) so the test can kill kal there.
+/// Says `kal: test hold: <stage>` on stderr once it is there, so a test can wait for it.
 pub fn test_hold(stage: &str) {
     if std::env::var("KAL_TEST_HOLD").is_ok_and(|v| v == stage) {
+        eprintln!("kal: test hold: {stage}");
         std::thread::sleep(Duration::from_secs(5));
     }
 }
 
-/// Takes a snapshot of `pid`.
-pub fn take(pid: i32) -> Result<Snapshot> {
+/// Takes a snapshot of `pid`, whose agent header is at `header_addr`: made by the agent
+/// when its server thread runs, else by injection.
+pub fn take(pid: i32, header_addr: u64) -> Result<Snapshot> {
+    refuse_seccomp(pid)?;
+    let server = server_thread(pid, header_addr);
+    if std::env::var_os("KAL_DEBUG_TIMING").is_some() {
+        eprintln!(
+            "timing: snapshot by {}",
+            if server.is_some() {
+                "the agent"
+            } else {
+                "injection"
+            }
+        );
+    }
+    match server {
+        Some(tid) => take_by_agent(pid, tid),
+        None => take_injected(pid),
+    }
+}
+
+/// A process under seccomp may be killed by its filter for the fork a snapshot needs (a
+/// sandbox's filter typically forbids it, with `SIGSYS`): kal does not try.
+fn refuse_seccomp(pid: i32) -> Result<()> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .with_context(|| format!("process {pid} is gone"))?;
+    let mode = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Seccomp:"))
+        .map(str::trim)
+        .unwrap_or("0");
+    if mode != "0" {
+        bail!(
+            "process {pid} runs under seccomp ({}): its filter may kill it for the fork a live check needs, so kal does not check it live (kal run still reports it at exit)",
+            if mode == "1" { "strict mode" } else { "a filter" }
+        );
+    }
+    Ok(())
+}
+
+/// Whether `child` is a process whose parent is `pid` (a value that is not a fresh child
+/// of the target is never read, traced or signalled as one).
+fn is_child_of(child: i32, pid: i32) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{child}/stat")) else {
+        return false;
+    };
+    let Some(rest) = stat.rfind(')').map(|i| &stat[i + 1..]) else {
+        return false;
+    };
+    rest.split_whitespace()
+        .nth(1)
+        .and_then(|p| p.parse::<i32>().ok())
+        == Some(pid)
+}
+
+/// The agent's running server thread, if any.
+fn server_thread(pid: i32, header_addr: u64) -> Option<i32> {
+    let h = crate::capture::read_header(&ProcessMemory::new(pid), header_addr).ok()?;
+    let tid = h.server_tid as i32;
+    (tid > 0 && std::path::Path::new(&format!("/proc/{pid}/task/{tid}")).exists()).then_some(tid)
+}
+
+/// How long the agent may take to make the copy while the program is stopped.
+const AGENT_DEADLINE: Duration = Duration::from_secs(5);
+
+/// A snapshot made by the agent's server thread `server` while kal holds every other thread.
+fn take_by_agent(pid: i32, server: i32) -> Result<Snapshot> {
+    let plan = crate::freeze_copy::plan(pid);
+    let path = crate::control::socket_path(pid)?;
+    let frozen = Frozen::freeze_except(pid, server)?;
+    frozen.ensure_not_crashing()?;
+    test_hold("frozen");
+    let (threads, missing) = frozen.regs_and_missing();
+    let mut conn = UnixStream::connect(&path).with_context(|| {
+        format!(
+            "cannot reach the kal agent of process {pid} at {}",
+            path.display()
+        )
+    })?;
+    conn.set_read_timeout(Some(AGENT_DEADLINE))?;
+    conn.set_write_timeout(Some(AGENT_DEADLINE))?;
+    let req = ReqHeader {
+        op: Op::Snapshot,
+        count: 0,
+        arg: 0,
+    };
+    conn.write_all(&req.encode())?;
+    let mut b = [0u8; RESPONSE_SIZE];
+    conn.read_exact(&mut b)
+        .with_context(|| format!("the kal agent of process {pid} made no snapshot"))?;
+    let r = Response::decode(&b).context("the agent answered something that is not a response")?;
+    if r.status != Status::Ok as u32 || r.freed_blocks == 0 || r.freed_blocks > i32::MAX as u64 {
+        bail!("the kal agent of process {pid} could not fork a snapshot copy");
+    }
+    let child = r.freed_blocks as i32;
+    if !is_child_of(child, pid) {
+        bail!("the kal agent of process {pid} named {child}, which is not its copy");
+    }
+    // Still frozen, at the instant of the copy: what the copy does not show as it is.
+    let mut extras = plan.read(pid);
+    extras.threads_without_registers = missing;
+    let pause = frozen.paused_for();
+    let crashing = frozen.ensure_not_crashing();
+    drop(frozen);
+    let snap = Snapshot {
+        pid,
+        child,
+        threads,
+        pause,
+        extras,
+        maker: Maker::Agent(conn),
+        released: false,
+    };
+    crashing?; // dropping `snap` closes the connection: the copy ends
+    Ok(snap)
+}
+
+/// A snapshot made by a `clone` injected into one of the target's threads.
+fn take_injected(pid: i32) -> Result<Snapshot> {
     let syscall_at = find_syscall(pid)?;
+    let plan = crate::freeze_copy::plan(pid);
     let mut frozen = Frozen::freeze(pid)?;
     // A thread stopped delivering a fatal signal: the process is crashing, copy nothing.
     frozen.ensure_not_crashing()?;
     test_hold("frozen");
-    let threads = frozen.regs()?;
+    let (threads, missing) = frozen.regs_and_missing();
     let t = threads
         .iter()
         .find(|t| t.tid == pid)
@@ -144,7 +293,10 @@ pub fn take(pid: i32) -> Result<Snapshot> {
         [0, 0, 0, 0],
     )?;
     let _ = ptrace::setoptions(Pid::from_raw(tid), ptrace::Options::empty());
-    let Some(child) = child.or((rc > 0).then_some(rc as i32)) else {
+    // The clone event names the copy; a return value is trusted only if it is a child of
+    // the target (a seccomp TRAP returns the syscall number, which names another process).
+    let fresh = (rc > 0 && is_child_of(rc as i32, pid)).then_some(rc as i32);
+    let Some(child) = child.or(fresh) else {
         bail!(
             "clone failed in process {pid}: {}",
             Errno::from_raw(-rc as i32)
@@ -154,6 +306,9 @@ pub fn take(pid: i32) -> Result<Snapshot> {
     let cp = Pid::from_raw(child);
     let _ = waitpid(cp, Some(WaitPidFlag::__WALL));
     let _ = ptrace::setoptions(cp, ptrace::Options::PTRACE_O_EXITKILL);
+    // Still frozen, at the instant of the copy: what the copy does not show as it is.
+    let mut extras = plan.read(pid);
+    extras.threads_without_registers = missing;
     let pause = frozen.paused_for();
     // A fatal signal that arrived while kal worked: the process dies once let go.
     let crashing = frozen.ensure_not_crashing();
@@ -163,8 +318,11 @@ pub fn take(pid: i32) -> Result<Snapshot> {
         child,
         threads,
         pause,
-        syscall_at,
-        injector: tid,
+        extras,
+        maker: Maker::Injected {
+            syscall_at,
+            injector: tid,
+        },
         released: false,
     };
     crashing?; // dropping `snap` kills the copy
@@ -172,9 +330,26 @@ pub fn take(pid: i32) -> Result<Snapshot> {
 }
 
 impl Snapshot {
-    /// Kills the copy and reaps it inside the target, leaving no trace.
+    /// Ends the copy, leaving no trace: the agent's copy ends and is reaped by the agent
+    /// once the connection closes; an injected one is killed and reaped by injection.
     pub fn release(mut self) -> Result<()> {
         self.released = true;
+        let (syscall_at, injector) = match std::mem::replace(
+            &mut self.maker,
+            Maker::Injected {
+                syscall_at: 0,
+                injector: 0,
+            },
+        ) {
+            Maker::Agent(conn) => {
+                drop(conn);
+                return Ok(());
+            }
+            Maker::Injected {
+                syscall_at,
+                injector,
+            } => (syscall_at, injector),
+        };
         let cp = Pid::from_raw(self.child);
         let _ = signal::kill(cp, Signal::SIGKILL);
         loop {
@@ -187,14 +362,14 @@ impl Snapshot {
             }
         }
         // The target is the child's parent: reap the zombie there with an injected wait4.
-        let mut frozen = Frozen::freeze_one(self.pid, self.injector)?;
+        let mut frozen = Frozen::freeze_one(self.pid, injector)?;
         let regs = frozen.regs()?;
         let t = regs.first().context("no thread to reap in")?;
         let (rc, _) = inject(
             &mut frozen,
             t.tid,
             &t.regs,
-            self.syscall_at,
+            syscall_at,
             SYS_WAIT4,
             [self.child as u64, 0, WALL, 0],
         )?;
@@ -212,7 +387,8 @@ impl Snapshot {
 
 impl Drop for Snapshot {
     fn drop(&mut self) {
-        if !self.released {
+        // An agent's copy ends when the connection (dropped with `maker`) closes.
+        if !self.released && matches!(self.maker, Maker::Injected { .. }) {
             let _ = signal::kill(Pid::from_raw(self.child), Signal::SIGKILL);
         }
     }

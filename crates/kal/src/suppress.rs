@@ -4,8 +4,14 @@
 //! is accepted. `*` matches any run of characters, `?` one character. A record is
 //! suppressed when any frame's function, source file or module — or the file's or module's
 //! base name — matches any pattern.
+//!
+//! As in LeakSanitizer, suppressed blocks are roots: [`suppressed_blocks`] names them and
+//! [`crate::classify_with`] classifies again with them as roots, so blocks a suppressed leak
+//! owns are not reported as indirect leaks.
 
-use crate::symbolize::Frame;
+use crate::capture::Capture;
+use crate::reach::Kind;
+use crate::symbolize::{Frame, Symbols};
 use anyhow::{Context, Result};
 use std::path::Path;
 
@@ -62,6 +68,50 @@ impl Suppressions {
             })
         })
     }
+}
+
+/// Indices (into `c.blocks`) of the lost blocks (direct, indirect or possible) whose
+/// allocation stack `supp` suppresses.
+pub fn suppressed_blocks(
+    c: &Capture,
+    kinds: &[Kind],
+    supp: &Suppressions,
+    symbols: &Symbols,
+) -> Vec<usize> {
+    let lost = |i: usize| kinds[i] != Kind::Reachable;
+    let mut ids: Vec<u32> = (0..c.blocks.len())
+        .filter(|&i| lost(i))
+        .map(|i| c.blocks[i].stack)
+        .collect();
+    ids.sort_unstable();
+    ids.dedup();
+    let mut addrs: Vec<u64> = ids
+        .iter()
+        .filter_map(|id| c.stacks.get(id))
+        .flatten()
+        .copied()
+        .collect();
+    addrs.sort_unstable();
+    addrs.dedup();
+    let resolved = symbols.resolve(&c.maps, &addrs);
+    let matched: std::collections::HashSet<u32> = ids
+        .into_iter()
+        .filter(|id| {
+            let frames: Vec<Frame> = c
+                .stacks
+                .get(id)
+                .map(|s| {
+                    s.iter()
+                        .flat_map(|a| resolved.get(a).cloned().unwrap_or_default())
+                        .collect()
+                })
+                .unwrap_or_default();
+            supp.matches(&frames)
+        })
+        .collect();
+    (0..c.blocks.len())
+        .filter(|&i| lost(i) && matched.contains(&c.blocks[i].stack))
+        .collect()
 }
 
 /// Glob match of the whole text with `*` and `?`.

@@ -37,13 +37,14 @@ impl Default for Symbols {
 }
 
 impl Symbols {
-    /// A symbolizer that reads debug info and demangles.
+    /// A symbolizer that reads debug info and demangles mangled names.
     pub fn new() -> Symbols {
         Symbols {
             inner: Symbolizer::builder()
                 .enable_code_info(true)
                 .enable_inlined_fns(true)
-                .enable_demangling(true)
+                // Demangled here, and only what is mangled (see `demangle`).
+                .enable_demangling(false)
                 .build(),
         }
     }
@@ -94,6 +95,26 @@ impl Symbols {
     }
 }
 
+/// The readable form of a symbol name: C++ (`_Z…`) and Rust (`_R…`, and the legacy
+/// `_ZN…17h<hash>E`) names are demangled; anything else is a name as written (a C
+/// function `f` must not become `float`).
+pub fn demangle(name: &str) -> String {
+    if name.starts_with("_R") || name.starts_with("_ZN") {
+        if let Ok(d) = rustc_demangle::try_demangle(name) {
+            return format!("{d:#}");
+        }
+    }
+    if name.starts_with("_Z") {
+        if let Some(d) = cpp_demangle::Symbol::new(name)
+            .ok()
+            .and_then(|s| s.demangle().ok())
+        {
+            return d;
+        }
+    }
+    name.to_string()
+}
+
 fn unknown(address: u64, module: &str) -> Frame {
     Frame {
         function: "??".into(),
@@ -120,7 +141,7 @@ fn location(ci: Option<&blazesym::symbolize::CodeInfo<'_>>) -> (String, u32) {
 /// inside it, and the containing symbol the location of the outermost inlined call.)
 fn expand(sym: &blazesym::symbolize::Sym<'_>, address: u64, module: &str) -> Vec<Frame> {
     let frame = |function: &str, (file, line): (String, u32)| Frame {
-        function: function.to_string(),
+        function: demangle(function),
         file,
         line,
         module: module.into(),
@@ -135,4 +156,33 @@ fn expand(sym: &blazesym::symbolize::Sym<'_>, address: u64, module: &str) -> Vec
         .collect();
     frames.push(frame(&sym.name, location(sym.code_info.as_deref())));
     frames
+}
+
+#[cfg(test)]
+mod tests {
+    use super::demangle;
+
+    #[test]
+    fn only_mangled_names_are_demangled() {
+        for plain in [
+            "f",
+            "i",
+            "d",
+            "main",
+            "_start",
+            "Z",
+            "_Zebra_not_mangled_but_tries",
+        ] {
+            let out = demangle(plain);
+            assert!(out == plain || plain.starts_with("_Z"), "{plain} -> {out}");
+        }
+        assert_eq!(demangle("f"), "f");
+        assert_eq!(demangle("i"), "i");
+        assert_eq!(demangle("_Z4makei"), "make(int)");
+        assert_eq!(
+            demangle("_ZN9kal_agent5hooks6malloc17h0123456789abcdefE"),
+            "kal_agent::hooks::malloc"
+        );
+        assert_eq!(demangle("_RNvCs1234_7mycrate3foo"), "mycrate::foo");
+    }
 }

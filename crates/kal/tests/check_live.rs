@@ -60,10 +60,14 @@ fn killing_kal_mid_check_leaves_the_target_running() {
             .args(["check", &live.pid.to_string(), "-q"])
             .env("KAL_TEST_HOLD", stage)
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(Stdio::piped())
             .spawn()
             .unwrap();
-        std::thread::sleep(Duration::from_millis(700));
+        // Kill kal only once it says it is held at that stage.
+        let mut err = std::io::BufReader::new(check.stderr.take().unwrap());
+        let mut said = String::new();
+        err.read_line(&mut said).unwrap();
+        assert_eq!(said.trim(), format!("kal: test hold: {stage}"));
         check.kill().unwrap();
         check.wait().unwrap();
         // The program goes on ticking: read a few fresh lines within a deadline.
@@ -183,4 +187,59 @@ fn check_every_reports_what_is_new_as_json_lines() {
     let last = lines.last().unwrap();
     assert_eq!(last["at_exit"], true);
     assert_eq!(totals(last, "direct"), (6000, 60));
+}
+
+#[test]
+fn killing_kal_at_any_instant_of_a_check_never_harms_the_target() {
+    // A 512 MiB target: each snapshot's fork takes a few milliseconds, a window that the
+    // kills below land in, before and after it.
+    let mut live = Live::start_with(&build("verifier.c", &[]), &["512"], &[]);
+    let mut seed = 0x2545_f491_4f6c_dd1d_u64;
+    for _ in 0..40 {
+        let mut check = Command::new(env!("CARGO_BIN_EXE_kal"))
+            .args(["check", &live.pid.to_string(), "-q"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        std::thread::sleep(Duration::from_micros(seed % 40_000));
+        check.kill().unwrap();
+        check.wait().unwrap();
+    }
+    // The program goes on verifying its data; nothing kal made is left in it.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut line = String::new();
+    let mut rounds = 0;
+    while rounds < 3 && Instant::now() < deadline {
+        line.clear();
+        live.out.read_line(&mut line).unwrap();
+        assert!(!line.contains("CORRUPT"), "the target's data changed");
+        rounds += line.starts_with("ok") as i32;
+    }
+    assert_eq!(rounds, 3, "the target must keep running");
+    assert_eq!(live.status("TracerPid:"), "0");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let kids = || all_children(live.pid);
+    while !kids().trim().is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(kids().trim(), "", "copies or zombies left in the target");
+}
+
+#[test]
+fn a_process_under_a_seccomp_filter_is_refused_and_unharmed() {
+    let mut live = Live::start(&build("seccomp.c", &[]));
+    let out = kal(&["check", &live.pid.to_string()]);
+    one_line_error(&out, "seccomp");
+    // The filter kills the process on a fork: it is still running, so none happened.
+    let mut line = String::new();
+    for _ in 0..3 {
+        line.clear();
+        live.out.read_line(&mut line).unwrap();
+        assert_eq!(line.trim(), "tick");
+    }
+    assert_eq!(live.status("TracerPid:"), "0");
 }

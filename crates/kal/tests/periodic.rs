@@ -7,7 +7,6 @@ use serde_json::Value;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::process::ExitStatusExt;
 use std::process::{Command, Stdio};
-use std::sync::mpsc;
 use std::time::Duration;
 
 /// Milliseconds since the epoch of a `"time"` field (`2026-11-21T15:18:49.657Z`); only
@@ -164,36 +163,6 @@ impl Drop for KillOnDrop {
     fn drop(&mut self) {
         // SAFETY: signalling the program this test started (ESRCH once it is gone).
         unsafe { libc::kill(self.0, libc::SIGKILL) };
-    }
-}
-
-/// kal's stderr, line by line, as it comes.
-fn stderr_lines(child: &mut std::process::Child) -> mpsc::Receiver<String> {
-    let (tx, rx) = mpsc::channel();
-    let err = BufReader::new(child.stderr.take().unwrap());
-    std::thread::spawn(move || {
-        for l in err.lines().map_while(Result::ok) {
-            if tx.send(l).is_err() {
-                break;
-            }
-        }
-    });
-    rx
-}
-
-/// Collects lines until one satisfies `want` (panics, with what came, after a minute).
-fn wait_for(rx: &mpsc::Receiver<String>, seen: &mut Vec<String>, want: impl Fn(&str) -> bool) {
-    loop {
-        match rx.recv_timeout(Duration::from_secs(60)) {
-            Ok(l) => {
-                let done = want(&l);
-                seen.push(l);
-                if done {
-                    return;
-                }
-            }
-            Err(e) => panic!("{e}; kal said:\n{}", seen.join("\n")),
-        }
     }
 }
 

@@ -211,3 +211,83 @@ fn bad_input_gets_one_clear_line() {
         "cannot read suppressions file",
     );
 }
+
+#[test]
+fn a_daemon_adopted_after_its_parent_exits_is_still_reported() {
+    let prog = build("daemon.c", &[]);
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("r.json");
+    let out = kal(&[
+        "run",
+        "--json",
+        json.to_str().unwrap(),
+        "--",
+        prog.to_str().unwrap(),
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("did not start"), "{stderr}");
+    let line = line_of("daemon.c", "daemon_leak");
+    let found: Vec<serde_json::Value> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| {
+            serde_json::from_str(&std::fs::read_to_string(e.unwrap().path()).unwrap()).unwrap()
+        })
+        .collect();
+    let daemon = found
+        .iter()
+        .find(|r| !records_at(r, "direct", "daemon.c", line).is_empty())
+        .unwrap_or_else(|| panic!("no report from the daemon: {stderr}"));
+    assert_eq!(totals(daemon, "direct"), (99, 1), "{stderr}");
+}
+
+#[test]
+fn a_blocked_sigterm_read_from_a_signalfd_never_kills_the_program() {
+    let prog = build("signalfd.c", &[]);
+    ensure_agent();
+    for _ in 0..5 {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_kal"))
+            .args(["run", "-q", "--"])
+            .arg(&prog)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut out, &mut line).unwrap();
+        let pid: i32 = line.trim().parse().expect("the program's pid");
+        // SAFETY: signalling the program this test started.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+        let mut rest = String::new();
+        std::io::Read::read_to_string(&mut out, &mut rest).unwrap();
+        let status = child.wait().unwrap();
+        assert_eq!(rest.trim(), "got TERM");
+        assert_eq!(status.code(), Some(0));
+    }
+}
+
+#[test]
+fn under_an_address_space_limit_the_agent_fits_and_the_report_is_complete() {
+    let prog = build("tree.c", &[]);
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("r.json");
+    ensure_agent();
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "ulimit -v 100000; exec {} run --json {} -- {}",
+            env!("CARGO_BIN_EXE_kal"),
+            json.display(),
+            prog.display()
+        ))
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(r["lost_reliable"], true, "{stderr}");
+    assert_eq!(r["gaps"]["hooks_without_side_stack"], 0, "{stderr}");
+    assert_eq!(totals(&r, "direct"), (48, 1), "{stderr}");
+}

@@ -251,3 +251,90 @@ fn same_site_from_two_callers_is_attributed_to_each() {
         (50, 5)
     );
 }
+
+#[test]
+fn c_names_are_not_demangled_as_types() {
+    let prog = build("short_names.c", &["-O1"]);
+    let r = run_json(&[], &prog, &[]);
+    assert_eq!(totals(&r.json, "direct"), (66, 3), "{}", r.stderr);
+    for (func, marker, bytes) in [("f", "in_f", 11), ("i", "in_i", 22), ("d", "in_d", 33)] {
+        let line = line_of("short_names.c", marker);
+        let recs = records_at(&r.json, "direct", "short_names.c", line);
+        assert_eq!(sum(&recs), (bytes, 1), "{}", r.stderr);
+        let names: Vec<&str> = recs[0]["stack"]
+            .as_array()
+            .expect("a stack")
+            .iter()
+            .filter_map(|f| f["function"].as_str())
+            .collect();
+        assert_eq!(names.first().copied(), Some(func), "{names:?}");
+        assert!(
+            !names.iter().any(|n| ["float", "int", "double"].contains(n)),
+            "{names:?}"
+        );
+    }
+    assert!(!r.stderr.contains("float"), "{}", r.stderr);
+}
+
+#[test]
+fn agent_takes_no_pthread_key_and_reuses_dead_threads_stacks() {
+    let prog = build("keys_churn.c", &["-pthread"]);
+    let plain = std::process::Command::new(&prog)
+        .arg("0")
+        .output()
+        .expect("run keys_churn");
+    let plain = String::from_utf8_lossy(&plain.stdout).to_string();
+    assert!(plain.starts_with("keys "), "{plain}");
+    // 3,000 threads one after another: more than the agent has side stacks (2,048).
+    let r = run_json(&[], &prog, &["3000"]);
+    let out = String::from_utf8_lossy(&r.out.stdout).to_string();
+    assert_eq!(out.lines().next(), plain.lines().next(), "{}", r.stderr);
+    let line = line_of("keys_churn.c", "churn_leak");
+    assert_eq!(
+        sum(&records_at(&r.json, "direct", "keys_churn.c", line)),
+        (24 * 3000, 3000),
+        "{}",
+        r.stderr
+    );
+    assert_eq!(totals(&r.json, "direct"), (24 * 3000, 3000));
+    // Dead threads' side stacks and caches were reused, not one per thread.
+    let agent = r.json["memory"]["agent_bytes"]
+        .as_u64()
+        .expect("agent_bytes");
+    assert!(agent < 16 << 20, "agent uses {agent} bytes");
+}
+
+#[test]
+fn a_program_with_its_own_malloc_is_told_it_is_not_tracked() {
+    let prog = build("own_malloc.c", &[]);
+    let r = run_json(&[], &prog, &[]);
+    let line = r
+        .stderr
+        .lines()
+        .find(|l| l.contains("defines its own"))
+        .unwrap_or_else(|| panic!("no line about its own malloc: {}", r.stderr));
+    assert!(line.contains("malloc/free/calloc/realloc"), "{line}");
+    assert!(line.contains("not tracked"), "{line}");
+    // A normal program gets no such line.
+    let plain = build("tree.c", &[]);
+    let r = run_json(&[], &plain, &[]);
+    assert!(!r.stderr.contains("defines its own"), "{}", r.stderr);
+}
+
+#[test]
+fn a_program_whose_path_holds_a_newline_keeps_its_symbols() {
+    let prog = build("tree.c", &[]);
+    let dir = tempfile::tempdir().unwrap();
+    let odd = dir.path().join("new\nline dir");
+    std::fs::create_dir(&odd).unwrap();
+    let copy = odd.join("tree");
+    std::fs::copy(&prog, &copy).unwrap();
+    let r = run_json(&[], &copy, &[]);
+    let line = line_of("tree.c", "node");
+    assert_eq!(
+        sum(&records_at(&r.json, "direct", "tree.c", line)),
+        (48, 1),
+        "{}",
+        r.stderr
+    );
+}

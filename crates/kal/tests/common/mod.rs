@@ -45,7 +45,21 @@ pub fn ensure_agent() {
 }
 
 /// Compiles `name` (C, C++ or Rust, by extension) with debug info; returns the binary.
+/// Each program is compiled once per test binary: a test's running program must never
+/// have its file replaced under it (its mappings would then say `(deleted)`).
 pub fn build(name: &str, extra: &[&str]) -> PathBuf {
+    static BUILT: std::sync::Mutex<Vec<(String, PathBuf)>> = std::sync::Mutex::new(Vec::new());
+    let key = format!("{name} {}", extra.join(" "));
+    let mut built = BUILT.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((_, p)) = built.iter().find(|(k, _)| *k == key) {
+        return p.clone();
+    }
+    let p = compile(name, extra);
+    built.push((key, p.clone()));
+    p
+}
+
+fn compile(name: &str, extra: &[&str]) -> PathBuf {
     let src = src_dir().join(name);
     let stem = Path::new(name).file_stem().unwrap().to_str().unwrap();
     let tag = extra.join("_").replace(['/', '-', '.'], "");
@@ -241,11 +255,9 @@ impl Live {
             .to_string()
     }
 
-    /// Children of the target that are not zombies.
-    /// Children of the program that are not zombies.
+    /// Children of the program (of any of its threads) that are not zombies.
     pub fn live_children(&self) -> Vec<String> {
-        let kids = std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", self.pid))
-            .unwrap_or_default();
+        let kids = all_children(self.pid);
         kids.split_whitespace()
             .filter(|c| {
                 let st = std::fs::read_to_string(format!("/proc/{c}/stat")).unwrap_or_default();
@@ -267,6 +279,20 @@ impl Drop for Live {
         unsafe { libc::kill(self.pid, libc::SIGKILL) };
         let _ = self.kal.wait();
     }
+}
+
+/// The children of every thread of process `pid`, space-separated (zombies included).
+pub fn all_children(pid: i32) -> String {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return String::new();
+    };
+    tasks
+        .flatten()
+        .map(|t| std::fs::read_to_string(t.path().join("children")).unwrap_or_default())
+        .collect::<Vec<_>>()
+        .join(" ")
+        .trim()
+        .to_string()
 }
 
 /// Asserts that kal failed with exit status 125 and one line naming the problem.
@@ -461,4 +487,41 @@ pub fn run_reclaiming(
     let out = kal_env(&a, envs);
     let lines = read_json_lines(&json);
     (out, lines)
+}
+
+/// kal's stderr, line by line, as it comes.
+pub fn stderr_lines(child: &mut std::process::Child) -> std::sync::mpsc::Receiver<String> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let err = BufReader::new(child.stderr.take().unwrap());
+    std::thread::spawn(move || {
+        for l in err.lines().map_while(Result::ok) {
+            if tx.send(l).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+/// Collects lines until one satisfies `want` (panics, with what came, after a minute in
+/// all, however many other lines arrive meanwhile).
+pub fn wait_for(
+    rx: &std::sync::mpsc::Receiver<String>,
+    seen: &mut Vec<String>,
+    want: impl Fn(&str) -> bool,
+) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(l) => {
+                let done = want(&l);
+                seen.push(l);
+                if done {
+                    return;
+                }
+            }
+            Err(e) => panic!("{e}; kal said:\n{}", seen.join("\n")),
+        }
+    }
 }
