@@ -49,6 +49,29 @@ fn checks(lines: &[Value]) -> Vec<&Value> {
     lines.iter().filter(|l| l["check"].is_u64()).collect()
 }
 
+/// Kills the program a test started when the test ends, even by a panic (a program left
+/// waiting for its flag file would otherwise run on forever, and its kal with it).
+struct KillOnDrop(i32);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        // SAFETY: signalling the program this test started (ESRCH once it is gone).
+        unsafe { libc::kill(self.0, libc::SIGKILL) };
+    }
+}
+
+/// The program's pid from its "ready PID" line.
+fn ready_pid(stdout: &mut impl BufRead) -> i32 {
+    let mut ready = String::new();
+    stdout.read_line(&mut ready).unwrap();
+    ready
+        .trim()
+        .strip_prefix("ready ")
+        .unwrap_or_else(|| panic!("no ready line: {ready:?}"))
+        .parse()
+        .unwrap()
+}
+
 /// Pages of a glibc mmapped chunk holding a block of `size` bytes, in bytes.
 fn mmapped_chunk(size: u64) -> u64 {
     (size + 16).div_ceil(4096) * 4096
@@ -185,9 +208,7 @@ fn a_touched_parked_block_gets_its_exact_bytes_back_and_its_site_banned() {
         .spawn()
         .unwrap();
     let mut stdout = std::io::BufReader::new(kal.stdout.take().unwrap());
-    let mut ready = String::new();
-    stdout.read_line(&mut ready).unwrap();
-    assert!(ready.starts_with("ready "), "{ready}");
+    let _guard = KillOnDrop(ready_pid(&mut stdout));
     // Both 1 MiB blocks parked, whole chunks (header page included).
     let both = 2 * mmapped_chunk(1 << 20);
     let parked = wait_for_line(&json, 30, |l| {
@@ -344,14 +365,8 @@ fn kal_reclaim_parks_and_names_each_site_once() {
         .spawn()
         .unwrap();
     let mut stdout = std::io::BufReader::new(run.stdout.take().unwrap());
-    let mut ready = String::new();
-    stdout.read_line(&mut ready).unwrap();
-    let pid: i32 = ready
-        .trim()
-        .strip_prefix("ready ")
-        .unwrap()
-        .parse()
-        .unwrap();
+    let pid = ready_pid(&mut stdout);
+    let _guard = KillOnDrop(pid);
     let json = dir.path().join("r.json");
     let out = kal(&[
         "reclaim",
@@ -492,8 +507,7 @@ fn a_parked_block_the_program_frees_is_restored_first_then_forgotten() {
         .spawn()
         .unwrap();
     let mut stdout = std::io::BufReader::new(kal.stdout.take().unwrap());
-    let mut ready = String::new();
-    stdout.read_line(&mut ready).unwrap();
+    let _guard = KillOnDrop(ready_pid(&mut stdout));
     let chunk = mmapped_chunk(1 << 20);
     wait_for_line(&json, 30, |l| {
         l["reclaimed"]["parked_bytes"].as_u64() == Some(chunk)
@@ -610,17 +624,11 @@ fn a_forked_child_reads_the_exact_bytes_of_parked_blocks() {
         .spawn()
         .unwrap();
     let mut stdout = std::io::BufReader::new(kal.stdout.take().unwrap());
-    let mut ready = String::new();
-    stdout.read_line(&mut ready).unwrap();
-    let pid: i64 = ready
-        .trim()
-        .strip_prefix("ready ")
-        .unwrap()
-        .parse()
-        .unwrap();
+    let pid = ready_pid(&mut stdout);
+    let _guard = KillOnDrop(pid);
     let both = 2 * mmapped_chunk(1 << 20);
     wait_for_line(&json, 30, |l| {
-        l["pid"] == pid && l["reclaimed"]["parked_now_bytes"].as_u64() == Some(both)
+        l["pid"] == pid as i64 && l["reclaimed"]["parked_now_bytes"].as_u64() == Some(both)
     });
     std::fs::write(&flag, b"").unwrap();
     let out = kal.wait_with_output().unwrap();
@@ -638,7 +646,7 @@ fn a_forked_child_reads_the_exact_bytes_of_parked_blocks() {
     let lines = read_json_lines(&json);
     let last = lines
         .iter()
-        .rfind(|l| l["pid"] == pid && l["check"].is_u64())
+        .rfind(|l| l["pid"] == pid as i64 && l["check"].is_u64())
         .unwrap();
     let r = &last["reclaimed"];
     assert_eq!(r["parked_now_bytes"], 0, "{r}");
@@ -662,14 +670,8 @@ fn kal_reclaim_dry_run_with_free_sites_says_what_it_would_free() {
         .spawn()
         .unwrap();
     let mut stdout = std::io::BufReader::new(run.stdout.take().unwrap());
-    let mut ready = String::new();
-    stdout.read_line(&mut ready).unwrap();
-    let pid: i32 = ready
-        .trim()
-        .strip_prefix("ready ")
-        .unwrap()
-        .parse()
-        .unwrap();
+    let pid = ready_pid(&mut stdout);
+    let _guard = KillOnDrop(pid);
     let rss = || {
         let st = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
         st.lines()
