@@ -13,7 +13,9 @@ cd "$(dirname "$0")/.."
 cargo build --release --workspace --quiet
 KAL=target/release/kal
 tmp=$(mktemp -d)
-trap 'rm -rf "$tmp"' EXIT
+pid=""
+# Never leave a 1 GiB spinning program behind, whatever happens.
+trap '[ -n "$pid" ] && kill -9 "$pid" 2>/dev/null; rm -rf "$tmp"' EXIT
 gcc -O2 -g -o "$tmp/stall" bench/stall.c
 
 one() { # $1: fill (pattern|random); $2..: extra kal reclaim flags
@@ -21,7 +23,6 @@ one() { # $1: fill (pattern|random); $2..: extra kal reclaim flags
   : > "$tmp/stall.out"
   KAL_DEBUG_PARK=1 $KAL run -q --error-exitcode 0 -- "$tmp/stall" 256 4194304 "$fill" > "$tmp/stall.out" 2> "$tmp/agent.err" &
   for _ in $(seq 100); do grep -q ready "$tmp/stall.out" 2>/dev/null && break; sleep 0.1; done
-  local pid
   pid=$(awk '/ready/ {print $2}' "$tmp/stall.out")
   echo "== 1 GiB in 256 blocks of 4 MiB, $fill data"
   local t0 t1
@@ -38,7 +39,7 @@ one() { # $1: fill (pattern|random); $2..: extra kal reclaim flags
   for _ in $(seq 100); do grep -q "worst stall" "$tmp/stall.out" && break; sleep 0.1; done
   grep -A1 "worst stall" "$tmp/stall.out"
   # The worst stall that began while the agent ran the park request.
-  read -r p0 p1 < <(awk '/park request/ {print $(NF-4), $(NF-2)}' "$tmp/agent.err")
+  read -r p0 p1 < <(awk '/park request/ {print $(NF-9), $(NF-7)}' "$tmp/agent.err")
   awk -v a="$p0" -v b="$p1" '$1 == "stall" && $2 >= a && $2 <= b { n++; if ($3 > w) w = $3 }
     END { printf "during the park request: %d stalls over 500 us, the worst %d us\n", n, w }' "$tmp/stall.out"
   wait

@@ -103,6 +103,9 @@ impl Agent {
     /// entry. `/dev/userfaultfd` is passed along when kal can open it (as root).
     pub fn park(&self, entries: &[(u64, u64)], arg: u32) -> Result<(Response, Vec<u32>)> {
         let mut s = self.connect()?;
+        // The agent parks at a low priority: on a saturated machine a big request takes a
+        // while (what was parked stays parked if kal gives up waiting).
+        s.set_read_timeout(Some(Duration::from_secs(300)))?;
         let req = request(Op::Park, entries, arg);
         let dev = std::fs::OpenOptions::new()
             .read(true)
