@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Leak-tolerance benchmarks (issue 4). Usage: bash bench/reclaim.sh
+# Leak-tolerance benchmarks of the free mode (issue 4; parking: bench/park.sh).
+# Usage: bash bench/reclaim.sh
 # 1. The classic loop (malloc + memset 4,096,000 bytes every 100 ms, pointer dropped) for
 #    20 s: peak RSS plain, and under `kal run --reclaim --check-every 1s`.
 # 2. 100,000 leaked 64-byte blocks reclaimed by `kal reclaim PID` while the program spins:
@@ -28,13 +29,13 @@ peak_rss() { # runs "$@" in the background, prints the peak RSS (MiB) of the new
 }
 echo "== classic loop, 20 s: peak RSS (MiB)"
 echo "plain                              : $(peak_rss "$tmp/leak_loop" 20)"
-echo "kal run --reclaim --check-every 1s : $(peak_rss $KAL run -q --error-exitcode 0 --reclaim --check-every 1s -- "$tmp/leak_loop" 20)"
+echo "kal run --reclaim=free --free-sites '*' --free-after 0s --check-every 1s : $(peak_rss $KAL run -q --error-exitcode 0 --reclaim=free --free-sites '*' --free-after 0s --check-every 1s -- "$tmp/leak_loop" 20)"
 
 echo "== kal reclaim of 100,000 blocks"
 $KAL run -q --error-exitcode 0 -- "$tmp/stall" 100000 > "$tmp/stall.out" &
 for _ in $(seq 50); do grep -q ready "$tmp/stall.out" 2>/dev/null && break; sleep 0.1; done
 pid=$(awk '/ready/ {print $2}' "$tmp/stall.out")
-$KAL reclaim "$pid" -q 2>&1 | tail -1
+$KAL reclaim "$pid" -q --mode free --free-sites '*' --free-after 0s 2>&1 | tail -1
 kill -USR1 "$pid"
 sleep 0.5
 grep "worst stall" "$tmp/stall.out"

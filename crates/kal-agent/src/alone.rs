@@ -1,7 +1,8 @@
 //! The agent never keeps a process alive: when every thread of the program has ended (a
-//! main thread that called `pthread_exit`, then its last worker), the agent's own threads
-//! end too, and glibc's "last thread" rule then calls `exit(0)` exactly as it would have
-//! without kal (atexit handlers run, and so does the exit report).
+//! main thread that called `pthread_exit`, then its last worker), the resizer calls
+//! `exit(0)`, which is what glibc does when a process's last thread ends (atexit handlers
+//! run, and so does the exit report). Without this, the agent's threads would keep it
+//! running forever.
 //!
 //! The resizer looks every [`LOOK_EVERY`] wake-ups: first at the thread count in
 //! `/proc/self/stat` (one read); only when it is as low as the agent's threads plus a
@@ -12,6 +13,8 @@ use core::sync::atomic::{AtomicI32, Ordering};
 
 /// Thread id of the resizer (the agent's other long-lived thread besides the server).
 pub static RESIZER_TID: AtomicI32 = AtomicI32::new(0);
+/// Thread id of the userfaultfd handler (parked pages), or 0.
+pub static HANDLER_TID: AtomicI32 = AtomicI32::new(0);
 
 /// Resizer wake-ups between two looks.
 pub const LOOK_EVERY: u32 = 10;
@@ -27,6 +30,7 @@ pub fn only_agent_threads_left() -> bool {
     let agent = [
         RESIZER_TID.load(Ordering::Acquire),
         crate::state::server_tid() as i32,
+        HANDLER_TID.load(Ordering::Acquire),
     ];
     let agent_running = agent.iter().filter(|&&t| t > 0).count();
     let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {

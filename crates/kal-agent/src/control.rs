@@ -66,6 +66,18 @@ fn hello() {
     HELLO_FD.store(fd, Ordering::Relaxed);
 }
 
+unsafe extern "C" fn before_fork() {
+    crate::park::before_fork();
+}
+
+unsafe extern "C" fn after_fork_parent() {
+    crate::park::after_fork_parent();
+}
+
+unsafe extern "C" fn park_child() {
+    crate::park::after_fork_child();
+}
+
 unsafe extern "C" fn after_fork_child() {
     crate::table::resize::after_fork_child();
     let old = HELLO_FD.swap(-1, Ordering::Relaxed);
@@ -82,6 +94,9 @@ extern "C" fn remove_socket() {
 }
 
 extern "C" fn at_exit() {
+    // Parked pages go back now: kal reads this process at exit, and the fault handler
+    // does not survive exit_group.
+    crate::park::shutdown();
     if HELLO_FD.load(Ordering::Relaxed) < 0 {
         return;
     }
@@ -108,8 +123,12 @@ extern "C" fn at_exit() {
 /// Reads `KAL_SOCKET`, says hello and arranges the exit handshake. Without `KAL_SOCKET`
 /// the agent records allocations but talks to nobody.
 pub fn init() {
-    // SAFETY: registering a plain extern "C" function.
-    unsafe { libc::atexit(remove_socket) };
+    // SAFETY: registering plain extern "C" functions with no captured state. The fork
+    // handlers run whether or not kal listens: parked pages must never reach a child.
+    unsafe {
+        libc::atexit(remove_socket);
+        libc::pthread_atfork(Some(before_fork), Some(after_fork_parent), Some(park_child));
+    }
     // SAFETY: getenv with a NUL-terminated name; the value is copied out at once.
     unsafe {
         let v = libc::getenv(c"KAL_SOCKET".as_ptr());

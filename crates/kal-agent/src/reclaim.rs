@@ -109,7 +109,7 @@ fn reclaimed_site(addr: u64) -> Option<u32> {
 
 /// Whether stack `stack` allocates at a banned call site (same innermost frame as a
 /// banned stack: the site, whatever path led to it).
-fn is_banned(t: &Tables, stack: u32) -> bool {
+pub(crate) fn is_banned(t: &Tables, stack: u32) -> bool {
     let n = (BANNED_LEN.load(Ordering::Acquire) as usize).min(MAX_BANNED);
     if n == 0 {
         return false;
@@ -121,7 +121,8 @@ fn is_banned(t: &Tables, stack: u32) -> bool {
     })
 }
 
-fn ban(stack: u32) {
+/// Bans the call site of stack `stack` from reclaim and parking (a contradiction).
+pub(crate) fn ban(stack: u32) {
     let n = (BANNED_LEN.load(Ordering::Acquire) as usize).min(MAX_BANNED);
     if BANNED[..n]
         .iter()

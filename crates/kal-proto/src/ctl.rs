@@ -1,15 +1,18 @@
 //! The agent's control protocol: requests from the CLI over the agent's unix socket.
 //!
-//! A request is a 16-byte [`ReqHeader`] followed, for [`Op::Reclaim`], by `count` entries
-//! of 16 bytes (block address, allocation sequence number). A response is a 40-byte
-//! [`Response`] followed, for a reclaim, by a bitmap of `count` bits: bit *i* set when entry
-//! *i* was freed. Everything is little-endian and bounded; a request that does not decode
-//! is answered with [`Status::BadRequest`] and changes nothing.
+//! A request is a 16-byte [`ReqHeader`] followed, for [`Op::Reclaim`] and [`Op::Park`], by
+//! `count` entries of 16 bytes (block address, allocation sequence number). A park request
+//! may carry a descriptor of `/dev/userfaultfd` (`SCM_RIGHTS`) with its header. A response
+//! is a 64-byte [`Response`] followed, for a reclaim, by a bitmap of `count` bits (bit *i*
+//! set when entry *i* was freed), for a park by `count` little-endian u32 (pages parked for
+//! entry *i*), for stats by a [`ParkStats`]. Everything is little-endian and bounded; a
+//! request that does not decode is answered with [`Status::BadRequest`] and changes
+//! nothing.
 
 /// Magic number of requests and responses ("KCTL").
 pub const CTL_MAGIC: u32 = u32::from_le_bytes(*b"KCTL");
 /// Protocol version.
-pub const CTL_VERSION: u16 = 1;
+pub const CTL_VERSION: u16 = 2;
 /// Most entries one reclaim request may carry.
 pub const MAX_RECLAIM: u32 = 1 << 20;
 /// Size of a request header.
@@ -17,7 +20,9 @@ pub const REQ_HEADER_SIZE: usize = 16;
 /// Size of one reclaim entry.
 pub const ENTRY_SIZE: usize = 16;
 /// Size of a response (without the reclaim bitmap).
-pub const RESPONSE_SIZE: usize = 40;
+pub const RESPONSE_SIZE: usize = 64;
+/// Size of a [`ParkStats`].
+pub const STATS_SIZE: usize = 96;
 
 /// What a request asks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -32,6 +37,21 @@ pub enum Op {
     /// `Response::freed_blocks`, and reaps the copy once the CLI closes the connection (the
     /// copy exits then, or when the CLI dies).
     Snapshot = 3,
+    /// Park the listed blocks' pages if each is still the same allocation; `arg` is the
+    /// store limit ([`park_limit_mib`], [`park_limit_percent`], or 0 for the default).
+    Park = 4,
+    /// Report the parking counters ([`ParkStats`]).
+    Stats = 5,
+}
+
+/// Park request argument: a store limit of `mib` MiB (at least 1).
+pub fn park_limit_mib(mib: u32) -> u32 {
+    mib.clamp(1, (1 << 31) - 1)
+}
+
+/// Park request argument: a store limit of `pct` % of the bytes parked (16 MiB at least).
+pub fn park_limit_percent(pct: u32) -> u32 {
+    (1 << 31) | pct.min(0xffff)
 }
 
 /// A decoded request header.
@@ -39,8 +59,10 @@ pub enum Op {
 pub struct ReqHeader {
     /// The operation.
     pub op: Op,
-    /// Number of entries that follow (0 unless `op` is `Reclaim`).
+    /// Number of entries that follow (0 unless `op` is `Reclaim` or `Park`).
     pub count: u32,
+    /// Operation argument (the store limit of `Park`; 0 otherwise).
+    pub arg: u32,
 }
 
 /// Why a request was refused.
@@ -62,6 +84,7 @@ impl ReqHeader {
         b[4..6].copy_from_slice(&CTL_VERSION.to_le_bytes());
         b[6..8].copy_from_slice(&(self.op as u16).to_le_bytes());
         b[8..12].copy_from_slice(&self.count.to_le_bytes());
+        b[12..16].copy_from_slice(&self.arg.to_le_bytes());
         b
     }
 
@@ -69,24 +92,28 @@ impl ReqHeader {
     pub fn decode(b: &[u8; REQ_HEADER_SIZE]) -> Result<ReqHeader, DecodeError> {
         let magic = u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
         let version = u16::from_le_bytes([b[4], b[5]]);
-        if magic != CTL_MAGIC || version != CTL_VERSION || b[12..16] != [0, 0, 0, 0] {
+        if magic != CTL_MAGIC || version != CTL_VERSION {
             return Err(DecodeError::Foreign);
         }
         let op = match u16::from_le_bytes([b[6], b[7]]) {
             1 => Op::Reclaim,
             2 => Op::Trim,
             3 => Op::Snapshot,
+            4 => Op::Park,
+            5 => Op::Stats,
             _ => return Err(DecodeError::UnknownOp),
         };
         let count = u32::from_le_bytes([b[8], b[9], b[10], b[11]]);
+        let arg = u32::from_le_bytes([b[12], b[13], b[14], b[15]]);
         let ok = match op {
-            Op::Reclaim => count <= MAX_RECLAIM,
-            Op::Trim | Op::Snapshot => count == 0,
+            Op::Reclaim => count <= MAX_RECLAIM && arg == 0,
+            Op::Park => count <= MAX_RECLAIM,
+            Op::Trim | Op::Stats | Op::Snapshot => count == 0 && arg == 0,
         };
         if !ok {
             return Err(DecodeError::BadCount);
         }
-        Ok(ReqHeader { op, count })
+        Ok(ReqHeader { op, count, arg })
     }
 }
 
@@ -130,8 +157,13 @@ pub struct Response {
     pub freed_bytes: u64,
     /// Reclaim: entries refused because the block is no longer that allocation.
     pub stale: u64,
-    /// Reclaim: entries refused because their site contradicted an earlier reclaim.
+    /// Reclaim, park: entries refused because their site contradicted an earlier reclaim.
     pub banned: u64,
+    /// Park: runs not parked because the store limit (or the limit on registered ranges)
+    /// was reached; parking stopped there for this request.
+    pub skipped: u64,
+    /// Park, stats: why parking is unavailable (a [`ParkStats::note`] value), or 0.
+    pub note: u32,
 }
 
 impl Response {
@@ -144,6 +176,8 @@ impl Response {
         b[16..24].copy_from_slice(&self.freed_bytes.to_le_bytes());
         b[24..32].copy_from_slice(&self.stale.to_le_bytes());
         b[32..40].copy_from_slice(&self.banned.to_le_bytes());
+        b[40..48].copy_from_slice(&self.skipped.to_le_bytes());
+        b[48..52].copy_from_slice(&self.note.to_le_bytes());
         b
     }
 
@@ -163,7 +197,87 @@ impl Response {
             freed_bytes: u64_at(16),
             stale: u64_at(24),
             banned: u64_at(32),
+            skipped: u64_at(40),
+            note: u32::from_le_bytes([b[48], b[49], b[50], b[51]]),
         })
+    }
+}
+
+/// The agent's parking counters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ParkStats {
+    /// 0: never asked to park; 1: parking; 2: userfaultfd unavailable; 3: stopped.
+    pub state: u32,
+    /// Why unavailable or stopped: low byte 1 no userfaultfd, 2 no write protection,
+    /// 3 no memory, 4 a run could not be restored exactly, 5 exiting; errno above.
+    pub note: u32,
+    /// Bytes parked now.
+    pub parked_bytes: u64,
+    /// Bytes parked since the start.
+    pub parked_total: u64,
+    /// Bytes restored because the program touched them.
+    pub restored_bytes: u64,
+    /// Runs restored because the program touched them.
+    pub restores: u64,
+    /// Touches of a parked block's own bytes (the site is then banned).
+    pub contradictions: u64,
+    /// Bytes the compressed store holds.
+    pub store_bytes: u64,
+    /// Runs parked now.
+    pub runs: u64,
+    /// Registered ranges.
+    pub spans: u64,
+    /// Runs not parked because a limit was reached.
+    pub skipped: u64,
+    /// Runs left in place because the program wrote to them while they were being parked.
+    pub raced: u64,
+}
+
+impl ParkStats {
+    /// Encodes the counters.
+    pub fn encode(&self) -> [u8; STATS_SIZE] {
+        let mut b = [0u8; STATS_SIZE];
+        b[0..4].copy_from_slice(&self.state.to_le_bytes());
+        b[4..8].copy_from_slice(&self.note.to_le_bytes());
+        let words = [
+            self.parked_bytes,
+            self.parked_total,
+            self.restored_bytes,
+            self.restores,
+            self.contradictions,
+            self.store_bytes,
+            self.runs,
+            self.spans,
+            self.skipped,
+            self.raced,
+        ];
+        for (i, w) in words.iter().enumerate() {
+            b[8 + i * 8..16 + i * 8].copy_from_slice(&w.to_le_bytes());
+        }
+        b
+    }
+
+    /// Decodes the counters.
+    pub fn decode(b: &[u8; STATS_SIZE]) -> ParkStats {
+        let w = |i: usize| {
+            let mut x = [0u8; 8];
+            x.copy_from_slice(&b[8 + i * 8..16 + i * 8]);
+            u64::from_le_bytes(x)
+        };
+        ParkStats {
+            state: u32::from_le_bytes([b[0], b[1], b[2], b[3]]),
+            note: u32::from_le_bytes([b[4], b[5], b[6], b[7]]),
+            parked_bytes: w(0),
+            parked_total: w(1),
+            restored_bytes: w(2),
+            restores: w(3),
+            contradictions: w(4),
+            store_bytes: w(5),
+            runs: w(6),
+            spans: w(7),
+            skipped: w(8),
+            raced: w(9),
+        }
     }
 }
 
@@ -177,6 +291,7 @@ mod tests {
         let h = ReqHeader {
             op: Op::Reclaim,
             count: 3,
+            arg: 0,
         };
         assert_eq!(ReqHeader::decode(&h.encode()), Ok(h));
         assert_eq!(decode_entry(&encode_entry(0x1234, 99)), (0x1234, 99));
@@ -186,8 +301,23 @@ mod tests {
             freed_bytes: 100,
             stale: 1,
             banned: 0,
+            skipped: 4,
+            note: 5,
         };
         assert_eq!(Response::decode(&r.encode()), Some(r));
+        let st = ParkStats {
+            state: 1,
+            parked_bytes: 7,
+            skipped: 9,
+            ..Default::default()
+        };
+        assert_eq!(ParkStats::decode(&st.encode()), st);
+        let p = ReqHeader {
+            op: Op::Park,
+            count: 2,
+            arg: park_limit_percent(25),
+        };
+        assert_eq!(ReqHeader::decode(&p.encode()), Ok(p));
     }
 
     #[test]
@@ -195,11 +325,13 @@ mod tests {
         let big = ReqHeader {
             op: Op::Reclaim,
             count: MAX_RECLAIM + 1,
+            arg: 0,
         };
         assert_eq!(ReqHeader::decode(&big.encode()), Err(DecodeError::BadCount));
         let trim_with_entries = ReqHeader {
             op: Op::Trim,
             count: 1,
+            arg: 0,
         };
         assert_eq!(
             ReqHeader::decode(&trim_with_entries.encode()),
@@ -208,6 +340,7 @@ mod tests {
         let mut b = ReqHeader {
             op: Op::Trim,
             count: 0,
+            arg: 0,
         }
         .encode();
         b[6] = 9;
@@ -221,14 +354,14 @@ mod tests {
         fn any_bytes_decode_without_panic_and_stay_bounded(bytes in proptest::array::uniform16(any::<u8>())) {
             if let Ok(h) = ReqHeader::decode(&bytes) {
                 prop_assert!(h.count <= MAX_RECLAIM);
-                prop_assert!(h.op == Op::Reclaim || h.count == 0);
+                prop_assert!(matches!(h.op, Op::Reclaim | Op::Park) || h.count == 0);
                 prop_assert_eq!(h.encode(), bytes);
             }
         }
 
         #[test]
-        fn valid_headers_round_trip(count in 0..=MAX_RECLAIM, reclaim in any::<bool>()) {
-            let h = if reclaim { ReqHeader { op: Op::Reclaim, count } } else { ReqHeader { op: Op::Trim, count: 0 } };
+        fn valid_headers_round_trip(count in 0..=MAX_RECLAIM, reclaim in any::<bool>(), arg in any::<u32>()) {
+            let h = if reclaim { ReqHeader { op: Op::Park, count, arg } } else { ReqHeader { op: Op::Trim, count: 0, arg: 0 } };
             prop_assert_eq!(ReqHeader::decode(&h.encode()), Ok(h));
         }
 

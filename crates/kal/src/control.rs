@@ -1,8 +1,12 @@
-//! Talking to an agent's control socket: reclaim and trim requests.
+//! The agent client: one [`Agent`] per process, its header found once, talking to the
+//! agent's control socket (reclaim, park, stats, trim).
 
 use anyhow::{bail, Context, Result};
-use kal_proto::ctl::{encode_entry, Op, ReqHeader, Response, Status, RESPONSE_SIZE};
+use kal_proto::ctl::{
+    encode_entry, Op, ParkStats, ReqHeader, Response, Status, RESPONSE_SIZE, STATS_SIZE,
+};
 use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -31,69 +35,197 @@ pub fn socket_path(pid: i32) -> Result<PathBuf> {
     )))
 }
 
-fn connect(pid: i32) -> Result<UnixStream> {
-    crate::agent::find_header(pid)?;
-    let path = socket_path(pid)?;
-    let s = UnixStream::connect(&path).with_context(|| {
-        format!(
-            "cannot reach the kal agent of process {pid} at {}",
-            path.display()
-        )
-    })?;
-    s.set_read_timeout(Some(Duration::from_secs(30)))?;
-    s.set_write_timeout(Some(Duration::from_secs(30)))?;
-    Ok(s)
+/// The kal agent of one process: where its header is and how to reach it.
+#[derive(Debug, Clone)]
+pub struct Agent {
+    pid: i32,
+    header: u64,
+    socket: PathBuf,
 }
 
-fn read_response(s: &mut UnixStream) -> Result<Response> {
-    let mut b = [0u8; RESPONSE_SIZE];
-    s.read_exact(&mut b).context("the agent did not answer")?;
-    let r = Response::decode(&b).context("the agent answered something that is not a response")?;
-    if r.status == Status::BadRequest as u32 {
-        bail!("the agent refused the request as malformed");
+impl Agent {
+    /// Finds the agent of `pid` (its header symbol looked up once), with a clear error
+    /// when the process is gone, not ours, or not started under `kal run`.
+    pub fn find(pid: i32) -> Result<Agent> {
+        let header = crate::agent::find_header(pid)?;
+        Agent::at(pid, header)
     }
-    Ok(r)
+
+    /// The agent of `pid` whose header address is already known (from its hello).
+    pub fn at(pid: i32, header: u64) -> Result<Agent> {
+        Ok(Agent {
+            pid,
+            header,
+            socket: socket_path(pid)?,
+        })
+    }
+
+    /// Process id.
+    pub fn pid(&self) -> i32 {
+        self.pid
+    }
+
+    /// Address of the agent header in the process.
+    pub fn header(&self) -> u64 {
+        self.header
+    }
+
+    fn connect(&self) -> Result<UnixStream> {
+        let s = UnixStream::connect(&self.socket).with_context(|| {
+            format!(
+                "cannot reach the kal agent of process {} at {}",
+                self.pid,
+                self.socket.display()
+            )
+        })?;
+        s.set_read_timeout(Some(Duration::from_secs(30)))?;
+        s.set_write_timeout(Some(Duration::from_secs(30)))?;
+        Ok(s)
+    }
+
+    /// Asks the agent to free the blocks `(addr, seq)`; returns its answer and, for each
+    /// entry, whether it was freed.
+    pub fn reclaim(&self, entries: &[(u64, u64)]) -> Result<(Response, Vec<bool>)> {
+        let mut s = self.connect()?;
+        s.write_all(&request(Op::Reclaim, entries, 0))?;
+        let r = read_response(&mut s)?;
+        let mut bitmap = vec![0u8; entries.len().div_ceil(8)];
+        s.read_exact(&mut bitmap)
+            .context("the agent's answer was cut short")?;
+        let freed = (0..entries.len())
+            .map(|i| bitmap[i / 8] & (1 << (i % 8)) != 0)
+            .collect();
+        Ok((r, freed))
+    }
+
+    /// Asks the agent to park the pages of the blocks `(addr, seq)` with store limit `arg`
+    /// (see [`kal_proto::ctl::Op::Park`]); returns its answer and the pages parked per
+    /// entry. `/dev/userfaultfd` is passed along when kal can open it (as root).
+    pub fn park(&self, entries: &[(u64, u64)], arg: u32) -> Result<(Response, Vec<u32>)> {
+        let mut s = self.connect()?;
+        // The agent parks at a low priority: on a saturated machine a big request takes a
+        // while (what was parked stays parked if kal gives up waiting).
+        s.set_read_timeout(Some(Duration::from_secs(300)))?;
+        let req = request(Op::Park, entries, arg);
+        let dev = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/userfaultfd")
+            .ok();
+        let head = &req[..kal_proto::ctl::REQ_HEADER_SIZE];
+        match &dev {
+            Some(d) => send_with_fd(&s, head, d.as_raw_fd())?,
+            None => s.write_all(head)?,
+        }
+        drop(dev);
+        s.write_all(&req[kal_proto::ctl::REQ_HEADER_SIZE..])?;
+        let r = read_response(&mut s)?;
+        if r.status != Status::Ok as u32 {
+            return Ok((r, vec![0; entries.len()]));
+        }
+        let mut raw = vec![0u8; entries.len() * 4];
+        s.read_exact(&mut raw)
+            .context("the agent's answer was cut short")?;
+        let pages = raw
+            .chunks_exact(4)
+            .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        Ok((r, pages))
+    }
+
+    /// The agent's parking counters.
+    pub fn stats(&self) -> Result<ParkStats> {
+        let mut s = self.connect()?;
+        s.write_all(&request(Op::Stats, &[], 0))?;
+        read_response(&mut s)?;
+        let mut b = [0u8; STATS_SIZE];
+        s.read_exact(&mut b)
+            .context("the agent's answer was cut short")?;
+        Ok(ParkStats::decode(&b))
+    }
+
+    /// Asks the agent to return free memory to the OS; `Ok(false)` if its allocator
+    /// cannot.
+    pub fn trim(&self) -> Result<bool> {
+        let mut s = self.connect()?;
+        s.write_all(&request(Op::Trim, &[], 0))?;
+        let r = read_response(&mut s)?;
+        Ok(r.status == Status::Ok as u32)
+    }
 }
 
-/// Asks the agent of `pid` to free the blocks `(addr, seq)`; returns its answer and, for
-/// each entry, whether it was freed.
-pub fn reclaim(pid: i32, entries: &[(u64, u64)]) -> Result<(Response, Vec<bool>)> {
-    let mut s = connect(pid)?;
+fn request(op: Op, entries: &[(u64, u64)], arg: u32) -> Vec<u8> {
     let mut req = Vec::with_capacity(16 + entries.len() * 16);
     req.extend_from_slice(
         &ReqHeader {
-            op: Op::Reclaim,
+            op,
             count: entries.len() as u32,
+            arg,
         }
         .encode(),
     );
     for &(a, q) in entries {
         req.extend_from_slice(&encode_entry(a, q));
     }
-    s.write_all(&req)?;
-    let r = read_response(&mut s)?;
-    let mut bitmap = vec![0u8; entries.len().div_ceil(8)];
-    s.read_exact(&mut bitmap)
-        .context("the agent's answer was cut short")?;
-    let freed = (0..entries.len())
-        .map(|i| bitmap[i / 8] & (1 << (i % 8)) != 0)
-        .collect();
-    Ok((r, freed))
+    req
 }
 
-/// Asks the agent of `pid` to return free memory to the OS; `Ok(false)` if its allocator
-/// cannot.
-pub fn trim(pid: i32) -> Result<bool> {
-    let mut s = connect(pid)?;
-    s.write_all(
-        &ReqHeader {
-            op: Op::Trim,
-            count: 0,
-        }
-        .encode(),
+/// Sends `bytes` with descriptor `fd` attached (`SCM_RIGHTS`).
+fn send_with_fd(s: &UnixStream, bytes: &[u8], fd: i32) -> Result<()> {
+    let mut cbuf = [0u64; 4];
+    let mut iov = libc::iovec {
+        iov_base: bytes.as_ptr() as *mut libc::c_void,
+        iov_len: bytes.len(),
+    };
+    // SAFETY: a zeroed msghdr pointing at our buffers; the control buffer is large and
+    // aligned enough for one descriptor, filled through the CMSG macros within bounds.
+    let n = unsafe {
+        let mut m: libc::msghdr = std::mem::zeroed();
+        m.msg_iov = &mut iov;
+        m.msg_iovlen = 1;
+        m.msg_control = cbuf.as_mut_ptr().cast();
+        m.msg_controllen = libc::CMSG_SPACE(4) as usize;
+        let c = libc::CMSG_FIRSTHDR(&m);
+        (*c).cmsg_level = libc::SOL_SOCKET;
+        (*c).cmsg_type = libc::SCM_RIGHTS;
+        (*c).cmsg_len = libc::CMSG_LEN(4) as usize;
+        (libc::CMSG_DATA(c) as *mut i32).write_unaligned(fd);
+        libc::sendmsg(s.as_raw_fd(), &m, libc::MSG_NOSIGNAL)
+    };
+    if n != bytes.len() as isize {
+        bail!(
+            "cannot send a request to the kal agent: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+    Ok(())
+}
+
+fn read_response(s: &mut UnixStream) -> Result<Response> {
+    let mut b = [0u8; RESPONSE_SIZE];
+    s.read_exact(&mut b).context(
+        "the agent did not answer (an agent from an older kal? rebuild it with this kal)",
     )?;
-    let r = read_response(&mut s)?;
-    Ok(r.status == Status::Ok as u32)
+    let r = Response::decode(&b).context("the agent answered something that is not a response")?;
+    if r.status == Status::BadRequest as u32 {
+        bail!("the agent refused the request as malformed (an agent from another kal version?)");
+    }
+    Ok(r)
+}
+
+/// Says in one line why parking is not available (a [`ParkStats::note`] value).
+pub fn describe_note(note: u32) -> String {
+    let errno = note >> 8;
+    match note & 0xff {
+        1 => format!("userfaultfd is not available to the process (errno {errno}); parking nothing"),
+        2 => format!(
+            "the kernel's userfaultfd cannot write-protect anonymous memory (errno {errno}); parking nothing"
+        ),
+        3 => "the agent got no memory for its parking tables; parking nothing".to_string(),
+        4 => "a parked run could not be restored exactly; parking stopped".to_string(),
+        5 => "the process is exiting; everything parked was restored".to_string(),
+        _ => format!("parking is not available (note {note})"),
+    }
 }
 
 /// Resident set size of a process, in bytes.

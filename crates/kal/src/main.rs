@@ -64,6 +64,47 @@ impl ReportArgs {
     }
 }
 
+/// How lost blocks are reclaimed (shared by `run --reclaim` and `reclaim`).
+#[derive(Args)]
+struct ReclaimArgs {
+    /// With free mode: free only blocks allocated from a stack with a frame whose function,
+    /// source file or module matches PATTERN (`*`, `?`; suppression syntax). Repeatable.
+    /// Needed by free mode: a pointer only a pipe, an alternate signal stack or an io_uring
+    /// request holds is invisible to any scan, and a freed block cannot be brought back.
+    #[arg(long = "free-sites", value_name = "PATTERN")]
+    free_sites: Vec<String>,
+    /// With free mode: free a block only once it was definitely lost in at least 3 checks
+    /// spanning at least D (e.g. 60s, 10m; 0s for no age).
+    #[arg(long, value_name = "D", default_value = "60s", value_parser = parse_age)]
+    free_after: std::time::Duration,
+    /// Bound on the agent's compressed store of parked pages: a share of the bytes parked
+    /// (`25%`, with 16 MiB at least) or a size (`256M`, `1G`). When it is full, parking
+    /// stops and the check line says so.
+    #[arg(long, value_name = "LIMIT", default_value = "25%", value_parser = kal::reclaim::parse_park_limit)]
+    park_limit: u32,
+}
+
+fn parse_age(s: &str) -> Result<std::time::Duration> {
+    if s.trim().trim_end_matches('s').trim_end_matches("m").trim() == "0" {
+        return Ok(std::time::Duration::ZERO);
+    }
+    kal::periodic::parse_duration(s)
+}
+
+impl ReclaimArgs {
+    fn config(&self, mode: kal::reclaim::Mode) -> Result<kal::reclaim::Config> {
+        if mode == kal::reclaim::Mode::Free && self.free_sites.is_empty() {
+            bail!("free mode needs --free-sites PATTERN (e.g. --free-sites 'my_cache_*'): only the sites you name are freed; everything else is parked by the default mode");
+        }
+        Ok(kal::reclaim::Config {
+            mode,
+            free_sites: kal::suppress::Suppressions::parse(&self.free_sites.join("\n")),
+            free_after: self.free_after,
+            park_limit: self.park_limit,
+        })
+    }
+}
+
 #[derive(Subcommand)]
 enum Cmd {
     /// Run a program and report its leaks when it exits.
@@ -77,6 +118,8 @@ enum Cmd {
     ///   kal run --json report.json -- ./server --port 8080
     ///   kal run --check-every 10s -- ./server
     ///   kal run --reclaim --check-every 1s -- ./server
+    ///   kal run --reclaim=dry-run --check-every 10s -- ./server
+    ///   kal run --reclaim=free --free-sites 'cache_*' --check-every 10s -- ./server
     #[command(arg_required_else_help = true, verbatim_doc_comment)]
     Run {
         #[command(flatten)]
@@ -101,12 +144,26 @@ enum Cmd {
             default_value_t = kal::pace::DEFAULT_MAX_CPU_PERCENT
         )]
         max_cpu: f64,
-        /// Leak tolerance: after each periodic check, free the blocks that were definitely
-        /// lost in it and in the previous one (needs --check-every). Refused, with a note,
-        /// for a process whose allocations were not all recorded, and never done in a
-        /// process dying of a signal.
-        #[arg(long, requires = "check_every")]
-        reclaim: bool,
+        /// Leak tolerance (needs --check-every). `--reclaim` or `--reclaim=park` parks the
+        /// blocks definitely lost in two checks in a row: their whole pages are copied,
+        /// compressed and dropped from memory, and put back, byte for byte, the moment
+        /// anything touches them (userfaultfd; the allocator never sees a thing). A touch of
+        /// a parked block's own bytes bans its site. `--reclaim=free` frees, with the
+        /// program's free(), blocks from the sites named with --free-sites once lost in 3
+        /// checks spanning --free-after. `--reclaim=dry-run` says what would be parked (with
+        /// --free-sites: freed) and does nothing. Refused, with a note, for a process whose
+        /// allocations were not all recorded, and never done in a process dying of a signal.
+        #[arg(
+            long,
+            value_name = "MODE",
+            requires = "check_every",
+            num_args = 0..=1,
+            require_equals = true,
+            default_missing_value = "park"
+        )]
+        reclaim: Option<kal::reclaim::Mode>,
+        #[command(flatten)]
+        reclaim_args: ReclaimArgs,
         /// The program and its arguments (put them after `--`).
         #[arg(
             required = true,
@@ -129,18 +186,30 @@ enum Cmd {
         #[command(flatten)]
         report: ReportArgs,
     },
-    /// Free what a running process (started under `kal run`) has definitely lost.
+    /// Park (or free) what a running process (started under `kal run`) has definitely lost.
     ///
-    /// Takes two snapshots in a row and asks the agent to free, with the program's own
-    /// `free`, every block definitely lost in both (the agent checks each block's
-    /// allocation sequence number first), then returns free pages to the OS. Never touches
-    /// possibly lost or reachable blocks. Refuses, with a one-line error, a process whose
-    /// allocations the agent did not all record, or that is dying of a signal.
+    /// Takes two snapshots in a row and asks the agent to park every block definitely
+    /// lost in both (the agent checks each block's allocation sequence number first): its
+    /// whole pages are dropped from memory and restored exactly if anything touches them.
+    /// With `--mode free --free-sites PATTERN`, takes three snapshots spanning
+    /// --free-after and frees, with the program's own `free`, the blocks lost in all three
+    /// from the sites named. Never touches possibly lost or reachable blocks. Refuses, with
+    /// a one-line error, a process whose allocations the agent did not all record, or that
+    /// is dying of a signal.
     ///
-    /// Example: kal reclaim 4242
+    /// Examples:
+    ///   kal reclaim 4242
+    ///   kal reclaim 4242 --mode dry-run
+    ///   kal reclaim 4242 --mode free --free-sites 'cache_*' --free-after 10s
+    #[command(verbatim_doc_comment)]
     Reclaim {
         /// Process id.
         pid: i32,
+        /// park (the default), free (with --free-sites) or dry-run.
+        #[arg(long, value_name = "MODE", default_value = "park")]
+        mode: kal::reclaim::Mode,
+        #[command(flatten)]
+        reclaim_args: ReclaimArgs,
         #[command(flatten)]
         report: ReportArgs,
     },
@@ -176,30 +245,48 @@ fn check(pid: i32, args: &ReportArgs) -> Result<i32> {
     })
 }
 
-fn reclaim(pid: i32, args: &ReportArgs) -> Result<i32> {
+fn reclaim(
+    pid: i32,
+    mode: kal::reclaim::Mode,
+    reclaim_args: &ReclaimArgs,
+    args: &ReportArgs,
+) -> Result<i32> {
     let opts = args.options()?;
-    let (r, done, before, after) = kal::reclaim::reclaim_now(pid, &opts)?;
+    let config = reclaim_args.config(mode)?;
+    let (r, done, before, after) = kal::reclaim::reclaim_now(pid, &opts, config)?;
     if !args.quiet {
+        // The report lists each reclaimed site once, under "reclaimed so far".
         eprint!("{}", kal::report::text(&r, args.frames));
-        for s in &r.reclaimed.sites {
-            eprintln!(
-                "    reclaimed {} bytes in {} blocks at {}",
-                s.bytes,
-                s.blocks,
-                kal::report::where_(&s.stack)
-            );
-        }
     }
-    eprintln!(
-        "kal: reclaimed {} bytes in {} blocks in process {pid} in {:.1} ms (refused: {} no longer the same allocation, {} from contradicted sites); RSS {:.1} MiB -> {:.1} MiB",
-        done.total.bytes,
-        done.total.blocks,
-        done.took.as_secs_f64() * 1e3,
-        done.stale,
-        done.banned,
-        mib(before),
-        mib(after)
-    );
+    if let Some(why) = &done.unavailable {
+        eprintln!("kal: not parking in process {pid}: {why}");
+    }
+    if mode == kal::reclaim::Mode::DryRun {
+        eprintln!(
+            "kal: dry run: would {} {} bytes in {} blocks in process {pid}; nothing done",
+            if done.would_free {
+                "free"
+            } else {
+                "park the pages of"
+            },
+            done.would.iter().map(|b| b.size).sum::<u64>(),
+            done.would.len()
+        );
+    } else {
+        eprintln!(
+            "kal: parked {} bytes of {} blocks and freed {} bytes in {} blocks in process {pid} in {:.1} ms (refused: {} no longer the same allocation, {} from contradicted sites{}); RSS {:.1} MiB -> {:.1} MiB",
+            done.parked.bytes,
+            done.parked.blocks,
+            done.freed.bytes,
+            done.freed.blocks,
+            done.took.as_secs_f64() * 1e3,
+            done.stale,
+            done.banned,
+            if done.skipped > 0 { "; store limit reached (--park-limit)" } else { "" },
+            mib(before),
+            mib(after)
+        );
+    }
     if let Some(j) = &args.json {
         kal::report::write_json(&r, j)?;
     }
@@ -207,9 +294,9 @@ fn reclaim(pid: i32, args: &ReportArgs) -> Result<i32> {
 }
 
 fn trim(pid: i32) -> Result<i32> {
-    kal::agent::find_header(pid)?;
+    let agent = kal::control::Agent::find(pid)?;
     let before = kal::control::rss(pid)?;
-    if !kal::control::trim(pid)? {
+    if !agent.trim()? {
         bail!("the allocator of process {pid} is not glibc's: kal cannot trim it yet");
     }
     let after = kal::control::rss(pid)?;
@@ -226,7 +313,7 @@ fn run(
     report: &ReportArgs,
     check_every: Option<std::time::Duration>,
     max_cpu: f64,
-    reclaim: bool,
+    reclaim: Option<kal::reclaim::Config>,
     command: Vec<OsString>,
 ) -> Result<i32> {
     let opts = report.options()?;
@@ -252,11 +339,20 @@ fn main() {
             report,
             check_every,
             max_cpu,
-            reclaim,
+            reclaim: mode,
+            reclaim_args,
             command,
-        } => run(&report, check_every, max_cpu, reclaim, command),
+        } => mode
+            .map(|m| reclaim_args.config(m))
+            .transpose()
+            .and_then(|cfg| run(&report, check_every, max_cpu, cfg, command)),
         Cmd::Check { pid, report } => check(pid, &report),
-        Cmd::Reclaim { pid, report } => reclaim(pid, &report),
+        Cmd::Reclaim {
+            pid,
+            mode,
+            reclaim_args,
+            report,
+        } => reclaim(pid, mode, &reclaim_args, &report),
         Cmd::Trim { pid } => trim(pid),
     };
     match result {

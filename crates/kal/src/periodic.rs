@@ -5,7 +5,7 @@ use crate::check::{check_with_header, Check};
 use crate::fatal::Crashing;
 use crate::pace::{self, Pacer, Round};
 use crate::reach::Kind;
-use crate::reclaim::{self, Reclaimer};
+use crate::reclaim::{self, Policy};
 use crate::report::{self, Report, Totals};
 use anyhow::{bail, Result};
 use serde::Serialize;
@@ -78,7 +78,16 @@ struct Line<'a> {
     time: String,
     new: &'a New,
     new_leaks: &'a [report::Record],
+    /// Freed after this check.
     reclaimed_now: Totals,
+    /// Parked after this check.
+    parked_now: Totals,
+    /// `--reclaim=dry-run`: what would have been parked (or freed) after this check.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    would_reclaim: Option<Totals>,
+    /// Why nothing is parked in this process, said once.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    parking_unavailable: Option<&'a str>,
     /// Why nothing is reclaimed in this process (with `--reclaim`), if so.
     #[serde(skip_serializing_if = "Option::is_none")]
     reclaim_refused: Option<&'a str>,
@@ -129,9 +138,9 @@ pub struct Periodic {
     json: Option<PathBuf>,
     seen: HashMap<i32, HashSet<u64>>,
     count: u64,
-    reclaimer: Option<Reclaimer>,
-    /// Per process: contradicted sites (stack ids) already reported.
-    contradicted: HashMap<i32, HashSet<u32>>,
+    policy: Option<Policy>,
+    /// Per process: contradicted sites (symbolized stacks) already reported.
+    contradicted: HashMap<i32, Vec<Vec<crate::symbolize::Frame>>>,
     /// Processes found dying: never checked again.
     dying: HashSet<i32>,
 }
@@ -142,7 +151,7 @@ struct Outcome<'a> {
     time: String,
     new: New,
     new_leaks: Vec<report::Record>,
-    reclaimed_now: Totals,
+    done: Option<reclaim::Done>,
     refused: Option<(String, bool)>,
     contradictions: Vec<&'a [crate::symbolize::Frame]>,
     round: Round,
@@ -159,25 +168,31 @@ impl Periodic {
             json,
             seen: HashMap::new(),
             count: 0,
-            reclaimer: None,
+            policy: None,
             contradicted: HashMap::new(),
             dying: HashSet::new(),
         }
     }
 
-    /// Also reclaim, after each check, the blocks definitely lost in it and in the previous
-    /// check of the same process.
-    pub fn with_reclaim(mut self, on: bool) -> Periodic {
-        self.reclaimer = on.then(Reclaimer::default);
+    /// Also reclaim after each check, as `config` says (see [`reclaim::Policy`]).
+    pub fn with_reclaim(mut self, config: Option<reclaim::Config>) -> Periodic {
+        self.policy = config.map(Policy::new);
         self
     }
 
     /// What this kal reclaimed in process `pid`, by stack id.
     pub fn sites(&self, pid: i32) -> HashMap<u32, Totals> {
-        self.reclaimer
+        self.policy
             .as_ref()
             .map(|r| r.sites(pid))
             .unwrap_or_default()
+    }
+
+    /// Adds what this kal parked in process `pid` to its report.
+    pub fn annotate(&self, pid: i32, report: &mut Report) {
+        if let Some(p) = &self.policy {
+            p.annotate(pid, report);
+        }
     }
 
     /// Checks one process now, in round `round`, and prints what is new. A process found
@@ -188,7 +203,7 @@ impl Periodic {
         }
         let (t0, cpu0) = (Instant::now(), pace::cpu_time());
         let sites = self.sites(pid);
-        let c = match check_with_header(pid, header, &self.opts, &sites) {
+        let mut c = match check_with_header(pid, header, &self.opts, &sites) {
             Ok(c) => c,
             Err(e) => return self.dying_or(pid, quiet, e),
         };
@@ -202,11 +217,17 @@ impl Periodic {
             .collect();
         *seen = c.lost.iter().map(|(b, _)| b.seq).collect();
         let (new, new_leaks) = self.new_records(&c, &fresh);
-        let mut reclaimed_now = Totals::default();
+        let mut done = None;
         let mut refused = None;
-        match self.reclaimer.as_mut().map(|r| r.after_check(pid, &c)) {
+        let agent = crate::control::Agent::at(pid, header);
+        let outcome = match (self.policy.as_mut(), agent) {
+            (None, _) => None,
+            (Some(p), Ok(a)) => Some(p.after_check(&a, &c)),
+            (Some(_), Err(e)) => Some(reclaim::Outcome::Failed(e)),
+        };
+        match outcome {
             None => {}
-            Some(reclaim::Outcome::Freed(done)) => reclaimed_now = done.total,
+            Some(reclaim::Outcome::Acted(d)) => done = Some(d),
             Some(reclaim::Outcome::Refused { reason, first }) => refused = Some((reason, first)),
             Some(reclaim::Outcome::Failed(e)) => {
                 if let Err(e) = self.dying_or(pid, quiet, e) {
@@ -214,13 +235,14 @@ impl Periodic {
                 }
             }
         }
+        self.annotate(pid, &mut c.report);
         let contradictions = self.new_contradictions(pid, &c);
         let out = Outcome {
             c: &c,
             time: timestamp(SystemTime::now()),
             new,
             new_leaks,
-            reclaimed_now,
+            done,
             refused,
             contradictions,
             round: *round,
@@ -260,13 +282,14 @@ impl Periodic {
         c: &'a Check,
     ) -> Vec<&'a [crate::symbolize::Frame]> {
         let known = self.contradicted.entry(pid).or_default();
-        c.capture
-            .banned
-            .iter()
-            .zip(&c.report.reclaimed.never_again)
-            .filter(|(id, _)| known.insert(**id))
-            .map(|(_, st)| st.as_slice())
-            .collect()
+        let mut new = Vec::new();
+        for st in &c.report.reclaimed.never_again {
+            if !known.contains(st) {
+                known.push(st.clone());
+                new.push(st.as_slice());
+            }
+        }
+        new
     }
 
     fn append_line(&self, path: &std::path::Path, o: &Outcome<'_>) -> Result<()> {
@@ -276,7 +299,13 @@ impl Periodic {
             time: o.time.clone(),
             new: &o.new,
             new_leaks: &o.new_leaks,
-            reclaimed_now: o.reclaimed_now,
+            reclaimed_now: o.done.as_ref().map(|d| d.freed).unwrap_or_default(),
+            parked_now: o.done.as_ref().map(|d| d.parked).unwrap_or_default(),
+            would_reclaim: o.done.as_ref().filter(|_| self.dry_run()).map(|d| Totals {
+                bytes: d.would.iter().map(|b| b.size).sum(),
+                blocks: d.would.len() as u64,
+            }),
+            parking_unavailable: o.done.as_ref().and_then(|d| d.unavailable.as_deref()),
             reclaim_refused: o.refused.as_ref().map(|r| r.0.as_str()),
             new_contradictions: o.contradictions.clone(),
             skipped: o.round.skipped,
@@ -378,23 +407,93 @@ impl Periodic {
         if let Some((why, true)) = &o.refused {
             let _ = writeln!(s, "{head} not reclaiming in this process: {why}");
         }
-        if o.reclaimed_now.blocks > 0 {
-            let _ = writeln!(
-                s,
-                "{head} reclaimed {} bytes in {} blocks definitely lost in two checks in a row (RSS now {:.1} MiB)",
-                o.reclaimed_now.bytes,
-                o.reclaimed_now.blocks,
-                crate::control::rss(r.pid).unwrap_or(0) as f64 / (1 << 20) as f64
-            );
+        if let Some(d) = &o.done {
+            let rss = || crate::control::rss(r.pid).unwrap_or(0) as f64 / (1 << 20) as f64;
+            if let Some(why) = &d.unavailable {
+                let _ = writeln!(s, "{head} not parking in this process: {why}");
+            }
+            if d.parked.blocks > 0 {
+                let _ = writeln!(
+                    s,
+                    "{head} parked {} bytes of {} blocks definitely lost in two checks in a row (RSS now {:.1} MiB; parked in all {} bytes, restored on touch {} bytes, compressed store {} bytes{})",
+                    d.parked.bytes,
+                    d.parked.blocks,
+                    rss(),
+                    r.reclaimed.parked_now_bytes,
+                    r.reclaimed.restored_bytes,
+                    r.reclaimed.store_bytes,
+                    if d.skipped > 0 { "; store limit reached (--park-limit): parking stopped for now" } else { "" }
+                );
+            } else if d.skipped > 0 {
+                let _ = writeln!(
+                    s,
+                    "{head} store limit reached (--park-limit, compressed store {} bytes): nothing more parked",
+                    r.reclaimed.store_bytes
+                );
+            }
+            if d.freed.blocks > 0 {
+                let _ = writeln!(
+                    s,
+                    "{head} reclaimed {} bytes in {} blocks with free(): definitely lost in 3 checks or more over {:.0} s or more, from sites named by --free-sites (RSS now {:.1} MiB)",
+                    d.freed.bytes,
+                    d.freed.blocks,
+                    self.policy.as_ref().map(|p| p.config().free_after.as_secs_f64()).unwrap_or_default(),
+                    rss()
+                );
+            }
+            if self.dry_run() && !d.would.is_empty() {
+                let (verb, what) = if d.would_free {
+                    (
+                        "free",
+                        "definitely lost in 3 checks or more over --free-after, from sites named by --free-sites",
+                    )
+                } else {
+                    ("park", "definitely lost in two checks in a row")
+                };
+                let _ = writeln!(
+                    s,
+                    "{head} dry run: would {verb}{} {} bytes in {} blocks {what} (nothing done):",
+                    if d.would_free { "" } else { " the pages of" },
+                    d.would.iter().map(|b| b.size).sum::<u64>(),
+                    d.would.len()
+                );
+                let mut by: BTreeMap<u32, Totals> = BTreeMap::new();
+                for b in &d.would {
+                    let t = by.entry(b.stack).or_default();
+                    t.bytes += b.size;
+                    t.blocks += 1;
+                }
+                for (site, t) in by {
+                    let stack = r
+                        .leaks
+                        .iter()
+                        .find(|l| l.site == site)
+                        .map(|l| l.stack.as_slice())
+                        .unwrap_or(&[]);
+                    let _ = writeln!(
+                        s,
+                        "    would {verb} {} bytes in {} blocks at {}",
+                        t.bytes,
+                        t.blocks,
+                        crate::site::where_(stack)
+                    );
+                }
+            }
         }
         for st in &o.contradictions {
             let _ = writeln!(
                 s,
-                "{head} contradiction: the program freed a block kal had reclaimed, allocated at {}; that site is never reclaimed again",
+                "{head} contradiction: the program freed a block kal had reclaimed, or touched one kal had parked, allocated at {}; that site is never reclaimed again",
                 crate::site::where_(st)
             );
         }
         s
+    }
+
+    fn dry_run(&self) -> bool {
+        self.policy
+            .as_ref()
+            .is_some_and(|p| p.config().mode == reclaim::Mode::DryRun)
     }
 
     /// "; 3 due checks skipped …; delayed … ms …" for a check line, or nothing.

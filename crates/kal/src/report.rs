@@ -90,27 +90,53 @@ pub struct Suppressed {
 }
 
 /// One allocation site's share of reclaimed memory.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Default, Serialize)]
 pub struct Site {
-    /// Bytes.
+    /// Bytes freed.
     pub bytes: u64,
-    /// Blocks.
+    /// Blocks freed.
     pub blocks: u64,
+    /// Bytes freed (the same as `bytes`).
+    pub freed_bytes: u64,
+    /// Bytes of pages parked (whole pages of lost blocks, dropped from memory).
+    pub parked_bytes: u64,
+    /// Blocks with pages parked.
+    pub parked_blocks: u64,
     /// Symbolized allocation stack.
     pub stack: Vec<Frame>,
+    /// The agent's stack id.
+    #[serde(skip)]
+    pub site: u32,
 }
 
-/// What kal has freed inside the process (leak tolerance).
+/// What kal has parked and freed inside the process (leak tolerance).
 #[derive(Debug, Default, Clone, Serialize)]
 pub struct Reclaimed {
     /// Bytes freed so far.
     pub bytes: u64,
     /// Blocks freed so far.
     pub blocks: u64,
-    /// By allocation site (what this kal freed), largest first.
+    /// Bytes freed so far (the same as `bytes`).
+    pub freed_bytes: u64,
+    /// Bytes of pages this kal parked so far.
+    pub parked_bytes: u64,
+    /// Blocks with pages this kal parked so far.
+    pub parked_blocks: u64,
+    /// Bytes parked at the agent's last count (parked, not yet restored).
+    pub parked_now_bytes: u64,
+    /// Bytes restored because the program touched parked pages.
+    pub restored_bytes: u64,
+    /// Touches of a parked block's own bytes (each bans its site: `never_again`).
+    pub touched: u64,
+    /// Bytes the agent's compressed store holds for the parked pages.
+    pub store_bytes: u64,
+    /// Runs left in place because the program wrote to them while they were being parked
+    /// (write protection caught the write; nothing was lost).
+    pub parking_raced: u64,
+    /// By allocation site, largest first.
     pub sites: Vec<Site>,
-    /// Sites never reclaimed again: the program freed or reallocated a block kal had
-    /// reclaimed there (the scan could not see its pointer).
+    /// Sites never reclaimed again: the program freed, reallocated or touched a block kal
+    /// had reclaimed or parked there (the scan could not see its pointer).
     pub never_again: Vec<Vec<Frame>>,
 }
 
@@ -249,15 +275,29 @@ pub fn build(
         .map(|(id, t)| Site {
             bytes: t.bytes,
             blocks: t.blocks,
+            freed_bytes: t.bytes,
             stack: stack_of(id),
+            site: *id,
+            ..Default::default()
         })
         .collect();
     sites.sort_by_key(|s| std::cmp::Reverse(s.bytes));
     let reclaimed = Reclaimed {
         bytes: c.header.reclaimed_bytes,
         blocks: c.header.reclaimed_blocks,
+        freed_bytes: c.header.reclaimed_bytes,
         sites,
-        never_again: c.banned.iter().map(stack_of).collect(),
+        never_again: {
+            // Several stack ids can symbolize to one stack: name each stack once.
+            let mut v: Vec<Vec<Frame>> = Vec::new();
+            for st in c.banned.iter().map(stack_of) {
+                if !v.contains(&st) {
+                    v.push(st);
+                }
+            }
+            v
+        },
+        ..Default::default()
     };
     Report {
         memory: c.memory,
@@ -382,27 +422,44 @@ pub fn text(r: &Report, frames: usize) -> String {
             r.pid
         );
     }
-    if r.reclaimed.blocks > 0 {
+    let rc = &r.reclaimed;
+    if rc.blocks > 0 || rc.parked_blocks > 0 {
         let _ = writeln!(
             s,
-            "{tag} reclaimed so far: {} in {}",
-            plural(r.reclaimed.bytes, "byte"),
-            plural(r.reclaimed.blocks, "block")
+            "{tag} reclaimed so far: parked {} of {} (restored on touch since: {}; compressed store {}), freed {} in {}",
+            plural(rc.parked_bytes, "byte"),
+            plural(rc.parked_blocks, "block"),
+            plural(rc.restored_bytes, "byte"),
+            plural(rc.store_bytes, "byte"),
+            plural(rc.bytes, "byte"),
+            plural(rc.blocks, "block")
         );
-        for site in &r.reclaimed.sites {
-            let _ = writeln!(
-                s,
-                "    {} in {} at {}",
-                plural(site.bytes, "byte"),
-                plural(site.blocks, "block"),
-                where_(&site.stack)
-            );
+        for site in &rc.sites {
+            let mut what = Vec::new();
+            if site.parked_blocks > 0 {
+                what.push(format!(
+                    "parked {} of {}",
+                    plural(site.parked_bytes, "byte"),
+                    plural(site.parked_blocks, "block")
+                ));
+            }
+            if site.blocks > 0 {
+                what.push(format!(
+                    "freed {} in {}",
+                    plural(site.bytes, "byte"),
+                    plural(site.blocks, "block")
+                ));
+            }
+            if what.is_empty() {
+                continue;
+            }
+            let _ = writeln!(s, "    {} at {}", what.join(", "), where_(&site.stack));
         }
     }
-    for st in &r.reclaimed.never_again {
+    for st in &rc.never_again {
         let _ = writeln!(
             s,
-            "{tag} contradiction: the program freed a block kal had reclaimed, allocated at {}; that site is never reclaimed again",
+            "{tag} contradiction: the program freed a block kal had reclaimed, or touched one kal had parked, allocated at {}; that site is never reclaimed again",
             where_(st)
         );
     }

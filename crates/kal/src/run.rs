@@ -35,8 +35,8 @@ pub struct RunOptions {
     pub quiet: bool,
     /// Check every live process this often (`--check-every`); JSON becomes JSON lines.
     pub check_every: Option<Duration>,
-    /// Reclaim blocks definitely lost in two periodic checks in a row (`--reclaim`).
-    pub reclaim: bool,
+    /// Reclaim after periodic checks (`--reclaim[=MODE]` and its options), if asked.
+    pub reclaim: Option<crate::reclaim::Config>,
     /// Cap on kal's own CPU time for periodic checks, in percent of one core
     /// (`--max-cpu`).
     pub max_cpu_percent: f64,
@@ -165,7 +165,7 @@ pub fn run(opts: &RunOptions) -> Result<i32> {
     let mut periodic = opts.check_every.map(|every| {
         let pacer = crate::pace::Pacer::new(every, opts.max_cpu_percent);
         crate::periodic::Periodic::new(pacer, opts.report.clone(), opts.json.clone())
-            .with_reclaim(opts.reclaim)
+            .with_reclaim(opts.reclaim.clone())
     });
     loop {
         let mut wait_ms = 50;
@@ -348,13 +348,16 @@ fn handle(
         (cap, kinds)
     };
     drop(c);
-    let report = report::build(
+    let mut report = report::build(
         &cap,
         &kinds,
         &crate::symbolize::Symbols::new(),
         &opts.report,
         &periodic.map(|p| p.sites(pid)).unwrap_or_default(),
     );
+    if let Some(p) = periodic {
+        p.annotate(pid, &mut report);
+    }
     if !opts.quiet {
         eprint!("{}", report::text(&report, opts.frames));
     }

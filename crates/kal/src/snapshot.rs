@@ -235,6 +235,7 @@ fn take_by_agent(pid: i32, server: i32) -> Result<Snapshot> {
     let req = ReqHeader {
         op: Op::Snapshot,
         count: 0,
+        arg: 0,
     };
     conn.write_all(&req.encode())?;
     let mut b = [0u8; RESPONSE_SIZE];

@@ -171,7 +171,17 @@ fn a_process_with_a_fatal_signal_pending_is_neither_checked_nor_reclaimed() {
     let prog = build("crash.c", &[]);
     ensure_agent();
     let mut child = Command::new(env!("CARGO_BIN_EXE_kal"))
-        .args(["run", "--reclaim", "--check-every", "100ms", "--"])
+        .args([
+            "run",
+            "--reclaim=free",
+            "--free-sites",
+            "*",
+            "--free-after",
+            "0s",
+            "--check-every",
+            "100ms",
+            "--",
+        ])
         .arg(&prog)
         .arg("vfork")
         .stdin(Stdio::piped())

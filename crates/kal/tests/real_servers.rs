@@ -202,7 +202,11 @@ fn redis_under_reclaim_serves_verified_traffic_and_reclaims_nothing() {
         "-q",
         "--error-exitcode",
         "0",
-        "--reclaim",
+        "--reclaim=free",
+        "--free-sites",
+        "*",
+        "--free-after",
+        "0s",
         "--check-every",
         "1s",
     ]);

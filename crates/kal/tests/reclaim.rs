@@ -58,7 +58,11 @@ fn reclaim_keeps_the_classic_leak_loop_small() {
         "-q",
         "--error-exitcode",
         "0",
-        "--reclaim",
+        "--reclaim=free",
+        "--free-sites",
+        "*",
+        "--free-after",
+        "0s",
         "--check-every",
         "500ms",
         "--json",
@@ -272,7 +276,7 @@ fn the_control_socket_is_private_and_refuses_garbage() {
     // A malformed request is refused and changes nothing.
     let mut s = std::os::unix::net::UnixStream::connect(&sock).unwrap();
     s.write_all(b"GARBAGE!GARBAGE!").unwrap();
-    let mut resp = [0u8; 40];
+    let mut resp = [0u8; kal_proto::ctl::RESPONSE_SIZE];
     std::io::Read::read_exact(&mut s, &mut resp).unwrap();
     let r = kal_proto::ctl::Response::decode(&resp).unwrap();
     assert_eq!(r.status, kal_proto::ctl::Status::BadRequest as u32);

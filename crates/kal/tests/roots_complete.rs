@@ -49,26 +49,31 @@ fn a_pointer_only_in_a_hard_to_see_place_is_not_lost() {
     }
 }
 
-/// `kal run --reclaim --check-every 200ms --json F [flags] -- prog ARGS` with `envs`.
+/// `kal run --reclaim=free --free-sites '*' --free-after 0s --check-every 200ms --json F
+/// -- prog ARGS` with `envs` (or, with `park`, the default `--reclaim`).
 fn reclaiming(
     prog: &std::path::Path,
     args: &[&str],
     envs: &[(&str, &str)],
+    park: bool,
 ) -> (String, String, Vec<Value>) {
     let dir = tempfile::tempdir().unwrap();
     let json = dir.path().join("r.jsonl");
-    let mut a = vec![
-        "run",
-        "--error-exitcode",
-        "0",
-        "--reclaim",
+    let mode: &[&str] = if park {
+        &["--reclaim"]
+    } else {
+        &["--reclaim=free", "--free-sites", "*", "--free-after", "0s"]
+    };
+    let mut a = vec!["run", "--error-exitcode", "0"];
+    a.extend_from_slice(mode);
+    a.extend_from_slice(&[
         "--check-every",
         "200ms",
         "--json",
         json.to_str().unwrap(),
         "--",
         prog.to_str().unwrap(),
-    ];
+    ]);
     a.extend_from_slice(args);
     let out = kal_env(&a, envs);
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
@@ -80,8 +85,8 @@ fn reclaiming(
 #[test]
 fn reclaim_frees_the_real_leak_and_never_a_hidden_block() {
     let prog = build("hidden_roots.c", &["-O0"]);
-    for mode in MODES {
-        let (stdout, stderr, lines) = reclaiming(&prog, &[mode, "2", "leak"], &[]);
+    for (mode, park) in MODES.iter().flat_map(|m| [(*m, false), (*m, true)]) {
+        let (stdout, stderr, lines) = reclaiming(&prog, &[mode, "2", "leak"], &[], park);
         assert!(!stdout.contains("CORRUPT"), "{mode}: {stdout}{stderr}");
         assert!(stdout.contains("hidden ok"), "{mode}: {stdout}{stderr}");
         let checks: Vec<&Value> = lines.iter().filter(|l| l["check"].is_u64()).collect();
@@ -94,8 +99,21 @@ fn reclaim_frees_the_real_leak_and_never_a_hidden_block() {
             assert!(l.get("reclaim_refused").is_none(), "{mode}: {l}");
             assert!(l["gaps"]["unread"].as_array().unwrap().is_empty(), "{mode}");
         }
-        // Only the real leak was freed: exactly its one block.
         let last = lines.last().unwrap();
+        if park {
+            // Parking frees nothing (and the 777-byte leak covers no whole page).
+            assert_eq!(
+                last["reclaimed"]["blocks"], 0,
+                "{mode}: {}",
+                last["reclaimed"]
+            );
+            assert_eq!(
+                last["reclaimed"]["never_again"].as_array().unwrap().len(),
+                0
+            );
+            continue;
+        }
+        // Only the real leak was freed: exactly its one block.
         assert_eq!(
             last["reclaimed"]["blocks"], 1,
             "{mode}: {}",
@@ -134,7 +152,7 @@ fn a_capture_with_a_gap_reclaims_nothing_and_says_why() {
     );
     drop(live);
 
-    let (stdout, stderr, lines) = reclaiming(&prog, &["bigdontfork", "2", "leak"], &envs);
+    let (stdout, stderr, lines) = reclaiming(&prog, &["bigdontfork", "2", "leak"], &envs, true);
     assert!(!stdout.contains("CORRUPT"), "{stdout}{stderr}");
     assert!(stdout.contains("hidden ok"), "{stdout}");
     assert!(

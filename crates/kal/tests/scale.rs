@@ -65,7 +65,11 @@ fn jemalloc_list_survives_reclaim_and_nothing_is_reclaimed() {
         &[
             "run",
             "-q",
-            "--reclaim",
+            "--reclaim=free",
+            "--free-sites",
+            "*",
+            "--free-after",
+            "0s",
             "--check-every",
             "200ms",
             "--json",

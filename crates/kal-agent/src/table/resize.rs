@@ -117,10 +117,10 @@ extern "C" fn run(_: *mut libc::c_void) -> *mut libc::c_void {
         if wakeups.is_multiple_of(crate::alone::LOOK_EVERY)
             && crate::alone::only_agent_threads_left()
         {
-            // The program's threads are all gone: let the process end as it would have.
-            crate::server::shut_down();
-            crate::alone::RESIZER_TID.store(0, Ordering::Release);
-            return core::ptr::null_mut();
+            // The program's threads are all gone: end the process as glibc does when its
+            // last thread ends (exit(0): atexit handlers run, the exit report too).
+            // SAFETY: exit from an agent thread once no program thread is left.
+            unsafe { libc::exit(0) };
         }
         let w = blocks::window();
         if w.oldest != w.newest {

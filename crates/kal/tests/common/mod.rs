@@ -455,8 +455,9 @@ pub fn memcheck_definitely_env(prog: &Path, args: &[&str], envs: &[(&str, &str)]
     (nums[nums.len() - 2], nums[nums.len() - 1])
 }
 
-/// Runs `kal run --error-exitcode 0 --reclaim --check-every 300ms --json F [flags] -- prog
-/// args` with extra environment variables; returns kal's output and the JSON lines it wrote.
+/// Runs `kal run --error-exitcode 0 --reclaim=free --free-sites '*' --free-after 0s
+/// --check-every 300ms --json F [flags] -- prog args` (blocks freed, not parked) with extra
+/// environment variables; returns kal's output and the JSON lines it wrote.
 pub fn run_reclaiming(
     flags: &[&str],
     prog: &Path,
@@ -469,7 +470,11 @@ pub fn run_reclaiming(
         "run",
         "--error-exitcode",
         "0",
-        "--reclaim",
+        "--reclaim=free",
+        "--free-sites",
+        "*",
+        "--free-after",
+        "0s",
         "--check-every",
         "300ms",
         "--json",
