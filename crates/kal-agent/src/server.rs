@@ -144,18 +144,10 @@ fn server_stack() -> *mut libc::c_void {
     static STACK: core::sync::atomic::AtomicUsize = core::sync::atomic::AtomicUsize::new(0);
     let mut p = STACK.load(Ordering::Acquire);
     if p == 0 {
-        // SAFETY: a fresh private anonymous mapping.
-        let m = unsafe {
-            libc::mmap(
-                core::ptr::null_mut(),
-                SERVER_STACK,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_STACK,
-                -1,
-                0,
-            )
-        };
-        if m == libc::MAP_FAILED {
+        // Fenced by inaccessible pages: merged with a neighbouring thread stack, it would
+        // make the CLI take that stack for part of this thread's (and skip its contents).
+        let m = crate::table::mem::map(SERVER_STACK, b"kal-server-stack\0");
+        if m.is_null() {
             return core::ptr::null_mut();
         }
         p = m as usize;

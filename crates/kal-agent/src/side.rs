@@ -56,18 +56,9 @@ pub fn init() {
     }
     let slots = slots_to_reserve();
     SLOTS.store(slots, Ordering::Release);
-    // SAFETY: a fresh private anonymous reservation.
-    let p = unsafe {
-        libc::mmap(
-            core::ptr::null_mut(),
-            SLOT * slots,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-            -1,
-            0,
-        )
-    };
-    if p != libc::MAP_FAILED && no_side_stacks_wanted() == 0 {
+    // Fenced by inaccessible pages, so that it never merges with a thread's stack.
+    let p = crate::table::mem::map(SLOT * slots, b"kal-side-stacks\0");
+    if !p.is_null() && no_side_stacks_wanted() == 0 {
         BASE.store(p as usize, Ordering::Release);
     }
     READY.store(true, Ordering::Release);

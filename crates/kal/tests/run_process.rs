@@ -312,8 +312,7 @@ fn a_main_thread_that_calls_pthread_exit_ends_and_is_reported() {
             "{}",
             r.stderr
         );
-        // Not asserted: the total. The exited worker's DTV (glibc's, 288 bytes) is reported
-        // lost in about 1 run of 30: the exited-thread stack question of issue 11.
+        assert_eq!(totals(&r.json, "direct"), (121, 2), "{}", r.stderr);
     }
 }
 
