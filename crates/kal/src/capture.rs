@@ -490,7 +490,7 @@ pub fn capture_from(
         unread: table_unread,
     } = read_blocks(&mem, &header);
     if timing {
-        eprintln!(
+        crate::say!(
             "timing: table read {:?} ({} blocks)",
             t0.elapsed(),
             blocks.len()
@@ -533,7 +533,7 @@ pub fn capture_from(
     } = extras;
     image.overlay(parent_image);
     if timing {
-        eprintln!(
+        crate::say!(
             "timing: root memory copy {:?} ({} KiB)",
             t1.elapsed(),
             image.bytes() >> 10

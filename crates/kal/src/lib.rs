@@ -26,6 +26,25 @@
 //! # Ok(()) }
 //! ```
 
+/// `eprintln!` that never panics: kal's stderr may be closed, a broken pipe or full
+/// (`2>/dev/full`), and kal must still pass the program's exit status on.
+#[macro_export]
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
+/// `eprint!` that never panics (see [`say!`]).
+#[macro_export]
+macro_rules! say_raw {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = write!(std::io::stderr(), $($arg)*);
+    }};
+}
+
 pub mod agent;
 pub mod capture;
 pub mod check;
@@ -66,7 +85,7 @@ pub fn classify(cap: &capture::Capture) -> Vec<reach::Kind> {
         Some(&heuristics),
     );
     if std::env::var_os("KAL_DEBUG_TIMING").is_some() {
-        eprintln!(
+        crate::say!(
             "timing: roots {:.1} ms, mark {:.1} ms ({} blocks; roots and mark on-CPU {:.1} ms)",
             (t1 - t0).as_secs_f64() * 1e3,
             t1.elapsed().as_secs_f64() * 1e3,
@@ -144,16 +163,16 @@ pub fn debug_roots(cap: &capture::Capture) {
             .find(|m| m.contains(*s))
             .map(|m| m.path.as_str())
             .unwrap_or("?");
-        eprintln!(
+        crate::say!(
             "root {s:#x}-{e:#x} {m} copied={}",
             cap.image.words(*s, e - s).is_some()
         );
     }
     for k in &cap.kernel_values {
-        eprintln!("root value {:#x} ({})", k.value, k.label);
+        crate::say!("root value {:#x} ({})", k.value, k.label);
     }
     for m in &cap.maps {
-        eprintln!(
+        crate::say!(
             "map {:#x}-{:#x} {}{} {}",
             m.start,
             m.end,
@@ -163,6 +182,6 @@ pub fn debug_roots(cap: &capture::Capture) {
         );
     }
     for b in cap.blocks.iter().filter(|b| b.size == 4096) {
-        eprintln!("block {:#x} size {}", b.addr, b.size);
+        crate::say!("block {:#x} size {}", b.addr, b.size);
     }
 }

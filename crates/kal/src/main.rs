@@ -34,8 +34,9 @@ struct ReportArgs {
     /// source file and module of every frame; `leak:` prefixes are accepted.
     #[arg(long, value_name = "FILE")]
     suppressions: Option<PathBuf>,
-    /// Exit status when something is definitely lost; 0 turns this off.
-    #[arg(long, value_name = "N", default_value_t = 23)]
+    /// Exit status when something is definitely lost (0 to 255); 0 turns this off.
+    #[arg(long, value_name = "N", default_value_t = 23,
+          value_parser = clap::value_parser!(i32).range(0..=255))]
     error_exitcode: i32,
     /// Frames shown per record in the text report.
     #[arg(long, value_name = "N", default_value_t = 8)]
@@ -233,7 +234,7 @@ fn check(pid: i32, args: &ReportArgs) -> Result<i32> {
     let opts = args.options()?;
     let c = kal::check::check(pid, &opts)?;
     if !args.quiet {
-        eprint!("{}", kal::report::text(&c.report, args.frames));
+        kal::say_raw!("{}", kal::report::text(&c.report, args.frames));
     }
     if let Some(j) = &args.json {
         kal::report::write_json(&c.report, j)?;
@@ -256,13 +257,13 @@ fn reclaim(
     let (r, done, before, after) = kal::reclaim::reclaim_now(pid, &opts, config)?;
     if !args.quiet {
         // The report lists each reclaimed site once, under "reclaimed so far".
-        eprint!("{}", kal::report::text(&r, args.frames));
+        kal::say_raw!("{}", kal::report::text(&r, args.frames));
     }
     if let Some(why) = &done.unavailable {
-        eprintln!("kal: not parking in process {pid}: {why}");
+        kal::say!("kal: not parking in process {pid}: {why}");
     }
     if mode == kal::reclaim::Mode::DryRun {
-        eprintln!(
+        kal::say!(
             "kal: dry run: would {} {} bytes in {} blocks in process {pid}; nothing done",
             if done.would_free {
                 "free"
@@ -273,7 +274,7 @@ fn reclaim(
             done.would.len()
         );
     } else {
-        eprintln!(
+        kal::say!(
             "kal: parked {} bytes of {} blocks and freed {} bytes in {} blocks in process {pid} in {:.1} ms (refused: {} no longer the same allocation, {} from contradicted sites{}); RSS {:.1} MiB -> {:.1} MiB",
             done.parked.bytes,
             done.parked.blocks,
@@ -358,7 +359,7 @@ fn main() {
     match result {
         Ok(code) => kal::run::exit_like(code),
         Err(e) => {
-            eprintln!("kal: error: {e:#}");
+            kal::say!("kal: error: {e:#}");
             std::process::exit(125);
         }
     }

@@ -15,7 +15,10 @@ use std::io::Write as _;
 use std::path::PathBuf;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-/// Parses `10s`, `500ms`, `2m`, `1h` or a plain number of seconds.
+/// The longest duration accepted (a year): longer ones overflow clock arithmetic.
+const MAX_DURATION_SECS: f64 = 8760.0 * 3600.0;
+
+/// Parses `10s`, `500ms`, `2m`, `1h` (a number alone is seconds).
 pub fn parse_duration(s: &str) -> Result<Duration> {
     let s = s.trim();
     let split = s
@@ -34,6 +37,9 @@ pub fn parse_duration(s: &str) -> Result<Duration> {
     };
     if !(secs > 0.0 && secs.is_finite()) {
         bail!("invalid duration {s:?}: must be positive");
+    }
+    if secs > MAX_DURATION_SECS {
+        bail!("invalid duration {s:?}: at most 8760h (a year)");
     }
     Ok(Duration::from_secs_f64(secs))
 }
@@ -231,7 +237,7 @@ impl Periodic {
             Some(reclaim::Outcome::Refused { reason, first }) => refused = Some((reason, first)),
             Some(reclaim::Outcome::Failed(e)) => {
                 if let Err(e) = self.dying_or(pid, quiet, e) {
-                    eprintln!("kal: reclaim in process {pid} failed: {e:#}");
+                    crate::say!("kal: reclaim in process {pid} failed: {e:#}");
                 }
             }
         }
@@ -250,7 +256,7 @@ impl Periodic {
             wall: t0.elapsed(),
         };
         if !quiet {
-            eprint!("{}", self.text(&out));
+            crate::say_raw!("{}", self.text(&out));
         }
         if let Some(j) = &self.json {
             self.append_line(j, &out)?;
@@ -270,7 +276,7 @@ impl Periodic {
             return Err(e);
         };
         if self.dying.insert(pid) && !quiet {
-            eprintln!("[{}] =={pid}== kal: {crash}", timestamp(SystemTime::now()));
+            crate::say!("[{}] =={pid}== kal: {crash}", timestamp(SystemTime::now()));
         }
         Ok(())
     }

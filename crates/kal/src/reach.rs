@@ -515,9 +515,10 @@ pub fn classify(
                         .is_some_and(|(i, _)| m.marks.state[i] & REACHED == 0)
                 {
                     let (bi, st) = m.marks.idx.find(w).unwrap_or_default();
-                    eprintln!(
+                    crate::say!(
                         "root word at {at:#x} -> {w:#x} block {:#x}+{} start={st}",
-                        blocks[bi].addr, blocks[bi].size
+                        blocks[bi].addr,
+                        blocks[bi].size
                     );
                 }
                 m.marks.push(w, true, &m.cache);
@@ -835,7 +836,7 @@ mod tests {
             let want = reference(&blocks, &mem, &values);
             let count = |v: &[Kind], k: Kind| v.iter().filter(|&&x| x == k).count();
             for k in Kind::ALL {
-                eprintln!("seed {seed}: {} {}", k.name(), count(&want, k));
+                crate::say!("seed {seed}: {} {}", k.name(), count(&want, k));
             }
             assert_eq!(got, want, "seed {seed}");
         }

@@ -507,7 +507,9 @@ pub fn write_json(r: &Report, path: &Path) -> Result<()> {
     let f = std::fs::File::create(path)
         .with_context(|| format!("cannot write JSON report to {}", path.display()))?;
     let mut w = std::io::BufWriter::new(f);
-    serde_json::to_writer_pretty(&mut w, r)?;
-    std::io::Write::write_all(&mut w, b"\n")?;
-    Ok(())
+    let wrote = serde_json::to_writer_pretty(&mut w, r)
+        .map_err(anyhow::Error::from)
+        .and_then(|()| std::io::Write::write_all(&mut w, b"\n").map_err(Into::into))
+        .and_then(|()| std::io::Write::flush(&mut w).map_err(Into::into));
+    wrote.with_context(|| format!("cannot write JSON report to {}", path.display()))
 }

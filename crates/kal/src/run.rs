@@ -121,7 +121,7 @@ pub fn run(opts: &RunOptions) -> Result<i32> {
     crate::elf::check_preloadable(&program)?;
     let own = crate::elf::own_allocator(&program);
     if !own.is_empty() {
-        eprintln!(
+        crate::say!(
             "kal: {} defines its own {}: allocations made through it never reach the C library and are not tracked (only those that do are)",
             program.display(),
             own.join("/")
@@ -180,7 +180,7 @@ pub fn run(opts: &RunOptions) -> Result<i32> {
                         continue; // exited since its last message: nothing to check
                     }
                     if let Err(e) = p.check(pid, c.header, opts.quiet, &round) {
-                        eprintln!("kal: check of process {pid} failed: {e:#}");
+                        crate::say!("kal: check of process {pid} failed: {e:#}");
                     }
                 }
                 p.pacer.end(round);
@@ -231,7 +231,7 @@ pub fn run(opts: &RunOptions) -> Result<i32> {
                 }
                 Ok(Handled::Done(l)) => lost |= l,
                 Ok(Handled::Closed) => {}
-                Err(e) => eprintln!("kal: {e:#}"),
+                Err(e) => crate::say!("kal: {e:#}"),
             }
         }
         conns = keep;
@@ -245,7 +245,7 @@ pub fn run(opts: &RunOptions) -> Result<i32> {
     }
     let status = status.expect("loop ends after the child exited");
     if hellos == 0 {
-        eprintln!("kal: the agent never started in {} (is it setuid, or does it reset LD_PRELOAD?): no leak report", program.display());
+        crate::say!("kal: the agent never started in {} (is it setuid, or does it reset LD_PRELOAD?): no leak report", program.display());
     }
     if let Some(sig) = status.signal() {
         return Ok(-sig);
@@ -359,18 +359,23 @@ fn handle(
         p.annotate(pid, &mut report);
     }
     if !opts.quiet {
-        eprint!("{}", report::text(&report, opts.frames));
+        crate::say_raw!("{}", report::text(&report, opts.frames));
     }
     if let Some(j) = &opts.json {
-        if opts.check_every.is_some() {
-            crate::periodic::append_exit_line(j, &report)?;
+        let written = if opts.check_every.is_some() {
+            crate::periodic::append_exit_line(j, &report)
+                .with_context(|| format!("cannot write JSON report to {}", j.display()))
         } else {
             let path = if pid == main_pid {
                 j.clone()
             } else {
                 PathBuf::from(format!("{}.{pid}", j.display()))
             };
-            report::write_json(&report, &path)?;
+            report::write_json(&report, &path)
+        };
+        // Said in one line; the exit status still tells what was lost.
+        if let Err(e) = written {
+            crate::say!("kal: {e:#}");
         }
     }
     Ok(Handled::Done(report.summary.direct.blocks > 0))

@@ -146,7 +146,7 @@ fn inject(
 /// Says `kal: test hold: <stage>` on stderr once it is there, so a test can wait for it.
 pub fn test_hold(stage: &str) {
     if std::env::var("KAL_TEST_HOLD").is_ok_and(|v| v == stage) {
-        eprintln!("kal: test hold: {stage}");
+        crate::say!("kal: test hold: {stage}");
         std::thread::sleep(Duration::from_secs(5));
     }
 }
@@ -157,7 +157,7 @@ pub fn take(pid: i32, header_addr: u64) -> Result<Snapshot> {
     refuse_seccomp(pid)?;
     let server = server_thread(pid, header_addr);
     if std::env::var_os("KAL_DEBUG_TIMING").is_some() {
-        eprintln!(
+        crate::say!(
             "timing: snapshot by {}",
             if server.is_some() {
                 "the agent"

@@ -332,3 +332,67 @@ fn exit_from_a_second_thread_is_reported_with_its_status() {
         assert_eq!(totals(&r.json, "direct"), (55, 1), "{}", r.stderr);
     }
 }
+
+#[test]
+fn kal_survives_a_full_or_closed_stderr_and_says_when_json_cannot_be_written() {
+    let prog = build("tree.c", &[]);
+    ensure_agent();
+    // stderr on /dev/full: every write fails; the exit status still tells.
+    let full = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/full")
+        .unwrap();
+    let st = Command::new(env!("CARGO_BIN_EXE_kal"))
+        .args(["run", "--"])
+        .arg(&prog)
+        .stderr(full)
+        .status()
+        .unwrap();
+    assert_eq!(st.code(), Some(23));
+    // stderr a pipe nobody reads any more.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kal"))
+        .args(["run", "--"])
+        .arg(&prog)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stderr.take());
+    assert_eq!(child.wait().unwrap().code(), Some(23));
+    // A JSON file that cannot be written: one line, and the status still tells.
+    let out = kal(&[
+        "run",
+        "-q",
+        "--json",
+        "/dev/full",
+        "--",
+        prog.to_str().unwrap(),
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(23), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.contains("cannot write JSON report to /dev/full"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn out_of_range_options_are_refused_before_anything_runs() {
+    for args in [
+        [
+            "run",
+            "--check-every",
+            "99999999999999999999h",
+            "--",
+            "/bin/true",
+        ],
+        ["run", "--error-exitcode", "-9", "--", "/bin/true"],
+        ["run", "--error-exitcode", "256", "--", "/bin/true"],
+    ] {
+        let out = kal(&args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(stderr.starts_with("error: invalid value"), "{stderr}");
+        assert!(!stderr.contains("panicked"), "{stderr}");
+    }
+}
