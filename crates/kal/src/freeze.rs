@@ -53,6 +53,45 @@ pub struct Frozen {
     skip: i32,
 }
 
+/// Why `PTRACE_SEIZE` of process `pid` was refused, as precisely as `/proc` tells.
+fn why_not_traceable(pid: i32) -> String {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next())
+            .unwrap_or("")
+            .to_string()
+    };
+    let tracer = field("TracerPid:");
+    if !tracer.is_empty() && tracer != "0" {
+        return format!(
+            "process {pid} is already traced by process {tracer} (a debugger or strace?): only one tracer at a time"
+        );
+    }
+    let uid = field("Uid:");
+    // A process that is not dumpable has its /proc files owned by root.
+    let mem_owner = std::fs::metadata(format!("/proc/{pid}/mem"))
+        .map(|m| std::os::unix::fs::MetadataExt::uid(&m).to_string())
+        .unwrap_or_default();
+    if mem_owner == "0" && uid != "0" && !uid.is_empty() {
+        return format!(
+            "process {pid} is not dumpable (setuid, or it called prctl(PR_SET_DUMPABLE, 0)): only root can trace it"
+        );
+    }
+    // SAFETY: geteuid has no preconditions.
+    let me = unsafe { libc::geteuid() }.to_string();
+    if me != "0" && me != uid {
+        return format!("no permission to trace process {pid}: it runs as uid {uid}, kal as {me}");
+    }
+    let scope = std::fs::read_to_string("/proc/sys/kernel/yama/ptrace_scope").unwrap_or_default();
+    format!(
+        "no permission to trace process {pid} (/proc/sys/kernel/yama/ptrace_scope is {}: run kal as root, or start the program under kal run)",
+        scope.trim()
+    )
+}
+
 /// Whether thread `tid` of process `pid` has exited (a zombie, or gone).
 fn is_zombie(pid: i32, tid: i32) -> bool {
     let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/stat")) else {
@@ -241,9 +280,7 @@ impl Frozen {
                         gone.push(tid);
                         continue;
                     }
-                    Err(Errno::EPERM) => bail!(
-                        "no permission to trace process {pid} (run as its user or root, and check /proc/sys/kernel/yama/ptrace_scope)"
-                    ),
+                    Err(Errno::EPERM) => bail!("{}", why_not_traceable(pid)),
                     Err(e) => return Err(e).with_context(|| format!("cannot seize thread {tid}")),
                 }
                 then(self, tid)?;

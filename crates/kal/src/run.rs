@@ -139,6 +139,21 @@ pub fn run(opts: &RunOptions) -> Result<i32> {
     let listener = UnixListener::bind(&sock).context("cannot create the agent socket")?;
     listener.set_nonblocking(true)?;
 
+    // LD_PRELOAD splits on spaces and colons: an agent whose path holds one is loaded
+    // through a link in kal's private directory.
+    let agent = if agent
+        .as_os_str()
+        .as_encoded_bytes()
+        .iter()
+        .any(|&c| c == b' ' || c == b':' || c == b'\t')
+    {
+        let link = dir.path().join("libkal_agent.so");
+        std::os::unix::fs::symlink(&agent, &link)
+            .context("cannot link the agent into kal's private directory")?;
+        link
+    } else {
+        agent
+    };
     let mut preload = agent.as_os_str().to_owned();
     if let Some(old) = std::env::var_os("LD_PRELOAD").filter(|o| !o.is_empty()) {
         preload.push(":");

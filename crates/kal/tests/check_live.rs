@@ -243,3 +243,35 @@ fn a_process_under_a_seccomp_filter_is_refused_and_unharmed() {
     }
     assert_eq!(live.status("TracerPid:"), "0");
 }
+
+#[test]
+fn a_process_already_traced_is_refused_with_the_real_reason() {
+    require_command("gdb", "gdb");
+    let mut live = Live::start(&build("live_leaker.c", &[]));
+    // A debugger holds the program for a few seconds, then lets it go.
+    let mut gdb = Command::new("gdb")
+        .args([
+            "-q",
+            "-batch",
+            "-p",
+            &live.pid.to_string(),
+            "-ex",
+            "shell sleep 3",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while live.status("TracerPid:") == "0" && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = kal(&["check", &live.pid.to_string()]);
+    one_line_error(&out, &format!("already traced by process {}", gdb.id()));
+    gdb.wait().unwrap();
+    // The program runs on once the debugger has gone.
+    let mut line = String::new();
+    live.out.read_line(&mut line).unwrap();
+    assert_eq!(live.status("TracerPid:"), "0");
+}

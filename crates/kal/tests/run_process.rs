@@ -396,3 +396,33 @@ fn out_of_range_options_are_refused_before_anything_runs() {
         assert!(!stderr.contains("panicked"), "{stderr}");
     }
 }
+
+#[test]
+fn kal_installed_under_a_path_with_a_space_and_a_colon_still_loads_its_agent() {
+    let prog = build("tree.c", &[]);
+    ensure_agent();
+    let dir = tempfile::tempdir().unwrap();
+    let odd = dir.path().join("my tools:v2");
+    std::fs::create_dir(&odd).unwrap();
+    let exe = std::path::Path::new(env!("CARGO_BIN_EXE_kal"));
+    std::fs::copy(exe, odd.join("kal")).unwrap();
+    std::fs::copy(
+        exe.with_file_name("libkal_agent.so"),
+        odd.join("libkal_agent.so"),
+    )
+    .unwrap();
+    let json = dir.path().join("r.json");
+    let out = Command::new(odd.join("kal"))
+        .args(["run", "--json"])
+        .arg(&json)
+        .arg("--")
+        .arg(&prog)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("never started"), "{stderr}");
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(totals(&r, "direct"), (48, 1), "{stderr}");
+}
