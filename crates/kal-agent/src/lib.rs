@@ -31,6 +31,7 @@ mod side;
 mod snapshot;
 mod state;
 mod table;
+mod threads;
 mod unwind;
 
 use core::alloc::{GlobalAlloc, Layout};

@@ -105,34 +105,16 @@ pub fn start() {
         if old >= 0 {
             libc::close(old);
         }
-        let mut t: libc::pthread_t = 0;
-        let mut attr: libc::pthread_attr_t = core::mem::zeroed();
-        libc::pthread_attr_init(&mut attr);
-        libc::pthread_attr_setdetachstate(&mut attr, libc::PTHREAD_CREATE_DETACHED);
-        // The server thread blocks every signal (it inherits the mask it is created with):
-        // a process-directed signal the program blocks in its own threads and collects with
-        // sigwaitinfo (a POSIX timer's, say) must not be delivered to, and kill, kal's thread.
-        let mut all: libc::sigset_t = core::mem::zeroed();
-        let mut old_mask: libc::sigset_t = core::mem::zeroed();
-        libc::sigfillset(&mut all);
-        libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old_mask);
-        // Its own stack, named in the header: the addresses it handles (reclaim requests)
-        // must not linger where a scan would take them for the program's pointers.
-        let stack = server_stack();
-        if !stack.is_null() {
-            libc::pthread_attr_setstack(&mut attr, stack, SERVER_STACK);
-        }
-        // What glibc allocates for the thread (its DTV) is the agent's, not the program's:
-        // untracked, so that it never shows as lost once the stack holding its only
-        // pointer is left out of scans.
-        let entered = crate::guard::enter();
-        libc::pthread_create(&mut t, &attr, serve, core::ptr::null_mut());
-        if entered {
-            crate::guard::leave();
-        }
-        libc::pthread_sigmask(libc::SIG_SETMASK, &old_mask, core::ptr::null_mut());
-        libc::pthread_attr_destroy(&mut attr);
     }
+    // Its own stack, named in the header: the addresses it handles (reclaim requests)
+    // must not linger where a scan would take them for the program's pointers.
+    let stack = server_stack();
+    let on = if stack.is_null() {
+        crate::threads::Stack::Sized(SERVER_STACK)
+    } else {
+        crate::threads::Stack::Own(stack, SERVER_STACK)
+    };
+    crate::threads::spawn(serve, on);
 }
 
 /// Size of the server thread's stack.

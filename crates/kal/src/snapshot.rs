@@ -249,7 +249,20 @@ fn take_by_agent(pid: i32, server: i32) -> Result<Snapshot> {
     if !is_child_of(child, pid) {
         bail!("the kal agent of process {pid} named {child}, which is not its copy");
     }
-    // Still frozen, at the instant of the copy: what the copy does not show as it is.
+    finish(frozen, plan, (threads, missing), child, Maker::Agent(conn))
+}
+
+/// The copy `child` exists: reads what it does not show as the target has it (the target
+/// still frozen, at the instant of the copy), then lets the target go. A fatal signal that
+/// arrived meanwhile makes it an error (dropping the snapshot ends the copy).
+fn finish(
+    frozen: Frozen,
+    plan: crate::freeze_copy::Plan,
+    (threads, missing): (Vec<ThreadRegs>, u64),
+    child: i32,
+    maker: Maker,
+) -> Result<Snapshot> {
+    let pid = frozen.pid();
     let mut extras = plan.read(pid);
     extras.threads_without_registers = missing;
     let pause = frozen.paused_for();
@@ -261,10 +274,10 @@ fn take_by_agent(pid: i32, server: i32) -> Result<Snapshot> {
         threads,
         pause,
         extras,
-        maker: Maker::Agent(conn),
+        maker,
         released: false,
     };
-    crashing?; // dropping `snap` closes the connection: the copy ends
+    crashing?;
     Ok(snap)
 }
 
@@ -306,27 +319,11 @@ fn take_injected(pid: i32) -> Result<Snapshot> {
     let cp = Pid::from_raw(child);
     let _ = waitpid(cp, Some(WaitPidFlag::__WALL));
     let _ = ptrace::setoptions(cp, ptrace::Options::PTRACE_O_EXITKILL);
-    // Still frozen, at the instant of the copy: what the copy does not show as it is.
-    let mut extras = plan.read(pid);
-    extras.threads_without_registers = missing;
-    let pause = frozen.paused_for();
-    // A fatal signal that arrived while kal worked: the process dies once let go.
-    let crashing = frozen.ensure_not_crashing();
-    drop(frozen);
-    let snap = Snapshot {
-        pid,
-        child,
-        threads,
-        pause,
-        extras,
-        maker: Maker::Injected {
-            syscall_at,
-            injector: tid,
-        },
-        released: false,
+    let maker = Maker::Injected {
+        syscall_at,
+        injector: tid,
     };
-    crashing?; // dropping `snap` kills the copy
-    Ok(snap)
+    finish(frozen, plan, (threads, missing), child, maker)
 }
 
 impl Snapshot {

@@ -9,42 +9,6 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// Runs `kal ARGS` and samples the launched program's peak RSS (KiB) until it ends.
-fn run_sampling_rss(args: &[&str]) -> (std::process::Output, u64) {
-    ensure_agent();
-    let child = Command::new(env!("CARGO_BIN_EXE_kal"))
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let kal_pid = child.id();
-    let sampler = std::thread::spawn(move || {
-        let mut peak = 0u64;
-        loop {
-            let kids = std::fs::read_to_string(format!("/proc/{kal_pid}/task/{kal_pid}/children"))
-                .unwrap_or_default();
-            if std::fs::metadata(format!("/proc/{kal_pid}")).is_err() {
-                return peak;
-            }
-            for k in kids.split_whitespace() {
-                let st = std::fs::read_to_string(format!("/proc/{k}/status")).unwrap_or_default();
-                if let Some(kb) = st
-                    .lines()
-                    .find(|l| l.starts_with("VmRSS:"))
-                    .and_then(|l| l.split_whitespace().nth(1))
-                {
-                    peak = peak.max(kb.parse().unwrap_or(0));
-                }
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    });
-    let out = child.wait_with_output().unwrap();
-    (out, sampler.join().unwrap())
-}
-
 fn checks(lines: &[Value]) -> Vec<&Value> {
     lines.iter().filter(|l| l["check"].is_u64()).collect()
 }

@@ -35,23 +35,7 @@ pub fn init() -> bool {
 
 /// Starts the handler thread with every signal blocked; false if it could not start.
 pub fn start() -> bool {
-    // SAFETY: plain pthread calls with zeroed attributes and a static entry point; the
-    // mask is restored right after the thread is made.
-    unsafe {
-        let mut t: libc::pthread_t = 0;
-        let mut attr: libc::pthread_attr_t = core::mem::zeroed();
-        libc::pthread_attr_init(&mut attr);
-        libc::pthread_attr_setdetachstate(&mut attr, libc::PTHREAD_CREATE_DETACHED);
-        libc::pthread_attr_setstacksize(&mut attr, 256 * 1024);
-        let mut all: libc::sigset_t = core::mem::zeroed();
-        let mut old: libc::sigset_t = core::mem::zeroed();
-        libc::sigfillset(&mut all);
-        libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old);
-        let rc = libc::pthread_create(&mut t, &attr, serve, core::ptr::null_mut());
-        libc::pthread_sigmask(libc::SIG_SETMASK, &old, core::ptr::null_mut());
-        libc::pthread_attr_destroy(&mut attr);
-        rc == 0
-    }
+    crate::threads::spawn(serve, crate::threads::Stack::Sized(256 * 1024))
 }
 
 extern "C" fn serve(_: *mut libc::c_void) -> *mut libc::c_void {

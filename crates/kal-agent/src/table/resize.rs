@@ -63,23 +63,7 @@ fn wait(ms: i64) {
 pub fn start() {
     // SAFETY: getpid has no preconditions.
     OWNER.store(unsafe { libc::getpid() }, Ordering::Release);
-    // SAFETY: plain pthread calls with zeroed attributes and a static entry point.
-    unsafe {
-        let mut t: libc::pthread_t = 0;
-        let mut attr: libc::pthread_attr_t = core::mem::zeroed();
-        libc::pthread_attr_init(&mut attr);
-        libc::pthread_attr_setdetachstate(&mut attr, libc::PTHREAD_CREATE_DETACHED);
-        libc::pthread_attr_setstacksize(&mut attr, 64 * 1024);
-        // The thread inherits this mask: block everything so that no signal meant for the
-        // program is ever delivered to it.
-        let mut all: libc::sigset_t = core::mem::zeroed();
-        let mut old: libc::sigset_t = core::mem::zeroed();
-        libc::sigfillset(&mut all);
-        libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old);
-        libc::pthread_create(&mut t, &attr, run, core::ptr::null_mut());
-        libc::pthread_sigmask(libc::SIG_SETMASK, &old, core::ptr::null_mut());
-        libc::pthread_attr_destroy(&mut attr);
-    }
+    crate::threads::spawn(run, crate::threads::Stack::Sized(64 * 1024));
 }
 
 /// In a fork child (noticed by a thread waiting on a slot, or by the child's first hook):

@@ -1,0 +1,48 @@
+//! Starting the agent's own threads (the server, the resizer, the fault handler).
+//!
+//! Each is detached and blocks every signal (a thread inherits the mask it is created
+//! with): no signal meant for the program — a SIGTERM it collects with a signalfd, a timer
+//! signal it takes with sigwaitinfo — is ever delivered to, and handled by default in, an
+//! agent thread.
+
+/// Where an agent thread runs.
+pub enum Stack {
+    /// A stack glibc maps, of this many bytes.
+    Sized(usize),
+    /// A stack the agent mapped itself (`addr`, `len`); what glibc allocates for the thread
+    /// (its DTV) is then left untracked, as the agent's: the CLI never scans that stack, so
+    /// the DTV's only pointer would be out of sight.
+    Own(*mut libc::c_void, usize),
+}
+
+/// Starts `entry` on a new detached thread with every signal blocked; false if it could
+/// not start.
+pub fn spawn(entry: extern "C" fn(*mut libc::c_void) -> *mut libc::c_void, stack: Stack) -> bool {
+    // SAFETY: plain pthread calls with zeroed attributes and a static entry point; the
+    // caller's signal mask is restored right after the thread is made.
+    unsafe {
+        let mut t: libc::pthread_t = 0;
+        let mut attr: libc::pthread_attr_t = core::mem::zeroed();
+        libc::pthread_attr_init(&mut attr);
+        libc::pthread_attr_setdetachstate(&mut attr, libc::PTHREAD_CREATE_DETACHED);
+        let own = match stack {
+            Stack::Sized(n) => {
+                libc::pthread_attr_setstacksize(&mut attr, n);
+                false
+            }
+            Stack::Own(p, n) => libc::pthread_attr_setstack(&mut attr, p, n) == 0,
+        };
+        let mut all: libc::sigset_t = core::mem::zeroed();
+        let mut old: libc::sigset_t = core::mem::zeroed();
+        libc::sigfillset(&mut all);
+        libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old);
+        let entered = own && crate::guard::enter();
+        let rc = libc::pthread_create(&mut t, &attr, entry, core::ptr::null_mut());
+        if entered {
+            crate::guard::leave();
+        }
+        libc::pthread_sigmask(libc::SIG_SETMASK, &old, core::ptr::null_mut());
+        libc::pthread_attr_destroy(&mut attr);
+        rc == 0
+    }
+}
