@@ -4,11 +4,14 @@
 //! run, and so does the exit report). Without this, the agent's threads would keep it
 //! running forever.
 //!
-//! The resizer looks every [`LOOK_EVERY`] wake-ups: first at the thread count in
-//! `/proc/self/stat` (one read); only when it is as low as the agent's threads plus a
-//! main thread does it read each thread's state (an exited main thread stays listed, as a
-//! zombie, until the process ends).
+//! The resizer looks every [`LOOK_EVERY`] wake-ups at the thread count in
+//! `/proc/self/stat` and, when that is as low as the agent's threads plus one, at the main
+//! thread's state (an exited main thread stays listed, as a zombie, until the process
+//! ends). Both files are opened once, by the thread that starts the resizer, and re-read
+//! with `pread`: an agent thread that opened files as it runs would take the lowest free
+//! descriptor numbers, racing with the program's own `dup2` onto them (`EBUSY`).
 
+use crate::ownfd::OwnFd;
 use core::sync::atomic::{AtomicI32, Ordering};
 
 /// Thread id of the resizer (the agent's other long-lived thread besides the server).
@@ -19,10 +22,46 @@ pub static HANDLER_TID: AtomicI32 = AtomicI32::new(0);
 /// Resizer wake-ups between two looks.
 pub const LOOK_EVERY: u32 = 10;
 
-/// The number after `field` fields past the command name in a `stat` line.
-fn stat_field(stat: &str, field: usize) -> Option<&str> {
-    let rest = &stat[stat.rfind(')')? + 1..];
-    rest.split_whitespace().nth(field)
+/// `/proc/self/stat`.
+static STAT: OwnFd = OwnFd::none();
+/// `/proc/self/task/PID/stat`: the main thread's.
+static MAIN_STAT: OwnFd = OwnFd::none();
+
+/// Opens the two files (at agent start, and in a fork child before its agent threads
+/// start: no other thread of the process runs then).
+pub fn init() {
+    STAT.close();
+    MAIN_STAT.close();
+    // SAFETY: getpid has no preconditions.
+    let pid = unsafe { libc::getpid() };
+    let main = format!("/proc/self/task/{pid}/stat\0");
+    for (own, path) in [
+        (&STAT, "/proc/self/stat\0".as_bytes()),
+        (&MAIN_STAT, main.as_bytes()),
+    ] {
+        // SAFETY: opening a NUL-terminated path read-only.
+        let fd = unsafe { libc::open(path.as_ptr().cast(), libc::O_RDONLY | libc::O_CLOEXEC) };
+        if fd >= 0 {
+            own.set(fd);
+        }
+    }
+}
+
+/// The field `field` past the command name of the `stat` file `f`, re-read from its start.
+fn stat_field(f: &OwnFd, field: usize, out: &mut [u8; 512]) -> Option<u64> {
+    let fd = f.get();
+    if fd < 0 {
+        return None;
+    }
+    // SAFETY: reading into our own buffer from our own descriptor.
+    let n = unsafe { libc::pread(fd, out.as_mut_ptr().cast(), out.len(), 0) };
+    let text = core::str::from_utf8(out.get(..usize::try_from(n).ok()?)?).ok()?;
+    let rest = &text[text.rfind(')')? + 1..];
+    let v = rest.split_whitespace().nth(field)?;
+    Some(match v {
+        "Z" | "X" => u64::MAX, // a state: "ended"
+        s => s.parse().unwrap_or(0),
+    })
 }
 
 /// Whether only the agent's threads still run in this process.
@@ -32,35 +71,16 @@ pub fn only_agent_threads_left() -> bool {
         crate::state::server_tid() as i32,
         HANDLER_TID.load(Ordering::Acquire),
     ];
-    let agent_running = agent.iter().filter(|&&t| t > 0).count();
-    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
-        return false;
-    };
-    let Some(threads) = stat_field(&stat, 17).and_then(|n| n.parse::<usize>().ok()) else {
+    let agent_running = agent.iter().filter(|&&t| t > 0).count() as u64;
+    let mut buf = [0u8; 512];
+    let Some(threads) = stat_field(&STAT, 17, &mut buf) else {
         return false;
     };
     if threads > agent_running + 1 {
-        return false; // the common case: some program thread besides a main one
+        return false; // the common case: the program has threads besides a main one
     }
-    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
-        return false;
-    };
-    for t in tasks.flatten() {
-        let Some(tid) = t.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
-            return false;
-        };
-        if agent.contains(&tid) {
-            continue;
-        }
-        let Ok(st) = std::fs::read_to_string(t.path().join("stat")) else {
-            continue; // gone meanwhile
-        };
-        match stat_field(&st, 0) {
-            Some("Z") | Some("X") => {}
-            _ => return false,
-        }
-    }
-    true
+    // Left: the agent's threads and the main one. Only an ended main thread counts as gone.
+    stat_field(&MAIN_STAT, 0, &mut buf) == Some(u64::MAX)
 }
 
 #[cfg(test)]
@@ -68,14 +88,8 @@ mod tests {
     use super::*;
 
     #[test]
-    fn reads_fields_after_the_command_name() {
-        let s = "42 (a (b) c) S 1 42 42 0 -1 4194560 1 0 0 0 0 0 0 0 20 0 3 0 9";
-        assert_eq!(stat_field(s, 0), Some("S"));
-        assert_eq!(stat_field(s, 17), Some("3"));
-    }
-
-    #[test]
     fn a_test_thread_is_not_an_agent_thread() {
+        init();
         assert!(!only_agent_threads_left());
     }
 }

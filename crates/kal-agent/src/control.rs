@@ -5,10 +5,10 @@
 //! handlers and static destructors — it opens a fresh connection, says it is exiting and
 //! waits for one byte: the CLI freezes and reads the process meanwhile.
 
-use core::sync::atomic::{AtomicI32, Ordering};
 use kal_proto::{Hello, MsgKind, MAGIC, VERSION};
 
-static HELLO_FD: AtomicI32 = AtomicI32::new(-1);
+/// The hello connection, kept open while the process lives.
+static HELLO_FD: crate::ownfd::OwnFd = crate::ownfd::OwnFd::none();
 static mut PATH: [u8; 108] = [0; 108];
 static mut PATH_LEN: usize = 0;
 
@@ -63,7 +63,9 @@ fn hello() {
         unsafe { libc::close(fd) };
         return;
     }
-    HELLO_FD.store(fd, Ordering::Relaxed);
+    if fd >= 0 {
+        HELLO_FD.set(fd);
+    }
 }
 
 unsafe extern "C" fn before_fork() {
@@ -80,11 +82,9 @@ unsafe extern "C" fn park_child() {
 
 unsafe extern "C" fn after_fork_child() {
     crate::table::resize::after_fork_child();
-    let old = HELLO_FD.swap(-1, Ordering::Relaxed);
-    if old >= 0 {
-        // SAFETY: the child's copy of our own fd; the parent keeps its own.
-        unsafe { libc::close(old) };
-    }
+    // The child's copy of the hello connection (the parent keeps its own), closed only
+    // if the program did not put a file of its own at that number meanwhile.
+    HELLO_FD.close();
     hello();
     crate::server::start();
 }
@@ -97,7 +97,7 @@ extern "C" fn at_exit() {
     // Parked pages go back now: kal reads this process at exit, and the fault handler
     // does not survive exit_group.
     crate::park::shutdown();
-    if HELLO_FD.load(Ordering::Relaxed) < 0 {
+    if HELLO_FD.get() < 0 {
         return;
     }
     let fd = connect();

@@ -22,6 +22,7 @@ mod control;
 mod diag;
 mod guard;
 pub mod hooks;
+mod ownfd;
 mod park;
 mod pool;
 mod real;

@@ -6,10 +6,11 @@
 //! decode is refused without touching anything.
 
 use crate::{park, real, reclaim, state};
-use core::sync::atomic::{AtomicI32, Ordering};
+use core::sync::atomic::Ordering;
 use kal_proto::ctl::{decode_entry, Op, ReqHeader, Response, Status, ENTRY_SIZE, REQ_HEADER_SIZE};
 
-static LISTEN_FD: AtomicI32 = AtomicI32::new(-1);
+/// The listening socket.
+static LISTEN_FD: crate::ownfd::OwnFd = crate::ownfd::OwnFd::none();
 static mut PATH: [u8; 108] = [0; 108];
 
 /// Writes `/tmp/kal-UID` into `buf` (NUL-terminated); returns its length.
@@ -101,10 +102,9 @@ pub fn start() {
             libc::close(fd);
             return;
         }
-        let old = LISTEN_FD.swap(fd, Ordering::AcqRel);
-        if old >= 0 {
-            libc::close(old);
-        }
+        // A fork child's copy of the parent's socket, if still ours, goes first.
+        LISTEN_FD.close();
+        LISTEN_FD.set(fd);
     }
     // Its own stack, named in the header: the addresses it handles (reclaim requests)
     // must not linger where a scan would take them for the program's pointers.
@@ -156,25 +156,52 @@ extern "C" fn serve(_: *mut libc::c_void) -> *mut libc::c_void {
     // SAFETY: gettid has no preconditions.
     state::set_server_tid(unsafe { libc::gettid() } as u64);
     loop {
-        let lfd = LISTEN_FD.load(Ordering::Acquire);
-        // SAFETY: accepting on our own listening socket.
-        let fd = unsafe {
+        // Never accept on a number the program reused for a file of its own.
+        let lfd = LISTEN_FD.get();
+        if lfd < 0 {
+            state::set_server_tid(0);
+            return core::ptr::null_mut();
+        }
+        // Wait with poll, not in accept: a blocked accept holds the lowest free descriptor
+        // number reserved, and the program's own dup2 onto it fails with EBUSY.
+        let mut p = libc::pollfd {
+            fd: lfd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: polling one valid pollfd with no timeout.
+        if unsafe { libc::poll(&mut p, 1, -1) } < 0 {
+            continue; // EINTR
+        }
+        if p.revents & (libc::POLLERR | libc::POLLHUP | libc::POLLNVAL) != 0 {
+            state::set_server_tid(0);
+            return core::ptr::null_mut();
+        }
+        // SAFETY: accepting on our own listening socket, without waiting.
+        let low = unsafe {
             libc::accept4(
                 lfd,
                 core::ptr::null_mut(),
                 core::ptr::null_mut(),
-                libc::SOCK_CLOEXEC,
+                libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
             )
         };
-        if fd < 0 {
-            // SAFETY: errno is thread-local.
-            let e = unsafe { *libc::__errno_location() };
-            if e == libc::EINTR || e == libc::ECONNABORTED {
-                continue;
-            }
-            state::set_server_tid(0);
-            return core::ptr::null_mut();
+        if low < 0 {
+            continue; // nobody after all (EAGAIN), or the client gave up
         }
+        // The connection leaves the low numbers at once, and blocks again for the reads.
+        // SAFETY: duplicating and closing the descriptor just accepted.
+        let fd = unsafe {
+            let high = libc::fcntl(low, libc::F_DUPFD_CLOEXEC, 512);
+            if high >= 0 {
+                libc::close(low);
+                high
+            } else {
+                low
+            }
+        };
+        // SAFETY: clearing O_NONBLOCK on our own descriptor (timeouts bound its reads).
+        unsafe { libc::fcntl(fd, libc::F_SETFL, 0) };
         if peer_allowed(fd) {
             handle(fd);
         }

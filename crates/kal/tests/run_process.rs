@@ -426,3 +426,23 @@ fn kal_installed_under_a_path_with_a_space_and_a_colon_still_loads_its_agent() {
         serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     assert_eq!(totals(&r, "direct"), (48, 1), "{stderr}");
 }
+
+#[test]
+fn the_agent_never_touches_a_descriptor_number_the_program_reused() {
+    // bash puts its own file at fd 3 (where the agent's first socket would be), then a
+    // subshell (a fork: the agent's fork handler runs) writes through it.
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("out");
+    let script = format!(
+        "exec 3>{0}; ( echo hi >&3 ); exec 3>&-; cat {0}",
+        f.display()
+    );
+    let out = kal(&["run", "-q", "--", "bash", "-c", &script]);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "hi\n",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(out.status.code(), Some(0));
+}

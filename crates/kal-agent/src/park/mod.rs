@@ -31,7 +31,7 @@ mod uffd;
 
 pub use parker::park_blocks;
 
-use core::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, AtomicU64, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
 /// Most pages in one run (restored together on a fault).
 pub const RUN_PAGES: u64 = 256;
@@ -50,7 +50,7 @@ pub const STOPPED: u32 = 3;
 pub static NOTE: AtomicU32 = AtomicU32::new(0);
 /// One of [`IDLE`], [`ACTIVE`], [`UNAVAILABLE`], [`STOPPED`].
 pub static STATE: AtomicU32 = AtomicU32::new(IDLE);
-static UFFD: AtomicI32 = AtomicI32::new(-1);
+static UFFD: crate::ownfd::OwnFd = crate::ownfd::OwnFd::none();
 static EXACT: AtomicBool = AtomicBool::new(false);
 /// Set while the program forks: no run may be parked then.
 static FORKING: AtomicBool = AtomicBool::new(false);
@@ -102,7 +102,7 @@ fn set_note(n: Note, errno: i32) {
 
 /// The userfaultfd (valid while [`STATE`] is [`ACTIVE`]).
 fn fd() -> i32 {
-    UFFD.load(Ordering::Acquire)
+    UFFD.get()
 }
 
 fn errno() -> i32 {
@@ -196,11 +196,9 @@ pub fn ensure(dev: i32) -> Result<(), u32> {
         features & uffd::FEATURE_EXACT_ADDRESS != 0,
         Ordering::Relaxed,
     );
-    UFFD.store(fd, Ordering::Release);
+    UFFD.set(fd);
     if !handler::start() {
-        UFFD.store(-1, Ordering::Release);
-        // SAFETY: as above.
-        unsafe { libc::close(fd) };
+        UFFD.close();
         set_note(Note::NoMemory, 0);
         STATE.store(UNAVAILABLE, Ordering::Release);
         return Err(NOTE.load(Ordering::Relaxed));
@@ -290,11 +288,7 @@ pub fn after_fork_parent() {
 /// `pthread_atfork` child: the parent's parking is not the child's; start afresh.
 pub fn after_fork_child() {
     FORKING.store(false, Ordering::Release);
-    let fd = UFFD.swap(-1, Ordering::AcqRel);
-    if fd >= 0 {
-        // SAFETY: the child's copy of the parent's userfaultfd.
-        unsafe { libc::close(fd) };
-    }
+    UFFD.close();
     runs::reset();
     store::reset();
     STATE.store(IDLE, Ordering::Release);

@@ -4,16 +4,16 @@
 //! than the program's RSS. Each run gets whole pages at the end of the file; a restored
 //! run's pages are punched out (`FALLOC_FL_PUNCH_HOLE`), so the file stays sparse.
 
-use core::sync::atomic::{AtomicI32, AtomicU64, Ordering};
+use core::sync::atomic::{AtomicU64, Ordering};
 
-static FD: AtomicI32 = AtomicI32::new(-1);
+static FD: crate::ownfd::OwnFd = crate::ownfd::OwnFd::none();
 static END: AtomicU64 = AtomicU64::new(0);
 /// Bytes the store holds now (whole pages).
 pub static BYTES: AtomicU64 = AtomicU64::new(0);
 
 /// Creates the store; false if the kernel refuses.
 pub fn init() -> bool {
-    if FD.load(Ordering::Acquire) >= 0 {
+    if FD.get() >= 0 {
         return true;
     }
     // SAFETY: memfd_create with a NUL-terminated name and valid flags.
@@ -21,17 +21,13 @@ pub fn init() -> bool {
     if fd < 0 {
         return false;
     }
-    FD.store(fd, Ordering::Release);
+    FD.set(fd);
     true
 }
 
 /// Forgets the store without touching it (a fork child shares the parent's file).
 pub fn reset() {
-    let fd = FD.swap(-1, Ordering::AcqRel);
-    if fd >= 0 {
-        // SAFETY: closing the child's copy of our own descriptor.
-        unsafe { libc::close(fd) };
-    }
+    FD.close();
     END.store(0, Ordering::Release);
     BYTES.store(0, Ordering::Release);
 }
@@ -42,7 +38,10 @@ fn round(n: u64) -> u64 {
 
 /// Writes `data`; returns `(offset, extent)`, or `None` if the write failed.
 pub fn put(data: &[u8]) -> Option<(u64, u64)> {
-    let fd = FD.load(Ordering::Acquire);
+    let fd = FD.get();
+    if fd < 0 {
+        return Default::default();
+    }
     let alloc = round(data.len() as u64).max(4096);
     let off = END.fetch_add(alloc, Ordering::AcqRel);
     let mut done = 0usize;
@@ -68,7 +67,10 @@ pub fn put(data: &[u8]) -> Option<(u64, u64)> {
 
 /// Reads `out.len()` bytes at `off`; false on a short read.
 pub fn get(off: u64, out: &mut [u8]) -> bool {
-    let fd = FD.load(Ordering::Acquire);
+    let fd = FD.get();
+    if fd < 0 {
+        return Default::default();
+    }
     let mut done = 0usize;
     while done < out.len() {
         // SAFETY: reading from our own file into our own buffer.
@@ -92,7 +94,7 @@ fn drop_extent(off: u64, alloc: u64) {
     // SAFETY: punching a hole in our own file.
     unsafe {
         libc::fallocate(
-            FD.load(Ordering::Acquire),
+            FD.get(),
             libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
             off as i64,
             alloc as i64,

@@ -63,6 +63,7 @@ fn wait(ms: i64) {
 pub fn start() {
     // SAFETY: getpid has no preconditions.
     OWNER.store(unsafe { libc::getpid() }, Ordering::Release);
+    crate::alone::init();
     crate::threads::spawn(run, crate::threads::Stack::Sized(64 * 1024));
 }
 
