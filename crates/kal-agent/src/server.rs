@@ -203,6 +203,7 @@ extern "C" fn serve(_: *mut libc::c_void) -> *mut libc::c_void {
         // SAFETY: clearing O_NONBLOCK on our own descriptor (timeouts bound its reads).
         unsafe { libc::fcntl(fd, libc::F_SETFL, 0) };
         if peer_allowed(fd) {
+            start_deadline();
             handle(fd);
         }
         // SAFETY: closing the accepted connection.
@@ -237,9 +238,59 @@ fn peer_allowed(fd: i32) -> bool {
     }
 }
 
+/// Longest a client may take to send its whole request: one slow client must not hold
+/// the agent's only serving loop (each read is also bounded, to 2 s).
+const REQUEST_DEADLINE_MS: i64 = 10_000;
+
+/// When the current connection's request must be in, in `CLOCK_MONOTONIC` milliseconds.
+static DEADLINE_MS: core::sync::atomic::AtomicI64 = core::sync::atomic::AtomicI64::new(0);
+
+fn now_ms() -> i64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime fills a plain struct.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec * 1000 + ts.tv_nsec / 1_000_000
+}
+
+/// Starts the request deadline of a new connection.
+fn start_deadline() {
+    DEADLINE_MS.store(now_ms() + REQUEST_DEADLINE_MS, Ordering::Relaxed);
+}
+
+/// Bounds the next read on `fd` by what is left of the request deadline (at most 2 s);
+/// false once it has passed.
+fn arm_read(fd: i32) -> bool {
+    let left = DEADLINE_MS.load(Ordering::Relaxed) - now_ms();
+    if left <= 0 {
+        return false;
+    }
+    let ms = left.min(2000);
+    let tv = libc::timeval {
+        tv_sec: ms / 1000,
+        tv_usec: (ms % 1000) * 1000,
+    };
+    // SAFETY: setting a receive timeout on our own socket.
+    unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            (&tv as *const libc::timeval).cast(),
+            core::mem::size_of::<libc::timeval>() as libc::socklen_t,
+        )
+    };
+    true
+}
+
 fn read_full(fd: i32, buf: &mut [u8]) -> bool {
     let mut got = 0;
     while got < buf.len() {
+        if !arm_read(fd) {
+            return false;
+        }
         // SAFETY: reading into the unfilled tail of our buffer.
         let n = unsafe { libc::read(fd, buf[got..].as_mut_ptr().cast(), buf.len() - got) };
         if n <= 0 {
@@ -284,6 +335,10 @@ fn read_header(fd: i32, hb: &mut [u8; REQ_HEADER_SIZE]) -> Option<i32> {
     let mut passed = -1;
     let mut got = 0;
     while got < hb.len() {
+        if !arm_read(fd) {
+            close_fd(passed);
+            return None;
+        }
         let mut cbuf = [0u64; 8];
         let mut iov = libc::iovec {
             iov_base: hb[got..].as_mut_ptr().cast(),

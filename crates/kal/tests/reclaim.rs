@@ -251,3 +251,36 @@ fn the_control_socket_is_private_and_refuses_garbage() {
         "the program still runs and still leaks"
     );
 }
+
+#[test]
+fn a_slow_client_cannot_hold_the_agents_control_socket() {
+    let live = Live::start(&build("live_leaker.c", &[]));
+    // SAFETY: geteuid has no preconditions.
+    let uid = unsafe { libc::geteuid() };
+    let path = format!("/tmp/kal-{uid}/agent-{}.sock", live.pid);
+    let mut slow = std::os::unix::net::UnixStream::connect(&path).expect("agent socket");
+    // A well-formed reclaim request for a million entries, then one byte every 1.5 s:
+    // every single read is quick enough, the request never ends.
+    let header = kal_proto::ctl::ReqHeader {
+        op: kal_proto::ctl::Op::Reclaim,
+        count: kal_proto::ctl::MAX_RECLAIM,
+        arg: 0,
+    };
+    slow.write_all(&header.encode()).unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop2 = stop.clone();
+    let trickle = std::thread::spawn(move || {
+        while !stop2.load(std::sync::atomic::Ordering::Relaxed) {
+            if slow.write_all(&[0]).is_err() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1500));
+        }
+    });
+    // kal waits 30 s for an answer: the agent must have cut the slow client by then.
+    let out = kal(&["trim", &live.pid.to_string()]);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    trickle.join().unwrap();
+}
