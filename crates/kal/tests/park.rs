@@ -4,7 +4,6 @@
 mod common;
 use common::*;
 use serde_json::Value;
-use std::io::BufRead;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -13,27 +12,40 @@ fn checks(lines: &[Value]) -> Vec<&Value> {
     lines.iter().filter(|l| l["check"].is_u64()).collect()
 }
 
-/// Kills the program a test started when the test ends, even by a panic (a program left
-/// waiting for its flag file would otherwise run on forever, and its kal with it).
-struct KillOnDrop(i32);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        // SAFETY: signalling the program this test started (ESRCH once it is gone).
-        unsafe { libc::kill(self.0, libc::SIGKILL) };
-    }
-}
-
-/// The program's pid from its "ready PID" line.
-fn ready_pid(stdout: &mut impl BufRead) -> i32 {
-    let mut ready = String::new();
-    stdout.read_line(&mut ready).unwrap();
-    ready
-        .trim()
-        .strip_prefix("ready ")
-        .unwrap_or_else(|| panic!("no ready line: {ready:?}"))
-        .parse()
-        .unwrap()
+/// `kal run --reclaim --check-every 300ms --json JSON -- PROG ARGS` (stdout and stderr
+/// piped), past the program's ready line: kal, its stdout, and the program's pid.
+fn run_parking(
+    json: &Path,
+    prog: &Path,
+    args: &[&str],
+) -> (
+    std::process::Child,
+    std::io::BufReader<std::process::ChildStdout>,
+    i32,
+) {
+    ensure_agent();
+    let mut kal = Command::new(env!("CARGO_BIN_EXE_kal"))
+        .args([
+            "run",
+            "--error-exitcode",
+            "0",
+            "--reclaim",
+            "--check-every",
+            "300ms",
+            "--json",
+        ])
+        .arg(json)
+        .arg("--")
+        .arg(prog)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = std::io::BufReader::new(kal.stdout.take().unwrap());
+    let pid = ready_pid(&mut stdout);
+    (kal, stdout, pid)
 }
 
 /// Pages of a glibc mmapped chunk holding a block of `size` bytes, in bytes.
@@ -43,8 +55,6 @@ fn mmapped_chunk(size: u64) -> u64 {
 
 #[test]
 fn parking_keeps_the_classic_loop_small_and_it_runs_on() {
-    // (Each test builds its own copy: a binary rebuilt under a running test is "deleted"
-    // and its symbols are gone.)
     let prog = build("leak_loop.c", &[]);
     let dir = tempfile::tempdir().unwrap();
     let json = dir.path().join("r.jsonl");
@@ -151,28 +161,8 @@ fn a_touched_parked_block_gets_its_exact_bytes_back_and_its_site_banned() {
     let dir = tempfile::tempdir().unwrap();
     let json = dir.path().join("r.jsonl");
     let flag = dir.path().join("touch-now");
-    ensure_agent();
-    let mut kal = Command::new(env!("CARGO_BIN_EXE_kal"))
-        .args([
-            "run",
-            "--error-exitcode",
-            "0",
-            "--reclaim",
-            "--check-every",
-            "300ms",
-            "--json",
-            json.to_str().unwrap(),
-            "--",
-            prog.to_str().unwrap(),
-            flag.to_str().unwrap(),
-        ])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stdout = std::io::BufReader::new(kal.stdout.take().unwrap());
-    let _guard = KillOnDrop(ready_pid(&mut stdout));
+    let (kal, mut stdout, pid) = run_parking(&json, &prog, &[flag.to_str().unwrap()]);
+    let _guard = KillOnDrop(pid);
     // Both 1 MiB blocks parked, whole chunks (header page included).
     let both = 2 * mmapped_chunk(1 << 20);
     let parked = wait_for_line(&json, 30, |l| {
@@ -449,29 +439,9 @@ fn a_parked_block_the_program_frees_is_restored_first_then_forgotten() {
     let dir = tempfile::tempdir().unwrap();
     let json = dir.path().join("r.jsonl");
     let (f1, f2) = (dir.path().join("1"), dir.path().join("2"));
-    ensure_agent();
-    let mut kal = Command::new(env!("CARGO_BIN_EXE_kal"))
-        .args([
-            "run",
-            "--error-exitcode",
-            "0",
-            "--reclaim",
-            "--check-every",
-            "300ms",
-            "--json",
-            json.to_str().unwrap(),
-            "--",
-            prog.to_str().unwrap(),
-            f1.to_str().unwrap(),
-            f2.to_str().unwrap(),
-        ])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stdout = std::io::BufReader::new(kal.stdout.take().unwrap());
-    let _guard = KillOnDrop(ready_pid(&mut stdout));
+    let (kal, mut stdout, pid) =
+        run_parking(&json, &prog, &[f1.to_str().unwrap(), f2.to_str().unwrap()]);
+    let _guard = KillOnDrop(pid);
     let chunk = mmapped_chunk(1 << 20);
     wait_for_line(&json, 30, |l| {
         l["reclaimed"]["parked_bytes"].as_u64() == Some(chunk)
@@ -566,29 +536,7 @@ fn a_forked_child_reads_the_exact_bytes_of_parked_blocks() {
     let dir = tempfile::tempdir().unwrap();
     let json = dir.path().join("r.jsonl");
     let flag = dir.path().join("touch-now");
-    ensure_agent();
-    let mut kal = Command::new(env!("CARGO_BIN_EXE_kal"))
-        .args([
-            "run",
-            "--error-exitcode",
-            "0",
-            "--reclaim",
-            "--check-every",
-            "300ms",
-            "--json",
-            json.to_str().unwrap(),
-            "--",
-            prog.to_str().unwrap(),
-            flag.to_str().unwrap(),
-            "fork",
-        ])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stdout = std::io::BufReader::new(kal.stdout.take().unwrap());
-    let pid = ready_pid(&mut stdout);
+    let (kal, mut stdout, pid) = run_parking(&json, &prog, &[flag.to_str().unwrap(), "fork"]);
     let _guard = KillOnDrop(pid);
     let both = 2 * mmapped_chunk(1 << 20);
     wait_for_line(&json, 30, |l| {

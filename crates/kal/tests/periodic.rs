@@ -156,16 +156,6 @@ fn live_lines_name_the_programs_own_code_without_debug_info() {
     assert!(!stderr.contains("__libc_start_call_main ("), "{stderr}");
 }
 
-/// Kills the program if the test fails half-way.
-struct KillOnDrop(i32);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        // SAFETY: signalling the program this test started (ESRCH once it is gone).
-        unsafe { libc::kill(self.0, libc::SIGKILL) };
-    }
-}
-
 #[test]
 fn a_process_with_a_fatal_signal_pending_is_neither_checked_nor_reclaimed() {
     let prog = build("crash.c", &[]);

@@ -561,3 +561,26 @@ pub fn run_sampling_rss(args: &[&str]) -> (std::process::Output, u64) {
     let out = child.wait_with_output().unwrap();
     (out, sampler.join().unwrap())
 }
+
+/// Kills the program a test started when the test ends, even by a panic (a program left
+/// waiting for a flag file would otherwise run on forever, and its kal with it).
+pub struct KillOnDrop(pub i32);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        // SAFETY: signalling the program this test started (ESRCH once it is gone).
+        unsafe { libc::kill(self.0, libc::SIGKILL) };
+    }
+}
+
+/// The program's pid from its "ready PID" line.
+pub fn ready_pid(stdout: &mut impl BufRead) -> i32 {
+    let mut ready = String::new();
+    stdout.read_line(&mut ready).unwrap();
+    ready
+        .trim()
+        .strip_prefix("ready ")
+        .unwrap_or_else(|| panic!("no ready line: {ready:?}"))
+        .parse()
+        .unwrap()
+}
