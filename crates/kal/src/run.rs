@@ -274,7 +274,8 @@ pub fn run(opts: &RunOptions) -> Result<i32> {
 }
 
 /// Reaps adopted orphans that exited (never the program itself while its status is still
-/// to be collected); true while kal still has children other than the program.
+/// to be collected, by `Child::try_wait`); true while kal still has a child. Once the
+/// program is reaped, any child left is an adopted one kal waits for.
 fn reap_adopted(main_pid: i32, main_reaped: bool) -> bool {
     loop {
         // SAFETY: a zeroed siginfo is a valid value for waitid to fill.
@@ -294,26 +295,12 @@ fn reap_adopted(main_pid: i32, main_reaped: bool) -> bool {
         // SAFETY: waitid filled the siginfo (si_pid is 0 when no child has exited).
         let pid = unsafe { info.si_pid() };
         if pid == 0 || (pid == main_pid && !main_reaped) {
-            return has_child_besides(main_pid);
+            return true; // children, none to reap here
         }
         let mut st = 0;
         // SAFETY: reaping a child of ours that has exited.
         unsafe { libc::waitpid(pid, &mut st, libc::WNOHANG) };
     }
-}
-
-/// Whether kal has a child other than `main_pid`.
-fn has_child_besides(main_pid: i32) -> bool {
-    let me = std::process::id();
-    let Ok(tasks) = std::fs::read_dir(format!("/proc/{me}/task")) else {
-        return false;
-    };
-    tasks.flatten().any(|t| {
-        std::fs::read_to_string(t.path().join("children"))
-            .unwrap_or_default()
-            .split_whitespace()
-            .any(|p| p.parse::<i32>().is_ok_and(|p| p != main_pid))
-    })
 }
 
 enum Handled {
