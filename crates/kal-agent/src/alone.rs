@@ -47,21 +47,17 @@ pub fn init() {
     }
 }
 
-/// The field `field` past the command name of the `stat` file `f`, re-read from its start.
-fn stat_field(f: &OwnFd, field: usize, out: &mut [u8; 512]) -> Option<u64> {
+/// The fields past the command name of the `stat` file `f`, re-read from its start into
+/// `buf`.
+fn stat_fields<'a>(f: &OwnFd, buf: &'a mut [u8; 512]) -> Option<core::str::SplitWhitespace<'a>> {
     let fd = f.get();
     if fd < 0 {
         return None;
     }
     // SAFETY: reading into our own buffer from our own descriptor.
-    let n = unsafe { libc::pread(fd, out.as_mut_ptr().cast(), out.len(), 0) };
-    let text = core::str::from_utf8(out.get(..usize::try_from(n).ok()?)?).ok()?;
-    let rest = &text[text.rfind(')')? + 1..];
-    let v = rest.split_whitespace().nth(field)?;
-    Some(match v {
-        "Z" | "X" => u64::MAX, // a state: "ended"
-        s => s.parse().unwrap_or(0),
-    })
+    let n = unsafe { libc::pread(fd, buf.as_mut_ptr().cast(), buf.len(), 0) };
+    let text = core::str::from_utf8(buf.get(..usize::try_from(n).ok()?)?).ok()?;
+    Some(text[text.rfind(')')? + 1..].split_whitespace())
 }
 
 /// Whether only the agent's threads still run in this process.
@@ -71,16 +67,19 @@ pub fn only_agent_threads_left() -> bool {
         crate::state::server_tid() as i32,
         HANDLER_TID.load(Ordering::Acquire),
     ];
-    let agent_running = agent.iter().filter(|&&t| t > 0).count() as u64;
+    let agent_running = agent.iter().filter(|&&t| t > 0).count();
     let mut buf = [0u8; 512];
-    let Some(threads) = stat_field(&STAT, 17, &mut buf) else {
-        return false;
-    };
-    if threads > agent_running + 1 {
-        return false; // the common case: the program has threads besides a main one
+    let threads = stat_fields(&STAT, &mut buf)
+        .and_then(|mut f| f.nth(17))
+        .and_then(|n| n.parse::<usize>().ok());
+    if threads.is_none_or(|n| n > agent_running + 1) {
+        return false; // unknown, or the program has threads besides a main one
     }
     // Left: the agent's threads and the main one. Only an ended main thread counts as gone.
-    stat_field(&MAIN_STAT, 0, &mut buf) == Some(u64::MAX)
+    let mut buf = [0u8; 512];
+    stat_fields(&MAIN_STAT, &mut buf)
+        .and_then(|mut f| f.next())
+        .is_some_and(|state| state == "Z" || state == "X")
 }
 
 #[cfg(test)]
