@@ -71,6 +71,11 @@ impl Agent {
     }
 
     fn connect(&self) -> Result<UnixStream> {
+        self.connect_within(Duration::from_secs(30))
+    }
+
+    /// Connects, each read and write of the connection bounded by `timeout`.
+    fn connect_within(&self, timeout: Duration) -> Result<UnixStream> {
         let s = UnixStream::connect(&self.socket).with_context(|| {
             format!(
                 "cannot reach the kal agent of process {} at {}",
@@ -78,9 +83,27 @@ impl Agent {
                 self.socket.display()
             )
         })?;
-        s.set_read_timeout(Some(Duration::from_secs(30)))?;
-        s.set_write_timeout(Some(Duration::from_secs(30)))?;
+        s.set_read_timeout(Some(timeout))?;
+        s.set_write_timeout(Some(timeout))?;
         Ok(s)
+    }
+
+    /// Asks the agent's server thread for a snapshot copy while the caller holds every other
+    /// thread stopped (so each step is bounded by `timeout`): the copy's pid, and the
+    /// connection that keeps the copy alive until it is closed.
+    pub fn snapshot(&self, timeout: Duration) -> Result<(UnixStream, i32)> {
+        let mut s = self.connect_within(timeout)?;
+        s.write_all(&request(Op::Snapshot, &[], 0))?;
+        let r = read_response(&mut s)
+            .with_context(|| format!("the kal agent of process {} made no snapshot", self.pid))?;
+        if r.status != Status::Ok as u32 || r.freed_blocks == 0 || r.freed_blocks > i32::MAX as u64
+        {
+            bail!(
+                "the kal agent of process {} could not fork a snapshot copy",
+                self.pid
+            );
+        }
+        Ok((s, r.freed_blocks as i32))
     }
 
     /// Asks the agent to free the blocks `(addr, seq)`; returns its answer and, for each

@@ -27,13 +27,11 @@
 use crate::freeze::{Frozen, ThreadRegs};
 use crate::memory::{Memory, ProcessMemory};
 use anyhow::{bail, Context, Result};
-use kal_proto::ctl::{Op, ReqHeader, Response, Status, RESPONSE_SIZE};
 use nix::errno::Errno;
 use nix::sys::ptrace;
 use nix::sys::signal::{self, Signal};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
-use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
@@ -167,7 +165,7 @@ pub fn take(pid: i32, header_addr: u64) -> Result<Snapshot> {
         );
     }
     match server {
-        Some(tid) => take_by_agent(pid, tid),
+        Some(tid) => take_by_agent(pid, header_addr, tid),
         None => take_injected(pid),
     }
 }
@@ -217,35 +215,14 @@ fn server_thread(pid: i32, header_addr: u64) -> Option<i32> {
 const AGENT_DEADLINE: Duration = Duration::from_secs(5);
 
 /// A snapshot made by the agent's server thread `server` while kal holds every other thread.
-fn take_by_agent(pid: i32, server: i32) -> Result<Snapshot> {
+fn take_by_agent(pid: i32, header_addr: u64, server: i32) -> Result<Snapshot> {
     let plan = crate::freeze_copy::plan(pid);
-    let path = crate::control::socket_path(pid)?;
+    let agent = crate::control::Agent::at(pid, header_addr)?;
     let frozen = Frozen::freeze_except(pid, server)?;
     frozen.ensure_not_crashing()?;
     test_hold("frozen");
     let (threads, missing) = frozen.regs_and_missing();
-    let mut conn = UnixStream::connect(&path).with_context(|| {
-        format!(
-            "cannot reach the kal agent of process {pid} at {}",
-            path.display()
-        )
-    })?;
-    conn.set_read_timeout(Some(AGENT_DEADLINE))?;
-    conn.set_write_timeout(Some(AGENT_DEADLINE))?;
-    let req = ReqHeader {
-        op: Op::Snapshot,
-        count: 0,
-        arg: 0,
-    };
-    conn.write_all(&req.encode())?;
-    let mut b = [0u8; RESPONSE_SIZE];
-    conn.read_exact(&mut b)
-        .with_context(|| format!("the kal agent of process {pid} made no snapshot"))?;
-    let r = Response::decode(&b).context("the agent answered something that is not a response")?;
-    if r.status != Status::Ok as u32 || r.freed_blocks == 0 || r.freed_blocks > i32::MAX as u64 {
-        bail!("the kal agent of process {pid} could not fork a snapshot copy");
-    }
-    let child = r.freed_blocks as i32;
+    let (conn, child) = agent.snapshot(AGENT_DEADLINE)?;
     if !is_child_of(child, pid) {
         bail!("the kal agent of process {pid} named {child}, which is not its copy");
     }
