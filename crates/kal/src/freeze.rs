@@ -97,9 +97,7 @@ fn is_zombie(pid: i32, tid: i32) -> bool {
     let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/stat")) else {
         return true;
     };
-    stat.rfind(')')
-        .and_then(|i| stat[i + 1..].split_whitespace().next())
-        .is_some_and(|s| s == "Z" || s == "X")
+    crate::procfs::stat_field(&stat, 0).is_some_and(|s| s == "Z" || s == "X")
 }
 
 /// How long a thread stopped at its exit is held while the exiting thread's event is

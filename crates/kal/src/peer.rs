@@ -32,11 +32,9 @@ pub fn peer_pid(stream: &impl AsRawFd) -> Option<i32> {
 }
 
 /// The parent of process `pid`, from `/proc/PID/stat`.
-fn parent_of(pid: i32) -> Option<i32> {
+pub fn parent_of(pid: i32) -> Option<i32> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name may hold spaces and parentheses: fields follow the last ')'.
-    let rest = &stat[stat.rfind(')')? + 1..];
-    rest.split_whitespace().nth(1)?.parse().ok()
+    crate::procfs::stat_field(&stat, 1)?.parse().ok()
 }
 
 /// Whether `pid` is `ancestor` or one of its descendants.

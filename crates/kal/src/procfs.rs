@@ -68,6 +68,12 @@ fn parse_line(line: &str) -> Option<Mapping> {
     })
 }
 
+/// Field `n` of a `/proc/…/stat` line, counting from the state (0) after the command name
+/// (which may hold spaces and parentheses: the fields follow its last `)`).
+pub fn stat_field(stat: &str, n: usize) -> Option<&str> {
+    stat[stat.rfind(')')? + 1..].split_whitespace().nth(n)
+}
+
 /// Reads the mappings of a process.
 pub fn maps(pid: i32) -> Result<Vec<Mapping>> {
     let raw = std::fs::read(format!("/proc/{pid}/maps"))
@@ -210,6 +216,14 @@ mod tests {
         assert!(m[1].write && !m[1].is_file());
         assert_eq!(m[2].path, "[stack]");
         assert!(m[2].contains(0x7ffd3fff) && !m[2].contains(0x7ffd4000));
+    }
+
+    #[test]
+    fn stat_fields_follow_the_last_parenthesis() {
+        let s = "42 (a (b) c) S 1 42 42 0 -1";
+        assert_eq!(stat_field(s, 0), Some("S"));
+        assert_eq!(stat_field(s, 1), Some("1"));
+        assert_eq!(stat_field("garbage", 0), None);
     }
 
     #[test]

@@ -192,16 +192,7 @@ fn refuse_seccomp(pid: i32) -> Result<()> {
 /// Whether `child` is a process whose parent is `pid` (a value that is not a fresh child
 /// of the target is never read, traced or signalled as one).
 fn is_child_of(child: i32, pid: i32) -> bool {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{child}/stat")) else {
-        return false;
-    };
-    let Some(rest) = stat.rfind(')').map(|i| &stat[i + 1..]) else {
-        return false;
-    };
-    rest.split_whitespace()
-        .nth(1)
-        .and_then(|p| p.parse::<i32>().ok())
-        == Some(pid)
+    crate::peer::parent_of(child) == Some(pid)
 }
 
 /// The agent's running server thread, if any.
