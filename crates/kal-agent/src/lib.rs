@@ -22,6 +22,7 @@ mod control;
 mod diag;
 mod guard;
 pub mod hooks;
+mod mem;
 mod ownfd;
 mod park;
 mod pool;

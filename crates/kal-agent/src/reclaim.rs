@@ -7,7 +7,8 @@
 //! free it twice, and bans the allocation site (the call site of the allocation, whatever
 //! path led to it) from ever being reclaimed again.
 
-use crate::table::{mem, Tables};
+use crate::mem;
+use crate::table::Tables;
 use core::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use kal_proto::MAX_BANNED;
 

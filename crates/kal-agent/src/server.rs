@@ -128,7 +128,7 @@ fn server_stack() -> *mut libc::c_void {
     if p == 0 {
         // Fenced by inaccessible pages: merged with a neighbouring thread stack, it would
         // make the CLI take that stack for part of this thread's (and skip its contents).
-        let m = crate::table::mem::map(SERVER_STACK, b"kal-server-stack\0");
+        let m = crate::mem::map(SERVER_STACK, b"kal-server-stack\0");
         if m.is_null() {
             return core::ptr::null_mut();
         }

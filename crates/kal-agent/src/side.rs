@@ -57,7 +57,7 @@ pub fn init() {
     let slots = slots_to_reserve();
     SLOTS.store(slots, Ordering::Release);
     // Fenced by inaccessible pages, so that it never merges with a thread's stack.
-    let p = crate::table::mem::map(SLOT * slots, b"kal-side-stacks\0");
+    let p = crate::mem::map(SLOT * slots, b"kal-side-stacks\0");
     if !p.is_null() && no_side_stacks_wanted() == 0 {
         BASE.store(p as usize, Ordering::Release);
     }

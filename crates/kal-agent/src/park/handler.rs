@@ -19,11 +19,11 @@ fn run_bytes() -> usize {
 /// Maps the handler's buffers; false when the kernel gives no memory.
 pub fn init() -> bool {
     if IN.load(Ordering::Acquire) == 0 {
-        let i = crate::table::mem::map(
+        let i = crate::mem::map(
             lz4_flex::block::get_maximum_output_size(run_bytes()),
             b"kal-park-restore\0",
         );
-        let o = crate::table::mem::map(run_bytes(), b"kal-park-restore\0");
+        let o = crate::mem::map(run_bytes(), b"kal-park-restore\0");
         if i.is_null() || o.is_null() {
             return false;
         }

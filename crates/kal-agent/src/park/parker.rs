@@ -19,8 +19,8 @@ fn run_bytes() -> usize {
 /// Maps the parker's buffers; false when the kernel gives no memory.
 pub fn init() -> bool {
     if IN.load(Ordering::Acquire) == 0 {
-        let i = crate::table::mem::map(run_bytes(), b"kal-park-copy\0");
-        let o = crate::table::mem::map(
+        let i = crate::mem::map(run_bytes(), b"kal-park-copy\0");
+        let o = crate::mem::map(
             lz4_flex::block::get_maximum_output_size(run_bytes()),
             b"kal-park-copy\0",
         );
@@ -197,8 +197,8 @@ pub fn park_blocks(t: &Tables, entries: &[(u64, u64)], arg: u32, pages: &mut [u3
     // Leave no copy of the parked bytes (their pointers) in the agent's memory, which kal
     // scans: the buffers go back to the kernel once per request (not per run: refaulting
     // them costs more than the copy).
-    crate::table::mem::release(IN.load(Ordering::Acquire) as *mut u8, run_bytes());
-    crate::table::mem::release(
+    crate::mem::release(IN.load(Ordering::Acquire) as *mut u8, run_bytes());
+    crate::mem::release(
         OUT.load(Ordering::Acquire) as *mut u8,
         lz4_flex::block::get_maximum_output_size(run_bytes()),
     );

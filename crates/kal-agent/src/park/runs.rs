@@ -7,7 +7,7 @@
 //! kal's scanner reads as a root, and a plain address of a parked block there would make
 //! that block look reachable.
 
-use crate::table::mem;
+use crate::mem;
 use core::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 /// Most runs parked at once.

@@ -200,7 +200,7 @@ pub fn init() -> bool {
 
 fn new_table(slots: u64) -> Option<u64> {
     let slots = slots.div_ceil(TABLE_GRAIN) * TABLE_GRAIN;
-    let p = super::mem::map((slots * SLOT_BYTES) as usize, b"kal-blocks\0");
+    let p = crate::mem::map((slots * SLOT_BYTES) as usize, b"kal-blocks\0");
     if p.is_null() {
         return None;
     }
@@ -211,7 +211,7 @@ fn new_table(slots: u64) -> Option<u64> {
     }
     .encode();
     if word.is_none() {
-        super::mem::release(p, (slots * SLOT_BYTES) as usize);
+        crate::mem::release(p, (slots * SLOT_BYTES) as usize);
     }
     word
 }
@@ -660,7 +660,7 @@ pub fn retire(index: usize) {
         oldest: (cur.oldest + 1) % MAX_TABLES,
         ..cur
     });
-    super::mem::release(t.addr as *mut u8, (t.slots * SLOT_BYTES) as usize);
+    crate::mem::release(t.addr as *mut u8, (t.slots * SLOT_BYTES) as usize);
 }
 
 /// Lets a fork child install tables again if the fork happened during an install.

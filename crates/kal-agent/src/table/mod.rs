@@ -3,7 +3,6 @@
 //! the process (at exit or in a fork snapshot) holds them consistent with its heap.
 
 pub mod blocks;
-pub mod mem;
 pub mod resize;
 pub mod stacks;
 

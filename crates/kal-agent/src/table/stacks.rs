@@ -21,7 +21,7 @@ unsafe impl Sync for Stacks {}
 impl Stacks {
     /// Maps the table; `None` when the kernel gives no memory.
     pub fn new() -> Option<Stacks> {
-        let p = super::mem::map(
+        let p = crate::mem::map(
             STACK_SLOTS as usize * core::mem::size_of::<StackSlot>(),
             b"kal-stacks\0",
         );

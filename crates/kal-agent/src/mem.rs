@@ -1,6 +1,6 @@
-//! Memory for the agent's own tables: private anonymous mappings fenced by inaccessible
-//! pages, so that `/proc/PID/maps` never merges them with the allocator's mappings, and
-//! named `[anon:kal-…]` where the kernel supports it (`PR_SET_VMA_ANON_NAME`).
+//! Memory for the agent's own use (tables, stacks, buffers): private anonymous mappings
+//! fenced by inaccessible pages, so that `/proc/PID/maps` never merges them with the
+//! allocator's mappings or a thread's stack, and named `[anon:kal-…]` where the kernel supports it (`PR_SET_VMA_ANON_NAME`).
 
 const PAGE: usize = 4096;
 const PR_SET_VMA: i32 = 0x5356_4d41;
