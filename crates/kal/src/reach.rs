@@ -181,6 +181,24 @@ impl<'a> BlockIndex<'a> {
         r.first + self.counts[r.base + ((v - r.start) >> r.shift) as usize + 1] as usize
     }
 
+    /// Where `v`'s granule count is kept, if `v` is inside a region (for a prefetch).
+    #[inline]
+    fn granule(&self, v: u64) -> Option<*const u32> {
+        if !self.may_hold(v) {
+            return None;
+        }
+        let r = if self.regions.len() == 1 {
+            &self.regions[0]
+        } else {
+            let k = self.region_starts.partition_point(|&s| s <= v);
+            &self.regions[k.checked_sub(1)?]
+        };
+        if v >= r.end {
+            return None;
+        }
+        Some(&self.counts[r.base + ((v - r.start) >> r.shift) as usize + 1])
+    }
+
     /// The block containing `v`, and whether `v` is its start.
     #[inline]
     pub fn find(&self, v: u64) -> Option<(usize, bool)> {
@@ -225,6 +243,12 @@ struct Marks<'a> {
     state: Vec<u8>,
     /// Reached blocks to scan now if their pages are cached.
     stack: Vec<u32>,
+    /// Words queued for lookup ([`Marks::add`]): the first `pending` of them.
+    words: [u64; BATCH],
+    /// Bit k: `words[k]` comes from definitely reachable memory.
+    definite: u64,
+    /// How many words are queued.
+    pending: usize,
 }
 
 /// The 8-aligned range of a block's words.
@@ -234,28 +258,57 @@ fn words_range(b: &Block) -> (u64, u64) {
 }
 
 /// Words that may be pointers are looked up this many at a time.
-const BATCH: usize = 16;
+const BATCH: usize = 32;
+
+/// Asks the processor to start loading the cache line at `p` (no effect on results).
+#[inline(always)]
+fn prefetch<T>(p: *const T) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: a prefetch is a hint: it never faults and changes no architectural state,
+    // whatever the address.
+    unsafe {
+        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(p.cast());
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = p;
+}
 
 impl Marks<'_> {
-    /// [`push`](Self::push) for each of `ws`, first touching the granule table, then the
-    /// blocks and states those words lead to, for all of them: the memory reads of
-    /// different words overlap instead of waiting for one another (pointers into a large
-    /// heap mostly miss the processor's caches).
-    #[inline]
-    fn push_batch(&mut self, ws: &[u64], definite: bool, cache: &PageCache<'_>) {
-        let mut cand = [0usize; BATCH];
-        for (c, &w) in cand.iter_mut().zip(ws) {
-            *c = self.idx.candidate(w);
+    /// Queues a word that may point into a block, from definitely reachable memory
+    /// (`definite`) or from a possibly reachable block. Words are looked up [`BATCH`] at a
+    /// time, across the blocks being scanned (a small block has only a few words), so the
+    /// memory reads of different words overlap; [`flush`](Self::flush) looks up the rest.
+    #[inline(always)]
+    fn add(&mut self, w: u64, definite: bool, cache: &PageCache<'_>) {
+        let n = self.pending;
+        self.words[n] = w;
+        self.definite = (self.definite & !(1 << n)) | (u64::from(definite) << n);
+        self.pending = n + 1;
+        if n + 1 == BATCH {
+            self.flush(cache);
         }
-        let mut touch = 0u64;
-        for &c in &cand[..ws.len()] {
-            if let Some(i) = c.checked_sub(1) {
-                touch = touch.wrapping_add(self.blocks[i].addr ^ self.state[i] as u64);
+    }
+
+    /// Looks up every queued word ([`push`](Self::push)): first the granule table entries
+    /// of all of them are prefetched, then the blocks and states they lead to, then each is
+    /// marked (pointers into a large heap mostly miss the processor's caches; this way the
+    /// misses of different words overlap instead of waiting for one another).
+    fn flush(&mut self, cache: &PageCache<'_>) {
+        let n = std::mem::take(&mut self.pending);
+        let words = self.words;
+        for &w in &words[..n] {
+            if let Some(p) = self.idx.granule(w) {
+                prefetch(p);
             }
         }
-        std::hint::black_box(touch);
-        for &w in ws {
-            self.push(w, definite, cache);
+        for &w in &words[..n] {
+            if let Some(i) = self.idx.candidate(w).checked_sub(1) {
+                prefetch(&self.blocks[i]);
+                prefetch(&self.state[i]);
+            }
+        }
+        for (k, &w) in words[..n].iter().enumerate() {
+            self.push(w, self.definite >> k & 1 != 0, cache);
         }
     }
 
@@ -356,30 +409,33 @@ impl Marker<'_, '_> {
         }
     }
 
-    /// Marks every block a word of the cached range `[s, e)` points into.
+    /// Queues every word of the cached range `[s, e)` that may point into a block.
     #[inline]
     fn scan_range(&mut self, s: u64, e: u64, definite: bool) {
         let (marks, cache) = (&mut self.marks, &self.cache);
-        let mut batch = [0u64; BATCH];
-        let mut n = 0;
         cache.for_each_piece(s, e, |words| {
             for &w in words {
                 if marks.idx.may_hold(w) {
-                    batch[n] = w;
-                    n += 1;
-                    if n == BATCH {
-                        marks.push_batch(&batch, definite, cache);
-                        n = 0;
-                    }
+                    marks.add(w, definite, cache);
                 }
             }
         });
-        marks.push_batch(&batch[..n], definite, cache);
     }
 
     /// Scans reached blocks from the stack while their pages are cached (depth first);
     /// the others wait for the next sweep.
     fn drain(&mut self) {
+        loop {
+            self.drain_stack();
+            if self.marks.pending == 0 {
+                return;
+            }
+            self.marks.flush(&self.cache);
+        }
+    }
+
+    /// [`drain`](Self::drain) without looking up the words still queued.
+    fn drain_stack(&mut self) {
         while let Some(i) = self.marks.stack.pop() {
             let i = i as usize;
             if !self.needs_scan(i) {
@@ -452,7 +508,7 @@ impl Marker<'_, '_> {
                     self.load_ahead(&todo[k..]);
                 }
                 self.scan(i);
-                self.drain();
+                self.drain_stack();
             }
         }
     }
@@ -486,6 +542,9 @@ pub fn classify(
             heuristics,
             state: vec![0u8; blocks.len()],
             stack: Vec::new(),
+            words: [0; BATCH],
+            definite: 0,
+            pending: 0,
         },
         cache: PageCache::new(heap, CACHE_PAGES),
         deferred: Vec::new(),
