@@ -331,9 +331,16 @@ pub fn read_blocks(mem: &dyn Memory, h: &Header) -> TableRead {
     const STACK_WORDS: usize = std::mem::size_of::<StackSlot>() / 8;
     // Stream the touched pages of each table through one reused buffer (whole slots).
     let mut buf = vec![0u64; 3 * 170 * 1024];
-    let mut blocks: Vec<Block> = Vec::new();
+    let tables = read_tables(mem, h).0;
+    // At most one block a slot: reserved (not touched) up front, so the vector is never
+    // copied as it grows.
+    let mut blocks: Vec<Block> = if std::env::var_os("AB").is_some() {
+        Vec::new()
+    } else {
+        Vec::with_capacity(tables.iter().map(|t| t.slots as usize).sum())
+    };
     let mut unread = Vec::new();
-    for t in read_tables(mem, h).0 {
+    for t in tables {
         let end = t.addr + t.slots * SLOT_BYTES;
         for (s, e) in mem.present(t.addr, end) {
             let mut at = t.addr + (s - t.addr) / SLOT_BYTES * SLOT_BYTES;
@@ -370,13 +377,14 @@ pub fn read_blocks(mem: &dyn Memory, h: &Header) -> TableRead {
     blocks.dedup_by_key(|b| b.addr);
     let raw = read_words(mem, h.stacks_addr, h.stack_slots as usize * STACK_WORDS);
     let mut stacks = HashMap::new();
+    let mut seen = vec![false; raw.len() / STACK_WORDS];
     for b in &blocks {
-        if stacks.contains_key(&b.stack) {
-            continue;
-        }
         let Some(s) = raw.chunks_exact(STACK_WORDS).nth(b.stack as usize) else {
             continue;
         };
+        if std::mem::replace(&mut seen[b.stack as usize], true) {
+            continue;
+        }
         // hash, then depth (low 32 bits) and padding, then the frames.
         if s[0] != 0 && s[0] != STACK_SLOT_BUSY {
             let d = (s[1] as u32 as usize).min(kal_proto::MAX_FRAMES);
@@ -478,7 +486,7 @@ pub fn capture_from(
     header_addr: u64,
     extras: Extras,
 ) -> Result<Capture> {
-    let t0 = std::time::Instant::now();
+    let (t0, c0) = (std::time::Instant::now(), crate::thread_cpu_ms());
     let timing = std::env::var_os("KAL_DEBUG_TIMING").is_some();
     let mem = ProcessMemory::new(mem_pid);
     let header = read_header(&mem, header_addr)?;
@@ -491,9 +499,10 @@ pub fn capture_from(
     } = read_blocks(&mem, &header);
     if timing {
         crate::say!(
-            "timing: table read {:?} ({} blocks)",
+            "timing: table read {:?} ({} blocks; on-CPU {:.1} ms)",
             t0.elapsed(),
-            blocks.len()
+            blocks.len(),
+            crate::thread_cpu_ms() - c0
         );
     }
     let agent = agent_ranges(&mem, &header);

@@ -97,7 +97,7 @@ pub fn classify(cap: &capture::Capture) -> Vec<reach::Kind> {
 }
 
 /// CPU time of the calling thread, in milliseconds (user and system).
-fn thread_cpu_ms() -> f64 {
+pub(crate) fn thread_cpu_ms() -> f64 {
     let mut t = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,

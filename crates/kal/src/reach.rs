@@ -555,17 +555,33 @@ pub fn classify(
     }
     let why = std::env::var_os("KAL_DEBUG_ROOTS").is_some();
     // glibc's thread control block: [tcb] = tcb, [tcb+8] = &dtv[1], [tcb+16] = tcb. The dtv
-    // field points 16 bytes into the dtv block; it is that block's owning pointer.
-    let dtv_field = |at: u64| {
-        at >= 8 && image.word(at - 8) == Some(at - 8) && image.word(at + 8) == Some(at - 8)
+    // field points 16 bytes into the dtv block; it is that block's owning pointer. The
+    // neighbours come from the same piece of words when they are in it.
+    let word_at = |words: &[u64], first: u64, a: u64| {
+        let k = a.wrapping_sub(first) / 8;
+        if a >= first && (k as usize) < words.len() {
+            Some(words[k as usize])
+        } else {
+            image.word(a)
+        }
     };
     for &(s, e) in &roots.ranges {
-        let mut at = s & !7;
+        let mut first = s & !7;
         image.for_each_piece(s, e, |words| {
-            for &w in words {
-                let w = match m.marks.idx.find(w) {
-                    Some((_, false)) if dtv_field(at) => w.wrapping_sub(16),
-                    _ => w,
+            for (k, &w) in words.iter().enumerate() {
+                if !m.marks.idx.may_hold(w) {
+                    continue;
+                }
+                let at = first + k as u64 * 8;
+                let tcb = at.wrapping_sub(8);
+                let w = if at >= 8
+                    && word_at(words, first, tcb) == Some(tcb)
+                    && word_at(words, first, at + 8) == Some(tcb)
+                    && matches!(m.marks.idx.find(w), Some((_, false)))
+                {
+                    w.wrapping_sub(16)
+                } else {
+                    w
                 };
                 if why
                     && m.marks
@@ -580,9 +596,9 @@ pub fn classify(
                         blocks[bi].size
                     );
                 }
-                m.marks.push(w, true, &m.cache);
-                at += 8;
+                m.marks.add(w, true, &m.cache);
             }
+            first += words.len() as u64 * 8;
         });
     }
     m.mark();
