@@ -334,11 +334,7 @@ pub fn read_blocks(mem: &dyn Memory, h: &Header) -> TableRead {
     let tables = read_tables(mem, h).0;
     // At most one block a slot: reserved (not touched) up front, so the vector is never
     // copied as it grows.
-    let mut blocks: Vec<Block> = if std::env::var_os("AB").is_some() {
-        Vec::new()
-    } else {
-        Vec::with_capacity(tables.iter().map(|t| t.slots as usize).sum())
-    };
+    let mut blocks: Vec<Block> = Vec::with_capacity(tables.iter().map(|t| t.slots as usize).sum());
     let mut unread = Vec::new();
     for t in tables {
         let end = t.addr + t.slots * SLOT_BYTES;
