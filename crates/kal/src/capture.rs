@@ -321,56 +321,133 @@ pub struct TableRead {
     pub unread: Vec<(u64, u64)>,
 }
 
+/// Tables with more touched bytes than this are read by two threads.
+const PARALLEL_TABLE_BYTES: u64 = 16 << 20;
+
+/// Address ranges `[start, end)` of table memory.
+type Pieces = Vec<(u64, u64)>;
+
+/// Splits table pieces into those before and after `at` bytes into them (a multiple of
+/// the slot size).
+fn halves(pieces: &[(u64, u64)], mut at: u64) -> (Pieces, Pieces) {
+    let (mut first, mut second) = (Vec::new(), Vec::new());
+    for &(s, e) in pieces {
+        if at >= e - s {
+            first.push((s, e));
+            at -= e - s;
+        } else if at > 0 {
+            first.push((s, s + at));
+            second.push((s + at, e));
+            at = 0;
+        } else {
+            second.push((s, e));
+        }
+    }
+    (first, second)
+}
+
+/// The live blocks of table `pieces`, sorted by address, and the parts that could not be
+/// read.
+fn read_sorted(mem: &dyn Memory, h: &Header, pieces: &[(u64, u64)]) -> (Vec<Block>, Pieces) {
+    // Stream the pieces through one reused buffer (whole slots).
+    let mut buf = vec![0u64; 3 * 170 * 1024];
+    // At most one block a slot: reserved (not touched) up front, so the vector is never
+    // copied as it grows.
+    let slots: u64 = pieces.iter().map(|&(s, e)| (e - s) / SLOT_BYTES).sum();
+    let mut blocks: Vec<Block> = Vec::with_capacity(slots as usize);
+    let mut unread = Vec::new();
+    for &(mut at, e) in pieces {
+        while at < e {
+            let n = ((e - at) as usize / 8).min(buf.len());
+            let words = &mut buf[..n];
+            if !crate::memory::read_into(mem, at, words) {
+                unread.push((at, at + n as u64 * 8));
+            }
+            blocks.extend(
+                words
+                    .chunks_exact(3)
+                    .filter_map(|w| match slot_state(w[0]) {
+                        SlotState::Live(addr) => {
+                            let m = Meta::unpack(w[2]);
+                            Some(Block {
+                                addr,
+                                seq: w[1],
+                                size: m.size,
+                                stack: m.stack,
+                                api: m.api,
+                                span: span(h, m.size, m.api),
+                            })
+                        }
+                        _ => None,
+                    }),
+            );
+            at += n as u64 * 8;
+        }
+    }
+    blocks.sort_unstable_by_key(|b| b.addr);
+    blocks.dedup_by_key(|b| b.addr);
+    (blocks, unread)
+}
+
+/// Merges two address-sorted block lists, each address once.
+fn merge_sorted(a: Vec<Block>, b: Vec<Block>) -> Vec<Block> {
+    let mut out = Vec::with_capacity(a.len() + b.len());
+    let (mut i, mut j) = (0, 0);
+    while i < a.len() && j < b.len() {
+        if a[i].addr <= b[j].addr {
+            // The same block in both halves (being moved between tables): once.
+            j += usize::from(a[i].addr == b[j].addr);
+            out.push(a[i]);
+            i += 1;
+        } else {
+            out.push(b[j]);
+            j += 1;
+        }
+    }
+    out.extend_from_slice(&a[i..]);
+    out.extend_from_slice(&b[j..]);
+    out
+}
+
 /// Reads the live blocks (sorted by address, each once) and the stacks they use. Only
 /// pages of the tables that were ever touched are read. A block being moved between two
 /// tables may be in both: it is the same allocation.
 ///
 /// Also returns the parts of the tables that could not be read: blocks recorded there are
 /// unknown, so the capture has a gap.
-pub fn read_blocks(mem: &dyn Memory, h: &Header) -> TableRead {
+pub fn read_blocks(mem: &(dyn Memory + Sync), h: &Header) -> TableRead {
     const STACK_WORDS: usize = std::mem::size_of::<StackSlot>() / 8;
-    // Stream the touched pages of each table through one reused buffer (whole slots).
-    let mut buf = vec![0u64; 3 * 170 * 1024];
-    let tables = read_tables(mem, h).0;
-    // At most one block a slot: reserved (not touched) up front, so the vector is never
-    // copied as it grows.
-    let mut blocks: Vec<Block> = Vec::with_capacity(tables.iter().map(|t| t.slots as usize).sum());
-    let mut unread = Vec::new();
-    for t in tables {
+    // The touched parts of the tables, in whole slots.
+    let mut pieces = Vec::new();
+    for t in read_tables(mem, h).0 {
         let end = t.addr + t.slots * SLOT_BYTES;
         for (s, e) in mem.present(t.addr, end) {
-            let mut at = t.addr + (s - t.addr) / SLOT_BYTES * SLOT_BYTES;
+            let at = t.addr + (s - t.addr) / SLOT_BYTES * SLOT_BYTES;
             let e = (t.addr + (e - t.addr).div_ceil(SLOT_BYTES) * SLOT_BYTES).min(end);
-            while at < e {
-                let n = ((e - at) as usize / 8).min(buf.len());
-                let words = &mut buf[..n];
-                if !crate::memory::read_into(mem, at, words) {
-                    unread.push((at, at + n as u64 * 8));
-                }
-                blocks.extend(
-                    words
-                        .chunks_exact(3)
-                        .filter_map(|w| match slot_state(w[0]) {
-                            SlotState::Live(addr) => {
-                                let m = Meta::unpack(w[2]);
-                                Some(Block {
-                                    addr,
-                                    seq: w[1],
-                                    size: m.size,
-                                    stack: m.stack,
-                                    api: m.api,
-                                    span: span(h, m.size, m.api),
-                                })
-                            }
-                            _ => None,
-                        }),
-                );
-                at += n as u64 * 8;
+            if at < e {
+                pieces.push((at, e));
             }
         }
     }
-    blocks.sort_unstable_by_key(|b| b.addr);
-    blocks.dedup_by_key(|b| b.addr);
+    // Large tables are read and sorted in two halves at once, then merged.
+    let total: u64 = pieces.iter().map(|&(s, e)| e - s).sum();
+    let (blocks, unread) = if total < PARALLEL_TABLE_BYTES {
+        read_sorted(mem, h, &pieces)
+    } else {
+        let (first, second) = halves(&pieces, total / 2 / SLOT_BYTES * SLOT_BYTES);
+        let ((a, mut unread), (b, more)) = std::thread::scope(|sc| {
+            let other = sc.spawn(|| read_sorted(mem, h, &second));
+            let mine = read_sorted(mem, h, &first);
+            (
+                mine,
+                other
+                    .join()
+                    .unwrap_or_else(|e| std::panic::resume_unwind(e)),
+            )
+        });
+        unread.extend(more);
+        (merge_sorted(a, b), unread)
+    };
     let raw = read_words(mem, h.stacks_addr, h.stack_slots as usize * STACK_WORDS);
     let mut stacks = HashMap::new();
     let mut seen = vec![false; raw.len() / STACK_WORDS];
@@ -642,4 +719,39 @@ pub fn agent_ranges(mem: &dyn Memory, h: &Header) -> Vec<(u64, u64)> {
         ),
     ]);
     crate::ranges::normalize(v)
+}
+
+#[cfg(test)]
+mod table_read_tests {
+    use super::*;
+
+    fn b(addr: u64) -> Block {
+        Block {
+            addr,
+            size: 8,
+            seq: addr,
+            stack: 0,
+            api: 0,
+            span: 8,
+        }
+    }
+
+    #[test]
+    fn halves_split_at_a_byte_offset_and_cover_everything() {
+        let p = vec![(0, 48), (100, 196), (300, 324)];
+        let (a, b) = halves(&p, 72);
+        assert_eq!(a, vec![(0, 48), (100, 124)]);
+        assert_eq!(b, vec![(124, 196), (300, 324)]);
+        let (a, b) = halves(&p, 48);
+        assert_eq!(a, vec![(0, 48)]);
+        assert_eq!(b, vec![(100, 196), (300, 324)]);
+    }
+
+    #[test]
+    fn merge_keeps_order_and_each_address_once() {
+        let a = [1, 4, 5, 9].map(b).to_vec();
+        let c = [2, 4, 9, 12].map(b).to_vec();
+        let m: Vec<u64> = merge_sorted(a, c).iter().map(|x| x.addr).collect();
+        assert_eq!(m, vec![1, 2, 4, 5, 9, 12]);
+    }
 }
