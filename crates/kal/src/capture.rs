@@ -355,6 +355,7 @@ fn read_sorted(mem: &dyn Memory, h: &Header, pieces: &[(u64, u64)]) -> (Vec<Bloc
     // copied as it grows.
     let slots: u64 = pieces.iter().map(|&(s, e)| (e - s) / SLOT_BYTES).sum();
     let mut blocks: Vec<Block> = Vec::with_capacity(slots as usize);
+    crate::memory::prefer_huge_pages(&blocks);
     let mut unread = Vec::new();
     for &(mut at, e) in pieces {
         while at < e {
@@ -392,6 +393,7 @@ fn read_sorted(mem: &dyn Memory, h: &Header, pieces: &[(u64, u64)]) -> (Vec<Bloc
 /// Merges two address-sorted block lists, each address once.
 fn merge_sorted(a: Vec<Block>, b: Vec<Block>) -> Vec<Block> {
     let mut out = Vec::with_capacity(a.len() + b.len());
+    crate::memory::prefer_huge_pages(&out);
     let (mut i, mut j) = (0, 0);
     while i < a.len() && j < b.len() {
         if a[i].addr <= b[j].addr {

@@ -98,7 +98,9 @@ impl<'a> BlockIndex<'a> {
     /// Indexes blocks sorted by address.
     pub fn new(blocks: &'a [Block]) -> BlockIndex<'a> {
         let mut regions = Vec::new();
-        let mut counts = Vec::new();
+        // About a granule per block (a power of two of the mean spacing: up to two).
+        let mut counts = Vec::with_capacity(blocks.len() * 2 + 1);
+        crate::memory::prefer_huge_pages(&counts);
         let mut hi = 0;
         let mut i = 0;
         while i < blocks.len() {
@@ -540,7 +542,12 @@ pub fn classify(
             blocks,
             idx: BlockIndex::new(blocks),
             heuristics,
-            state: vec![0u8; blocks.len()],
+            state: {
+                let mut v = Vec::with_capacity(blocks.len());
+                crate::memory::prefer_huge_pages(&v);
+                v.resize(blocks.len(), 0u8);
+                v
+            },
             stack: Vec::new(),
             words: [0; BATCH],
             definite: 0,
