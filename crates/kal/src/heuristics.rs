@@ -12,16 +12,16 @@
 use crate::capture::Block;
 use crate::memory::Memory;
 use crate::procfs::Mapping;
-use std::cell::RefCell;
 use std::collections::HashMap;
+use std::sync::Mutex;
 
 /// Decides whether an interior pointer into a block counts as a start pointer.
 pub struct Heuristics<'a> {
-    mem: &'a dyn Memory,
+    mem: &'a (dyn Memory + Sync),
     /// File mappings `(start, end, readable, executable)`, sorted: where vtables and the
     /// code they point to live.
     files: Vec<(u64, u64, bool, bool)>,
-    vtables: RefCell<HashMap<u64, bool>>,
+    vtables: Mutex<HashMap<u64, bool>>,
 }
 
 /// How many words of a candidate vtable are looked at.
@@ -29,7 +29,7 @@ const VTABLE_WORDS: usize = 20;
 
 impl<'a> Heuristics<'a> {
     /// Heuristics reading block contents and vtables from `mem`.
-    pub fn new(mem: &'a dyn Memory, maps: &[Mapping]) -> Heuristics<'a> {
+    pub fn new(mem: &'a (dyn Memory + Sync), maps: &[Mapping]) -> Heuristics<'a> {
         let mut files: Vec<(u64, u64, bool, bool)> = maps
             .iter()
             .filter(|m| m.is_file())
@@ -39,7 +39,7 @@ impl<'a> Heuristics<'a> {
         Heuristics {
             mem,
             files,
-            vtables: RefCell::new(HashMap::new()),
+            vtables: Mutex::new(HashMap::new()),
         }
     }
 
@@ -100,11 +100,19 @@ impl<'a> Heuristics<'a> {
         if !addr.is_multiple_of(8) || addr < 4096 || !self.file_mapping(addr).is_some_and(|m| m.1) {
             return false;
         }
-        if let Some(&known) = self.vtables.borrow().get(&addr) {
+        if let Some(&known) = self
+            .vtables
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&addr)
+        {
             return known;
         }
         let verdict = self.check_vtable(addr);
-        self.vtables.borrow_mut().insert(addr, verdict);
+        self.vtables
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(addr, verdict);
         verdict
     }
 

@@ -10,6 +10,7 @@ use crate::capture::Block;
 use crate::heuristics::Heuristics;
 use crate::memory::{Image, Memory, PageCache, PAGE};
 use crate::roots::Roots;
+use std::sync::atomic::{AtomicU8, Ordering::Relaxed};
 
 /// Class of a block after the scan.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
@@ -237,12 +238,15 @@ const LOAD_PAGES: u64 = 64;
 /// Pages the scanner keeps (4 MiB): blocks reached inside them are scanned at once.
 const CACHE_PAGES: usize = 1024;
 
-/// Block states and the mark stack.
+/// Block states and the mark stack (one per marking thread; the states are shared).
 struct Marks<'a> {
     blocks: &'a [Block],
-    idx: BlockIndex<'a>,
+    idx: &'a BlockIndex<'a>,
     heuristics: Option<&'a Heuristics<'a>>,
-    state: Vec<u8>,
+    state: &'a [AtomicU8],
+    /// Whether other threads mark at the same time: state bits are then set with atomic
+    /// read-modify-writes (a plain store could undo another thread's bit).
+    shared: bool,
     /// Reached blocks to scan now if their pages are cached.
     stack: Vec<u32>,
     /// Words queued for lookup ([`Marks::add`]): the first `pending` of them.
@@ -276,6 +280,24 @@ fn prefetch<T>(p: *const T) {
 }
 
 impl Marks<'_> {
+    /// Block `i`'s state.
+    #[inline(always)]
+    fn st(&self, i: usize) -> u8 {
+        self.state[i].load(Relaxed)
+    }
+
+    /// Sets `bits` in block `i`'s state; returns the state before.
+    #[inline(always)]
+    fn set(&self, i: usize, bits: u8) -> u8 {
+        if self.shared {
+            self.state[i].fetch_or(bits, Relaxed)
+        } else {
+            let s = self.state[i].load(Relaxed);
+            self.state[i].store(s | bits, Relaxed);
+            s
+        }
+    }
+
     /// Queues a word that may point into a block, from definitely reachable memory
     /// (`definite`) or from a possibly reachable block. Words are looked up [`BATCH`] at a
     /// time, across the blocks being scanned (a small block has only a few words), so the
@@ -322,7 +344,7 @@ impl Marks<'_> {
         let Some((i, start)) = self.idx.find(v) else {
             return;
         };
-        let s = self.state[i];
+        let s = self.st(i);
         if s & DEFINITE != 0 {
             return;
         }
@@ -336,10 +358,10 @@ impl Marks<'_> {
                     })
                 }))
         {
-            self.state[i] = s | REACHED | DEFINITE;
-            self.stack.push(i as u32);
-        } else if s & REACHED == 0 {
-            self.state[i] = REACHED;
+            if self.set(i, REACHED | DEFINITE) & DEFINITE == 0 {
+                self.stack.push(i as u32);
+            }
+        } else if s & REACHED == 0 && self.set(i, REACHED) & REACHED == 0 {
             self.stack.push(i as u32);
         }
     }
@@ -354,11 +376,36 @@ struct Marker<'a, 'm> {
     deferred: Vec<u32>,
 }
 
-impl Marker<'_, '_> {
+impl<'a, 'm> Marker<'a, 'm> {
+    /// A marker with an empty stack and cache over shared block states.
+    fn new(
+        blocks: &'a [Block],
+        idx: &'a BlockIndex<'a>,
+        heuristics: Option<&'a Heuristics<'a>>,
+        state: &'a [AtomicU8],
+        heap: &'m dyn Memory,
+    ) -> Marker<'a, 'm> {
+        Marker {
+            marks: Marks {
+                blocks,
+                idx,
+                heuristics,
+                state,
+                shared: false,
+                stack: Vec::new(),
+                words: [0; BATCH],
+                definite: 0,
+                pending: 0,
+            },
+            cache: PageCache::new(heap, CACHE_PAGES),
+            deferred: Vec::new(),
+        }
+    }
+
     /// Whether block `i` was reached and not yet scanned in its present state.
     #[inline]
     fn needs_scan(&self, i: usize) -> bool {
-        let s = self.marks.state[i];
+        let s = self.marks.st(i);
         if s & DEFINITE != 0 {
             s & SCANNED_DEFINITE == 0
         } else {
@@ -386,14 +433,18 @@ impl Marker<'_, '_> {
             && (first == last || (last - first < self.cache.slots() / 2 && self.cache.holds(s, e)))
     }
 
-    /// Scans the words of block `i`, whose pages (unless it is large) are cached.
+    /// Scans the words of block `i`, whose pages (unless it is large) are cached, unless
+    /// another thread has begun to scan it in the same state.
     fn scan(&mut self, i: usize) {
-        let definite = self.marks.state[i] & DEFINITE != 0;
-        self.marks.state[i] |= if definite {
+        let definite = self.marks.st(i) & DEFINITE != 0;
+        let bit = if definite {
             SCANNED_DEFINITE
         } else {
             SCANNED_POSSIBLE
         };
+        if self.marks.set(i, bit) & bit != 0 {
+            return;
+        }
         let (s, e) = words_range(&self.marks.blocks[i]);
         if self.is_large(i) {
             // In cache-sized pieces, loaded as they come.
@@ -491,8 +542,10 @@ impl Marker<'_, '_> {
     }
 
     /// Scans everything reachable from what is on the stack: depth first inside the
-    /// cached pages, and sweeps over the rest in address order.
-    fn mark(&mut self) {
+    /// cached pages, and sweeps over the rest in address order. Large sweeps are shared
+    /// between `threads` threads (contiguous parts of the sorted list, each thread with
+    /// its own page cache and stack).
+    fn mark(&mut self, heap: &(dyn Memory + Sync), threads: usize, parallel_sweep: usize) {
         loop {
             self.drain();
             if self.deferred.is_empty() {
@@ -501,20 +554,67 @@ impl Marker<'_, '_> {
             let mut todo = std::mem::take(&mut self.deferred);
             todo.sort_unstable();
             todo.dedup();
-            for k in 0..todo.len() {
-                let i = todo[k] as usize;
-                if !self.needs_scan(i) {
-                    continue;
-                }
-                if !self.cached(i) && !self.is_large(i) {
-                    self.load_ahead(&todo[k..]);
-                }
-                self.scan(i);
-                self.drain_stack();
+            if threads < 2 || todo.len() < parallel_sweep {
+                self.sweep(&todo);
+                continue;
+            }
+            let part = todo.len().div_ceil(threads);
+            self.marks.shared = true;
+            let (blocks, idx, heuristics, state) = (
+                self.marks.blocks,
+                self.marks.idx,
+                self.marks.heuristics,
+                self.marks.state,
+            );
+            let more: Vec<Vec<u32>> = std::thread::scope(|sc| {
+                let others: Vec<_> = todo[part..]
+                    .chunks(part)
+                    .map(|chunk| {
+                        sc.spawn(move || {
+                            let mut w = Marker::new(blocks, idx, heuristics, state, heap);
+                            w.marks.shared = true;
+                            w.sweep(chunk);
+                            w.drain();
+                            w.deferred
+                        })
+                    })
+                    .collect();
+                self.sweep(&todo[..part]);
+                self.drain();
+                others
+                    .into_iter()
+                    .map(|t| t.join().unwrap_or_else(|e| std::panic::resume_unwind(e)))
+                    .collect()
+            });
+            self.marks.shared = false;
+            for d in more {
+                self.deferred.extend(d);
             }
         }
     }
+
+    /// Scans the blocks of `todo` (sorted) that still need it, loading their pages in
+    /// address order, and whatever they reach inside the cache.
+    fn sweep(&mut self, todo: &[u32]) {
+        for k in 0..todo.len() {
+            let i = todo[k] as usize;
+            if !self.needs_scan(i) {
+                continue;
+            }
+            if !self.cached(i) && !self.is_large(i) {
+                self.load_ahead(&todo[k..]);
+            }
+            self.scan(i);
+            self.drain_stack();
+        }
+    }
 }
+
+/// Marking threads at most.
+const MAX_THREADS: usize = 4;
+
+/// Sweeps of fewer blocks than this are not shared between threads.
+const PARALLEL_SWEEP: usize = 50_000;
 
 /// Reads one 8-byte word from `mem`.
 fn read_word(mem: &dyn Memory, addr: u64) -> Option<u64> {
@@ -530,32 +630,44 @@ pub fn classify(
     blocks: &[Block],
     image: &Image,
     roots: &Roots,
-    heap: &dyn Memory,
+    heap: &(dyn Memory + Sync),
     heuristics: Option<&Heuristics<'_>>,
+) -> Vec<Kind> {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(MAX_THREADS));
+    classify_in(
+        blocks,
+        image,
+        roots,
+        heap,
+        heuristics,
+        threads,
+        PARALLEL_SWEEP,
+    )
+}
+
+/// [`classify`] with `threads` marking threads for sweeps of at least `parallel_sweep`
+/// blocks.
+fn classify_in(
+    blocks: &[Block],
+    image: &Image,
+    roots: &Roots,
+    heap: &(dyn Memory + Sync),
+    heuristics: Option<&Heuristics<'_>>,
+    threads: usize,
+    parallel_sweep: usize,
 ) -> Vec<Kind> {
     assert!(
         blocks.len() < u32::MAX as usize,
         "more than 2^32 blocks: the mark stack holds u32 indices"
     );
-    let mut m = Marker {
-        marks: Marks {
-            blocks,
-            idx: BlockIndex::new(blocks),
-            heuristics,
-            state: {
-                let mut v = Vec::with_capacity(blocks.len());
-                crate::memory::prefer_huge_pages(&v);
-                v.resize(blocks.len(), 0u8);
-                v
-            },
-            stack: Vec::new(),
-            words: [0; BATCH],
-            definite: 0,
-            pending: 0,
-        },
-        cache: PageCache::new(heap, CACHE_PAGES),
-        deferred: Vec::new(),
+    let idx = BlockIndex::new(blocks);
+    let state: Vec<AtomicU8> = {
+        let mut v = Vec::with_capacity(blocks.len());
+        crate::memory::prefer_huge_pages(&v);
+        v.resize_with(blocks.len(), || AtomicU8::new(0));
+        v
     };
+    let mut m = Marker::new(blocks, &idx, heuristics, &state, heap);
 
     for &v in &roots.values {
         m.marks.push(v, true, &m.cache);
@@ -594,7 +706,7 @@ pub fn classify(
                     && m.marks
                         .idx
                         .find(w)
-                        .is_some_and(|(i, _)| m.marks.state[i] & REACHED == 0)
+                        .is_some_and(|(i, _)| m.marks.st(i) & REACHED == 0)
                 {
                     let (bi, st) = m.marks.idx.find(w).unwrap_or_default();
                     crate::say!(
@@ -608,12 +720,15 @@ pub fn classify(
             first += words.len() as u64 * 8;
         });
     }
-    m.mark();
+    m.mark(heap, threads, parallel_sweep);
+    drop(m);
+    let mut state: Vec<u8> = state.into_iter().map(AtomicU8::into_inner).collect();
+    let mut m = Marker::new(blocks, &idx, heuristics, &[], heap);
 
     // Lost blocks: first the pointers between them, then cliques. Each unreached block not
     // yet claimed (in address order) leads the blocks it reaches, which become indirect.
     let unreached: Vec<u32> = (0..blocks.len() as u32)
-        .filter(|&i| m.marks.state[i as usize] & REACHED == 0)
+        .filter(|&i| state[i as usize] & REACHED == 0)
         .collect();
     let mut pos = vec![
         0u32;
@@ -654,7 +769,7 @@ pub fn classify(
             m.cache.for_each_piece(at, upto, |words| {
                 for &w in words {
                     if let Some((j, _)) = m.marks.idx.find(w) {
-                        if j != i && m.marks.state[j] & REACHED == 0 {
+                        if j != i && state[j] & REACHED == 0 {
                             edges.push(j as u32);
                         }
                     }
@@ -666,7 +781,7 @@ pub fn classify(
     from.push(edges.len());
     let mut stack: Vec<u32> = Vec::new();
     for &leader in &unreached {
-        if m.marks.state[leader as usize] != 0 {
+        if state[leader as usize] != 0 {
             continue;
         }
         stack.push(leader);
@@ -674,16 +789,15 @@ pub fn classify(
             let p = pos[i as usize] as usize;
             for &j in &edges[from[p]..from[p + 1]] {
                 // An unreached block here is fresh, or an earlier leader now absorbed.
-                if j != leader && m.marks.state[j as usize] == 0 {
-                    m.marks.state[j as usize] = INDIRECT;
+                if j != leader && state[j as usize] == 0 {
+                    state[j as usize] = INDIRECT;
                     stack.push(j);
                 }
             }
         }
     }
 
-    m.marks
-        .state
+    state
         .into_iter()
         .map(|s| {
             if s & INDIRECT != 0 {
@@ -914,8 +1028,13 @@ mod tests {
                 ranges: Vec::new(),
                 values: values.clone(),
             };
-            let got = classify(&blocks, &Image::default(), &roots, &mem, None);
             let want = reference(&blocks, &mem, &values);
+            // One thread, and sweeps of any size shared between three.
+            for (threads, min) in [(1, usize::MAX), (3, 1)] {
+                let got = classify_in(&blocks, &Image::default(), &roots, &mem, None, threads, min);
+                assert_eq!(got, want, "seed {seed}, {threads} threads");
+            }
+            let got = classify(&blocks, &Image::default(), &roots, &mem, None);
             let count = |v: &[Kind], k: Kind| v.iter().filter(|&&x| x == k).count();
             for k in Kind::ALL {
                 crate::say!("seed {seed}: {} {}", k.name(), count(&want, k));
