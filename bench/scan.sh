@@ -27,11 +27,9 @@ gcc -O2 -g -o "$tmp/big_heap" bench/big_heap.c
 median() { sort -n | awk '{a[NR]=$1} END {print (NR%2)?a[(NR+1)/2]:(a[NR/2]+a[NR/2+1])/2}'; }
 
 one_heap() { # SIZE: block size in bytes
-  local size=$1 slots
-  # The agent's table must hold every block (a power of two, about 4 x the block count).
-  slots=$(awk -v m="$MIB" -v s="$size" 'BEGIN{n=m*1048576/s*4; p=1024; while (p<n) p*=2; print p}')
-  echo "== $MIB MiB of $size-byte blocks: $CHECKS x kal check (KAL_TABLE_SLOTS=$slots)"
-  KAL_TABLE_SLOTS=$slots $KAL run -q --error-exitcode 0 -- "$tmp/big_heap" "$MIB" "$size" \
+  local size=$1
+  echo "== $MIB MiB of $size-byte blocks: $CHECKS x kal check"
+  $KAL run -q --error-exitcode 0 -- "$tmp/big_heap" "$MIB" "$size" \
     > "$tmp/bh.out" &
   for _ in $(seq 600); do grep -q ready "$tmp/bh.out" 2>/dev/null && break; sleep 0.5; done
   bh=$(awk '{print $2}' "$tmp/bh.out")
@@ -89,7 +87,7 @@ one_heap 4096
 if command -v redis-server >/dev/null && command -v redis-cli >/dev/null; then
   port=6391
   echo "== redis-server with 1M keys (DEBUG POPULATE 1000000): $CHECKS x kal check"
-  KAL_TABLE_SLOTS=16777216 $KAL run -q --error-exitcode 0 -- redis-server --port $port \
+  $KAL run -q --error-exitcode 0 -- redis-server --port $port \
     --save '' --appendonly no --enable-debug-command yes > "$tmp/redis.out" 2>&1 &
   for _ in $(seq 50); do redis-cli -p $port ping >/dev/null 2>&1 && break; sleep 0.1; done
   redis-cli -p $port DEBUG POPULATE 1000000 > /dev/null
