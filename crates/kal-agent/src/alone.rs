@@ -12,7 +12,7 @@
 //! descriptor numbers, racing with the program's own `dup2` onto them (`EBUSY`).
 
 use crate::ownfd::OwnFd;
-use core::sync::atomic::{AtomicI32, Ordering};
+use core::sync::atomic::AtomicI32;
 
 /// Thread id of the resizer (the agent's other long-lived thread besides the server).
 pub static RESIZER_TID: AtomicI32 = AtomicI32::new(0);
@@ -63,12 +63,9 @@ fn stat_fields<'a>(f: &OwnFd, buf: &'a mut [u8; 512]) -> Option<core::str::Split
 /// How many threads of the program (not the agent's) the process has, an exited main
 /// thread included; `None` when unknown.
 pub fn program_threads() -> Option<usize> {
-    let agent = [
-        RESIZER_TID.load(Ordering::Acquire),
-        crate::state::server_tid() as i32,
-        HANDLER_TID.load(Ordering::Acquire),
-    ];
-    let agent_running = agent.iter().filter(|&&t| t > 0).count();
+    // Counted at creation, not when they publish their ids: a thread created but not yet
+    // running is the agent's too.
+    let agent_running = crate::threads::live();
     let mut buf = [0u8; 512];
     let threads = stat_fields(&STAT, &mut buf)
         .and_then(|mut f| f.nth(17))

@@ -85,6 +85,8 @@ unsafe extern "C" fn after_fork_parent() {
 }
 
 unsafe extern "C" fn park_child() {
+    // The first child handler the agent registers: no agent thread is started before it.
+    crate::threads::after_fork_child();
     crate::park::after_fork_child();
 }
 
