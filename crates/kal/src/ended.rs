@@ -62,6 +62,26 @@ pub fn open(pid: i32) -> Option<OwnedFd> {
     (fd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 
+/// A pidfd of the process at the other end of a unix socket (`SO_PEERPIDFD`, Linux 6.5;
+/// of a process already reaped, Linux 6.16), or `None`.
+pub fn peer_pidfd(stream: &impl AsRawFd) -> Option<OwnedFd> {
+    const SO_PEERPIDFD: libc::c_int = 77;
+    let mut fd: libc::c_int = -1;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: SO_PEERPIDFD writes one int of the given length.
+    let r = unsafe {
+        libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            SO_PEERPIDFD,
+            (&mut fd as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    // SAFETY: a descriptor just returned to us and owned by nobody else.
+    (r == 0 && fd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
 /// `struct pidfd_info`, first version (64 bytes).
 #[repr(C)]
 #[derive(Default)]

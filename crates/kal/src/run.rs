@@ -297,12 +297,22 @@ pub fn run(opts: &RunOptions) -> Result<i32> {
             }
         });
         let adopted = reap_adopted(main_pid, status.is_some());
-        if status.is_some()
-            && !adopted
-            && pending.is_empty()
-            && conns.iter().all(|c| c.pid.is_none())
-        {
-            break;
+        if status.is_some() && !adopted && pending.is_empty() && conns.is_empty() {
+            // Every process is gone: a hello still queued (a process that ended at once)
+            // is read before kal ends.
+            match listener.accept() {
+                Ok((s, _)) => {
+                    s.set_nonblocking(false)?;
+                    s.set_read_timeout(Some(Duration::from_secs(2)))?;
+                    conns.push(Conn {
+                        stream: s,
+                        pid: None,
+                        header: 0,
+                        pidfd: None,
+                    });
+                }
+                Err(_) => break,
+            }
         }
     }
     let status = status.expect("loop ends after the child exited");
@@ -376,9 +386,20 @@ fn handle(
     // The process as the kernel names it in kal's namespace (see `crate::peer`): the
     // program kal started or one of its descendants (adopted orphans included: kal is
     // their subreaper), or nobody kal will touch.
-    let Some(pid) =
-        crate::peer::peer_pid(&c.stream).filter(|&p| p != me && crate::peer::descends_from(p, me))
-    else {
+    let peer = crate::peer::peer_pid(&c.stream);
+    let Some(pid) = peer.filter(|&p| p != me && crate::peer::descends_from(p, me)) else {
+        // A process that said hello and ended at once (a forked child that crashed, and
+        // was reaped before kal read its hello): no ancestry to check and nothing to read,
+        // but how it ended is still said, if a pidfd of it tells.
+        if let Some(p) = peer.filter(|&p| {
+            msg.kind == MsgKind::Hello as u32 && !Path::new(&format!("/proc/{p}")).exists()
+        }) {
+            if let Some(fd) = crate::ended::peer_pidfd(&c.stream) {
+                c.pid = Some(p);
+                c.pidfd = Some(fd);
+                return Ok(Handled::Keep(c));
+            }
+        }
         bail!("ignoring a message from a process kal did not start");
     };
     if msg.kind == MsgKind::Hello as u32 {
