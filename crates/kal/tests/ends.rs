@@ -185,6 +185,22 @@ fn underscore_exit_is_reported_without_flushing_stdio() {
 }
 
 #[test]
+fn a_vfork_child_calling_underscore_exit_does_not_speak_for_its_parent() {
+    for _ in 0..RUNS {
+        let o = run_ends(&[], &["vfork"]);
+        // One report, the parent's, at its own exit; no line about the child.
+        assert_eq!(o.status.code(), Some(23), "{}", o.stderr);
+        assert!(o.children.is_empty(), "{}", o.stderr);
+        assert_main_report(&o, Some((0, 0)));
+        assert!(
+            !o.stderr.contains("before kal could read it"),
+            "{}",
+            o.stderr
+        );
+    }
+}
+
+#[test]
 fn abort_is_reported_and_kal_dies_of_sigabrt() {
     for _ in 0..RUNS {
         let o = run_ends(&[], &["abort"]);

@@ -7,6 +7,7 @@
  *   sigterm       kill(getpid(), SIGTERM), SIGTERM's action being the default
  *   pthread_exit  the main thread calls pthread_exit; a worker leaks later and returns
  *   thread_exit   a worker calls exit(3) while the main thread waits in pthread_join
+ *   vfork         a vfork child calls _exit(7) (in the parent's memory); main returns 4
  * With "child WAY", a forked child leaks 77 bytes more and ends that way while the parent
  * waits for it, then returns 0. No core files are written. */
 #include <pthread.h>
@@ -47,6 +48,13 @@ static int end(const char *how) {
   if (strcmp(how, "pthread_exit") == 0) {
     pthread_create(&t, NULL, late_worker, NULL);
     pthread_exit(NULL);
+  }
+  if (strcmp(how, "vfork") == 0) {
+    pid_t pid = vfork();
+    if (pid == 0)
+      _exit(7);
+    int st;
+    waitpid(pid, &st, 0);
   }
   if (strcmp(how, "thread_exit") == 0) {
     pthread_create(&t, NULL, exiting_worker, NULL);
