@@ -12,7 +12,7 @@
 //! descriptor numbers, racing with the program's own `dup2` onto them (`EBUSY`).
 
 use crate::ownfd::OwnFd;
-use core::sync::atomic::{AtomicI32, Ordering};
+use core::sync::atomic::AtomicI32;
 
 /// Thread id of the resizer (the agent's other long-lived thread besides the server).
 pub static RESIZER_TID: AtomicI32 = AtomicI32::new(0);
@@ -60,19 +60,22 @@ fn stat_fields<'a>(f: &OwnFd, buf: &'a mut [u8; 512]) -> Option<core::str::Split
     Some(text[text.rfind(')')? + 1..].split_whitespace())
 }
 
-/// Whether only the agent's threads still run in this process.
-pub fn only_agent_threads_left() -> bool {
-    let agent = [
-        RESIZER_TID.load(Ordering::Acquire),
-        crate::state::server_tid() as i32,
-        HANDLER_TID.load(Ordering::Acquire),
-    ];
-    let agent_running = agent.iter().filter(|&&t| t > 0).count();
+/// How many threads of the program (not the agent's) the process has, an exited main
+/// thread included; `None` when unknown.
+pub fn program_threads() -> Option<usize> {
+    // Counted at creation, not when they publish their ids: a thread created but not yet
+    // running is the agent's too.
+    let agent_running = crate::threads::live();
     let mut buf = [0u8; 512];
     let threads = stat_fields(&STAT, &mut buf)
         .and_then(|mut f| f.nth(17))
-        .and_then(|n| n.parse::<usize>().ok());
-    if threads.is_none_or(|n| n > agent_running + 1) {
+        .and_then(|n| n.parse::<usize>().ok())?;
+    threads.checked_sub(agent_running)
+}
+
+/// Whether only the agent's threads still run in this process.
+pub fn only_agent_threads_left() -> bool {
+    if program_threads().is_none_or(|n| n > 1) {
         return false; // unknown, or the program has threads besides a main one
     }
     // Left: the agent's threads and the main one. Only an ended main thread counts as gone.

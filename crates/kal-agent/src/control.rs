@@ -5,10 +5,16 @@
 //! handlers and static destructors — it opens a fresh connection, says it is exiting and
 //! waits for one byte: the CLI freezes and reads the process meanwhile.
 
+use core::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use kal_proto::{Hello, MsgKind, MAGIC, VERSION};
 
 /// The hello connection, kept open while the process lives.
 static HELLO_FD: crate::ownfd::OwnFd = crate::ownfd::OwnFd::none();
+/// The process that said hello on `HELLO_FD` (a `vfork` child shares this memory but not
+/// the pid).
+static HELLO_PID: AtomicI32 = AtomicI32::new(0);
+/// Whether this process has told kal it is exiting (a process ends once).
+static EXIT_SENT: AtomicBool = AtomicBool::new(false);
 static mut PATH: [u8; 108] = [0; 108];
 static mut PATH_LEN: usize = 0;
 
@@ -65,6 +71,8 @@ fn hello() {
     }
     if fd >= 0 {
         HELLO_FD.set(fd);
+        // SAFETY: getpid has no preconditions.
+        HELLO_PID.store(unsafe { libc::getpid() }, Ordering::Release);
     }
 }
 
@@ -77,6 +85,8 @@ unsafe extern "C" fn after_fork_parent() {
 }
 
 unsafe extern "C" fn park_child() {
+    // The first child handler the agent registers: no agent thread is started before it.
+    crate::threads::after_fork_child();
     crate::park::after_fork_child();
 }
 
@@ -85,6 +95,8 @@ unsafe extern "C" fn after_fork_child() {
     // The child's copy of the hello connection (the parent keeps its own), closed only
     // if the program did not put a file of its own at that number meanwhile.
     HELLO_FD.close();
+    HELLO_PID.store(0, Ordering::Release);
+    EXIT_SENT.store(false, Ordering::Release);
     hello();
     crate::server::start();
 }
@@ -94,11 +106,34 @@ extern "C" fn remove_socket() {
 }
 
 extern "C" fn at_exit() {
+    exit_handshake(true);
+}
+
+/// Tells kal that this process is ending (from `_exit`, `_Exit` or `abort`), when it is
+/// the process that said hello: a `vfork` or `posix_spawn` child shares the parent's
+/// memory, and must not speak for it.
+pub fn report_exit(freeres: bool) {
+    // SAFETY: getpid has no preconditions.
+    let me = unsafe { libc::getpid() };
+    if HELLO_PID.load(Ordering::Acquire) != me {
+        return;
+    }
+    exit_handshake(freeres);
+}
+
+/// The exit handshake, once per process: restore parked pages, run the freeres functions
+/// if asked (and safe: [`crate::ends::freeres`]), say Exit on a fresh connection and wait
+/// for kal's byte (kal has then seized every thread and will read the process at
+/// `exit_group`).
+fn exit_handshake(freeres: bool) {
+    if HELLO_FD.get() < 0 || EXIT_SENT.swap(true, Ordering::AcqRel) {
+        return;
+    }
     // Parked pages go back now: kal reads this process at exit, and the fault handler
     // does not survive exit_group.
     crate::park::shutdown();
-    if HELLO_FD.get() < 0 {
-        return;
+    if freeres {
+        crate::ends::freeres();
     }
     let fd = connect();
     if fd < 0 {
@@ -129,6 +164,7 @@ pub fn init() {
         libc::atexit(remove_socket);
         libc::pthread_atfork(Some(before_fork), Some(after_fork_parent), Some(park_child));
     }
+    crate::ends::init();
     // SAFETY: getenv with a NUL-terminated name; the value is copied out at once.
     unsafe {
         let v = libc::getenv(c"KAL_SOCKET".as_ptr());
@@ -142,6 +178,7 @@ pub fn init() {
         (&mut *core::ptr::addr_of_mut!(PATH))[..s.len()].copy_from_slice(s);
         PATH_LEN = s.len();
     }
+    crate::ends::read_env();
     hello();
     // SAFETY: registering plain extern "C" functions with no captured state.
     unsafe {

@@ -20,6 +20,7 @@
 mod alone;
 mod control;
 mod diag;
+mod ends;
 mod guard;
 pub mod hooks;
 mod mem;

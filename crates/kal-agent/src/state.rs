@@ -67,13 +67,6 @@ pub fn set_server_stack(addr: u64, len: u64) {
     }
 }
 
-/// The thread id of the control-server thread (0: none).
-pub fn server_tid() -> u64 {
-    // SAFETY: `server_tid` is an aligned u64 inside a static; only accessed atomically.
-    let d = unsafe { &*(core::ptr::addr_of!(KAL_HEADER.server_tid) as *const AtomicU64) };
-    d.load(Ordering::Acquire)
-}
-
 /// Publishes the thread id of the control-server thread (0: none).
 pub fn set_server_tid(tid: u64) {
     // SAFETY: `server_tid` is an aligned u64 inside a static; only written atomically.

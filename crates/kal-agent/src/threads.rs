@@ -5,6 +5,37 @@
 //! signal it takes with sigwaitinfo — is ever delivered to, and handled by default in, an
 //! agent thread.
 
+use core::sync::atomic::{AtomicUsize, Ordering};
+
+/// Agent threads of this process: counted from the moment one is created (before it has
+/// run, let alone published its id) until its entry function returns.
+static LIVE: AtomicUsize = AtomicUsize::new(0);
+
+/// How many agent threads this process has (see [`LIVE`]).
+pub fn live() -> usize {
+    LIVE.load(Ordering::Acquire)
+}
+
+/// In a fork child, before any of its agent threads start: the parent's are not there.
+pub fn after_fork_child() {
+    LIVE.store(0, Ordering::Release);
+}
+
+/// Runs the entry function passed as the argument, then counts the thread out.
+extern "C" fn trampoline(entry: *mut libc::c_void) -> *mut libc::c_void {
+    // SAFETY: `spawn` passes an `extern "C" fn(*mut c_void) -> *mut c_void` as the
+    // argument; function and data pointers have the same size here.
+    let entry = unsafe {
+        core::mem::transmute::<
+            *mut libc::c_void,
+            extern "C" fn(*mut libc::c_void) -> *mut libc::c_void,
+        >(entry)
+    };
+    let r = entry(core::ptr::null_mut());
+    LIVE.fetch_sub(1, Ordering::AcqRel);
+    r
+}
+
 /// Where an agent thread runs.
 pub enum Stack {
     /// A stack glibc maps, of this many bytes.
@@ -37,7 +68,11 @@ pub fn spawn(entry: extern "C" fn(*mut libc::c_void) -> *mut libc::c_void, stack
         libc::sigfillset(&mut all);
         libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old);
         let entered = own && crate::guard::enter();
-        let rc = libc::pthread_create(&mut t, &attr, entry, core::ptr::null_mut());
+        LIVE.fetch_add(1, Ordering::AcqRel);
+        let rc = libc::pthread_create(&mut t, &attr, trampoline, entry as *mut libc::c_void);
+        if rc != 0 {
+            LIVE.fetch_sub(1, Ordering::AcqRel);
+        }
         if entered {
             crate::guard::leave();
         }

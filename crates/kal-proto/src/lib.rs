@@ -36,6 +36,10 @@ pub const ENV_SOCKET: &str = "KAL_SOCKET";
 /// are counted, reports say tracking is incomplete, and nothing is reclaimed.
 pub const ENV_TABLE_MAX_SLOTS: &str = "KAL_TABLE_MAX_SLOTS";
 
+/// Environment variable kal sets (to `1`) in the program when `--no-freeres` is given: the
+/// agent then does not run `__libc_freeres`/`__gnu_cxx::__freeres` at exit.
+pub const ENV_NO_FREERES: &str = "KAL_NO_FREERES";
+
 /// `AllocSlot::addr` value of a slot that never held an allocation.
 pub const SLOT_EMPTY: u64 = 0;
 /// `AllocSlot::addr` value of a slot whose allocation was freed (or moved to a newer table).

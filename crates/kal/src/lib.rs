@@ -50,6 +50,7 @@ pub mod capture;
 pub mod check;
 pub mod control;
 pub mod elf;
+pub mod ended;
 pub mod fatal;
 pub mod freeze;
 pub mod freeze_copy;

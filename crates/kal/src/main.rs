@@ -165,6 +165,13 @@ enum Cmd {
         reclaim: Option<kal::reclaim::Mode>,
         #[command(flatten)]
         reclaim_args: ReclaimArgs,
+        /// Do not run glibc's __libc_freeres and libstdc++'s __gnu_cxx::__freeres when a
+        /// process exits. By default they run, as under memcheck, after the atexit handlers,
+        /// destructors and stdio flush, when the exiting thread is the program's last: what
+        /// they free (the C++ exception pool, stdio buffers, cached thread stacks, loader
+        /// data) is then not counted as still reachable, and the four counts equal memcheck's.
+        #[arg(long)]
+        no_freeres: bool,
         /// The program and its arguments (put them after `--`).
         #[arg(
             required = true,
@@ -315,6 +322,7 @@ fn run(
     check_every: Option<std::time::Duration>,
     max_cpu: f64,
     reclaim: Option<kal::reclaim::Config>,
+    freeres: bool,
     command: Vec<OsString>,
 ) -> Result<i32> {
     let opts = report.options()?;
@@ -331,6 +339,7 @@ fn run(
         check_every,
         reclaim,
         max_cpu_percent: max_cpu,
+        freeres,
     })
 }
 
@@ -342,11 +351,12 @@ fn main() {
             max_cpu,
             reclaim: mode,
             reclaim_args,
+            no_freeres,
             command,
         } => mode
             .map(|m| reclaim_args.config(m))
             .transpose()
-            .and_then(|cfg| run(&report, check_every, max_cpu, cfg, command)),
+            .and_then(|cfg| run(&report, check_every, max_cpu, cfg, !no_freeres, command)),
         Cmd::Check { pid, report } => check(pid, &report),
         Cmd::Reclaim {
             pid,

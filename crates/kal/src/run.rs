@@ -40,6 +40,9 @@ pub struct RunOptions {
     /// Cap on kal's own CPU time for periodic checks, in percent of one core
     /// (`--max-cpu`).
     pub max_cpu_percent: f64,
+    /// Run glibc's `__libc_freeres` and libstdc++'s `__gnu_cxx::__freeres` at exit, as
+    /// memcheck does (`--no-freeres` turns this off).
+    pub freeres: bool,
 }
 
 /// Finds `libkal_agent.so`: `$KAL_AGENT`, next to the kal executable, or in `../lib/kal`.
@@ -112,6 +115,8 @@ struct Conn {
     stream: UnixStream,
     pid: Option<i32>,
     header: u64,
+    /// A pidfd of the process that said hello: how it ended, should it end unreported.
+    pidfd: Option<std::os::fd::OwnedFd>,
 }
 
 /// Runs the program and reports; returns the exit status kal should exit with
@@ -164,10 +169,14 @@ pub fn run(opts: &RunOptions) -> Result<i32> {
     // SAFETY: prctl with integer arguments only.
     unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
     let me = std::process::id() as i32;
-    let mut child = Command::new(&opts.program)
-        .args(&opts.args)
+    let mut cmd = Command::new(&opts.program);
+    cmd.args(&opts.args)
         .env("LD_PRELOAD", preload)
-        .env(kal_proto::ENV_SOCKET, &sock)
+        .env(kal_proto::ENV_SOCKET, &sock);
+    if !opts.freeres {
+        cmd.env(kal_proto::ENV_NO_FREERES, "1");
+    }
+    let mut child = cmd
         .spawn()
         .with_context(|| format!("cannot start {}", program.display()))?;
     let main_pid = child.id() as i32;
@@ -177,6 +186,10 @@ pub fn run(opts: &RunOptions) -> Result<i32> {
     let mut status: Option<ExitStatus> = None;
     let mut lost = false;
     let mut hellos = 0usize;
+    // Processes that said they exit (their hello connection then closes), and those whose
+    // connection closed without that: ended unread, or exec'd.
+    let mut reported: Vec<i32> = Vec::new();
+    let mut pending: Vec<crate::ended::Pending> = Vec::new();
     let mut periodic = opts.check_every.map(|every| {
         let pacer = crate::pace::Pacer::new(every, opts.max_cpu_percent);
         crate::periodic::Periodic::new(pacer, opts.report.clone(), opts.json.clone())
@@ -226,6 +239,7 @@ pub fn run(opts: &RunOptions) -> Result<i32> {
                     stream: s,
                     pid: None,
                     header: 0,
+                    pidfd: None,
                 });
             }
         }
@@ -239,13 +253,21 @@ pub fn run(opts: &RunOptions) -> Result<i32> {
                 keep.push(c);
                 continue;
             }
-            match handle(c, me, main_pid, opts, periodic.as_ref()) {
+            match handle(c, me, main_pid, opts, periodic.as_ref(), &mut reported) {
                 Ok(Handled::Keep(c)) => {
                     hellos += 1;
                     keep.push(c)
                 }
                 Ok(Handled::Done(l)) => lost |= l,
-                Ok(Handled::Closed) => {}
+                Ok(Handled::Closed(Some(c))) => {
+                    let pid = c.pid.unwrap_or(0);
+                    if let Some(i) = reported.iter().position(|&p| p == pid) {
+                        reported.swap_remove(i);
+                    } else {
+                        pending.push(crate::ended::Pending::new(pid, c.pidfd));
+                    }
+                }
+                Ok(Handled::Closed(None)) => {}
                 Err(e) => crate::say!("kal: {e:#}"),
             }
         }
@@ -253,9 +275,44 @@ pub fn run(opts: &RunOptions) -> Result<i32> {
         if status.is_none() {
             status = child.try_wait()?;
         }
+        pending.retain(|p| {
+            let decided = if p.pid == main_pid {
+                // kal reaps the program itself: its status is the authority.
+                status.map(|s| {
+                    Some(match s.signal() {
+                        Some(sig) => crate::ended::End::Signal(sig),
+                        None => crate::ended::End::Code(s.code().unwrap_or(0)),
+                    })
+                })
+            } else {
+                p.decide()
+            };
+            match decided {
+                None => true,
+                Some(None) => false,
+                Some(Some(end)) => {
+                    crate::say!("{}", crate::ended::line(p.pid, end));
+                    false
+                }
+            }
+        });
         let adopted = reap_adopted(main_pid, status.is_some());
-        if status.is_some() && !adopted && conns.iter().all(|c| c.pid.is_none()) {
-            break;
+        if status.is_some() && !adopted && pending.is_empty() && conns.is_empty() {
+            // Every process is gone: a hello still queued (a process that ended at once)
+            // is read before kal ends.
+            match listener.accept() {
+                Ok((s, _)) => {
+                    s.set_nonblocking(false)?;
+                    s.set_read_timeout(Some(Duration::from_secs(2)))?;
+                    conns.push(Conn {
+                        stream: s,
+                        pid: None,
+                        header: 0,
+                        pidfd: None,
+                    });
+                }
+                Err(_) => break,
+            }
         }
     }
     let status = status.expect("loop ends after the child exited");
@@ -306,7 +363,8 @@ fn reap_adopted(main_pid: i32, main_reaped: bool) -> bool {
 enum Handled {
     Keep(Conn),
     Done(bool),
-    Closed,
+    /// The connection closed; a hello connection is handed back.
+    Closed(Option<Conn>),
 }
 
 fn handle(
@@ -315,10 +373,12 @@ fn handle(
     main_pid: i32,
     opts: &RunOptions,
     periodic: Option<&crate::periodic::Periodic>,
+    reported: &mut Vec<i32>,
 ) -> Result<Handled> {
     let mut buf = [0u8; HELLO_SIZE];
     if c.stream.read_exact(&mut buf).is_err() {
-        return Ok(Handled::Closed); // EOF: that process is gone (or exec'd)
+        // EOF: that process is gone (or exec'd)
+        return Ok(Handled::Closed(c.pid.is_some().then_some(c)));
     }
     let Some(msg) = Hello::decode(&buf) else {
         bail!("ignoring a malformed message from an agent");
@@ -326,16 +386,29 @@ fn handle(
     // The process as the kernel names it in kal's namespace (see `crate::peer`): the
     // program kal started or one of its descendants (adopted orphans included: kal is
     // their subreaper), or nobody kal will touch.
-    let Some(pid) =
-        crate::peer::peer_pid(&c.stream).filter(|&p| p != me && crate::peer::descends_from(p, me))
-    else {
+    let peer = crate::peer::peer_pid(&c.stream);
+    let Some(pid) = peer.filter(|&p| p != me && crate::peer::descends_from(p, me)) else {
+        // A process that said hello and ended at once (a forked child that crashed, and
+        // was reaped before kal read its hello): no ancestry to check and nothing to read,
+        // but how it ended is still said, if a pidfd of it tells.
+        if let Some(p) = peer.filter(|&p| {
+            msg.kind == MsgKind::Hello as u32 && !Path::new(&format!("/proc/{p}")).exists()
+        }) {
+            if let Some(fd) = crate::ended::peer_pidfd(&c.stream) {
+                c.pid = Some(p);
+                c.pidfd = Some(fd);
+                return Ok(Handled::Keep(c));
+            }
+        }
         bail!("ignoring a message from a process kal did not start");
     };
     if msg.kind == MsgKind::Hello as u32 {
         c.pid = Some(pid);
         c.header = msg.header_addr;
+        c.pidfd = crate::ended::open(pid);
         return Ok(Handled::Keep(c));
     }
+    reported.push(pid);
     // Exit: trace the exit, let the process run to exit_group, copy it there (as memcheck
     // does, so the exit path's frames are below the stack pointer), let it go, then
     // analyse at leisure.

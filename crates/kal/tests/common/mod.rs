@@ -183,6 +183,13 @@ pub fn sum(records: &[&Value]) -> (u64, u64) {
 
 /// memcheck's `(definitely, indirectly, possibly)` lost `(bytes, blocks)`.
 pub fn memcheck(prog: &Path, args: &[&str]) -> [(u64, u64); 3] {
+    let [d, i, p, _] = memcheck_all(prog, args);
+    [d, i, p]
+}
+
+/// memcheck's four counts: definitely, indirectly, possibly lost and still reachable
+/// `(bytes, blocks)`.
+pub fn memcheck_all(prog: &Path, args: &[&str]) -> [(u64, u64); 4] {
     let o = Command::new("valgrind")
         .args(["--leak-check=full", "--error-exitcode=0"])
         .arg(prog)
@@ -206,6 +213,7 @@ pub fn memcheck(prog: &Path, args: &[&str]) -> [(u64, u64); 3] {
         grab("definitely lost:"),
         grab("indirectly lost:"),
         grab("possibly lost:"),
+        grab("still reachable:"),
     ]
 }
 
