@@ -88,7 +88,7 @@ fn static_tls_size() -> u64 {
 
 extern "C" fn agent_start() {
     let Some(r) = real::get() else { return };
-    if !guard::enter() {
+    if !guard::enter_agent() {
         return;
     }
     state::tables();

@@ -152,7 +152,7 @@ pub fn stop() {
 
 extern "C" fn serve(_: *mut libc::c_void) -> *mut libc::c_void {
     // This thread's own allocations (request lists, lz4's table) pass through untracked.
-    crate::guard::enter();
+    crate::guard::enter_agent();
     // SAFETY: gettid has no preconditions.
     state::set_server_tid(unsafe { libc::gettid() } as u64);
     loop {

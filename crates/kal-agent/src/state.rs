@@ -91,6 +91,17 @@ pub fn tables() -> Option<&'static Tables> {
     init_tables()
 }
 
+/// The tables if they are mapped already (never maps them nor waits for another thread
+/// that does): for a hook that interrupted another one, which may be the one mapping them.
+#[inline(always)]
+pub fn tables_if_ready() -> Option<&'static Tables> {
+    if STATE.load(Ordering::Acquire) == 2 {
+        // SAFETY: TABLES is written once before STATE becomes 2.
+        return unsafe { (*core::ptr::addr_of!(TABLES)).as_ref() };
+    }
+    None
+}
+
 #[cold]
 fn init_tables() -> Option<&'static Tables> {
     if STATE

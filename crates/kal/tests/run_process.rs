@@ -446,3 +446,46 @@ fn the_agent_never_touches_a_descriptor_number_the_program_reused() {
     );
     assert_eq!(out.status.code(), Some(0));
 }
+
+#[test]
+fn signal_handlers_that_allocate_on_an_alternate_stack_run_as_without_kal() {
+    // Handlers on a sigaltstack (SIGALRM) and on the current stack (SIGPROF) malloc and
+    // free at a high rate while the main loop does too, so they often interrupt a hook
+    // (issue 9 item 6): same output as without kal, every time, and an exact report.
+    let prog = build("altstack.c", &[]);
+    let plain = Command::new(&prog).stdin(Stdio::null()).output().unwrap();
+    assert!(plain.status.success());
+    let expected = String::from_utf8_lossy(&plain.stdout).to_string();
+    assert_eq!(expected, "blocks intact\nhandlers ran\n");
+    let leak = line_of("altstack.c", "leak");
+    for run in 0..10 {
+        let r = run_json(&["-q", "--error-exitcode", "0"], &prog, &[]);
+        assert_eq!(r.out.status.code(), Some(0), "run {run}: {}", r.stderr);
+        assert_eq!(
+            String::from_utf8_lossy(&r.out.stdout),
+            expected,
+            "run {run}"
+        );
+        assert_eq!(r.json["lost_reliable"], true, "run {run}: {}", r.stderr);
+        assert_eq!(r.json["tracking_complete"], true, "run {run}: {}", r.stderr);
+        assert_eq!(
+            totals(&r.json, "direct"),
+            (3000, 3),
+            "run {run}: {}",
+            r.stderr
+        );
+        assert_eq!(totals(&r.json, "indirect"), (0, 0), "run {run}");
+        assert_eq!(totals(&r.json, "possible"), (0, 0), "run {run}");
+        // stdout's buffer, and the five blocks the handler kept with their 64-byte ones.
+        assert_eq!(
+            totals(&r.json, "reachable"),
+            (4096 + 5 * 364, 11),
+            "run {run}"
+        );
+        assert_eq!(
+            sum(&records_at(&r.json, "direct", "altstack.c", leak)),
+            (3000, 3),
+            "run {run}"
+        );
+    }
+}
