@@ -25,6 +25,7 @@ pub mod hooks;
 mod mem;
 mod ownfd;
 mod park;
+mod pause;
 mod pool;
 mod real;
 mod reclaim;

@@ -489,3 +489,66 @@ fn signal_handlers_that_allocate_on_an_alternate_stack_run_as_without_kal() {
         );
     }
 }
+
+#[test]
+fn unshare_and_setns_that_need_a_single_thread_succeed_and_the_agent_serves_after() {
+    // unshare(CLONE_NEWUSER) and setns(CLONE_NEWNS) are refused (EINVAL) to a process with
+    // more than one thread: the agent's threads stop for the call (issue 9 item 7).
+    let prog = build("unshare.c", &[]);
+    let plain = Command::new(&prog).stdin(Stdio::null()).output().unwrap();
+    assert!(plain.status.success());
+    let expected = String::from_utf8_lossy(&plain.stdout).to_string();
+    assert_eq!(expected, "setns: ok\nunshare: ok\nuid now 65534\n");
+    for run in 0..5 {
+        let r = run_json(&["-q", "--error-exitcode", "0"], &prog, &[]);
+        assert_eq!(r.out.status.code(), Some(0), "run {run}: {}", r.stderr);
+        assert_eq!(
+            String::from_utf8_lossy(&r.out.stdout),
+            expected,
+            "run {run}"
+        );
+        assert_eq!(r.json["lost_reliable"], true, "run {run}: {}", r.stderr);
+        assert_eq!(
+            totals(&r.json, "direct"),
+            (333, 2),
+            "run {run}: {}",
+            r.stderr
+        );
+        for (marker, bytes) in [("before", 111), ("after", 222)] {
+            let line = line_of("unshare.c", marker);
+            assert_eq!(
+                sum(&records_at(&r.json, "direct", "unshare.c", line)),
+                (bytes, 1),
+                "run {run}: {marker}"
+            );
+        }
+    }
+    // The agent's server runs again after the call: a live check is answered.
+    ensure_agent();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kal"))
+        .args(["run", "-q", "--error-exitcode", "0", "--"])
+        .arg(&prog)
+        .arg("wait")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut first = String::new();
+    std::io::BufRead::read_line(&mut stdout, &mut first).unwrap();
+    assert_eq!(first, "setns: ok\n");
+    let pid = ready_pid(&mut stdout);
+    let (out, now) = check_pid_json(pid, &[]);
+    assert!(
+        out.status.success() || out.status.code() == Some(23),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(totals(&now, "direct"), (111, 1));
+    child.stdin.take().unwrap().write_all(b"go\n").unwrap();
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut stdout, &mut rest).unwrap();
+    assert_eq!(rest, "unshare: ok\nuid now 65534\n");
+    assert_eq!(child.wait().unwrap().code(), Some(0));
+}
