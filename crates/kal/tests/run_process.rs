@@ -552,3 +552,50 @@ fn unshare_and_setns_that_need_a_single_thread_succeed_and_the_agent_serves_afte
     assert_eq!(rest, "unshare: ok\nuid now 65534\n");
     assert_eq!(child.wait().unwrap().code(), Some(0));
 }
+
+#[test]
+fn a_daemon_that_calls_closefrom_and_listens_serves_every_client() {
+    // closefrom(3) closes the agent's descriptors; the daemon's TCP listeners then take the
+    // numbers the agent's own socket had (3 before it moved high, 512 now). The agent must
+    // never accept on them (issue 9 item 5).
+    let prog = build("closefrom_server.c", &[]);
+    ensure_agent();
+    let ports = [free_port(), free_port()];
+    let clients = 20;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kal"))
+        .args(["run", "-q", "--error-exitcode", "0", "--"])
+        .arg(&prog)
+        .args([
+            ports[0].to_string(),
+            ports[1].to_string(),
+            clients.to_string(),
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let _guard = KillOnDrop(child.id() as i32);
+    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    let pid = ready_pid(&mut stdout);
+    let _program = KillOnDrop(pid);
+    // A connection to the agent's socket first: an agent serving loop that goes back to a
+    // number it no longer owns would now accept the daemon's clients. (Whether this check
+    // succeeds is not the point here: the agent's socket was closed under it.)
+    let _ = kal(&["check", &pid.to_string()]);
+    for i in 0..clients {
+        let mut c = std::net::TcpStream::connect(("127.0.0.1", ports[i % 2]))
+            .unwrap_or_else(|e| panic!("client {i}: {e}"));
+        c.set_read_timeout(Some(std::time::Duration::from_secs(20)))
+            .unwrap();
+        c.write_all(format!("c{i}\n").as_bytes()).unwrap();
+        let mut reply = String::new();
+        std::io::Read::read_to_string(&mut c, &mut reply)
+            .unwrap_or_else(|e| panic!("client {i}: {e}"));
+        assert_eq!(reply, format!("served c{i}\n"), "client {i}");
+    }
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut stdout, &mut rest).unwrap();
+    assert_eq!(rest, format!("served {clients}\n"));
+    assert_eq!(child.wait().unwrap().code(), Some(0));
+}
