@@ -154,6 +154,7 @@ pub fn run(opts: &RunOptions) -> Result<i32> {
     } else {
         agent
     };
+    let mut agentless = crate::agentless::Agentless::new(&agent);
     let mut preload = agent.as_os_str().to_owned();
     if let Some(old) = std::env::var_os("LD_PRELOAD").filter(|o| !o.is_empty()) {
         preload.push(":");
@@ -242,14 +243,19 @@ pub fn run(opts: &RunOptions) -> Result<i32> {
             match handle(c, me, main_pid, opts, periodic.as_ref()) {
                 Ok(Handled::Keep(c)) => {
                     hellos += 1;
+                    if let Some(pid) = c.pid {
+                        agentless.hello(pid);
+                    }
                     keep.push(c)
                 }
                 Ok(Handled::Done(l)) => lost |= l,
-                Ok(Handled::Closed) => {}
+                Ok(Handled::Closed(Some(pid))) => agentless.closed(pid),
+                Ok(Handled::Closed(None)) => {}
                 Err(e) => crate::say!("kal: {e:#}"),
             }
         }
         conns = keep;
+        agentless.poll(false);
         if status.is_none() {
             status = child.try_wait()?;
         }
@@ -258,6 +264,7 @@ pub fn run(opts: &RunOptions) -> Result<i32> {
             break;
         }
     }
+    agentless.poll(true);
     let status = status.expect("loop ends after the child exited");
     if hellos == 0 {
         crate::say!("kal: the agent never started in {} (is it setuid, or does it reset LD_PRELOAD?): no leak report", program.display());
@@ -306,7 +313,8 @@ fn reap_adopted(main_pid: i32, main_reaped: bool) -> bool {
 enum Handled {
     Keep(Conn),
     Done(bool),
-    Closed,
+    /// EOF without an exit message, from the process that said hello on it (if any).
+    Closed(Option<i32>),
 }
 
 fn handle(
@@ -318,7 +326,7 @@ fn handle(
 ) -> Result<Handled> {
     let mut buf = [0u8; HELLO_SIZE];
     if c.stream.read_exact(&mut buf).is_err() {
-        return Ok(Handled::Closed); // EOF: that process is gone (or exec'd)
+        return Ok(Handled::Closed(c.pid)); // EOF: that process is gone (or exec'd)
     }
     let Some(msg) = Hello::decode(&buf) else {
         bail!("ignoring a malformed message from an agent");

@@ -597,5 +597,77 @@ fn a_daemon_that_calls_closefrom_and_listens_serves_every_client() {
     let mut rest = String::new();
     std::io::Read::read_to_string(&mut stdout, &mut rest).unwrap();
     assert_eq!(rest, format!("served {clients}\n"));
-    assert_eq!(child.wait().unwrap().code(), Some(0));
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    // closefrom closed the agent's connection to kal too: no report, said in one line.
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let said: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.contains("closed its connection to kal"))
+        .collect();
+    assert_eq!(said.len(), 1, "{stderr}");
+    assert!(
+        said[0].starts_with(&format!("kal: process {pid} (")),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn a_process_that_execs_without_the_agent_is_named_in_one_line() {
+    // The program re-execs itself with an empty environment: the new image runs without
+    // the agent and gets no report; kal says which process that is (issue 9 item 16).
+    let prog = build("exec_noenv.c", &[]);
+    ensure_agent();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kal"))
+        .args(["run", "--"])
+        .arg(&prog)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let _guard = KillOnDrop(child.id() as i32);
+    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut again = String::new();
+    std::io::BufRead::read_line(&mut stdout, &mut again).unwrap();
+    let pid: i32 = again
+        .trim()
+        .strip_prefix("again ")
+        .unwrap_or_else(|| panic!("no 'again' line: {again:?}"))
+        .parse()
+        .unwrap();
+    let _program = KillOnDrop(pid);
+    // The new image waits until kal has said it, then ends.
+    let lines = stderr_lines(&mut child);
+    let want = format!(
+        "kal: process {pid} ({}) exec'd without kal's agent in LD_PRELOAD: it runs untracked and gets no leak report",
+        prog.canonicalize().unwrap().display()
+    );
+    let mut seen = Vec::new();
+    loop {
+        let l = lines
+            .recv_timeout(std::time::Duration::from_secs(30))
+            .unwrap_or_else(|_| panic!("kal never named process {pid}: {seen:?}"));
+        if l == want {
+            break;
+        }
+        seen.push(l);
+    }
+    child.stdin.take().unwrap().write_all(b"go\n").unwrap();
+    let status = child.wait().unwrap();
+    let rest: Vec<String> = lines.iter().collect();
+    assert_eq!(status.code(), Some(0), "{seen:?} {rest:?}");
+    // One line, and no report for either image (the first one exec'd, the second one ran
+    // without the agent).
+    assert!(
+        !seen
+            .iter()
+            .chain(&rest)
+            .any(|l| l.contains("exec'd without")),
+        "{seen:?} {rest:?}"
+    );
+    assert!(
+        !seen.iter().chain(&rest).any(|l| l.contains("SUMMARY")),
+        "{seen:?} {rest:?}"
+    );
 }
