@@ -1,25 +1,57 @@
 //! Per-thread flags without destructors: the re-entrancy guard of the hooks.
 //!
-//! Capturing a stack the first time in a thread calls `pthread_getattr_np` and allocates the
-//! unwinder cache, which call `malloc` again: those inner calls must pass straight through.
+//! A thread is outside the agent, inside a hook (recording a block), or running the agent's
+//! own code (its threads, its start, a thread's first side stack). An allocation made while
+//! the thread is in a hook can only come from a signal handler that interrupted it there:
+//! it is recorded without touching what the interrupted hook may be using (no unwinding,
+//! no pool lock). An allocation made by the agent's own code passes straight through.
 
 use core::cell::Cell;
 
+const OUTSIDE: u8 = 0;
+const HOOK: u8 = 1;
+const AGENT: u8 = 2;
+
 thread_local! {
-    static IN_HOOK: Cell<bool> = const { Cell::new(false) };
+    static STATE: Cell<u8> = const { Cell::new(OUTSIDE) };
     static RESOLVING: Cell<bool> = const { Cell::new(false) };
 }
 
-/// Marks this thread as inside a hook; returns false if it already was (re-entry).
+/// Marks this thread as inside a hook; returns false if it already was inside the agent.
 #[inline(always)]
 pub fn enter() -> bool {
-    IN_HOOK.with(|f| !f.replace(true))
+    STATE.with(|f| {
+        if f.get() != OUTSIDE {
+            return false;
+        }
+        f.set(HOOK);
+        true
+    })
 }
 
-/// Leaves the hook entered with a successful [`enter`].
+/// Marks this thread as running the agent's own code (allocations it makes are the
+/// agent's, never recorded); returns false if it already was inside the agent.
+pub fn enter_agent() -> bool {
+    STATE.with(|f| {
+        if f.get() != OUTSIDE {
+            return false;
+        }
+        f.set(AGENT);
+        true
+    })
+}
+
+/// Whether this thread is inside a hook (not the agent's own code): an allocation now
+/// comes from a signal handler that interrupted the hook.
+#[inline(always)]
+pub fn interrupted_hook() -> bool {
+    STATE.with(|f| f.get() == HOOK)
+}
+
+/// Leaves the hook or agent code entered with a successful [`enter`] or [`enter_agent`].
 #[inline(always)]
 pub fn leave() {
-    IN_HOOK.with(|f| f.set(false));
+    STATE.with(|f| f.set(OUTSIDE));
 }
 
 /// Whether this thread is the one resolving the next allocator.

@@ -16,21 +16,34 @@ use kal_proto::Api;
 static NEXT_THREAD: AtomicU64 = AtomicU64::new(1);
 
 thread_local! {
+    static THREAD_INDEX: Cell<u64> = const { Cell::new(0) };
     static SEQ: Cell<u64> = const { Cell::new(0) };
 }
 
-/// A sequence number unique in this process: thread index in the high bits.
+/// A sequence number unique in this process: thread index in the high bits, a per-thread
+/// count below. A signal handler's hook may run between any two instructions of the
+/// interrupted one's, so the count is taken by one instruction, and an index given twice
+/// (both saw none yet) is simply never used again after the second.
 #[inline(always)]
 fn next_seq() -> u64 {
-    SEQ.with(|s| {
-        let mut v = s.get();
-        if v == 0 {
-            v = NEXT_THREAD.fetch_add(1, Ordering::Relaxed) << 40;
-        }
-        v += 1;
-        s.set(v);
-        v
-    })
+    let mut index = THREAD_INDEX.with(|i| i.get());
+    if index == 0 {
+        index = NEXT_THREAD.fetch_add(1, Ordering::Relaxed);
+        THREAD_INDEX.with(|i| i.set(index));
+    }
+    let counter = SEQ.with(|s| s.as_ptr());
+    let mut old: u64 = 1;
+    // SAFETY: `counter` is this thread's own counter; a single `xadd` (no lock prefix:
+    // only this thread and its signal handlers touch it) cannot be split by a signal.
+    unsafe {
+        core::arch::asm!(
+            "xadd qword ptr [{c}], {v}",
+            c = in(reg) counter,
+            v = inout(reg) old,
+            options(nostack)
+        )
+    };
+    (index << 40) + old + 1
 }
 
 /// The caller's registers, from the trampoline's view of the program stack.
@@ -60,11 +73,42 @@ fn record(p: *mut c_void, size: usize, api: Api, at: Regs) {
     t.insert(p as u64, size as u64, next_seq(), stack, info);
 }
 
-/// Runs `alloc` and records its non-null result, unless this thread is already in a hook.
+/// Records a new block allocated by a signal handler that interrupted this thread inside
+/// a hook. The interrupted hook may be using this thread's unwinding state or a pool lock,
+/// so nothing here touches them: the block is recorded without its stack (the report
+/// says "stack unknown"), or counted as dropped if the tables are not mapped yet.
+#[cold]
+#[inline(never)]
+fn record_interrupting(p: *mut c_void, size: usize, api: Api) {
+    let Some(t) = state::tables_if_ready() else {
+        state::note_dropped();
+        return;
+    };
+    let mut info = api as u32;
+    if real::get().is_some_and(|r| r.glibc) {
+        // SAFETY: a glibc chunk's size word sits just before the block it returned.
+        let size_word = unsafe { *(p as *const u64).sub(1) };
+        info |= ((size_word & 7) as u32) << kal_proto::CHUNK_FLAGS_SHIFT;
+    }
+    t.insert(
+        p as u64,
+        size as u64,
+        next_seq(),
+        kal_proto::STACK_UNKNOWN,
+        info,
+    );
+}
+
+/// Runs `alloc` and records its non-null result, unless this thread is running the agent's
+/// own code (then the block is the agent's).
 #[inline(always)]
 fn tracked(size: usize, api: Api, at: Regs, alloc: impl FnOnce() -> *mut c_void) -> *mut c_void {
     if !guard::enter() {
-        return alloc();
+        let p = alloc();
+        if !p.is_null() && guard::interrupted_hook() {
+            record_interrupting(p, size, api);
+        }
+        return p;
     }
     let p = alloc();
     if !p.is_null() {
@@ -91,47 +135,60 @@ macro_rules! trampoline {
         #[unsafe(naked)]
         pub unsafe extern "C" fn $name($($arg: $ty),*) -> $ret {
             core::arch::naked_asm!(
-                // Fast path: the side stack's top from TLS, nothing written on this stack.
-                "mov rax, qword ptr [rip + {off}]",
-                "lea r11, [rax + 1]",
+                // Fast path: the thread's side stack from TLS, nothing written on this
+                // stack. In use (this call interrupted a hook: a signal handler's
+                // malloc): run in place.
+                "mov r10, qword ptr [rip + {off}]",
+                "lea r11, [r10 + 1]",
                 "cmp r11, 1",
                 "jbe 4f",
-                "mov rax, qword ptr fs:[rax]",
+                "cmp qword ptr fs:[r10 + 8], 0",
+                "jne 2f",
+                "mov rax, qword ptr fs:[r10]",
                 "test rax, rax",
-                "jnz 5f",
-                // Slow path (a thread's first calls): ask for it.
+                "jz 4f",
+                // Marked in use before the switch, free only after the switch back.
+                "mov qword ptr fs:[r10 + 8], 1",
+                "mov rcx, rsp",
+                "mov r8, rbp",
+                "mov rsp, rax",
+                "push rcx",
+                "push r10",
+                "call {imp}",
+                "pop r10",
+                "pop rsp",
+                "mov qword ptr fs:[r10 + 8], 0",
+                "ret",
+                // Slow path (a thread's first calls, or TLS at no fixed offset).
                 "4:",
                 "push rdi",
                 "push rsi",
                 "push rdx",
-                "call {top}",
+                "call {claim}",
                 "pop rdx",
                 "pop rsi",
                 "pop rdi",
-                "5:",
-                "mov rcx, rsp",
-                "mov r8, rbp",
                 "test rax, rax",
                 "jz 2f",
-                "cmp rsp, rax",
-                "jae 3f",
-                "lea r11, [rax - {size}]",
-                "cmp rsp, r11",
-                "ja 2f",
-                "3:",
+                "mov rcx, rsp",
+                "mov r8, rbp",
                 "mov rsp, rax",
                 "push rcx",
+                // [top - 16]: the in-use flag's address, put there by claim.
                 "sub rsp, 8",
                 "call {imp}",
-                "add rsp, 8",
+                "pop r10",
                 "pop rsp",
+                "mov qword ptr [r10], 0",
                 "ret",
+                // In place.
                 "2:",
+                "mov rcx, rsp",
+                "mov r8, rbp",
                 "jmp {imp}",
-                top = sym side::top,
+                claim = sym side::claim,
                 off = sym side::KAL_SIDE_TOP_OFFSET,
                 imp = sym $imp,
-                size = const side::SIZE,
             )
         }
     };
@@ -248,8 +305,30 @@ extern "C" fn realloc_impl(
         return q;
     }
     if !guard::enter() {
-        // SAFETY: plain forwarding while re-entered.
-        return unsafe { (r.realloc)(p, size) };
+        if !guard::interrupted_hook() {
+            // SAFETY: plain forwarding while the agent's own code runs.
+            return unsafe { (r.realloc)(p, size) };
+        }
+        // A signal handler interrupted a hook: same steps, without the stack.
+        let old = forget(p);
+        if old.is_none() && crate::reclaim::contradicts(p as u64) {
+            // SAFETY: forwarding a plain allocation (p was reclaimed by kal already).
+            let q = unsafe { (r.malloc)(size) };
+            if !q.is_null() {
+                record_interrupting(q, size, Api::Realloc);
+            }
+            return q;
+        }
+        // SAFETY: p is the caller's live block.
+        let q = unsafe { (r.realloc)(p, size) };
+        if !q.is_null() {
+            record_interrupting(q, size, Api::Realloc);
+        } else if size != 0 {
+            if let (Some(o), Some(t)) = (old, state::tables_if_ready()) {
+                t.insert(p as u64, o.size, o.seq, o.stack, o.api);
+            }
+        }
+        return q;
     }
     let old = forget(p);
     if old.is_none() && crate::reclaim::contradicts(p as u64) {

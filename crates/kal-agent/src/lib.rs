@@ -26,6 +26,7 @@ pub mod hooks;
 mod mem;
 mod ownfd;
 mod park;
+mod pause;
 mod pool;
 mod real;
 mod reclaim;
@@ -89,7 +90,7 @@ fn static_tls_size() -> u64 {
 
 extern "C" fn agent_start() {
     let Some(r) = real::get() else { return };
-    if !guard::enter() {
+    if !guard::enter_agent() {
         return;
     }
     state::tables();

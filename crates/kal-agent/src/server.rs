@@ -106,6 +106,53 @@ pub fn start() {
         LISTEN_FD.close();
         LISTEN_FD.set(fd);
     }
+    spawn_server();
+}
+
+/// Starts the serving thread again on the same socket (after [`crate::pause`]).
+pub fn resume() {
+    if listening() {
+        spawn_server();
+    }
+}
+
+/// Whether the agent still owns its listening socket (so a serving thread runs, or is
+/// about to).
+pub fn listening() -> bool {
+    LISTEN_FD.get() >= 0
+}
+
+/// Wakes the serving thread from its `poll` by connecting to the socket (the connection
+/// is served, as an empty request, once the thread runs again).
+pub fn wake() {
+    // SAFETY: PATH is NUL-terminated (or empty) and ours; plain socket calls on our own
+    // descriptor, closed before returning.
+    unsafe {
+        let path = &*core::ptr::addr_of!(PATH);
+        let n = path.iter().position(|&c| c == 0).unwrap_or(0);
+        if n == 0 {
+            return;
+        }
+        let fd = libc::socket(
+            libc::AF_UNIX,
+            libc::SOCK_STREAM | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
+            0,
+        );
+        if fd < 0 {
+            return;
+        }
+        let mut addr: libc::sockaddr_un = core::mem::zeroed();
+        addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+        for (d, &s) in addr.sun_path.iter_mut().zip(&path[..n]) {
+            *d = s as libc::c_char;
+        }
+        let alen = core::mem::size_of::<libc::sa_family_t>() + n;
+        libc::connect(fd, (&addr as *const libc::sockaddr_un).cast(), alen as u32);
+        libc::close(fd);
+    }
+}
+
+fn spawn_server() {
     // Its own stack, named in the header: the addresses it handles (reclaim requests)
     // must not linger where a scan would take them for the program's pointers.
     let stack = server_stack();
@@ -152,7 +199,7 @@ pub fn stop() {
 
 extern "C" fn serve(_: *mut libc::c_void) -> *mut libc::c_void {
     // This thread's own allocations (request lists, lz4's table) pass through untracked.
-    crate::guard::enter();
+    crate::guard::enter_agent();
     // SAFETY: gettid has no preconditions.
     state::set_server_tid(unsafe { libc::gettid() } as u64);
     loop {
@@ -173,7 +220,9 @@ extern "C" fn serve(_: *mut libc::c_void) -> *mut libc::c_void {
         if unsafe { libc::poll(&mut p, 1, -1) } < 0 {
             continue; // EINTR
         }
-        if p.revents & (libc::POLLERR | libc::POLLHUP | libc::POLLNVAL) != 0 {
+        if p.revents & (libc::POLLERR | libc::POLLHUP | libc::POLLNVAL) != 0
+            || crate::pause::stopping()
+        {
             state::set_server_tid(0);
             return core::ptr::null_mut();
         }

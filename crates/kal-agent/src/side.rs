@@ -7,6 +7,13 @@
 //! trampoline ([`crate::hooks`]) that moves to the thread's side stack before doing
 //! anything else. All side stacks live in one region that the header names, so the CLI
 //! never scans them.
+//!
+//! Whether the side stack is in use is a per-thread flag, set before the switch and
+//! cleared after the switch back, never guessed from the stack pointer: a signal handler
+//! that calls `malloc` may interrupt a hook anywhere, and it may run on the program's
+//! alternate signal stack (`sigaltstack`) while the interrupted hook's frames are on the
+//! side stack. A hook entered while the flag is set runs in place, on whatever stack its
+//! caller uses, so it never overwrites frames the interrupted hook still needs.
 
 use core::cell::Cell;
 use core::sync::atomic::{AtomicUsize, Ordering};
@@ -40,13 +47,24 @@ fn slots_to_reserve() -> usize {
 static BASE: AtomicUsize = AtomicUsize::new(0);
 /// Set once [`init`] has run: a hook without a side stack after that is counted.
 static READY: core::sync::atomic::AtomicBool = core::sync::atomic::AtomicBool::new(false);
-/// Offset of `TOP` from the thread pointer (static TLS: the same in every thread), read by
-/// the trampolines as `fs:[TOP_OFFSET]`; 0 while unknown or if it ever differs.
+/// Offset of the thread's [`Side`] from the thread pointer (static TLS: the same in every
+/// thread), read by the trampolines as `fs:[off]` (top) and `fs:[off + 8]` (in use); 0
+/// while unknown, `usize::MAX` if it ever differs.
 pub static KAL_SIDE_TOP_OFFSET: AtomicUsize = AtomicUsize::new(0);
 static NEXT: AtomicUsize = AtomicUsize::new(0);
 
+/// One thread's side stack, laid out for the trampolines.
+#[repr(C)]
+struct Side {
+    /// Top of the side stack (16-aligned), or 0 if it has none.
+    top: Cell<usize>,
+    /// Non-zero while a hook runs on it (set before the switch, cleared after the switch
+    /// back).
+    busy: Cell<usize>,
+}
+
 thread_local! {
-    static TOP: Cell<usize> = const { Cell::new(0) };
+    static SIDE: Side = const { Side { top: Cell::new(0), busy: Cell::new(0) } };
 }
 
 /// Reserves the region (no memory is used until a stack is touched). Called at start.
@@ -100,17 +118,34 @@ pub fn map_stack() -> usize {
 
 /// The calling thread's side stack top, or 0 if it has none yet.
 pub fn current_top() -> usize {
-    TOP.with(|t| t.get())
+    SIDE.with(|s| s.top.get())
 }
 
-/// Top of the calling thread's side stack (16-aligned), or 0 if it has none.
-/// Called from the trampolines on the program's stack: keep it small.
-pub extern "C" fn top() -> usize {
-    let t = TOP.with(|t| t.get());
-    if t != 0 {
-        return t;
+/// The trampolines' slow path: the top of the calling thread's side stack (16-aligned),
+/// now marked in use, or 0 (it has none, or a hook this call interrupted uses it: run in
+/// place). The in-use flag's address is left at `top - 16`, where the trampoline takes it
+/// to clear the flag once back on the program's stack (nothing is pushed there: a stale
+/// copy of a returned pointer below the program's stack pointer would hide a leak).
+/// Called on the program's stack: keep it small.
+pub extern "C" fn claim() -> usize {
+    if SIDE.with(|s| s.busy.get()) != 0 {
+        return 0;
     }
-    first_top()
+    let mut t = SIDE.with(|s| s.top.get());
+    if t == 0 {
+        t = first_top();
+    }
+    if t != 0 {
+        // One store: a signal before it finds the stack free, after it finds it in use.
+        let busy = SIDE.with(|s| {
+            s.busy.set(1);
+            s.busy.as_ptr() as usize
+        });
+        // SAFETY: t is the top of this thread's own side stack, in use by nobody else now;
+        // the 16 bytes below it are inside it.
+        unsafe { *((t - 16) as *mut usize) = busy };
+    }
+    t
 }
 
 #[cold]
@@ -124,15 +159,13 @@ fn first_top() -> usize {
         // This hook (and the next ones of this thread) run on the program's stack.
         crate::state::note_no_side_stack();
     }
-    TOP.with(|c| c.set(t));
+    SIDE.with(|c| c.top.set(t));
     let tp: usize;
     // SAFETY: fs:0 holds the thread pointer on x86-64 Linux.
     unsafe {
         core::arch::asm!("mov {0}, fs:0", out(reg) tp, options(nostack, readonly, preserves_flags))
     };
-    let off = TOP
-        .with(|c| c as *const Cell<usize> as usize)
-        .wrapping_sub(tp);
+    let off = SIDE.with(|c| c as *const Side as usize).wrapping_sub(tp);
     match KAL_SIDE_TOP_OFFSET.compare_exchange(0, off, Ordering::AcqRel, Ordering::Acquire) {
         Ok(_) => {}
         Err(known) if known == off => {}

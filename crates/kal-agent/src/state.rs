@@ -67,6 +67,13 @@ pub fn set_server_stack(addr: u64, len: u64) {
     }
 }
 
+/// The thread id of the control-server thread (0: none).
+pub fn server_tid() -> u64 {
+    // SAFETY: `server_tid` is an aligned u64 inside a static; only accessed atomically.
+    let d = unsafe { &*(core::ptr::addr_of!(KAL_HEADER.server_tid) as *const AtomicU64) };
+    d.load(Ordering::Acquire)
+}
+
 /// Publishes the thread id of the control-server thread (0: none).
 pub fn set_server_tid(tid: u64) {
     // SAFETY: `server_tid` is an aligned u64 inside a static; only written atomically.
@@ -82,6 +89,17 @@ pub fn tables() -> Option<&'static Tables> {
         return unsafe { (*core::ptr::addr_of!(TABLES)).as_ref() };
     }
     init_tables()
+}
+
+/// The tables if they are mapped already (never maps them nor waits for another thread
+/// that does): for a hook that interrupted another one, which may be the one mapping them.
+#[inline(always)]
+pub fn tables_if_ready() -> Option<&'static Tables> {
+    if STATE.load(Ordering::Acquire) == 2 {
+        // SAFETY: TABLES is written once before STATE becomes 2.
+        return unsafe { (*core::ptr::addr_of!(TABLES)).as_ref() };
+    }
+    None
 }
 
 #[cold]

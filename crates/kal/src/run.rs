@@ -159,6 +159,7 @@ pub fn run(opts: &RunOptions) -> Result<i32> {
     } else {
         agent
     };
+    let mut agentless = crate::agentless::Agentless::new(&agent);
     let mut preload = agent.as_os_str().to_owned();
     if let Some(old) = std::env::var_os("LD_PRELOAD").filter(|o| !o.is_empty()) {
         preload.push(":");
@@ -256,6 +257,9 @@ pub fn run(opts: &RunOptions) -> Result<i32> {
             match handle(c, me, main_pid, opts, periodic.as_ref(), &mut reported) {
                 Ok(Handled::Keep(c)) => {
                     hellos += 1;
+                    if let Some(pid) = c.pid {
+                        agentless.hello(pid);
+                    }
                     keep.push(c)
                 }
                 Ok(Handled::Done(l)) => lost |= l,
@@ -264,7 +268,10 @@ pub fn run(opts: &RunOptions) -> Result<i32> {
                     if let Some(i) = reported.iter().position(|&p| p == pid) {
                         reported.swap_remove(i);
                     } else {
+                        // Ended unread (said once its end is known), or went on without
+                        // the agent (exec: said by `agentless`).
                         pending.push(crate::ended::Pending::new(pid, c.pidfd));
+                        agentless.closed(pid);
                     }
                 }
                 Ok(Handled::Closed(None)) => {}
@@ -272,6 +279,7 @@ pub fn run(opts: &RunOptions) -> Result<i32> {
             }
         }
         conns = keep;
+        agentless.poll(false);
         if status.is_none() {
             status = child.try_wait()?;
         }
@@ -315,6 +323,7 @@ pub fn run(opts: &RunOptions) -> Result<i32> {
             }
         }
     }
+    agentless.poll(true);
     let status = status.expect("loop ends after the child exited");
     if hellos == 0 {
         crate::say!("kal: the agent never started in {} (is it setuid, or does it reset LD_PRELOAD?): no leak report", program.display());

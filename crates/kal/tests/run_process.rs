@@ -446,3 +446,228 @@ fn the_agent_never_touches_a_descriptor_number_the_program_reused() {
     );
     assert_eq!(out.status.code(), Some(0));
 }
+
+#[test]
+fn signal_handlers_that_allocate_on_an_alternate_stack_run_as_without_kal() {
+    // Handlers on a sigaltstack (SIGALRM) and on the current stack (SIGPROF) malloc and
+    // free at a high rate while the main loop does too, so they often interrupt a hook
+    // (issue 9 item 6): same output as without kal, every time, and an exact report.
+    let prog = build("altstack.c", &[]);
+    let plain = Command::new(&prog).stdin(Stdio::null()).output().unwrap();
+    assert!(plain.status.success());
+    let expected = String::from_utf8_lossy(&plain.stdout).to_string();
+    assert_eq!(expected, "blocks intact\nhandlers ran\n");
+    let leak = line_of("altstack.c", "leak");
+    for run in 0..10 {
+        let r = run_json(&["-q", "--error-exitcode", "0"], &prog, &[]);
+        assert_eq!(r.out.status.code(), Some(0), "run {run}: {}", r.stderr);
+        assert_eq!(
+            String::from_utf8_lossy(&r.out.stdout),
+            expected,
+            "run {run}"
+        );
+        assert_eq!(r.json["lost_reliable"], true, "run {run}: {}", r.stderr);
+        assert_eq!(r.json["tracking_complete"], true, "run {run}: {}", r.stderr);
+        assert_eq!(
+            totals(&r.json, "direct"),
+            (3000, 3),
+            "run {run}: {}",
+            r.stderr
+        );
+        assert_eq!(totals(&r.json, "indirect"), (0, 0), "run {run}");
+        assert_eq!(totals(&r.json, "possible"), (0, 0), "run {run}");
+        // stdout's buffer, and the five blocks the handler kept with their 64-byte ones.
+        assert_eq!(
+            totals(&r.json, "reachable"),
+            (4096 + 5 * 364, 11),
+            "run {run}"
+        );
+        assert_eq!(
+            sum(&records_at(&r.json, "direct", "altstack.c", leak)),
+            (3000, 3),
+            "run {run}"
+        );
+    }
+}
+
+#[test]
+fn unshare_and_setns_that_need_a_single_thread_succeed_and_the_agent_serves_after() {
+    // unshare(CLONE_NEWUSER) and setns(CLONE_NEWNS) are refused (EINVAL) to a process with
+    // more than one thread: the agent's threads stop for the call (issue 9 item 7).
+    let prog = build("unshare.c", &[]);
+    let plain = Command::new(&prog).stdin(Stdio::null()).output().unwrap();
+    assert!(plain.status.success());
+    let expected = String::from_utf8_lossy(&plain.stdout).to_string();
+    assert_eq!(expected, "setns: ok\nunshare: ok\nuid now 65534\n");
+    for run in 0..5 {
+        let r = run_json(&["-q", "--error-exitcode", "0"], &prog, &[]);
+        assert_eq!(r.out.status.code(), Some(0), "run {run}: {}", r.stderr);
+        assert_eq!(
+            String::from_utf8_lossy(&r.out.stdout),
+            expected,
+            "run {run}"
+        );
+        assert_eq!(r.json["lost_reliable"], true, "run {run}: {}", r.stderr);
+        assert_eq!(
+            totals(&r.json, "direct"),
+            (333, 2),
+            "run {run}: {}",
+            r.stderr
+        );
+        for (marker, bytes) in [("before", 111), ("after", 222)] {
+            let line = line_of("unshare.c", marker);
+            assert_eq!(
+                sum(&records_at(&r.json, "direct", "unshare.c", line)),
+                (bytes, 1),
+                "run {run}: {marker}"
+            );
+        }
+    }
+    // The agent's server runs again after the call: a live check is answered.
+    ensure_agent();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kal"))
+        .args(["run", "-q", "--error-exitcode", "0", "--"])
+        .arg(&prog)
+        .arg("wait")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut first = String::new();
+    std::io::BufRead::read_line(&mut stdout, &mut first).unwrap();
+    assert_eq!(first, "setns: ok\n");
+    let pid = ready_pid(&mut stdout);
+    let (out, now) = check_pid_json(pid, &[]);
+    assert!(
+        out.status.success() || out.status.code() == Some(23),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(totals(&now, "direct"), (111, 1));
+    child.stdin.take().unwrap().write_all(b"go\n").unwrap();
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut stdout, &mut rest).unwrap();
+    assert_eq!(rest, "unshare: ok\nuid now 65534\n");
+    assert_eq!(child.wait().unwrap().code(), Some(0));
+}
+
+#[test]
+fn a_daemon_that_calls_closefrom_and_listens_serves_every_client() {
+    // closefrom(3) closes the agent's descriptors; the daemon's TCP listeners then take the
+    // numbers the agent's own socket had (3 before it moved high, 512 now). The agent must
+    // never accept on them (issue 9 item 5).
+    let prog = build("closefrom_server.c", &[]);
+    ensure_agent();
+    let ports = [free_port(), free_port()];
+    let clients = 20;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kal"))
+        .args(["run", "-q", "--error-exitcode", "0", "--"])
+        .arg(&prog)
+        .args([
+            ports[0].to_string(),
+            ports[1].to_string(),
+            clients.to_string(),
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let _guard = KillOnDrop(child.id() as i32);
+    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    let pid = ready_pid(&mut stdout);
+    let _program = KillOnDrop(pid);
+    // A connection to the agent's socket first: an agent serving loop that goes back to a
+    // number it no longer owns would now accept the daemon's clients. (Whether this check
+    // succeeds is not the point here: the agent's socket was closed under it.)
+    let _ = kal(&["check", &pid.to_string()]);
+    for i in 0..clients {
+        let mut c = std::net::TcpStream::connect(("127.0.0.1", ports[i % 2]))
+            .unwrap_or_else(|e| panic!("client {i}: {e}"));
+        c.set_read_timeout(Some(std::time::Duration::from_secs(20)))
+            .unwrap();
+        c.write_all(format!("c{i}\n").as_bytes()).unwrap();
+        let mut reply = String::new();
+        std::io::Read::read_to_string(&mut c, &mut reply)
+            .unwrap_or_else(|e| panic!("client {i}: {e}"));
+        assert_eq!(reply, format!("served c{i}\n"), "client {i}");
+    }
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut stdout, &mut rest).unwrap();
+    assert_eq!(rest, format!("served {clients}\n"));
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    // closefrom closed the agent's connection to kal too: no report, said in one line.
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let said: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.contains("closed its connection to kal"))
+        .collect();
+    assert_eq!(said.len(), 1, "{stderr}");
+    assert!(
+        said[0].starts_with(&format!("kal: process {pid} (")),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn a_process_that_execs_without_the_agent_is_named_in_one_line() {
+    // The program re-execs itself with an empty environment: the new image runs without
+    // the agent and gets no report; kal says which process that is (issue 9 item 16).
+    let prog = build("exec_noenv.c", &[]);
+    ensure_agent();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kal"))
+        .args(["run", "--"])
+        .arg(&prog)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let _guard = KillOnDrop(child.id() as i32);
+    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut again = String::new();
+    std::io::BufRead::read_line(&mut stdout, &mut again).unwrap();
+    let pid: i32 = again
+        .trim()
+        .strip_prefix("again ")
+        .unwrap_or_else(|| panic!("no 'again' line: {again:?}"))
+        .parse()
+        .unwrap();
+    let _program = KillOnDrop(pid);
+    // The new image waits until kal has said it, then ends.
+    let lines = stderr_lines(&mut child);
+    let want = format!(
+        "kal: process {pid} ({}) exec'd without kal's agent in LD_PRELOAD: it runs untracked and gets no leak report",
+        prog.canonicalize().unwrap().display()
+    );
+    let mut seen = Vec::new();
+    loop {
+        let l = lines
+            .recv_timeout(std::time::Duration::from_secs(30))
+            .unwrap_or_else(|_| panic!("kal never named process {pid}: {seen:?}"));
+        if l == want {
+            break;
+        }
+        seen.push(l);
+    }
+    child.stdin.take().unwrap().write_all(b"go\n").unwrap();
+    let status = child.wait().unwrap();
+    let rest: Vec<String> = lines.iter().collect();
+    assert_eq!(status.code(), Some(0), "{seen:?} {rest:?}");
+    // One line, and no report for either image (the first one exec'd, the second one ran
+    // without the agent).
+    assert!(
+        !seen
+            .iter()
+            .chain(&rest)
+            .any(|l| l.contains("exec'd without")),
+        "{seen:?} {rest:?}"
+    );
+    assert!(
+        !seen.iter().chain(&rest).any(|l| l.contains("SUMMARY")),
+        "{seen:?} {rest:?}"
+    );
+}

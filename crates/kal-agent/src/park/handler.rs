@@ -40,7 +40,7 @@ pub fn start() -> bool {
 
 extern "C" fn serve(_: *mut libc::c_void) -> *mut libc::c_void {
     // Anything this thread allocates (nothing, by design) passes through untracked.
-    crate::guard::enter();
+    crate::guard::enter_agent();
     // SAFETY: gettid has no preconditions.
     crate::alone::HANDLER_TID.store(unsafe { libc::gettid() }, Ordering::Release);
     let fd = super::fd();

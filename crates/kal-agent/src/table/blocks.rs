@@ -75,6 +75,11 @@ pub static WINDOW: Line<AtomicU64> = Line(AtomicU64::new(0));
 /// Held (try-lock only, never waited for) while a table is installed.
 static INSTALLING: Line<AtomicBool> = Line(AtomicBool::new(false));
 
+thread_local! {
+    /// This thread holds [`INSTALLING`].
+    static INSTALLING_HERE: core::cell::Cell<bool> = const { core::cell::Cell::new(false) };
+}
+
 /// Key word of the slot being moved right now, or 0 (repaired in a fork child).
 pub static MOVING_KEY: Line<AtomicU64> = Line(AtomicU64::new(0));
 /// Key word of the slot a reclaim request holds right now, or 0.
@@ -259,6 +264,12 @@ pub fn insert(addr: u64, seq: u64, meta: u64) -> bool {
 #[cold]
 #[inline(never)]
 fn insert_slow(addr: u64, seq: u64, meta: u64) -> bool {
+    if INSTALLING_HERE.with(|f| f.get()) {
+        // A signal handler's hook interrupted this thread while it installs a table: the
+        // window may name a table that no longer takes blocks until the install goes on,
+        // so waiting here would never end. Counted as dropped by the caller.
+        return false;
+    }
     loop {
         let w = window();
         match insert_into(View::of(w.newest), w, addr, seq, meta) {
@@ -331,6 +342,7 @@ pub fn install(w: Window, slots: u64) -> bool {
     if INSTALLING.swap(true, Ordering::Acquire) {
         return false;
     }
+    INSTALLING_HERE.with(|f| f.set(true));
     let cap = MAX_SLOTS.load(Ordering::Relaxed);
     let slots = if cap == 0 {
         slots.max(MIN_SLOTS)
@@ -338,6 +350,7 @@ pub fn install(w: Window, slots: u64) -> bool {
         slots.max(MIN_SLOTS).min(cap)
     };
     let ok = install_locked(w, slots);
+    INSTALLING_HERE.with(|f| f.set(false));
     INSTALLING.store(false, Ordering::Release);
     ok
 }

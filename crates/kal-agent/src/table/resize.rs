@@ -64,6 +64,17 @@ pub fn start() {
     // SAFETY: getpid has no preconditions.
     OWNER.store(unsafe { libc::getpid() }, Ordering::Release);
     crate::alone::init();
+    resume();
+}
+
+/// Whether the resizer was started in this process (its thread may not have run yet).
+pub fn started() -> bool {
+    // SAFETY: getpid has no preconditions.
+    OWNER.load(Ordering::Acquire) == unsafe { libc::getpid() }
+}
+
+/// Starts the resizer thread again (after [`crate::pause`]), or for the first time.
+pub fn resume() {
     crate::threads::spawn(run, crate::threads::Stack::Sized(64 * 1024));
 }
 
@@ -98,6 +109,10 @@ extern "C" fn run(_: *mut libc::c_void) -> *mut libc::c_void {
     crate::alone::RESIZER_TID.store(me, Ordering::Release);
     let mut wakeups = 0u32;
     loop {
+        if crate::pause::stopping() {
+            crate::alone::RESIZER_TID.store(0, Ordering::Release);
+            return core::ptr::null_mut();
+        }
         wakeups = wakeups.wrapping_add(1);
         if wakeups.is_multiple_of(crate::alone::LOOK_EVERY)
             && crate::alone::only_agent_threads_left()
