@@ -286,6 +286,9 @@ fn read_response(s: &mut UnixStream) -> Result<Response> {
     if r.status == Status::BadRequest as u32 {
         bail!("the agent refused the request as malformed (an agent from another kal version?)");
     }
+    if r.status == Status::Denied as u32 {
+        bail!("the agent refused: only root, or the process's own user while the process is dumpable (who could ptrace it), may ask it to act");
+    }
     Ok(r)
 }
 

@@ -165,3 +165,71 @@ fn a_socket_served_by_another_process_is_refused() {
     );
     let _ = std::io::stdout().flush();
 }
+
+/// Sends one request header (op `op`, no entries) to the agent socket `sock` as `cmd`
+/// (`setpriv …` or plain) and returns the agent's answer.
+fn ask(mut cmd: Command, sock: &str, op: kal_proto::ctl::Op) -> Response {
+    let header: String = kal_proto::ctl::ReqHeader {
+        op,
+        count: 0,
+        arg: 0,
+    }
+    .encode()
+    .iter()
+    .map(|b| format!("{b:02x}"))
+    .collect();
+    let client = "use Socket; socket(S, PF_UNIX, SOCK_STREAM, 0) or die \"socket: $!\\n\"; \
+        connect(S, pack_sockaddr_un($ARGV[0])) or die \"connect: $!\\n\"; \
+        syswrite(S, pack('H*', $ARGV[1])); my $b = ''; \
+        while (length($b) < 64) { sysread(S, my $c, 64 - length($b)) or last; $b .= $c; } \
+        print unpack('H*', $b), \"\\n\";";
+    let out = cmd
+        .args(["/usr/bin/perl", "-e", client, sock, &header])
+        .output()
+        .unwrap();
+    let hex = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    assert_eq!(hex.len(), 128, "no whole answer: {out:?}");
+    let mut b = [0u8; kal_proto::ctl::RESPONSE_SIZE];
+    for (i, byte) in b.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).unwrap();
+    }
+    Response::decode(&b).expect("a response")
+}
+
+#[test]
+fn only_a_peer_that_could_ptrace_the_process_may_make_it_act() {
+    use kal_proto::ctl::Op;
+    let dir = format!("/tmp/kal-{TARGET_UID}");
+    let _ = std::fs::remove_dir_all(&dir);
+    // A program of the target user that made itself non-dumpable: its own user cannot
+    // ptrace it, so its agent must not trim, reclaim, park or snapshot for that user.
+    let (mut locked, pid) = start_as(TARGET_UID, &build("live_leaker.c", &["-DNONDUMPABLE"]));
+    let _kill = KillOnDrop(pid);
+    let sock = format!("{dir}/agent-{pid}.sock");
+    for op in [Op::Trim, Op::Reclaim, Op::Park, Op::Snapshot] {
+        let r = ask(as_user(TARGET_UID), &sock, op);
+        assert_eq!(r.status, Status::Denied as u32, "{op:?}: {r:?}");
+    }
+    // Its counters are no secret to its user.
+    assert_eq!(
+        ask(as_user(TARGET_UID), &sock, Op::Stats).status,
+        Status::Ok as u32
+    );
+    // Root could ptrace it: served.
+    assert_eq!(
+        ask(Command::new("env"), &sock, Op::Trim).status,
+        Status::Ok as u32
+    );
+    locked.kill().unwrap();
+    locked.wait().unwrap();
+    // The same program, dumpable: its user is served.
+    let (mut open, pid) = start_as(TARGET_UID, &build("live_leaker.c", &[]));
+    let _kill = KillOnDrop(pid);
+    let sock = format!("{dir}/agent-{pid}.sock");
+    assert_eq!(
+        ask(as_user(TARGET_UID), &sock, Op::Trim).status,
+        Status::Ok as u32
+    );
+    open.kill().unwrap();
+    open.wait().unwrap();
+}
