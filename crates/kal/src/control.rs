@@ -296,6 +296,9 @@ fn read_response(s: &mut UnixStream) -> Result<Response> {
 pub fn describe_note(note: u32) -> String {
     let errno = note >> 8;
     match note & 0xff {
+        1 if errno == libc::EPERM as u32 || errno == libc::EACCES as u32 => format!(
+            "userfaultfd is not available to the process (errno {errno}: only root gets one here); parking nothing (the free mode, with --free-sites, needs none)"
+        ),
         1 => format!("userfaultfd is not available to the process (errno {errno}); parking nothing"),
         2 => format!(
             "the kernel's userfaultfd cannot write-protect anonymous memory (errno {errno}); parking nothing"
