@@ -51,6 +51,29 @@ pub struct Frozen {
     unstopped: u64,
     /// A thread left running (the agent's server thread, which makes the snapshot), or 0.
     skip: i32,
+    /// Leave running the threads blocked in a call that a ptrace stop would end early
+    /// with EINTR ([`eintr_call`]).
+    leave_blocked: bool,
+    /// Threads left running that way, with the call each was blocked in.
+    left_running: Vec<(i32, &'static str)>,
+}
+
+/// The blocking call thread `tid` of `pid` is in, if a ptrace stop would make it return
+/// EINTR early (signal(7): these are not restarted after a stop, even without a handler):
+/// `epoll_wait` and its variants, `rt_sigtimedwait` (`sigtimedwait`, `sigwaitinfo`),
+/// `semop`, `semtimedop`. Read from `/proc/PID/task/TID/syscall` (x86-64 numbers).
+pub fn eintr_call(pid: i32, tid: i32) -> Option<&'static str> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/syscall")).ok()?;
+    let nr: i64 = text.split_whitespace().next()?.parse().ok()?;
+    Some(match nr {
+        232 => "epoll_wait",
+        281 => "epoll_pwait",
+        441 => "epoll_pwait2",
+        128 => "rt_sigtimedwait",
+        65 => "semop",
+        220 => "semtimedop",
+        _ => return None,
+    })
 }
 
 /// Why `PTRACE_SEIZE` of process `pid` was refused, as precisely as `/proc` tells.
@@ -110,11 +133,13 @@ const STOP_DEADLINE: Duration = Duration::from_secs(2);
 impl Frozen {
     /// Seizes and stops every thread of `pid`, including threads created meanwhile.
     pub fn freeze(pid: i32) -> Result<Frozen> {
-        Frozen::freeze_except(pid, 0)
+        Frozen::freeze_except(pid, 0, false)
     }
 
-    /// [`Frozen::freeze`], leaving thread `skip` running (0: none).
-    pub fn freeze_except(pid: i32, skip: i32) -> Result<Frozen> {
+    /// [`Frozen::freeze`], leaving thread `skip` running (0: none), and with
+    /// `leave_blocked` the threads blocked in a call a stop would interrupt
+    /// ([`eintr_call`]; see [`Frozen::left_running`]).
+    pub fn freeze_except(pid: i32, skip: i32, leave_blocked: bool) -> Result<Frozen> {
         let started = Instant::now();
         let mut f = Frozen {
             pid,
@@ -122,6 +147,8 @@ impl Frozen {
             started,
             unstopped: 0,
             skip,
+            leave_blocked,
+            left_running: Vec::new(),
         };
         f.seize_all(ptrace::Options::empty(), |f, tid| {
             if ptrace::interrupt(Pid::from_raw(tid)).is_err() {
@@ -155,6 +182,8 @@ impl Frozen {
             started,
             unstopped: 0,
             skip: 0,
+            leave_blocked: false,
+            left_running: Vec::new(),
         };
         let opts = ptrace::Options::PTRACE_O_TRACEEXIT | ptrace::Options::PTRACE_O_TRACECLONE;
         f.seize_all(opts, |_, _| Ok(()))?;
@@ -255,14 +284,24 @@ impl Frozen {
         // Threads that exited (still listed for a moment, or as a zombie main thread).
         let mut gone: Vec<i32> = Vec::new();
         loop {
-            let new: Vec<i32> = crate::procfs::tasks(pid)?
+            let mut new: Vec<i32> = crate::procfs::tasks(pid)?
                 .into_iter()
                 .filter(|t| {
                     *t != self.skip
                         && !gone.contains(t)
                         && !self.threads.iter().any(|(x, _)| x == t)
+                        && !self.left_running.iter().any(|(x, _)| x == t)
                 })
                 .collect();
+            if self.leave_blocked {
+                new.retain(|&t| match eintr_call(pid, t) {
+                    Some(call) => {
+                        self.left_running.push((t, call));
+                        false
+                    }
+                    None => true,
+                });
+            }
             if new.is_empty() {
                 return Ok(());
             }
@@ -295,6 +334,8 @@ impl Frozen {
             started,
             unstopped: 0,
             skip: 0,
+            leave_blocked: false,
+            left_running: Vec::new(),
         };
         let mut candidates = vec![tid];
         candidates.extend(crate::procfs::tasks(pid)?);
@@ -342,6 +383,13 @@ impl Frozen {
             .into()),
             None => Ok(()),
         }
+    }
+
+    /// Threads left running because they were blocked in a call a stop would have
+    /// interrupted, with that call: their registers were not read and their stacks may
+    /// change (a capture gap).
+    pub fn left_running(&self) -> &[(i32, &'static str)] {
+        &self.left_running
     }
 
     /// Process id.
