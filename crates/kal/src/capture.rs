@@ -329,8 +329,11 @@ pub struct TableRead {
 /// unknown, so the capture has a gap.
 pub fn read_blocks(mem: &dyn Memory, h: &Header) -> TableRead {
     const STACK_WORDS: usize = std::mem::size_of::<StackSlot>() / 8;
-    // Stream the touched pages of each table through one reused buffer (whole slots).
-    let mut buf = vec![0u64; 3 * 170 * 1024];
+    // Stream the touched pages of each table through one reused buffer (whole slots),
+    // grown only as far as the longest run needs (a small process's exit report must not
+    // zero 4 MiB for nothing).
+    const BUF_WORDS: usize = 3 * 170 * 1024;
+    let mut buf: Vec<u64> = Vec::new();
     let mut blocks: Vec<Block> = Vec::new();
     let mut unread = Vec::new();
     for t in read_tables(mem, h).0 {
@@ -339,7 +342,10 @@ pub fn read_blocks(mem: &dyn Memory, h: &Header) -> TableRead {
             let mut at = t.addr + (s - t.addr) / SLOT_BYTES * SLOT_BYTES;
             let e = (t.addr + (e - t.addr).div_ceil(SLOT_BYTES) * SLOT_BYTES).min(end);
             while at < e {
-                let n = ((e - at) as usize / 8).min(buf.len());
+                let n = ((e - at) as usize / 8).min(BUF_WORDS);
+                if buf.len() < n {
+                    buf.resize(n, 0);
+                }
                 let words = &mut buf[..n];
                 if !crate::memory::read_into(mem, at, words) {
                     unread.push((at, at + n as u64 * 8));

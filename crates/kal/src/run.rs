@@ -177,6 +177,10 @@ pub fn run(opts: &RunOptions) -> Result<i32> {
     let mut status: Option<ExitStatus> = None;
     let mut lost = false;
     let mut hellos = 0usize;
+    // One symbolizer for every exit report: it keeps each module's debug info, which
+    // takes most of a report's time to read again (libc's is compressed), so a program
+    // whose children exit by the hundred does not wait for it each time.
+    let symbols = crate::symbolize::Symbols::new();
     let mut periodic = opts.check_every.map(|every| {
         let pacer = crate::pace::Pacer::new(every, opts.max_cpu_percent);
         crate::periodic::Periodic::new(pacer, opts.report.clone(), opts.json.clone())
@@ -239,7 +243,7 @@ pub fn run(opts: &RunOptions) -> Result<i32> {
                 keep.push(c);
                 continue;
             }
-            match handle(c, me, main_pid, opts, periodic.as_ref()) {
+            match handle(c, me, main_pid, opts, periodic.as_ref(), &symbols) {
                 Ok(Handled::Keep(c)) => {
                     hellos += 1;
                     keep.push(c)
@@ -315,6 +319,7 @@ fn handle(
     main_pid: i32,
     opts: &RunOptions,
     periodic: Option<&crate::periodic::Periodic>,
+    symbols: &crate::symbolize::Symbols,
 ) -> Result<Handled> {
     let mut buf = [0u8; HELLO_SIZE];
     if c.stream.read_exact(&mut buf).is_err() {
@@ -353,7 +358,7 @@ fn handle(
     let mut report = report::build(
         &cap,
         &kinds,
-        &crate::symbolize::Symbols::new(),
+        symbols,
         &opts.report,
         &periodic.map(|p| p.sites(pid)).unwrap_or_default(),
     );

@@ -214,8 +214,19 @@ fn take_by_agent(pid: i32, header_addr: u64, server: i32, no_interrupt: bool) ->
     let frozen = Frozen::freeze_except(pid, server, no_interrupt)?;
     frozen.ensure_not_crashing()?;
     test_hold("frozen");
+    let stopped = frozen.paused_for();
     let (threads, missing) = frozen.regs_and_missing();
+    let read = frozen.paused_for();
     let (conn, child) = agent.snapshot(AGENT_DEADLINE)?;
+    if std::env::var_os("KAL_DEBUG_TIMING").is_some() {
+        crate::say!(
+            "timing: {} threads stopped after {:?}, registers read after {:?}, copy made after {:?}",
+            threads.len(),
+            stopped,
+            read,
+            frozen.paused_for()
+        );
+    }
     if !is_child_of(child, pid) {
         bail!("the kal agent of process {pid} named {child}, which is not its copy");
     }
