@@ -529,7 +529,12 @@ pub fn capture_from(
     );
     let ranges = crate::ranges::normalize(ranges);
     let t1 = std::time::Instant::now();
-    let (mut image, mut unread) = Image::copy(&mem, &ranges);
+    let shared: Vec<(u64, u64)> = maps
+        .iter()
+        .filter(|m| m.shared)
+        .map(|m| (m.start, m.end))
+        .collect();
+    let (mut image, mut unread) = Image::copy(&mem, &ranges, &shared);
     unread.extend(table_unread);
     let gaps = gaps_of(&extras, &smaps, &agent, &heap_ranges, unread, &header);
     let Extras {

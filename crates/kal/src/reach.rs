@@ -501,8 +501,8 @@ pub fn classify(
         at >= 8 && image.word(at - 8) == Some(at - 8) && image.word(at + 8) == Some(at - 8)
     };
     for &(s, e) in &roots.ranges {
-        let mut at = s & !7;
-        image.for_each_piece(s, e, |words| {
+        image.for_each_piece(s, e, |from, words| {
+            let mut at = from;
             for &w in words {
                 let w = match m.marks.idx.find(w) {
                     Some((_, false)) if dtv_field(at) => w.wrapping_sub(16),

@@ -14,6 +14,9 @@ use std::process::{Child, Command, Stdio};
 const TARGET_UID: u32 = 64301;
 /// Another user, the attacker.
 const OTHER_UID: u32 = 64302;
+/// The user of the ptrace-rule test's programs (its own `/tmp/kal-UID`: tests run in
+/// parallel, and the directory test removes its user's directory).
+const PTRACE_UID: u32 = 64304;
 
 /// `setpriv` to `uid` (group the same number, no supplementary groups).
 fn as_user(uid: u32) -> Command {
@@ -199,20 +202,20 @@ fn ask(mut cmd: Command, sock: &str, op: kal_proto::ctl::Op) -> Response {
 #[test]
 fn only_a_peer_that_could_ptrace_the_process_may_make_it_act() {
     use kal_proto::ctl::Op;
-    let dir = format!("/tmp/kal-{TARGET_UID}");
+    let dir = format!("/tmp/kal-{PTRACE_UID}");
     let _ = std::fs::remove_dir_all(&dir);
     // A program of the target user that made itself non-dumpable: its own user cannot
     // ptrace it, so its agent must not trim, reclaim, park or snapshot for that user.
-    let (mut locked, pid) = start_as(TARGET_UID, &build("live_leaker.c", &["-DNONDUMPABLE"]));
+    let (mut locked, pid) = start_as(PTRACE_UID, &build("live_leaker.c", &["-DNONDUMPABLE"]));
     let _kill = KillOnDrop(pid);
     let sock = format!("{dir}/agent-{pid}.sock");
     for op in [Op::Trim, Op::Reclaim, Op::Park, Op::Snapshot] {
-        let r = ask(as_user(TARGET_UID), &sock, op);
+        let r = ask(as_user(PTRACE_UID), &sock, op);
         assert_eq!(r.status, Status::Denied as u32, "{op:?}: {r:?}");
     }
     // Its counters are no secret to its user.
     assert_eq!(
-        ask(as_user(TARGET_UID), &sock, Op::Stats).status,
+        ask(as_user(PTRACE_UID), &sock, Op::Stats).status,
         Status::Ok as u32
     );
     // Root could ptrace it: served.
@@ -223,11 +226,11 @@ fn only_a_peer_that_could_ptrace_the_process_may_make_it_act() {
     locked.kill().unwrap();
     locked.wait().unwrap();
     // The same program, dumpable: its user is served.
-    let (mut open, pid) = start_as(TARGET_UID, &build("live_leaker.c", &[]));
+    let (mut open, pid) = start_as(PTRACE_UID, &build("live_leaker.c", &[]));
     let _kill = KillOnDrop(pid);
     let sock = format!("{dir}/agent-{pid}.sock");
     assert_eq!(
-        ask(as_user(TARGET_UID), &sock, Op::Trim).status,
+        ask(as_user(PTRACE_UID), &sock, Op::Trim).status,
         Status::Ok as u32
     );
     open.kill().unwrap();
