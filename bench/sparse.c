@@ -16,7 +16,7 @@ int main(int argc, char **argv) {
     perror("mmap");
     return 1;
   }
-  size_t step = len / pages;
+  size_t step = (len / pages) & ~(size_t)4095; /* page-aligned: the pointer below is aligned */
   for (size_t i = 0; i < pages; i++) m[i * step] = 1;
   *(void **)(m + step) = malloc(100);
   void *volatile lost = malloc(200);
