@@ -3,7 +3,9 @@
 //! The directory must be a real directory owned by us with mode 0700 (created so if
 //! missing), or the agent serves nothing. Each connection is checked with `SO_PEERCRED`
 //! (same uid, or root), reads are bounded in size and time, and a request that does not
-//! decode is refused without touching anything.
+//! decode is refused without touching anything. Requests that act on the process (reclaim,
+//! park, trim, snapshot) are served only to a peer that could ptrace it ([`could_ptrace`]);
+//! others get [`Status::Denied`].
 
 use crate::{park, real, reclaim, state};
 use core::sync::atomic::Ordering;
@@ -251,16 +253,17 @@ extern "C" fn serve(_: *mut libc::c_void) -> *mut libc::c_void {
         };
         // SAFETY: clearing O_NONBLOCK on our own descriptor (timeouts bound its reads).
         unsafe { libc::fcntl(fd, libc::F_SETFL, 0) };
-        if peer_allowed(fd) {
+        if let Some(cred) = peer_allowed(fd) {
             start_deadline();
-            handle(fd);
+            handle(fd, could_ptrace(&cred));
         }
         // SAFETY: closing the accepted connection.
         unsafe { libc::close(fd) };
     }
 }
 
-fn peer_allowed(fd: i32) -> bool {
+/// The peer's credentials if it may talk to us at all (same uid, or root).
+fn peer_allowed(fd: i32) -> Option<libc::ucred> {
     // SAFETY: getsockopt fills a plain ucred of the given size; timeouts on our own fd.
     unsafe {
         let mut cred: libc::ucred = core::mem::zeroed();
@@ -273,7 +276,7 @@ fn peer_allowed(fd: i32) -> bool {
             &mut len,
         ) != 0
         {
-            return false;
+            return None;
         }
         let tv = libc::timeval {
             tv_sec: 2,
@@ -283,8 +286,34 @@ fn peer_allowed(fd: i32) -> bool {
         let tvl = core::mem::size_of::<libc::timeval>() as libc::socklen_t;
         libc::setsockopt(fd, libc::SOL_SOCKET, libc::SO_RCVTIMEO, tvp, tvl);
         libc::setsockopt(fd, libc::SOL_SOCKET, libc::SO_SNDTIMEO, tvp, tvl);
-        cred.uid == 0 || cred.uid == libc::geteuid()
+        (cred.uid == 0 || cred.uid == libc::geteuid()).then_some(cred)
     }
+}
+
+/// Whether the peer could ptrace this process, as the kernel would decide for an ordinary
+/// user: root, or a peer whose uid is our real, effective and saved uid and whose gid is
+/// our real, effective and saved gid, while we are dumpable (`PR_GET_DUMPABLE` is 1). A
+/// same-uid peer of a process that made itself non-dumpable, or changed ids (setuid
+/// programs), may not make it free, park or trim memory, nor fork a copy of it.
+fn could_ptrace(cred: &libc::ucred) -> bool {
+    if cred.uid == 0 {
+        return true;
+    }
+    let (mut r, mut e, mut s) = (0, 0, 0);
+    let (mut rg, mut eg, mut sg) = (0, 0, 0);
+    // SAFETY: getresuid/getresgid fill three plain integers each; prctl(PR_GET_DUMPABLE)
+    // takes no pointer.
+    unsafe {
+        if libc::getresuid(&mut r, &mut e, &mut s) != 0
+            || libc::getresgid(&mut rg, &mut eg, &mut sg) != 0
+        {
+            return false;
+        }
+        if libc::prctl(libc::PR_GET_DUMPABLE) != 1 {
+            return false;
+        }
+    }
+    [r, e, s].iter().all(|&u| u == cred.uid) && [rg, eg, sg].iter().all(|&g| g == cred.gid)
 }
 
 /// Longest a client may take to send its whole request: one slow client must not hold
@@ -466,16 +495,18 @@ fn read_entries(fd: i32, count: usize) -> Option<Vec<(u64, u64)>> {
     ok.then_some(out)
 }
 
-fn handle(fd: i32) {
+fn handle(fd: i32, may_act: bool) {
     let mut hb = [0u8; REQ_HEADER_SIZE];
     let Some(passed) = read_header(fd, &mut hb) else {
         return;
     };
-    handle_request(fd, &hb, passed);
+    handle_request(fd, &hb, passed, may_act);
     close_fd(passed);
 }
 
-fn handle_request(fd: i32, hb: &[u8; REQ_HEADER_SIZE], passed: i32) {
+/// Serves one request; `may_act` says whether the peer could ptrace us (only stats are
+/// served otherwise).
+fn handle_request(fd: i32, hb: &[u8; REQ_HEADER_SIZE], passed: i32, may_act: bool) {
     let h = match ReqHeader::decode(hb) {
         Ok(h) => h,
         Err(_) => {
@@ -489,6 +520,17 @@ fn handle_request(fd: i32, hb: &[u8; REQ_HEADER_SIZE], passed: i32) {
             )
         }
     };
+    if !may_act && h.op != Op::Stats {
+        // Entries that follow are never read: nothing of the request is acted on.
+        return reply(
+            fd,
+            &Response {
+                status: Status::Denied as u32,
+                ..Default::default()
+            },
+            &[],
+        );
+    }
     let Some(r) = real::get() else { return };
     match h.op {
         Op::Snapshot => crate::snapshot::serve(fd),

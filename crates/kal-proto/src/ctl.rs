@@ -144,6 +144,9 @@ pub enum Status {
     BadRequest = 1,
     /// The allocator cannot do this (e.g. trim with a non-glibc allocator).
     Unsupported = 2,
+    /// The peer could not ptrace the process (not root, and another uid or gid, or the
+    /// process is not dumpable): only [`Op::Stats`] is served to it; nothing was done.
+    Denied = 3,
 }
 
 /// The fixed part of a response.

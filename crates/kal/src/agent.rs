@@ -48,9 +48,7 @@ fn header_in(pid: i32, maps: &[Mapping]) -> Result<u64> {
             "process {pid} was not started under `kal run` (no kal agent in it); attaching to other processes is not supported yet"
         );
     };
-    // Look the symbol up in the very file mapped (works across mount namespaces, and after
-    // the library was replaced on disk).
-    let path = format!("/proc/{pid}/map_files/{:x}-{:x}", first.start, first.end);
+    let path = mapped_file(pid, first)?;
     let inspector = Inspector::new();
     let src = Source::Elf(Elf::new(&path));
     let found = inspector
@@ -62,4 +60,28 @@ fn header_in(pid: i32, maps: &[Mapping]) -> Result<u64> {
     let addr = first.start + sym.addr;
     crate::capture::read_header(&ProcessMemory::new(pid), addr)?;
     Ok(addr)
+}
+
+/// A path that opens the very file `m` maps in process `pid`: `/proc/PID/map_files/…`
+/// (works across mount namespaces and after the file was replaced on disk, but needs
+/// CAP_SYS_ADMIN), else the file's path through the process's root (what a normal user
+/// may open) if its inode is still the mapped one.
+fn mapped_file(pid: i32, m: &Mapping) -> Result<String> {
+    use std::os::unix::fs::MetadataExt;
+    let direct = format!("/proc/{pid}/map_files/{:x}-{:x}", m.start, m.end);
+    if std::fs::File::open(&direct).is_ok() {
+        return Ok(direct);
+    }
+    let rooted = format!("/proc/{pid}/root{}", m.path);
+    match std::fs::metadata(&rooted) {
+        Ok(md) if md.ino() == m.inode => Ok(rooted),
+        Ok(_) => bail!(
+            "the kal agent library of process {pid} ({}) was replaced on disk since it was loaded; only root can read the mapped copy",
+            m.path
+        ),
+        Err(e) => bail!(
+            "cannot read the kal agent library of process {pid} ({}): {e}",
+            m.path
+        ),
+    }
 }

@@ -349,8 +349,10 @@ fn halves(pieces: &[(u64, u64)], mut at: u64) -> (Pieces, Pieces) {
 /// The live blocks of table `pieces`, sorted by address, and the parts that could not be
 /// read.
 fn read_sorted(mem: &dyn Memory, h: &Header, pieces: &[(u64, u64)]) -> (Vec<Block>, Pieces) {
-    // Stream the pieces through one reused buffer (whole slots).
-    let mut buf = vec![0u64; 3 * 170 * 1024];
+    // Stream the pieces through one reused buffer (whole slots), grown only as far as the
+    // longest run needs (a small process's exit report must not zero 4 MiB for nothing).
+    const BUF_WORDS: usize = 3 * 170 * 1024;
+    let mut buf: Vec<u64> = Vec::new();
     // At most one block a slot: reserved (not touched) up front, so the vector is never
     // copied as it grows.
     let slots: u64 = pieces.iter().map(|&(s, e)| (e - s) / SLOT_BYTES).sum();
@@ -359,7 +361,10 @@ fn read_sorted(mem: &dyn Memory, h: &Header, pieces: &[(u64, u64)]) -> (Vec<Bloc
     let mut unread = Vec::new();
     for &(mut at, e) in pieces {
         while at < e {
-            let n = ((e - at) as usize / 8).min(buf.len());
+            let n = ((e - at) as usize / 8).min(BUF_WORDS);
+            if buf.len() < n {
+                buf.resize(n, 0);
+            }
             let words = &mut buf[..n];
             if !crate::memory::read_into(mem, at, words) {
                 unread.push((at, at + n as u64 * 8));
@@ -607,7 +612,12 @@ pub fn capture_from(
     );
     let ranges = crate::ranges::normalize(ranges);
     let t1 = std::time::Instant::now();
-    let (mut image, mut unread) = Image::copy(&mem, &ranges);
+    let shared: Vec<(u64, u64)> = maps
+        .iter()
+        .filter(|m| m.shared)
+        .map(|m| (m.start, m.end))
+        .collect();
+    let (mut image, mut unread) = Image::copy(&mem, &ranges, &shared);
     unread.extend(table_unread);
     let gaps = gaps_of(&extras, &smaps, &agent, &heap_ranges, unread, &header);
     let Extras {

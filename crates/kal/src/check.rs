@@ -33,7 +33,7 @@ pub fn check_with_header(
     reclaimed_sites: &std::collections::HashMap<u32, report::Totals>,
 ) -> Result<Check> {
     crate::fatal::ensure_not_dying(pid)?;
-    let mut snap = crate::snapshot::take(pid, header)?;
+    let mut snap = crate::snapshot::take(pid, header, opts.no_interrupt)?;
     let pause = snap.pause;
     crate::snapshot::test_hold("snapshot");
     let started = Instant::now();

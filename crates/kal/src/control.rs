@@ -8,7 +8,7 @@ use kal_proto::ctl::{
 use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 /// Effective uid of a process.
@@ -29,10 +29,43 @@ fn euid(pid: i32) -> Result<u32> {
 /// The agent's socket, as seen through the process's own root (works across mount
 /// namespaces).
 pub fn socket_path(pid: i32) -> Result<PathBuf> {
-    Ok(PathBuf::from(format!(
-        "/proc/{pid}/root/tmp/kal-{}/agent-{pid}.sock",
-        euid(pid)?
-    )))
+    Ok(socket_dir(pid, euid(pid)?).join(format!("agent-{pid}.sock")))
+}
+
+/// The directory of the agents' sockets of user `uid`, through `pid`'s root.
+fn socket_dir(pid: i32, uid: u32) -> PathBuf {
+    PathBuf::from(format!("/proc/{pid}/root/tmp/kal-{uid}"))
+}
+
+/// Refuses a socket directory that the agent of a process of user `uid` would not have
+/// served from: not a directory of its own (a symlink, or made by someone else), or open
+/// to others. Anyone can create `/tmp/kal-UID` before the agent does, and put a forged
+/// socket in it.
+fn check_dir(pid: i32, dir: &Path, uid: u32) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let shown = format!("/tmp/kal-{uid}");
+    let md = std::fs::symlink_metadata(dir).with_context(|| {
+        format!("cannot reach the kal agent of process {pid}: no {shown} in its file system")
+    })?;
+    if md.file_type().is_symlink() {
+        bail!("refusing the kal agent socket of process {pid}: {shown} is a symbolic link");
+    }
+    if !md.is_dir() {
+        bail!("refusing the kal agent socket of process {pid}: {shown} is not a directory");
+    }
+    if md.uid() != uid {
+        bail!(
+            "refusing the kal agent socket of process {pid}: {shown} belongs to uid {}, not to the process's uid {uid} (someone else created it)",
+            md.uid()
+        );
+    }
+    if md.mode() & 0o077 != 0 {
+        bail!(
+            "refusing the kal agent socket of process {pid}: {shown} has mode {:o}, not 0700",
+            md.mode() & 0o7777
+        );
+    }
+    Ok(())
 }
 
 /// The kal agent of one process: where its header is and how to reach it.
@@ -40,6 +73,8 @@ pub fn socket_path(pid: i32) -> Result<PathBuf> {
 pub struct Agent {
     pid: i32,
     header: u64,
+    /// Effective uid of the process (its agent's socket directory is `/tmp/kal-UID`).
+    uid: u32,
     socket: PathBuf,
 }
 
@@ -53,10 +88,12 @@ impl Agent {
 
     /// The agent of `pid` whose header address is already known (from its hello).
     pub fn at(pid: i32, header: u64) -> Result<Agent> {
+        let uid = euid(pid)?;
         Ok(Agent {
             pid,
             header,
-            socket: socket_path(pid)?,
+            uid,
+            socket: socket_dir(pid, uid).join(format!("agent-{pid}.sock")),
         })
     }
 
@@ -74,15 +111,31 @@ impl Agent {
         self.connect_within(Duration::from_secs(30))
     }
 
-    /// Connects, each read and write of the connection bounded by `timeout`.
+    /// Connects, each read and write of the connection bounded by `timeout`. The socket's
+    /// directory must be the process user's own (0700, no symlink), and the peer must be
+    /// the process itself, as the kernel says (`SO_PEERCRED`): nothing is sent to, nor
+    /// believed from, anyone else.
     fn connect_within(&self, timeout: Duration) -> Result<UnixStream> {
+        let pid = self.pid;
+        if let Some(dir) = self.socket.parent() {
+            check_dir(pid, dir, self.uid)?;
+        }
         let s = UnixStream::connect(&self.socket).with_context(|| {
             format!(
-                "cannot reach the kal agent of process {} at {}",
-                self.pid,
+                "cannot reach the kal agent of process {pid} at {}",
                 self.socket.display()
             )
         })?;
+        match crate::peer::peer_cred(&s) {
+            Some((p, u)) if p == pid && u == self.uid => {}
+            Some((p, u)) => bail!(
+                "refusing the kal agent socket of process {pid}: it is served by process {p} (uid {u}), not by process {pid} (uid {})",
+                self.uid
+            ),
+            None => bail!(
+                "refusing the kal agent socket of process {pid}: the kernel does not say who serves it"
+            ),
+        }
         s.set_read_timeout(Some(timeout))?;
         s.set_write_timeout(Some(timeout))?;
         Ok(s)
@@ -233,6 +286,9 @@ fn read_response(s: &mut UnixStream) -> Result<Response> {
     if r.status == Status::BadRequest as u32 {
         bail!("the agent refused the request as malformed (an agent from another kal version?)");
     }
+    if r.status == Status::Denied as u32 {
+        bail!("the agent refused: only root, or the process's own user while the process is dumpable (who could ptrace it), may ask it to act");
+    }
     Ok(r)
 }
 
@@ -240,6 +296,9 @@ fn read_response(s: &mut UnixStream) -> Result<Response> {
 pub fn describe_note(note: u32) -> String {
     let errno = note >> 8;
     match note & 0xff {
+        1 if errno == libc::EPERM as u32 || errno == libc::EACCES as u32 => format!(
+            "userfaultfd is not available to the process (errno {errno}: only root gets one here); parking nothing (the free mode, with --free-sites, needs none)"
+        ),
         1 => format!("userfaultfd is not available to the process (errno {errno}); parking nothing"),
         2 => format!(
             "the kernel's userfaultfd cannot write-protect anonymous memory (errno {errno}); parking nothing"

@@ -116,7 +116,9 @@ impl Plan {
         for (s, e) in over {
             x.gaps.push(Gap::range(s, e, "over the freeze copy limit"));
         }
-        let (image, unread) = Image::copy(&ProcessMemory::new(pid), &fit);
+        // Copied whole, untouched pages too: shared mappings among them may hold pages
+        // another process wrote (see `Image::copy`).
+        let (image, unread) = Image::copy(&ProcessMemory::new(pid), &fit, &fit);
         for (s, e) in unread {
             x.gaps.push(Gap::range(s, e, "unreadable"));
         }

@@ -44,6 +44,12 @@ struct ReportArgs {
     /// Print no text report (the JSON file and exit status still tell).
     #[arg(long, short)]
     quiet: bool,
+    /// Live checks leave running the threads blocked in epoll_wait, epoll_pwait(2),
+    /// sigtimedwait/sigwaitinfo, semop or semtimedop, which a stop would make return EINTR
+    /// early. Their registers and stacks are then a capture gap: the report says so and
+    /// nothing is reclaimed from such a check.
+    #[arg(long)]
+    no_interrupt: bool,
 }
 
 impl ReportArgs {
@@ -61,6 +67,7 @@ impl ReportArgs {
         Ok(kal::report::Options {
             show_reachable: self.show_reachable,
             suppressions,
+            no_interrupt: self.no_interrupt,
         })
     }
 }

@@ -417,6 +417,37 @@ fn as_bytes(w: &[u64]) -> &[u8] {
     unsafe { std::slice::from_raw_parts(w.as_ptr().cast::<u8>(), w.len() * 8) }
 }
 
+/// Shortest run of untouched pages that [`Image::copy`] leaves out of its segments.
+pub const SPARSE_RUN: u64 = 1 << 20;
+
+/// The parts of the 8-aligned `[start, end)` to copy: all of it, less runs of at least
+/// [`SPARSE_RUN`] bytes that `mem` says were never touched.
+fn touched_runs(mem: &dyn Memory, start: u64, end: u64) -> Vec<(u64, u64)> {
+    if end - start < SPARSE_RUN {
+        return vec![(start, end)];
+    }
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    let mut from = start;
+    let mut last = start;
+    for (s, e) in mem.present(start, end) {
+        if s - last >= SPARSE_RUN {
+            if last > from {
+                out.push((from, last));
+            }
+            from = s;
+        }
+        last = e;
+    }
+    if end - last >= SPARSE_RUN {
+        if last > from {
+            out.push((from, last));
+        }
+    } else {
+        out.push((from, end));
+    }
+    out
+}
+
 /// A copied segment of target memory.
 #[derive(Debug, Clone)]
 pub struct Segment {
@@ -443,7 +474,17 @@ impl Image {
     /// Copies the 8-aligned ranges `ranges` (sorted, non-overlapping) from `mem`. Also
     /// returns the ranges that could not be read: they hold zeros in the image, and a
     /// capture records them as gaps.
-    pub fn copy(mem: &dyn Memory, ranges: &[(u64, u64)]) -> (Image, Vec<(u64, u64)>) {
+    ///
+    /// Runs of at least [`SPARSE_RUN`] bytes of pages never touched (which read as zeros)
+    /// are left out: a mostly untouched mapping (a 20 GiB reservation with a few pages
+    /// used) costs what its touched pages cost, to copy and to scan. Ranges that overlap
+    /// `dense` are copied whole: a shared mapping's page that another process wrote is
+    /// not present in this one's page table, yet holds data.
+    pub fn copy(
+        mem: &dyn Memory,
+        ranges: &[(u64, u64)],
+        dense: &[(u64, u64)],
+    ) -> (Image, Vec<(u64, u64)>) {
         let mut segments = Vec::with_capacity(ranges.len());
         let mut gaps = Vec::new();
         for &(s, e) in ranges {
@@ -451,9 +492,16 @@ impl Image {
             if e <= s {
                 continue;
             }
-            let (words, g) = read_words_gaps(mem, s, ((e - s) / 8) as usize);
-            gaps.extend(g);
-            segments.push(Segment { start: s, words });
+            let runs = if dense.iter().any(|&(a, b)| a < e && s < b) {
+                vec![(s, e)]
+            } else {
+                touched_runs(mem, s, e)
+            };
+            for (s, e) in runs {
+                let (words, g) = read_words_gaps(mem, s, ((e - s) / 8) as usize);
+                gaps.extend(g);
+                segments.push(Segment { start: s, words });
+            }
         }
         segments.sort_by_key(|s| s.start);
         (Image { segments }, gaps)
@@ -492,8 +540,9 @@ impl Image {
         Some(&g.words[a..a + ((e - s) / 8) as usize])
     }
 
-    /// Calls `f` with the copied words of every segment piece overlapping `[start, end)`.
-    pub fn for_each_piece(&self, start: u64, end: u64, mut f: impl FnMut(&[u64])) {
+    /// Calls `f` with the address and the copied words of every segment piece overlapping
+    /// `[start, end)` (what no segment holds is skipped).
+    pub fn for_each_piece(&self, start: u64, end: u64, mut f: impl FnMut(u64, &[u64])) {
         let (s, e) = (start & !7, (end + 7) & !7);
         let first = self.segments.partition_point(|g| g.end() <= s);
         for g in &self.segments[first..] {
@@ -503,7 +552,7 @@ impl Image {
             let a = ((s.max(g.start) - g.start) / 8) as usize;
             let b = ((e.min(g.end()) - g.start) / 8) as usize;
             if a < b {
-                f(&g.words[a..b]);
+                f(g.start + a as u64 * 8, &g.words[a..b]);
             }
         }
     }
@@ -538,9 +587,17 @@ mod tests {
         }
     }
 
+    impl Fake {
+        fn word_at(&self, addr: u64) -> Option<u64> {
+            let mut b = [0u8; 8];
+            self.read(addr, &mut b).ok()?;
+            Some(u64::from_le_bytes(b))
+        }
+    }
+
     #[test]
     fn image_lookups_stay_inside_segments() {
-        let (img, gaps) = Image::copy(&Fake, &[(0x1000, 0x1010), (0x2000, 0x2008)]);
+        let (img, gaps) = Image::copy(&Fake, &[(0x1000, 0x1010), (0x2000, 0x2008)], &[]);
         assert!(gaps.is_empty());
         assert_eq!(
             img.word(0x1008),
@@ -551,8 +608,62 @@ mod tests {
         assert!(img.word(0x1800).is_none());
         assert_eq!(img.bytes(), 24);
         let mut pieces = Vec::new();
-        img.for_each_piece(0x1008, 0x2008, |w| pieces.push(w.len()));
-        assert_eq!(pieces, vec![1, 1]);
+        img.for_each_piece(0x1008, 0x2008, |at, w| pieces.push((at, w.len())));
+        assert_eq!(pieces, vec![(0x1008, 1), (0x2000, 1)]);
+    }
+
+    /// [`Fake`] whose pages are touched only at 0x1000_0000 (one page), at 0x1030_0000
+    /// (two pages) and at 0x1040_0000 (one page): runs apart by 3 MiB, then by under 1 MiB.
+    struct Sparse;
+    impl Memory for Sparse {
+        fn read(&self, addr: u64, buf: &mut [u8]) -> Result<(), Unreadable> {
+            Fake.read(addr, buf)
+        }
+        fn present(&self, start: u64, end: u64) -> Vec<(u64, u64)> {
+            [
+                (0x1000_0000, 0x1000_1000),
+                (0x1030_0000, 0x1030_2000),
+                (0x1040_0000, 0x1040_1000),
+            ]
+            .into_iter()
+            .map(|(s, e): (u64, u64)| (s.max(start), e.min(end)))
+            .filter(|(s, e)| s < e)
+            .collect()
+        }
+    }
+
+    #[test]
+    fn long_untouched_runs_are_neither_copied_nor_scanned() {
+        let (img, gaps) = Image::copy(&Sparse, &[(0x0f00_0000, 0x2000_0000)], &[]);
+        assert!(gaps.is_empty());
+        let segs: Vec<(u64, u64)> = img.segments().iter().map(|g| (g.start, g.end())).collect();
+        // The 3 MiB hole is left out, the shorter one kept (read as zeros), and the
+        // untouched head and tail are left out.
+        assert_eq!(
+            segs,
+            vec![(0x1000_0000, 0x1000_1000), (0x1030_0000, 0x1040_1000)]
+        );
+        assert_eq!(img.word(0x1000_0008), Fake.word_at(0x1000_0008));
+        assert!(img.word(0x1010_0000).is_none());
+        let mut pieces = Vec::new();
+        img.for_each_piece(0x0f00_0000, 0x2000_0000, |at, w| {
+            pieces.push((at, w.len() * 8))
+        });
+        // Each piece comes with its address: what was left out is skipped, not slid over.
+        assert_eq!(
+            pieces,
+            vec![(0x1000_0000, 0x1000), (0x1030_0000, 0x10_1000)]
+        );
+        // A short range is copied whole, touched or not.
+        let (img, _) = Image::copy(&Sparse, &[(0x0500_0000, 0x0500_8000)], &[]);
+        assert_eq!(img.bytes(), 0x8000);
+        // A shared mapping is copied whole.
+        let (img, _) = Image::copy(
+            &Sparse,
+            &[(0x0f00_0000, 0x2000_0000)],
+            &[(0x1f00_0000, 0x1f00_1000)],
+        );
+        assert_eq!(img.bytes(), 0x1100_0000);
     }
 
     /// [`Fake`] with the page at 0x3000 unreadable.
@@ -579,7 +690,7 @@ mod tests {
 
     #[test]
     fn an_unreadable_page_is_a_recorded_gap_not_silent_zeros() {
-        let (img, gaps) = Image::copy(&Holed, &[(0x2ff8, 0x4010)]);
+        let (img, gaps) = Image::copy(&Holed, &[(0x2ff8, 0x4010)], &[]);
         assert_eq!(gaps, vec![(0x3000, 0x4000)]);
         assert_eq!(
             img.word(0x2ff8),

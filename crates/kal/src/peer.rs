@@ -12,6 +12,12 @@ use std::os::fd::AsRawFd;
 
 /// The process id (in kal's namespace) of the process that connected `stream`.
 pub fn peer_pid(stream: &impl AsRawFd) -> Option<i32> {
+    peer_cred(stream).map(|(pid, _)| pid)
+}
+
+/// The process id (in kal's namespace) and effective uid of the process on the other end
+/// of `stream` (for a listening socket's connection: the process that listened).
+pub fn peer_cred(stream: &impl AsRawFd) -> Option<(i32, u32)> {
     let mut cred = libc::ucred {
         pid: 0,
         uid: 0,
@@ -28,7 +34,7 @@ pub fn peer_pid(stream: &impl AsRawFd) -> Option<i32> {
             &mut len,
         )
     };
-    (r == 0 && cred.pid > 0).then_some(cred.pid)
+    (r == 0 && cred.pid > 0).then_some((cred.pid, cred.uid))
 }
 
 /// The parent of process `pid`, from `/proc/PID/stat`.

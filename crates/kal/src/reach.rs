@@ -685,8 +685,7 @@ fn classify_in(
         }
     };
     for &(s, e) in &roots.ranges {
-        let mut first = s & !7;
-        image.for_each_piece(s, e, |words| {
+        image.for_each_piece(s, e, |first, words| {
             for (k, &w) in words.iter().enumerate() {
                 if !m.marks.idx.may_hold(w) {
                     continue;
@@ -717,7 +716,6 @@ fn classify_in(
                 }
                 m.marks.add(w, true, &m.cache);
             }
-            first += words.len() as u64 * 8;
         });
     }
     m.mark(heap, threads, parallel_sweep);

@@ -185,6 +185,9 @@ pub struct Options {
     pub show_reachable: bool,
     /// Suppression patterns.
     pub suppressions: Suppressions,
+    /// Live checks leave running the threads blocked in a call that a stop would end
+    /// early with EINTR (`epoll_wait`, `sigtimedwait`, …); the capture then has a gap.
+    pub no_interrupt: bool,
 }
 
 /// Groups classified blocks into records, symbolizes them and applies suppressions.

@@ -191,6 +191,10 @@ pub fn run(opts: &RunOptions) -> Result<i32> {
     // connection closed without that: ended unread, or exec'd.
     let mut reported: Vec<i32> = Vec::new();
     let mut pending: Vec<crate::ended::Pending> = Vec::new();
+    // One symbolizer for every exit report: it keeps each module's debug info, which
+    // takes most of a report's time to read again (libc's is compressed), so a program
+    // whose children exit by the hundred does not wait for it each time.
+    let symbols = crate::symbolize::Symbols::new();
     let mut periodic = opts.check_every.map(|every| {
         let pacer = crate::pace::Pacer::new(every, opts.max_cpu_percent);
         crate::periodic::Periodic::new(pacer, opts.report.clone(), opts.json.clone())
@@ -254,7 +258,15 @@ pub fn run(opts: &RunOptions) -> Result<i32> {
                 keep.push(c);
                 continue;
             }
-            match handle(c, me, main_pid, opts, periodic.as_ref(), &mut reported) {
+            match handle(
+                c,
+                me,
+                main_pid,
+                opts,
+                periodic.as_ref(),
+                &mut reported,
+                &symbols,
+            ) {
                 Ok(Handled::Keep(c)) => {
                     hellos += 1;
                     if let Some(pid) = c.pid {
@@ -383,6 +395,7 @@ fn handle(
     opts: &RunOptions,
     periodic: Option<&crate::periodic::Periodic>,
     reported: &mut Vec<i32>,
+    symbols: &crate::symbolize::Symbols,
 ) -> Result<Handled> {
     let mut buf = [0u8; HELLO_SIZE];
     if c.stream.read_exact(&mut buf).is_err() {
@@ -435,7 +448,7 @@ fn handle(
     let mut report = report::build(
         &cap,
         &kinds,
-        &crate::symbolize::Symbols::new(),
+        symbols,
         &opts.report,
         &periodic.map(|p| p.sites(pid)).unwrap_or_default(),
     );

@@ -151,7 +151,9 @@ pub fn test_hold(stage: &str) {
 
 /// Takes a snapshot of `pid`, whose agent header is at `header_addr`: made by the agent
 /// when its server thread runs, else by injection.
-pub fn take(pid: i32, header_addr: u64) -> Result<Snapshot> {
+/// With `no_interrupt`, threads blocked in a call that a stop would end early with EINTR
+/// are left running ([`crate::freeze::eintr_call`]); the snapshot then has a gap.
+pub fn take(pid: i32, header_addr: u64, no_interrupt: bool) -> Result<Snapshot> {
     refuse_seccomp(pid)?;
     let server = server_thread(pid, header_addr);
     if std::env::var_os("KAL_DEBUG_TIMING").is_some() {
@@ -165,8 +167,8 @@ pub fn take(pid: i32, header_addr: u64) -> Result<Snapshot> {
         );
     }
     match server {
-        Some(tid) => take_by_agent(pid, header_addr, tid),
-        None => take_injected(pid),
+        Some(tid) => take_by_agent(pid, header_addr, tid, no_interrupt),
+        None => take_injected(pid, no_interrupt),
     }
 }
 
@@ -206,14 +208,25 @@ fn server_thread(pid: i32, header_addr: u64) -> Option<i32> {
 const AGENT_DEADLINE: Duration = Duration::from_secs(5);
 
 /// A snapshot made by the agent's server thread `server` while kal holds every other thread.
-fn take_by_agent(pid: i32, header_addr: u64, server: i32) -> Result<Snapshot> {
+fn take_by_agent(pid: i32, header_addr: u64, server: i32, no_interrupt: bool) -> Result<Snapshot> {
     let plan = crate::freeze_copy::plan(pid);
     let agent = crate::control::Agent::at(pid, header_addr)?;
-    let frozen = Frozen::freeze_except(pid, server)?;
+    let frozen = Frozen::freeze_except(pid, server, no_interrupt)?;
     frozen.ensure_not_crashing()?;
     test_hold("frozen");
+    let stopped = frozen.paused_for();
     let (threads, missing) = frozen.regs_and_missing();
+    let read = frozen.paused_for();
     let (conn, child) = agent.snapshot(AGENT_DEADLINE)?;
+    if std::env::var_os("KAL_DEBUG_TIMING").is_some() {
+        crate::say!(
+            "timing: {} threads stopped after {:?}, registers read after {:?}, copy made after {:?}",
+            threads.len(),
+            stopped,
+            read,
+            frozen.paused_for()
+        );
+    }
     if !is_child_of(child, pid) {
         bail!("the kal agent of process {pid} named {child}, which is not its copy");
     }
@@ -233,6 +246,17 @@ fn finish(
     let pid = frozen.pid();
     let mut extras = plan.read(pid);
     extras.threads_without_registers = missing;
+    let left = frozen.left_running();
+    if !left.is_empty() {
+        let mut calls: Vec<&str> = left.iter().map(|t| t.1).collect();
+        calls.sort_unstable();
+        calls.dedup();
+        extras.gaps.push(crate::capture::Gap::whole(&format!(
+            "registers and stack of {} thread(s) left running in {} (--no-interrupt)",
+            left.len(),
+            calls.join(", ")
+        )));
+    }
     let pause = frozen.paused_for();
     let crashing = frozen.ensure_not_crashing();
     drop(frozen);
@@ -250,10 +274,10 @@ fn finish(
 }
 
 /// A snapshot made by a `clone` injected into one of the target's threads.
-fn take_injected(pid: i32) -> Result<Snapshot> {
+fn take_injected(pid: i32, no_interrupt: bool) -> Result<Snapshot> {
     let syscall_at = find_syscall(pid)?;
     let plan = crate::freeze_copy::plan(pid);
-    let mut frozen = Frozen::freeze(pid)?;
+    let mut frozen = Frozen::freeze_except(pid, 0, no_interrupt)?;
     // A thread stopped delivering a fatal signal: the process is crashing, copy nothing.
     frozen.ensure_not_crashing()?;
     test_hold("frozen");
