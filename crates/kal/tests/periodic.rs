@@ -65,18 +65,27 @@ fn checks_of_a_large_heap_are_skipped_and_paced_never_queued() {
         "a check of 1500000 blocks outlasts 100 ms: {stderr}"
     );
     assert!(
-        delayed > 0,
-        "a check costs more than 25 ms of CPU: {stderr}"
-    );
-    assert!(
         stderr.contains("due checks while the previous one ran")
             || stderr.contains("due check while the previous one ran"),
         "{stderr}"
     );
-    assert!(
-        stderr.contains("to keep kal under 25% of a CPU (--max-cpu)"),
-        "{stderr}"
-    );
+    // A check that cost c of CPU must be followed by c / 25 % before the next one starts;
+    // when that lies beyond the next due time (at most 100 ms after the check ended), the
+    // next check is held back, and kal says so. (On a machine so loaded that a check's own
+    // wall time exceeds c / 25 %, no holding back is needed: the gaps are checked below.)
+    let must_wait = checks[..checks.len() - 1].iter().any(|c| {
+        c["cpu_ms"].as_f64().unwrap() / 0.25 > c["wall_ms"].as_f64().unwrap() + 100.0 + 3.0
+    });
+    if must_wait {
+        assert!(
+            delayed > 0,
+            "a check costs more than 25 ms of CPU: {stderr}"
+        );
+        assert!(
+            stderr.contains("to keep kal under 25% of a CPU (--max-cpu)"),
+            "{stderr}"
+        );
+    }
     // The pacing rule, from kal's own figures: a check that cost c of kal's CPU is followed
     // by at least c / 25 % before the next starts (timestamps are to the millisecond).
     // Running slower only makes the gaps longer.
