@@ -1,4 +1,5 @@
-//! `unshare` and `setns`, interposed: the agent's threads step aside for the call.
+//! `unshare`, `setns` and the `set*id` family, interposed: the agent's threads step aside
+//! for the call.
 //!
 //! The kernel lets only a single-threaded process enter a new user namespace
 //! (`unshare(CLONE_NEWUSER)`, `setns` to a user namespace) or join a mount namespace
@@ -8,6 +9,15 @@
 //! kernel has removed them, make the system call, and start the threads again (the server
 //! on the same socket). Both threads hold no lock the program could need, so stopping them
 //! between two requests or two looks changes nothing else.
+//!
+//! Credentials are the same story in another form: the kernel keeps them per thread, and
+//! glibc's `setuid`, `setresgid`, `setgroups`, … apply the change to every thread of the
+//! process and abort it if one thread fails where another succeeded. A program that keeps
+//! its capabilities across `setresuid` (`PR_SET_KEEPCAPS`, per thread) and then changes its
+//! group, as `setpriv` and privilege-dropping daemons do, succeeded in its own thread and
+//! failed in the agent's (which lost its capabilities): abort. For these calls, too, the
+//! agent's threads are stopped, and the threads started again afterwards inherit the
+//! caller's credentials, capabilities and `PR_SET_KEEPCAPS`.
 //!
 //! Not covered: the same system calls made without the C library's functions (a raw
 //! `syscall(SYS_unshare, …)`), and the fault handler thread that exists once kal has parked
@@ -138,3 +148,91 @@ pub unsafe extern "C" fn setns(fd: libc::c_int, nstype: libc::c_int) -> libc::c_
         libc::syscall(libc::SYS_setns, fd, nstype)
     })
 }
+
+/// `dlsym(RTLD_NEXT, name)`, remembered in `slot` (0: not resolved yet).
+fn next(name: &core::ffi::CStr, slot: &core::sync::atomic::AtomicUsize) -> usize {
+    let known = slot.load(Ordering::Acquire);
+    if known != 0 {
+        return known;
+    }
+    // SAFETY: dlsym with a valid NUL-terminated name.
+    let p = unsafe { libc::dlsym(libc::RTLD_NEXT, name.as_ptr()) } as usize;
+    slot.store(p, Ordering::Release);
+    p
+}
+
+/// Interposes a credential-changing C library function (`$name`, taking `$ty` arguments):
+/// the next definition (glibc's, which applies the change to every thread of the program)
+/// runs with the agent's threads stopped. If it cannot be found, the call fails with
+/// `ENOSYS` (it never happens with glibc).
+macro_rules! credential_call {
+    ($(#[$doc:meta])* $name:ident ( $($arg:ident : $ty:ty),* )) => {
+        $(#[$doc])*
+        ///
+        /// # Safety
+        /// Same contract as the C function it replaces.
+        #[no_mangle]
+        pub unsafe extern "C" fn $name($($arg: $ty),*) -> libc::c_int {
+            static REAL: core::sync::atomic::AtomicUsize = core::sync::atomic::AtomicUsize::new(0);
+            let f = next(
+                // SAFETY: the name is a literal with its NUL.
+                unsafe {
+                    core::ffi::CStr::from_bytes_with_nul_unchecked(
+                        concat!(stringify!($name), "\0").as_bytes(),
+                    )
+                },
+                &REAL,
+            );
+            if f == 0 {
+                // SAFETY: errno is thread-local and always writable.
+                unsafe { *libc::__errno_location() = libc::ENOSYS };
+                return -1;
+            }
+            with_agent_stopped(stringify!($name).as_bytes(), || {
+                // SAFETY: f is the next definition of this very function, with this
+                // signature; the caller's arguments are passed on unchanged.
+                let real: unsafe extern "C" fn($($ty),*) -> libc::c_int =
+                    unsafe { core::mem::transmute::<usize, _>(f) };
+                // SAFETY: as above.
+                (unsafe { real($($arg),*) }) as libc::c_long
+            })
+        }
+    };
+}
+
+credential_call!(
+    /// `setuid(2)`, with the agent's threads stopped for the call.
+    setuid(uid: libc::uid_t)
+);
+credential_call!(
+    /// `seteuid(2)`, with the agent's threads stopped for the call.
+    seteuid(uid: libc::uid_t)
+);
+credential_call!(
+    /// `setreuid(2)`, with the agent's threads stopped for the call.
+    setreuid(ruid: libc::uid_t, euid: libc::uid_t)
+);
+credential_call!(
+    /// `setresuid(2)`, with the agent's threads stopped for the call.
+    setresuid(ruid: libc::uid_t, euid: libc::uid_t, suid: libc::uid_t)
+);
+credential_call!(
+    /// `setgid(2)`, with the agent's threads stopped for the call.
+    setgid(gid: libc::gid_t)
+);
+credential_call!(
+    /// `setegid(2)`, with the agent's threads stopped for the call.
+    setegid(gid: libc::gid_t)
+);
+credential_call!(
+    /// `setregid(2)`, with the agent's threads stopped for the call.
+    setregid(rgid: libc::gid_t, egid: libc::gid_t)
+);
+credential_call!(
+    /// `setresgid(2)`, with the agent's threads stopped for the call.
+    setresgid(rgid: libc::gid_t, egid: libc::gid_t, sgid: libc::gid_t)
+);
+credential_call!(
+    /// `setgroups(2)`, with the agent's threads stopped for the call.
+    setgroups(n: libc::size_t, list: *const libc::gid_t)
+);

@@ -491,6 +491,45 @@ fn signal_handlers_that_allocate_on_an_alternate_stack_run_as_without_kal() {
 }
 
 #[test]
+fn dropping_privileges_with_kept_capabilities_works_as_without_kal() {
+    // setresuid with PR_SET_KEEPCAPS (per thread), capset, then setresgid: glibc applies the
+    // set*id calls to every thread and aborts the process if the agent's threads (which lost
+    // their capabilities) fail where the program's succeeded. The agent's threads stop for
+    // these calls and start again with the caller's credentials.
+    let prog = build("dropcaps.c", &[]);
+    let plain = Command::new(&prog).stdin(Stdio::null()).output().unwrap();
+    assert!(plain.status.success(), "{plain:?}");
+    let expected = String::from_utf8_lossy(&plain.stdout).to_string();
+    assert_eq!(
+        expected,
+        "keepcaps: ok\nsetresuid: ok\ncapset: ok\nsetgroups: ok\nsetresgid: ok\nids 65534 65534\n"
+    );
+    for run in 0..5 {
+        let r = run_json(&["-q", "--error-exitcode", "0"], &prog, &[]);
+        assert_eq!(r.out.status.code(), Some(0), "run {run}: {}", r.stderr);
+        assert_eq!(
+            String::from_utf8_lossy(&r.out.stdout),
+            expected,
+            "run {run}"
+        );
+        assert_eq!(
+            totals(&r.json, "direct"),
+            (303, 2),
+            "run {run}: {}",
+            r.stderr
+        );
+        for (marker, bytes) in [("before", 101), ("after", 202)] {
+            let line = line_of("dropcaps.c", marker);
+            assert_eq!(
+                sum(&records_at(&r.json, "direct", "dropcaps.c", line)),
+                (bytes, 1),
+                "run {run}: {marker}"
+            );
+        }
+    }
+}
+
+#[test]
 fn unshare_and_setns_that_need_a_single_thread_succeed_and_the_agent_serves_after() {
     // unshare(CLONE_NEWUSER) and setns(CLONE_NEWNS) are refused (EINVAL) to a process with
     // more than one thread: the agent's threads stop for the call (issue 9 item 7).
