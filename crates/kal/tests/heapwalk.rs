@@ -100,24 +100,16 @@ fn not_the_agents(
         .collect()
 }
 
-#[test]
-fn heap_walk_equals_the_agents_table_block_for_block() {
-    let live = Live::start_with(&build("heapwalk.c", &[]), &[], &[]);
-    let header = kal::agent::find_header(live.pid).unwrap();
-    // Every thread stopped (the agent's own included: its registers name its tcache).
-    let frozen = kal::freeze::Frozen::freeze(live.pid).unwrap();
-    let cap = kal::capture::capture(&frozen, header).unwrap();
-    let tps: Vec<u64> = cap.threads.iter().map(|t| t.thread_pointer()).collect();
+/// Walks the heap in `cap`'s memory and compares it with the agent's table in `cap`.
+fn compare(cap: &kal::capture::Capture, tps: &[u64]) -> kal::blocks::BlockList {
     let walk = Ptmalloc {
         mem: cap.heap.as_ref(),
         maps: &cap.maps,
-        thread_pointers: &tps,
+        thread_pointers: tps,
         exclude: &cap.agent,
     }
     .live_blocks()
     .unwrap();
-    drop(frozen);
-    assert!(walk.unwalked.is_empty(), "{:#?}", walk.unwalked);
     let table = &cap.blocks;
     let mut i = 0;
     let mut extra: Vec<&HeapBlock> = Vec::new();
@@ -139,7 +131,7 @@ fn heap_walk_equals_the_agents_table_block_for_block() {
         }
     }
     extra.extend(&walk.blocks[i..]);
-    let unexplained = not_the_agents(&cap, &tps, &extra);
+    let unexplained = not_the_agents(cap, tps, &extra);
     assert!(
         missing.is_empty(),
         "{} table blocks not walked: {missing:#x?}",
@@ -172,4 +164,42 @@ fn heap_walk_equals_the_agents_table_block_for_block() {
         "{} walked blocks neither in the table nor the agent's: {unexplained:#x?}",
         unexplained.len()
     );
+    walk
+}
+
+#[test]
+fn heap_walk_of_a_frozen_process_equals_the_agents_table_block_for_block() {
+    let live = Live::start_with(&build("heapwalk.c", &[]), &[], &[]);
+    let header = kal::agent::find_header(live.pid).unwrap();
+    // Every thread stopped, the agent's own included: the thread pointers of all of them
+    // name every tcache.
+    let frozen = kal::freeze::Frozen::freeze(live.pid).unwrap();
+    let cap = kal::capture::capture(&frozen, header).unwrap();
+    let tps: Vec<u64> = cap.threads.iter().map(|t| t.thread_pointer()).collect();
+    let walk = compare(&cap, &tps);
+    assert!(walk.unwalked.is_empty(), "{:#?}", walk.unwalked);
+    // Without any registers: the threads' control blocks, found in memory, name the
+    // tcaches all the same.
+    let blind = compare(&cap, &[]);
+    assert!(blind.unwalked.is_empty(), "{:#?}", blind.unwalked);
+    assert_eq!(blind.blocks, walk.blocks);
+    drop(frozen);
+}
+
+#[test]
+fn heap_walk_of_a_snapshot_copy_equals_the_agents_table_block_for_block() {
+    let live = Live::start_with(&build("heapwalk.c", &[]), &[], &[]);
+    let header = kal::agent::find_header(live.pid).unwrap();
+    let mut snap = kal::snapshot::take(live.pid, header).unwrap();
+    let extras = std::mem::take(&mut snap.extras);
+    let cap =
+        kal::capture::capture_from(live.pid, snap.child, snap.threads.clone(), header, extras)
+            .unwrap();
+    let tps: Vec<u64> = cap.threads.iter().map(|t| t.thread_pointer()).collect();
+    let walk = compare(&cap, &tps);
+    drop(cap);
+    snap.release().unwrap();
+    // The agent's server thread made the copy and was not stopped: its registers are
+    // unknown, its control block names its tcache.
+    assert!(walk.unwalked.is_empty(), "{:#?}", walk.unwalked);
 }

@@ -619,26 +619,68 @@ impl Ptmalloc<'_> {
         Some((b, q + size))
     }
 
-    /// The tcaches named by a word at one offset below every thread's thread pointer:
-    /// each thread holds 0 there or the user address of a chunk in `valid`.
+    /// Thread pointers found in memory: a thread's control block starts with `tcb` and
+    /// has `self` two words further, both its own address. Looked for in the last 16 KiB
+    /// of each anonymous mapping (glibc puts it at the top of a thread's stack) and in the
+    /// dynamic loader's data (the main thread's). Exited threads' cached stacks keep
+    /// theirs, with a tcache pointer of 0.
+    fn thread_control_blocks(&self, r: &Reader) -> Vec<u64> {
+        const TAIL: u64 = 16 << 10;
+        let mut out = Vec::new();
+        for m in self.maps {
+            let loader = m.is_file() && m.write && m.path.contains("/ld-linux");
+            if !(anonymous_rw(m) || loader) {
+                continue;
+            }
+            let start = if loader {
+                m.start
+            } else {
+                m.start.max(m.end.saturating_sub(TAIL))
+            };
+            let Some(w) = r.words(start, ((m.end - start) / 8) as usize) else {
+                continue;
+            };
+            for i in 0..w.len().saturating_sub(2) {
+                let a = start + 8 * i as u64;
+                if a.is_multiple_of(64) && w[i] == a && w[i + 2] == a {
+                    out.push(a);
+                }
+            }
+        }
+        out
+    }
+
+    /// The tcaches named by a word at one offset below the thread pointers: each thread
+    /// whose registers are known holds 0 there or the user address of a chunk in `valid`
+    /// (without registers, each thread whose control block was found). Threads whose
+    /// registers are unknown (a thread kal did not stop) are found by their control block.
     fn tls_tcaches(&self, r: &Reader, valid: &HashSet<u64>) -> HashSet<u64> {
         let n = (TLS_WINDOW / 8) as usize;
-        let tls: Vec<Vec<u64>> = self
-            .thread_pointers
-            .iter()
-            .filter(|&&tp| tp > TLS_WINDOW)
-            .filter_map(|&tp| r.words(tp - TLS_WINDOW, n))
-            .collect();
+        let tls = |tps: &[u64]| -> Vec<Vec<u64>> {
+            tps.iter()
+                .filter(|&&tp| tp > TLS_WINDOW)
+                .filter_map(|&tp| r.words(tp - TLS_WINDOW, n))
+                .collect()
+        };
+        let known = tls(self.thread_pointers);
+        let found = tls(&self.thread_control_blocks(r));
+        let basis = if known.is_empty() { &found } else { &known };
         let mut out = HashSet::new();
         for k in 0..n {
             let mut any = false;
-            let ok = tls.iter().all(|t| {
+            let ok = basis.iter().all(|t| {
                 let v = t[k];
                 any |= v != 0;
                 v == 0 || valid.contains(&v)
             });
             if ok && any {
-                out.extend(tls.iter().map(|t| t[k]).filter(|&v| v != 0));
+                out.extend(
+                    known
+                        .iter()
+                        .chain(&found)
+                        .map(|t| t[k])
+                        .filter(|v| valid.contains(v)),
+                );
             }
         }
         out

@@ -2,7 +2,7 @@
  * this machine, so some share one), tcache and fastbin churn (many small blocks freed,
  * some by another thread than the one that made them), realloc growing and shrinking,
  * memalign and friends, big mmapped blocks (plain, memaligned, calloc'd, mremapped), and
- * threads that exit (their tcache is given back). Then every thread parks and the program
+ * threads that exit (their tcache is given back), threads whose tcache stays empty. Then every thread parks and the program
  * prints "ready PID": the heap stands still until it is killed. */
 #include <malloc.h>
 #include <pthread.h>
@@ -15,6 +15,7 @@
 #define PARKED 24
 #define EXITING 6
 #define GIVE 64
+#define QUIET 2 /* threads that allocate once: their tcache stays empty */
 
 static void *given[PARKED + EXITING + 1][GIVE];
 static pthread_barrier_t phase;
@@ -73,6 +74,21 @@ static void churn(int id) {
     keep(malloc(400000));
 }
 
+static void park(void) {
+    pthread_mutex_lock(&lock);
+    parked++;
+    pthread_cond_broadcast(&cond);
+    while (1)
+        pthread_cond_wait(&cond, &lock);
+}
+
+static void *quiet(void *arg) {
+    (void)arg;
+    keep(malloc(100));
+    park();
+    return NULL;
+}
+
 static void *thread(void *arg) {
     int id = (int)(intptr_t)arg;
     churn(id);
@@ -84,15 +100,14 @@ static void *thread(void *arg) {
     pthread_barrier_wait(&phase);
     if (id > PARKED)
         return NULL; /* exits: its tcache is flushed and freed */
-    pthread_mutex_lock(&lock);
-    parked++;
-    pthread_cond_broadcast(&cond);
-    while (1)
-        pthread_cond_wait(&cond, &lock);
+    park();
+    return NULL;
 }
 
 int main(void) {
-    pthread_t t[PARKED + EXITING + 1];
+    pthread_t t[PARKED + EXITING + 1], q[QUIET];
+    for (int i = 0; i < QUIET; i++)
+        pthread_create(&q[i], NULL, quiet, NULL);
     pthread_barrier_init(&phase, NULL, PARKED + EXITING + 1);
     for (int i = 1; i <= PARKED + EXITING; i++)
         pthread_create(&t[i], NULL, thread, (void *)(intptr_t)i);
@@ -104,7 +119,7 @@ int main(void) {
     for (int i = PARKED + 1; i <= PARKED + EXITING; i++)
         pthread_join(t[i], NULL);
     pthread_mutex_lock(&lock);
-    while (parked < PARKED)
+    while (parked < PARKED + QUIET)
         pthread_cond_wait(&cond, &lock);
     pthread_mutex_unlock(&lock);
     printf("ready %d\n", getpid());
