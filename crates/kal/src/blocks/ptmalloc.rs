@@ -808,3 +808,156 @@ impl BlockSource for Ptmalloc<'_> {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::memory::Unreadable;
+
+    /// Memory made of word-addressed regions; anything else is unreadable.
+    struct Fake(Vec<(u64, Vec<u64>)>);
+
+    impl Fake {
+        fn set(&mut self, addr: u64, v: u64) {
+            let (s, w) = self
+                .0
+                .iter_mut()
+                .find(|(s, w)| addr >= *s && addr < *s + 8 * w.len() as u64)
+                .unwrap();
+            w[((addr - *s) / 8) as usize] = v;
+        }
+    }
+
+    impl Memory for Fake {
+        fn read(&self, addr: u64, buf: &mut [u8]) -> Result<(), Unreadable> {
+            let end = addr + buf.len() as u64;
+            match self
+                .0
+                .iter()
+                .find(|(s, w)| addr >= *s && end <= *s + 8 * w.len() as u64)
+            {
+                Some((s, w)) => {
+                    let bytes: Vec<u8> = w.iter().flat_map(|x| x.to_le_bytes()).collect();
+                    let o = (addr - s) as usize;
+                    buf.copy_from_slice(&bytes[o..o + buf.len()]);
+                    Ok(())
+                }
+                None => {
+                    buf.fill(0);
+                    Err(Unreadable { read: 0 })
+                }
+            }
+        }
+    }
+
+    fn walker(mem: &Fake) -> Ptmalloc<'_> {
+        Ptmalloc {
+            mem,
+            maps: &[],
+            thread_pointers: &[],
+            exclude: &[],
+        }
+    }
+
+    #[test]
+    fn tcache_lists_are_decoded_through_safe_linking() {
+        const T: u64 = 0x5555_0000_0010; // the tcache's user address
+        const A: u64 = 0x5555_0000_1000; // two 0x30-byte chunks (tcache bin 1)
+        const B: u64 = 0x5555_0000_3000;
+        let mut m = Fake(vec![(T, vec![0; 80]), (A, vec![0; 8]), (B, vec![0; 8])]);
+        m.set(T, 2 << 16); // counts[1] = 2
+        m.set(T + 128 + 8, A + 16); // entries[1]
+        for (c, next) in [(A, B + 16), (B, 0)] {
+            m.set(c + 8, 0x31);
+            m.set(c + 16, ((c + 16) >> 12) ^ next);
+            m.set(c + 24, 0xfeed); // key
+        }
+        let mut r = Reader::new(&m);
+        assert_eq!(tcache_lists(&mut r, T), Some(vec![A, B]));
+        // One entry fewer than the count says: not a tcache.
+        m.set(T, 3 << 16);
+        let mut r = Reader::new(&m);
+        assert_eq!(tcache_lists(&mut r, T), None);
+        // An all-zero chunk is an empty tcache (or a zeroed block).
+        let z = Fake(vec![(T, vec![0; 80])]);
+        assert_eq!(tcache_lists(&mut Reader::new(&z), T), Some(vec![]));
+    }
+
+    #[test]
+    fn a_memaligned_mmapped_chunk_is_found_inside_its_mapping() {
+        const Q: u64 = 0x7f00_0000_0000;
+        let size = 0x3000;
+        let mut m = Fake(vec![(Q, vec![0; 0x3000 / 8])]);
+        m.set(Q + 8, size | IS_MMAPPED);
+        let (b, end) = walker(&m)
+            .mmapped_at(&mut Reader::new(&m), Q, Q + size)
+            .unwrap();
+        assert_eq!((b.addr, b.usable, end), (Q + 16, size - 16, Q + size));
+        // memalign(4096, …): the chunk starts 4096 - 16 bytes in.
+        let o = 4096 - 16;
+        m.set(Q + o, o);
+        m.set(Q + o + 8, (size - o) | IS_MMAPPED);
+        let (b, end) = walker(&m)
+            .mmapped_at(&mut Reader::new(&m), Q, Q + size)
+            .unwrap();
+        assert_eq!((b.addr, b.usable, end), (Q + 4096, size - o - 16, Q + size));
+        // Too big for what is left of the mapping: not a chunk.
+        assert!(walker(&m)
+            .mmapped_at(&mut Reader::new(&m), Q, Q + 0x2000)
+            .is_none());
+    }
+
+    #[test]
+    fn chunk_walks_read_in_use_from_the_next_chunk_and_stop_at_fenceposts() {
+        const H: u64 = 0x7f00_0400_0000; // an old heap: chunks, fenceposts, no top
+        let mut m = Fake(vec![(H, vec![0; 0x100 / 8])]);
+        // 0x40 in use, 0x30 free, 0x20 in use (NON_MAIN_ARENA), 0x30 free (old top),
+        // fencepost 0x10, end 0.
+        let chunks = [
+            (0x40, 5),
+            (0x30, 5),
+            (0x20, 4),
+            (0x30, 5),
+            (0x10, 0),
+            (0, 1),
+        ];
+        let mut at = H;
+        for (size, flags) in chunks {
+            m.set(at + 8, size | flags);
+            at += size;
+        }
+        let (mut out, mut un) = (Vec::new(), Vec::new());
+        walker(&m).walk_chunks(&mut Reader::new(&m), H, None, H + 0x100, &mut out, &mut un);
+        assert!(un.is_empty(), "{un:?}");
+        let got: Vec<(u64, u64)> = out.iter().map(|b| (b.addr - H, b.usable)).collect();
+        // 0x40 is in use (0x30 has PREV_INUSE); 0x30 is free (0x20 lacks it); 0x20 is in
+        // use; the old top is free (the fencepost's PREV_INUSE is clear).
+        assert_eq!(got, vec![(0x10, 0x38), (0x80, 0x18)]);
+        // A size that runs past the end is reported, not followed.
+        m.set(H + 8, 0x1000 | 1);
+        let (mut out, mut un) = (Vec::new(), Vec::new());
+        walker(&m).walk_chunks(&mut Reader::new(&m), H, None, H + 0x100, &mut out, &mut un);
+        assert!(out.is_empty());
+        assert_eq!((un.len(), un[0].start), (1, H));
+    }
+
+    #[test]
+    fn a_fresh_arena_has_the_layout_and_a_shifted_view_does_not() {
+        const A: u64 = 0x7f00_0000_0870;
+        let mut w = vec![0u64; STATE_WORDS + 1];
+        w[field::TOP] = 0x7f00_0000_1000;
+        for j in 0..127u64 {
+            let me = A + 96 + 16 * j;
+            w[field::BINS + 2 * j as usize] = me;
+            w[field::BINS + 2 * j as usize + 1] = me;
+        }
+        w[field::NEXT] = A;
+        w[field::ATTACHED] = 1;
+        w[field::SYSTEM_MEM] = 0x21000;
+        w[field::MAX_SYSTEM_MEM] = 0x21000;
+        assert!(is_state(&w[..STATE_WORDS], A));
+        assert!(!is_state(&w[1..], A + 8));
+        w[field::LOCK_FLAGS] = 7; // no such lock value
+        assert!(!is_state(&w[..STATE_WORDS], A));
+    }
+}
