@@ -46,6 +46,7 @@ macro_rules! say_raw {
 }
 
 pub mod agent;
+pub mod agentless;
 pub mod blocks;
 pub mod capture;
 pub mod check;

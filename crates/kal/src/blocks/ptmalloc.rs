@@ -656,10 +656,16 @@ impl Ptmalloc<'_> {
     /// registers are unknown (a thread kal did not stop) are found by their control block.
     fn tls_tcaches(&self, r: &Reader, valid: &HashSet<u64>) -> HashSet<u64> {
         let n = (TLS_WINDOW / 8) as usize;
+        // The window may start below the mapping that holds the TLS: what cannot be read
+        // is zeros, which name no tcache.
         let tls = |tps: &[u64]| -> Vec<Vec<u64>> {
             tps.iter()
                 .filter(|&&tp| tp > TLS_WINDOW)
-                .filter_map(|&tp| r.words(tp - TLS_WINDOW, n))
+                .map(|&tp| {
+                    let mut v = vec![0; n];
+                    read_into(r.mem, tp - TLS_WINDOW, &mut v);
+                    v
+                })
                 .collect()
         };
         let known = tls(self.thread_pointers);

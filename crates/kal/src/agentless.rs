@@ -1,0 +1,225 @@
+//! `kal check PID` on a process that runs without kal's agent: blocks come from walking
+//! glibc's own heap in a copy-on-write snapshot ([`crate::blocks::ptmalloc`]), roots and
+//! classification are the same as with the agent. Without the agent there are no
+//! allocation stacks, and a block's size is its usable size (what `malloc_usable_size`
+//! says), not the size that was asked for: block counts equal a check with the agent,
+//! byte counts are a little higher.
+
+use crate::blocks::ptmalloc::Ptmalloc;
+use crate::blocks::{BlockSource, Unwalked};
+use crate::capture::{may_hold_roots, Block, Capture, Gap, Gaps};
+use crate::check::Check;
+use crate::freeze::ThreadRegs;
+use crate::freeze_copy::Extras;
+use crate::memory::{Image, ProcessMemory};
+use crate::procfs::{self, Mapping};
+use crate::reach::Kind;
+use crate::report;
+use anyhow::{bail, Result};
+use kal_proto::{Api, Header, CHUNK_FLAGS_SHIFT, CHUNK_IS_MMAPPED};
+use std::time::Instant;
+
+/// What the report of an agentless check says about allocation stacks.
+pub const NO_STACKS: &str = "allocation stacks need kal's agent: this process was not \
+     started under `kal run`, so leaks are shown without the code that allocated them, and \
+     sizes are usable sizes";
+
+/// Allocators other than glibc's that a program may bring, by library name.
+const OTHER_ALLOCATORS: [(&str, &str); 4] = [
+    ("libjemalloc", "jemalloc"),
+    ("libtcmalloc", "tcmalloc"),
+    ("libmimalloc", "mimalloc"),
+    ("ld-musl", "musl's malloc"),
+];
+
+/// Whether process `pid` can be read and has no kal agent mapped.
+pub fn has_no_agent(pid: i32) -> bool {
+    procfs::maps(pid).is_ok_and(|maps| {
+        !maps.is_empty()
+            && !maps
+                .iter()
+                .any(|m| m.path.rsplit('/').next() == Some(crate::agent::AGENT_FILE))
+    })
+}
+
+/// The allocator the mappings show, when it is not glibc's.
+fn other_allocator(maps: &[Mapping]) -> Option<&'static str> {
+    OTHER_ALLOCATORS.iter().find_map(|(lib, name)| {
+        maps.iter()
+            .any(|m| {
+                m.path
+                    .rsplit('/')
+                    .next()
+                    .is_some_and(|f| f.starts_with(lib))
+            })
+            .then_some(*name)
+    })
+}
+
+/// Checks process `pid`, which runs without the agent, once.
+pub fn check(pid: i32, opts: &report::Options) -> Result<Check> {
+    crate::fatal::ensure_not_dying(pid)?;
+    let maps = procfs::maps(pid)?;
+    if let Some(name) = other_allocator(&maps) {
+        bail!(
+            "process {pid} allocates with {name}: kal reads only glibc's heap without its agent; start the program under `kal run`, which works with {name}"
+        );
+    }
+    if !maps.iter().any(|m| {
+        let f = m.path.rsplit('/').next().unwrap_or("");
+        f.starts_with("libc.so") || f.starts_with("libc-2.")
+    }) {
+        bail!(
+            "process {pid} has no glibc mapped (statically linked?): kal cannot read its heap without its agent; start the program under `kal run`"
+        );
+    }
+    // No agent: the copy is made by injection (header address 0 names no agent).
+    let snap = crate::snapshot::take(pid, 0)?;
+    let mut snap = snap;
+    let pause = snap.pause;
+    crate::snapshot::test_hold("snapshot");
+    let started = Instant::now();
+    let extras = std::mem::take(&mut snap.extras);
+    let scanned = capture(pid, snap.child, snap.threads.clone(), extras).map(|cap| {
+        let kinds = crate::classify_with(&cap, &opts.suppressions);
+        (cap, kinds)
+    });
+    let scan = started.elapsed();
+    let released = snap.release();
+    let (cap, kinds) = scanned?;
+    released?;
+    let mut report = report::build(
+        &cap,
+        &kinds,
+        &crate::symbolize::Symbols::new(),
+        opts,
+        &Default::default(),
+    );
+    report.pause_ms = Some(pause.as_secs_f64() * 1e3);
+    report.scan_ms = Some(scan.as_secs_f64() * 1e3);
+    report.note = Some(NO_STACKS.to_string());
+    let lost = cap
+        .blocks
+        .iter()
+        .zip(&kinds)
+        .filter(|(_, k)| matches!(k, Kind::Direct | Kind::Indirect))
+        .map(|(b, k)| (*b, *k))
+        .collect();
+    Ok(Check {
+        report,
+        lost,
+        capture: cap,
+    })
+}
+
+/// The walk's blocks as capture blocks (no sequence number, no stack; the chunk's flags
+/// where the agent keeps them).
+fn blocks_of(walk: &[crate::blocks::HeapBlock]) -> Vec<Block> {
+    walk.iter()
+        .map(|b| {
+            let mmapped = b.flags & CHUNK_IS_MMAPPED as u64 != 0;
+            Block {
+                addr: b.addr,
+                size: b.usable,
+                seq: 0,
+                stack: kal_proto::STACK_UNKNOWN,
+                api: Api::Malloc as u32 | ((b.flags as u32 & 7) << CHUNK_FLAGS_SHIFT),
+                // A heap chunk's last usable word is the next chunk's prev_size.
+                span: if mmapped { b.usable } else { b.usable - 8 },
+            }
+        })
+        .collect()
+}
+
+fn gap_of(u: Unwalked) -> Gap {
+    let why = format!("heap not walked: {}", u.why);
+    if u.end > u.start {
+        Gap::range(u.start, u.end, &why)
+    } else {
+        Gap::whole(&why)
+    }
+}
+
+/// Captures process `pid` from the memory of `mem_pid` (a snapshot copy of it, or the
+/// process itself, frozen), with the registers `threads` and what was read from the
+/// frozen target beside the copy (`extras`): blocks from the heap walk.
+pub fn capture(
+    pid: i32,
+    mem_pid: i32,
+    threads: Vec<ThreadRegs>,
+    extras: Extras,
+) -> Result<Capture> {
+    let mem = ProcessMemory::new(mem_pid);
+    let smaps = procfs::smaps(mem_pid)?;
+    let maps: Vec<Mapping> = smaps.iter().map(|e| e.mapping.clone()).collect();
+    let tps: Vec<u64> = threads.iter().map(|t| t.thread_pointer()).collect();
+    let walk = Ptmalloc {
+        mem: &mem,
+        maps: &maps,
+        thread_pointers: &tps,
+        exclude: &[],
+    }
+    .live_blocks()
+    .map_err(|e| anyhow::anyhow!("cannot walk the heap of process {pid}: {e}"))?;
+    let blocks = blocks_of(&walk.blocks);
+    let header = Header {
+        glibc_malloc: 1,
+        ..Default::default()
+    };
+    let heap_ranges = crate::roots::heap_ranges(&maps, &blocks, &header, &mem);
+    let root_maps: Vec<(u64, u64)> = smaps
+        .iter()
+        .filter(|e| may_hold_roots(&e.mapping, e.anonymous))
+        .map(|e| (e.mapping.start, e.mapping.end))
+        .chain(extras.ranges.iter().copied())
+        .collect();
+    let root_maps = crate::ranges::normalize(root_maps);
+    let mut not_here = heap_ranges.clone();
+    not_here.extend_from_slice(&extras.ranges);
+    let ranges = crate::ranges::subtract(&root_maps, &crate::ranges::normalize(not_here));
+    let (mut image, unread) = Image::copy(&mem, &ranges);
+    let mut gaps = Gaps {
+        unread: extras.gaps.clone(),
+        threads_without_registers: extras.threads_without_registers,
+        hooks_without_side_stack: 0,
+    };
+    gaps.unread.extend(
+        unread
+            .into_iter()
+            .map(|(s, e)| Gap::range(s, e, "unreadable")),
+    );
+    gaps.unread.extend(crate::freeze_copy::unseen(
+        &extras,
+        &smaps,
+        &[],
+        &heap_ranges,
+    ));
+    gaps.unread.extend(walk.unwalked.into_iter().map(gap_of));
+    let Extras {
+        image: parent_image,
+        values: kernel_values,
+        ..
+    } = extras;
+    image.overlay(parent_image);
+    let memory = crate::capture::memory_stats(pid, &smaps, &blocks, &heap_ranges, &[], &header);
+    Ok(Capture {
+        pid,
+        exe: Some(procfs::exe(pid))
+            .filter(|e| !e.is_empty())
+            .unwrap_or_else(|| procfs::exe(mem_pid)),
+        threads,
+        maps,
+        header,
+        blocks,
+        stacks: Default::default(),
+        image,
+        root_maps,
+        kernel_values,
+        gaps,
+        heap_ranges,
+        heap: Box::new(mem),
+        memory,
+        banned: Vec::new(),
+        agent: Vec::new(),
+    })
+}
