@@ -161,6 +161,20 @@ pub fn capture(
     }
     .live_blocks()
     .map_err(|e| anyhow::anyhow!("cannot walk the heap of process {pid}: {e}"))?;
+    let mut unwalked = walk.unwalked;
+    // With libc's debug symbols at hand, the main arena found must be theirs.
+    if let Some(sym) = crate::blocks::ptmalloc::main_arena_from_symbols(&maps) {
+        if walk.arenas.first() != Some(&sym) {
+            unwalked.push(Unwalked {
+                start: 0,
+                end: 0,
+                why: format!(
+                    "the main arena found ({:#x}) is not glibc's main_arena ({sym:#x}, from its debug symbols)",
+                    walk.arenas.first().copied().unwrap_or(0)
+                ),
+            });
+        }
+    }
     let blocks = blocks_of(&walk.blocks);
     let header = Header {
         glibc_malloc: 1,
@@ -194,7 +208,7 @@ pub fn capture(
         &[],
         &heap_ranges,
     ));
-    gaps.unread.extend(walk.unwalked.into_iter().map(gap_of));
+    gaps.unread.extend(unwalked.into_iter().map(gap_of));
     let Extras {
         image: parent_image,
         values: kernel_values,

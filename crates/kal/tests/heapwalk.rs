@@ -178,6 +178,18 @@ fn heap_walk_of_a_frozen_process_equals_the_agents_table_block_for_block() {
     let tps: Vec<u64> = cap.threads.iter().map(|t| t.thread_pointer()).collect();
     let walk = compare(&cap, &tps);
     assert!(walk.unwalked.is_empty(), "{:#?}", walk.unwalked);
+    // Found without symbols; libc6-dbg's symbols agree.
+    require_file("/usr/share/doc/libc6-dbg", "libc6-dbg");
+    let main = kal::blocks::ptmalloc::main_arena_from_symbols(&cap.maps);
+    assert_eq!(main, walk.arenas.first().copied());
+    // The program's 33 threads that allocate each make an arena while glibc's limit
+    // (8 per core) allows.
+    let limit = 8 * std::thread::available_parallelism().unwrap().get();
+    if limit <= 33 {
+        assert_eq!(walk.arenas.len(), limit);
+    } else {
+        assert!(walk.arenas.len() >= 33, "{}", walk.arenas.len());
+    }
     // Without any registers: the threads' control blocks, found in memory, name the
     // tcaches all the same.
     let blind = compare(&cap, &[]);

@@ -38,6 +38,8 @@ pub struct BlockList {
     pub blocks: Vec<HeapBlock>,
     /// What could not be walked (never silently dropped: blocks there are unknown).
     pub unwalked: Vec<Unwalked>,
+    /// The allocator's arenas that were walked (glibc: the main arena first).
+    pub arenas: Vec<u64>,
 }
 
 /// A source of the live heap blocks of one captured moment.

@@ -811,8 +811,24 @@ impl BlockSource for Ptmalloc<'_> {
         Ok(BlockList {
             blocks: chunks,
             unwalked: un,
+            arenas: arenas.iter().map(|a| a.addr).collect(),
         })
     }
+}
+
+/// The address of glibc's `main_arena` in a process with these mappings, from libc's debug
+/// symbols (`libc6-dbg`), when they can be found: a cross-check of the walk, never needed.
+pub fn main_arena_from_symbols(maps: &[Mapping]) -> Option<u64> {
+    use blazesym::inspect::source::{Elf, Source};
+    let first = maps.iter().find(|m| {
+        let name = m.path.rsplit('/').next().unwrap_or("");
+        m.is_file() && m.offset == 0 && name.starts_with("libc.so")
+    })?;
+    let src = Source::Elf(Elf::new(&first.path));
+    let inspector = blazesym::inspect::Inspector::new();
+    let found = inspector.lookup(&src, &["main_arena"]).ok()?;
+    let sym = found.first()?.first()?;
+    Some(first.start + sym.addr)
 }
 
 #[cfg(test)]
