@@ -28,7 +28,10 @@
 //! the thread pointer at which every thread holds 0 or the address of a chunk whose
 //! contents check out as a tcache. A tcache of a thread whose thread pointer is unknown is
 //! still recognised when it holds entries; an empty one then looks like a zeroed 0x280-byte
-//! block, and the walk says how many of those it could not tell apart.
+//! block, and the walk says how many of those it could not tell apart. A tcache its thread
+//! was changing at the capture (stopped inside malloc or free) is still named by its TLS;
+//! its lists are taken as free as far as they hold together, and the walk says so.
+//! Likewise an arena whose lock was held: its bins may be half changed.
 //!
 //! The walk knows usable sizes, not requested ones ([`HeapBlock::usable`]).
 
@@ -252,6 +255,32 @@ fn tcache_lists(r: &mut Reader, mem: u64) -> Option<Vec<u64>> {
         }
     }
     Some(out)
+}
+
+/// The chunks on the lists of a tcache that does not check out (its thread was changing
+/// it): each list followed for up to one entry more than its count, while its entries are
+/// aligned chunks of the bin's size.
+fn tcache_loose(r: &mut Reader, mem: u64) -> Vec<u64> {
+    let mut out = Vec::new();
+    let Some(w) = r.words(mem, 16 + TCACHE_BINS) else {
+        return out;
+    };
+    for i in 0..TCACHE_BINS {
+        let count = (w[i / 4] >> (16 * (i % 4))) as u16 as usize;
+        let want = MINSIZE + 16 * i as u64;
+        let mut e = w[16 + i];
+        for _ in 0..=count {
+            if e == 0 || e % 16 != 0 || r.word(e - 8).map(|s| s & !FLAGS) != Some(want) {
+                break;
+            }
+            out.push(e - 16);
+            match r.word(e) {
+                Some(next) => e = (e >> 12) ^ next,
+                None => break,
+            }
+        }
+    }
+    out
 }
 
 fn align_up(x: u64, a: u64) -> u64 {
@@ -650,11 +679,14 @@ impl Ptmalloc<'_> {
         out
     }
 
-    /// The tcaches named by a word at one offset below the thread pointers: each thread
-    /// whose registers are known holds 0 there or the user address of a chunk in `valid`
-    /// (without registers, each thread whose control block was found). Threads whose
-    /// registers are unknown (a thread kal did not stop) are found by their control block.
-    fn tls_tcaches(&self, r: &Reader, valid: &HashSet<u64>) -> HashSet<u64> {
+    /// The tcaches named by a word at one offset below the thread pointers: at that
+    /// offset each thread whose registers are known holds 0 or the user address of an
+    /// in-use 0x290-byte chunk (`sized`), and one at least a chunk whose contents check
+    /// out as a tcache (`valid`); without registers, the same of each thread whose control
+    /// block was found. Threads whose registers are unknown (a thread kal did not stop)
+    /// are found by their control block. A named chunk that is not `valid` is the tcache
+    /// of a thread stopped while it changed it.
+    fn tls_tcaches(&self, r: &Reader, sized: &HashSet<u64>, valid: &HashSet<u64>) -> HashSet<u64> {
         let n = (TLS_WINDOW / 8) as usize;
         // The window may start below the mapping that holds the TLS: what cannot be read
         // is zeros, which name no tcache.
@@ -676,8 +708,8 @@ impl Ptmalloc<'_> {
             let mut any = false;
             let ok = basis.iter().all(|t| {
                 let v = t[k];
-                any |= v != 0;
-                v == 0 || valid.contains(&v)
+                any |= valid.contains(&v);
+                v == 0 || sized.contains(&v)
             });
             if ok && any {
                 out.extend(
@@ -685,7 +717,7 @@ impl Ptmalloc<'_> {
                         .iter()
                         .chain(&found)
                         .map(|t| t[k])
-                        .filter(|v| valid.contains(v)),
+                        .filter(|v| sized.contains(v)),
                 );
             }
         }
@@ -777,7 +809,24 @@ impl BlockSource for Ptmalloc<'_> {
             }
         }
         let valid: HashSet<u64> = lists.keys().copied().collect();
-        let mut tcaches = self.tls_tcaches(&r, &valid);
+        let sized: HashSet<u64> = chunks
+            .iter()
+            .filter(|b| b.chunk == TCACHE_CHUNK && b.flags & IS_MMAPPED == 0)
+            .map(|b| b.addr)
+            .collect();
+        let mut tcaches = self.tls_tcaches(&r, &sized, &valid);
+        for &t in tcaches.difference(&valid) {
+            // A thread stopped inside malloc or free, between two writes to its tcache:
+            // what its lists hold is taken as free as far as they hold together.
+            lists.insert(t, tcache_loose(&mut r, t));
+            un.push(Unwalked {
+                start: t,
+                end: t + TCACHE_CHUNK - 16,
+                why: "a thread's tcache was being changed at the capture (the thread was \
+                      inside malloc or free)"
+                    .into(),
+            });
+        }
         tcaches.extend(lists.iter().filter(|(_, l)| !l.is_empty()).map(|(&a, _)| a));
         let unowned_empty = valid.difference(&tcaches).count();
         if unowned_empty > 0 {
@@ -872,6 +921,15 @@ mod tests {
         }
     }
 
+    fn threads<'a>(mem: &'a Fake, tps: &'a [u64]) -> Ptmalloc<'a> {
+        Ptmalloc {
+            mem,
+            maps: &[],
+            thread_pointers: tps,
+            exclude: &[],
+        }
+    }
+
     fn walker(mem: &Fake) -> Ptmalloc<'_> {
         Ptmalloc {
             mem,
@@ -903,6 +961,53 @@ mod tests {
         // An all-zero chunk is an empty tcache (or a zeroed block).
         let z = Fake(vec![(T, vec![0; 80])]);
         assert_eq!(tcache_lists(&mut Reader::new(&z), T), Some(vec![]));
+    }
+
+    #[test]
+    fn tls_names_tcaches_and_the_one_being_changed() {
+        const T1: u64 = 0x5555_0000_0010;
+        const T2: u64 = 0x5555_0000_1010;
+        const E: u64 = 0x5555_0000_2000; // one 0x20-byte chunk (tcache bin 0)
+        const TP: [u64; 3] = [0x7f00_0001_0000, 0x7f00_0002_0000, 0x7f00_0003_0000];
+        let tls = |tp: u64| (tp - TLS_WINDOW, vec![0; (TLS_WINDOW / 8) as usize]);
+        let mut m = Fake(vec![
+            (T1, vec![0; 80]),
+            (T2, vec![0; 80]),
+            (E, vec![0; 4]),
+            tls(TP[0]),
+            tls(TP[1]),
+            tls(TP[2]),
+        ]);
+        // T1 holds E (count 1); T2 says 1 but its list is empty (being changed).
+        m.set(T1, 1);
+        m.set(T1 + 128, E + 16);
+        m.set(E + 8, 0x21);
+        m.set(E + 16, (E + 16) >> 12);
+        m.set(T2, 1);
+        m.set(TP[0] - 0x48, T1);
+        m.set(TP[1] - 0x48, T2);
+        m.set(TP[1] - 0x100, T1); // some other thread-local pointing at a tcache
+        let sized: HashSet<u64> = [T1, T2].into();
+        let mut r = Reader::new(&m);
+        let valid: HashSet<u64> = [T1, T2]
+            .into_iter()
+            .filter(|&t| tcache_lists(&mut r, t).is_some())
+            .collect();
+        assert_eq!(valid, [T1].into());
+        // -0x48 names both; -0x100 names T1 again (a tcache all the same: harmless).
+        assert_eq!(
+            threads(&m, &TP).tls_tcaches(&r, &sized, &valid),
+            [T1, T2].into()
+        );
+        // A thread-local holding something else at that offset: no tcache named there.
+        m.set(TP[2] - 0x48, 0x1234_5670);
+        let r = Reader::new(&m);
+        assert_eq!(
+            threads(&m, &TP).tls_tcaches(&r, &sized, &valid),
+            [T1].into()
+        );
+        assert_eq!(tcache_loose(&mut Reader::new(&m), T1), vec![E]);
+        assert!(tcache_loose(&mut Reader::new(&m), T2).is_empty());
     }
 
     #[test]
