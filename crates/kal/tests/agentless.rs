@@ -127,3 +127,21 @@ fn other_allocators_and_static_binaries_get_one_line() {
     je.kill().unwrap();
     je.wait().unwrap();
 }
+
+#[test]
+fn pointers_in_flight_are_never_reported_without_the_agent() {
+    // Threads allocating and freeing all the time: a check may stop one inside malloc or
+    // free (a locked arena, a tcache half changed: said as a gap), and never reports a
+    // block in flight as lost.
+    let (mut bare, _kill) = start_bare(&build("inflight.c", &["-O2"]), &[]);
+    for i in 0..15 {
+        let (out, j) = check_pid_json(bare.id() as i32, &[]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        for kind in ["direct", "indirect", "possible"] {
+            assert_eq!(totals(&j, kind), (0, 0), "check {i}, {kind}: {stderr}");
+        }
+        assert_eq!(out.status.code(), Some(0), "{stderr}");
+    }
+    bare.kill().unwrap();
+    bare.wait().unwrap();
+}
