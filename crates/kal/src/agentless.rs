@@ -153,6 +153,7 @@ pub fn capture(
     let smaps = procfs::smaps(mem_pid)?;
     let maps: Vec<Mapping> = smaps.iter().map(|e| e.mapping.clone()).collect();
     let tps: Vec<u64> = threads.iter().map(|t| t.thread_pointer()).collect();
+    let (t0, c0) = (Instant::now(), crate::thread_cpu_ms());
     let walk = Ptmalloc {
         mem: &mem,
         maps: &maps,
@@ -161,6 +162,15 @@ pub fn capture(
     }
     .live_blocks()
     .map_err(|e| anyhow::anyhow!("cannot walk the heap of process {pid}: {e}"))?;
+    if std::env::var_os("KAL_DEBUG_TIMING").is_some() {
+        crate::say!(
+            "timing: heap walk {:?} ({} blocks, {} arenas; on-CPU {:.1} ms)",
+            t0.elapsed(),
+            walk.blocks.len(),
+            walk.arenas.len(),
+            crate::thread_cpu_ms() - c0
+        );
+    }
     let mut unwalked = walk.unwalked;
     // With libc's debug symbols at hand, the main arena found must be theirs.
     if let Some(sym) = crate::blocks::ptmalloc::main_arena_from_symbols(&maps) {
