@@ -212,7 +212,8 @@ fn is_state(w: &[u64], a: u64) -> bool {
         }
     }
     let next = w[field::NEXT];
-    empty >= 16
+    // A fragmented arena may have most bins in use, never all of them.
+    empty >= 4
         && next != 0
         && next.is_multiple_of(8)
         && w[field::SYSTEM_MEM] <= w[field::MAX_SYSTEM_MEM]
@@ -339,7 +340,7 @@ impl Ptmalloc<'_> {
             for i in 0..=n - STATE_WORDS {
                 let a = s + 8 * i as u64;
                 let top = w[i + field::TOP];
-                // Cheap first: an aligned top and the unsorted bin's own address in view.
+                // Cheap first: an aligned top and a `next` link.
                 if top == 0 || !top.is_multiple_of(16) || w[i + field::NEXT] == 0 {
                     continue;
                 }
