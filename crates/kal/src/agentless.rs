@@ -1,171 +1,254 @@
-//! Processes of `kal run` that go on without the agent, each named in one line.
-//!
-//! An agent's connection to `kal run` closes without an exit message when its process
-//! ends abruptly, when it `exec`s (the connection is close-on-exec; a new image that loads
-//! the agent says hello again on a new one), or when the program closes the agent's
-//! descriptor (`closefrom`, `close_range`). The last two leave a running process kal will
-//! never report, which must not go unsaid. When a connection closes, kal looks at the
-//! process:
-//! * gone, or ending (no memory left: no mappings): nothing to say here;
-//! * its environment no longer preloads the agent: it exec'd without it — said at once;
-//! * otherwise kal waits up to [`GRACE`] for a hello from the same process; without one,
-//!   the agent is either mapped (its connection was closed under it) or not (the loader
-//!   ignored `LD_PRELOAD`: a setuid or static program), and kal says which.
+//! `kal check PID` on a process that runs without kal's agent: blocks come from walking
+//! glibc's own heap in a copy-on-write snapshot ([`crate::blocks::ptmalloc`]), roots and
+//! classification are the same as with the agent. Without the agent there are no
+//! allocation stacks, and a block's size is its usable size (what `malloc_usable_size`
+//! says), not the size that was asked for: block counts equal a check with the agent,
+//! byte counts are a little higher.
 
-use std::path::Path;
-use std::time::{Duration, Instant};
+use crate::blocks::ptmalloc::Ptmalloc;
+use crate::blocks::{BlockSource, Unwalked};
+use crate::capture::{may_hold_roots, Block, Capture, Gap, Gaps};
+use crate::check::Check;
+use crate::freeze::ThreadRegs;
+use crate::freeze_copy::Extras;
+use crate::memory::{Image, ProcessMemory};
+use crate::procfs::{self, Mapping};
+use crate::reach::Kind;
+use crate::report;
+use anyhow::{bail, Result};
+use kal_proto::{Api, Header, CHUNK_FLAGS_SHIFT, CHUNK_IS_MMAPPED};
+use std::time::Instant;
 
-/// How long a process whose connection closed has to say hello again.
-pub const GRACE: Duration = Duration::from_secs(2);
+/// What the report of an agentless check says about allocation stacks.
+pub const NO_STACKS: &str = "allocation stacks need kal's agent: this process was not \
+     started under `kal run`, so leaks are shown without the code that allocated them, and \
+     sizes are usable sizes";
 
-/// What kal sees of a process whose connection closed.
-#[derive(Debug, PartialEq, Eq)]
-enum Seen {
-    /// Gone or ending.
-    Gone,
-    /// Its environment does not preload the agent.
-    NotPreloaded,
-    /// The agent is mapped in it.
-    Mapped,
-    /// Preloaded but not (yet) mapped.
-    NotMapped,
+/// Allocators other than glibc's that a program may bring, by library name.
+const OTHER_ALLOCATORS: [(&str, &str); 4] = [
+    ("libjemalloc", "jemalloc"),
+    ("libtcmalloc", "tcmalloc"),
+    ("libmimalloc", "mimalloc"),
+    ("ld-musl", "musl's malloc"),
+];
+
+/// Whether process `pid` can be read and has no kal agent mapped.
+pub fn has_no_agent(pid: i32) -> bool {
+    procfs::maps(pid).is_ok_and(|maps| {
+        !maps.is_empty()
+            && !maps
+                .iter()
+                .any(|m| m.path.rsplit('/').next() == Some(crate::agent::AGENT_FILE))
+    })
 }
 
-struct Entry {
-    pid: i32,
-    since: Instant,
-    exe: String,
-    mapped: bool,
+/// The allocator the mappings show, when it is not glibc's.
+fn other_allocator(maps: &[Mapping]) -> Option<&'static str> {
+    OTHER_ALLOCATORS.iter().find_map(|(lib, name)| {
+        maps.iter()
+            .any(|m| {
+                m.path
+                    .rsplit('/')
+                    .next()
+                    .is_some_and(|f| f.starts_with(lib))
+            })
+            .then_some(*name)
+    })
 }
 
-/// The processes whose connection closed and that have not said hello again.
-pub struct Agentless {
-    agent: Vec<u8>,
-    name: Vec<u8>,
-    waiting: Vec<Entry>,
-}
-
-impl Agentless {
-    /// Watches for processes that drop `agent` (the path kal put in `LD_PRELOAD`).
-    pub fn new(agent: &Path) -> Agentless {
-        let bytes = agent.as_os_str().as_encoded_bytes().to_vec();
-        let name = agent
-            .file_name()
-            .map(|n| n.as_encoded_bytes().to_vec())
-            .unwrap_or_default();
-        Agentless {
-            agent: bytes,
-            name,
-            waiting: Vec::new(),
-        }
+/// Checks process `pid`, which runs without the agent, once.
+pub fn check(pid: i32, opts: &report::Options) -> Result<Check> {
+    crate::fatal::ensure_not_dying(pid)?;
+    let maps = procfs::maps(pid)?;
+    if let Some(name) = other_allocator(&maps) {
+        bail!(
+            "process {pid} allocates with {name}: kal reads only glibc's heap without its agent; start the program under `kal run`, which works with {name}"
+        );
     }
-
-    /// Process `pid` said hello: its agent runs.
-    pub fn hello(&mut self, pid: i32) {
-        self.waiting.retain(|e| e.pid != pid);
+    if !maps.iter().any(|m| {
+        let f = m.path.rsplit('/').next().unwrap_or("");
+        f.starts_with("libc.so") || f.starts_with("libc-2.")
+    }) {
+        bail!(
+            "process {pid} has no glibc mapped (statically linked?): kal cannot read its heap without its agent; start the program under `kal run`"
+        );
     }
-
-    /// The connection of process `pid` closed without an exit message.
-    pub fn closed(&mut self, pid: i32) {
-        let exe = crate::procfs::exe(pid);
-        match self.look(pid) {
-            Seen::Gone => {}
-            Seen::NotPreloaded => say_not_preloaded(pid, &exe),
-            seen => self.waiting.push(Entry {
-                pid,
-                since: Instant::now(),
-                exe,
-                mapped: seen == Seen::Mapped,
-            }),
-        }
-    }
-
-    /// Looks again at every waiting process; `last` says kal is about to end (say what is
-    /// known now, whatever the grace left).
-    pub fn poll(&mut self, last: bool) {
-        let waiting = std::mem::take(&mut self.waiting);
-        for mut e in waiting {
-            let exe = crate::procfs::exe(e.pid);
-            if !exe.is_empty() {
-                e.exe = exe;
-            }
-            let seen = self.look(e.pid);
-            e.mapped |= seen == Seen::Mapped;
-            let due = last || e.since.elapsed() >= GRACE;
-            match seen {
-                Seen::NotPreloaded => say_not_preloaded(e.pid, &e.exe),
-                Seen::Gone | Seen::Mapped | Seen::NotMapped if due || seen == Seen::Gone => {
-                    if e.mapped {
-                        crate::say!(
-                            "kal: process {} ({}) closed its connection to kal (closefrom or close_range?): it gets no leak report",
-                            e.pid, e.exe
-                        );
-                    } else {
-                        crate::say!(
-                            "kal: process {} ({}) runs without kal's agent (the loader did not preload it: setuid or static?): it gets no leak report",
-                            e.pid, e.exe
-                        );
-                    }
-                }
-                _ => self.waiting.push(e),
-            }
-        }
-    }
-
-    fn look(&self, pid: i32) -> Seen {
-        // An ending process (a zombie included) has no memory left: no mappings.
-        let (Ok(env), Ok(maps)) = (
-            std::fs::read(format!("/proc/{pid}/environ")),
-            crate::procfs::maps(pid),
-        ) else {
-            return Seen::Gone;
-        };
-        if maps.is_empty() {
-            return Seen::Gone;
-        }
-        if !preloads(&env, &self.agent) {
-            return Seen::NotPreloaded;
-        }
-        let mapped = maps.iter().any(|m| {
-            Path::new(&m.path)
-                .file_name()
-                .is_some_and(|n| n.as_encoded_bytes() == self.name.as_slice())
-        });
-        if mapped {
-            Seen::Mapped
-        } else {
-            Seen::NotMapped
-        }
-    }
-}
-
-fn say_not_preloaded(pid: i32, exe: &str) {
-    crate::say!(
-        "kal: process {pid} ({exe}) exec'd without kal's agent in LD_PRELOAD: it runs untracked and gets no leak report"
+    // No agent: the copy is made by injection (header address 0 names no agent).
+    let snap = crate::snapshot::take(pid, 0, opts.no_interrupt)?;
+    let mut snap = snap;
+    let pause = snap.pause;
+    crate::snapshot::test_hold("snapshot");
+    let started = Instant::now();
+    let extras = std::mem::take(&mut snap.extras);
+    let scanned = capture(pid, snap.child, snap.threads.clone(), extras).map(|cap| {
+        let kinds = crate::classify_with(&cap, &opts.suppressions);
+        (cap, kinds)
+    });
+    let scan = started.elapsed();
+    let released = snap.release();
+    let (cap, kinds) = scanned?;
+    released?;
+    let mut report = report::build(
+        &cap,
+        &kinds,
+        &crate::symbolize::Symbols::new(),
+        opts,
+        &Default::default(),
     );
+    report.pause_ms = Some(pause.as_secs_f64() * 1e3);
+    report.scan_ms = Some(scan.as_secs_f64() * 1e3);
+    report.note = Some(NO_STACKS.to_string());
+    let lost = cap
+        .blocks
+        .iter()
+        .zip(&kinds)
+        .filter(|(_, k)| matches!(k, Kind::Direct | Kind::Indirect))
+        .map(|(b, k)| (*b, *k))
+        .collect();
+    Ok(Check {
+        report,
+        lost,
+        capture: cap,
+    })
 }
 
-/// Whether an `environ` block (NUL-separated) preloads `agent`.
-fn preloads(env: &[u8], agent: &[u8]) -> bool {
-    env.split(|&c| c == 0)
-        .filter_map(|v| v.strip_prefix(b"LD_PRELOAD="))
-        .any(|list| {
-            list.split(|&c| c == b':' || c == b' ' || c == b'\t')
-                .any(|p| p == agent)
+/// The walk's blocks as capture blocks (no sequence number, no stack; the chunk's flags
+/// where the agent keeps them).
+fn blocks_of(walk: &[crate::blocks::HeapBlock]) -> Vec<Block> {
+    walk.iter()
+        .map(|b| {
+            let mmapped = b.flags & CHUNK_IS_MMAPPED as u64 != 0;
+            Block {
+                addr: b.addr,
+                size: b.usable,
+                seq: 0,
+                stack: kal_proto::STACK_UNKNOWN,
+                api: Api::Malloc as u32 | ((b.flags as u32 & 7) << CHUNK_FLAGS_SHIFT),
+                // A heap chunk's last usable word is the next chunk's prev_size.
+                span: if mmapped { b.usable } else { b.usable - 8 },
+            }
         })
+        .collect()
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_agent_is_found_among_other_preloads() {
-        let a = b"/x/libkal_agent.so";
-        assert!(preloads(b"A=1\0LD_PRELOAD=/x/libkal_agent.so:/y.so\0", a));
-        assert!(preloads(b"LD_PRELOAD=/y.so /x/libkal_agent.so\0", a));
-        assert!(!preloads(b"A=1\0LD_PRELOAD=/y.so\0", a));
-        assert!(!preloads(b"X_LD_PRELOAD=/x/libkal_agent.so\0", a));
-        assert!(!preloads(b"", a));
+fn gap_of(u: Unwalked) -> Gap {
+    let why = format!("heap not walked: {}", u.why);
+    if u.end > u.start {
+        Gap::range(u.start, u.end, &why)
+    } else {
+        Gap::whole(&why)
     }
+}
+
+/// Captures process `pid` from the memory of `mem_pid` (a snapshot copy of it, or the
+/// process itself, frozen), with the registers `threads` and what was read from the
+/// frozen target beside the copy (`extras`): blocks from the heap walk.
+pub fn capture(
+    pid: i32,
+    mem_pid: i32,
+    threads: Vec<ThreadRegs>,
+    extras: Extras,
+) -> Result<Capture> {
+    let mem = ProcessMemory::new(mem_pid);
+    let smaps = procfs::smaps(mem_pid)?;
+    let maps: Vec<Mapping> = smaps.iter().map(|e| e.mapping.clone()).collect();
+    let tps: Vec<u64> = threads.iter().map(|t| t.thread_pointer()).collect();
+    let (t0, c0) = (Instant::now(), crate::thread_cpu_ms());
+    let walk = Ptmalloc {
+        mem: &mem,
+        maps: &maps,
+        thread_pointers: &tps,
+        exclude: &[],
+    }
+    .live_blocks()
+    .map_err(|e| anyhow::anyhow!("cannot walk the heap of process {pid}: {e}"))?;
+    if std::env::var_os("KAL_DEBUG_TIMING").is_some() {
+        crate::say!(
+            "timing: heap walk {:?} ({} blocks, {} arenas; on-CPU {:.1} ms)",
+            t0.elapsed(),
+            walk.blocks.len(),
+            walk.arenas.len(),
+            crate::thread_cpu_ms() - c0
+        );
+    }
+    let mut unwalked = walk.unwalked;
+    // With libc's debug symbols at hand, the main arena found must be theirs.
+    if let Some(sym) = crate::blocks::ptmalloc::main_arena_from_symbols(&maps) {
+        if walk.arenas.first() != Some(&sym) {
+            unwalked.push(Unwalked {
+                start: 0,
+                end: 0,
+                why: format!(
+                    "the main arena found ({:#x}) is not glibc's main_arena ({sym:#x}, from its debug symbols)",
+                    walk.arenas.first().copied().unwrap_or(0)
+                ),
+            });
+        }
+    }
+    let blocks = blocks_of(&walk.blocks);
+    let header = Header {
+        glibc_malloc: 1,
+        ..Default::default()
+    };
+    let heap_ranges = crate::roots::heap_ranges(&maps, &blocks, &header, &mem);
+    let root_maps: Vec<(u64, u64)> = smaps
+        .iter()
+        .filter(|e| may_hold_roots(&e.mapping, e.anonymous))
+        .map(|e| (e.mapping.start, e.mapping.end))
+        .chain(extras.ranges.iter().copied())
+        .collect();
+    let root_maps = crate::ranges::normalize(root_maps);
+    let mut not_here = heap_ranges.clone();
+    not_here.extend_from_slice(&extras.ranges);
+    let ranges = crate::ranges::subtract(&root_maps, &crate::ranges::normalize(not_here));
+    let shared: Vec<(u64, u64)> = smaps
+        .iter()
+        .filter(|e| e.mapping.shared)
+        .map(|e| (e.mapping.start, e.mapping.end))
+        .collect();
+    let (mut image, unread) = Image::copy(&mem, &ranges, &shared);
+    let mut gaps = Gaps {
+        unread: extras.gaps.clone(),
+        threads_without_registers: extras.threads_without_registers,
+        hooks_without_side_stack: 0,
+    };
+    gaps.unread.extend(
+        unread
+            .into_iter()
+            .map(|(s, e)| Gap::range(s, e, "unreadable")),
+    );
+    gaps.unread.extend(crate::freeze_copy::unseen(
+        &extras,
+        &smaps,
+        &[],
+        &heap_ranges,
+    ));
+    gaps.unread.extend(unwalked.into_iter().map(gap_of));
+    let Extras {
+        image: parent_image,
+        values: kernel_values,
+        ..
+    } = extras;
+    image.overlay(parent_image);
+    let memory = crate::capture::memory_stats(pid, &smaps, &blocks, &heap_ranges, &[], &header);
+    Ok(Capture {
+        pid,
+        exe: Some(procfs::exe(pid))
+            .filter(|e| !e.is_empty())
+            .unwrap_or_else(|| procfs::exe(mem_pid)),
+        threads,
+        maps,
+        header,
+        blocks,
+        stacks: Default::default(),
+        image,
+        root_maps,
+        kernel_values,
+        gaps,
+        heap_ranges,
+        heap: Box::new(mem),
+        memory,
+        banned: Vec::new(),
+        agent: Vec::new(),
+    })
 }

@@ -17,9 +17,14 @@ pub struct Check {
     pub capture: Capture,
 }
 
-/// Checks process `pid` once.
+/// Checks process `pid` once (without an agent in it, from glibc's own heap: see
+/// [`crate::agentless`]).
 pub fn check(pid: i32, opts: &report::Options) -> Result<Check> {
-    let header = crate::agent::find_header(pid)?;
+    let header = match crate::agent::find_header(pid) {
+        Ok(h) => h,
+        Err(_) if crate::agentless::has_no_agent(pid) => return crate::agentless::check(pid, opts),
+        Err(e) => return Err(e),
+    };
     check_with_header(pid, header, opts, &Default::default())
 }
 

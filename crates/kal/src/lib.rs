@@ -47,6 +47,7 @@ macro_rules! say_raw {
 
 pub mod agent;
 pub mod agentless;
+pub mod blocks;
 pub mod capture;
 pub mod check;
 pub mod control;
@@ -71,6 +72,7 @@ pub mod site;
 pub mod snapshot;
 pub mod suppress;
 pub mod symbolize;
+pub mod without_agent;
 
 /// Step 3 on a capture: the class of every block (in `cap.blocks` order).
 pub fn classify(cap: &capture::Capture) -> Vec<reach::Kind> {

@@ -188,11 +188,13 @@ enum Cmd {
         )]
         command: Vec<OsString>,
     },
-    /// Check a running process (started under `kal run`) for leaks, now.
+    /// Check a running process for leaks, now.
     ///
     /// The process is paused only while a copy-on-write snapshot is made (milliseconds);
     /// the snapshot is scanned while the program runs on. Exit status 23 when something
     /// is definitely lost. A process dying of a signal is left alone (a one-line error).
+    /// A process not started under `kal run` is checked from glibc's own heap: the same
+    /// classes and counts, without allocation stacks.
     ///
     /// Example: kal check 4242 --json now.json
     Check {

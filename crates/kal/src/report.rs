@@ -176,6 +176,10 @@ pub struct Report {
     /// For a live check: how long copying and scanning the snapshot took, in milliseconds.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub scan_ms: Option<f64>,
+    /// What the reader must know about this report as a whole (a check without the
+    /// agent: no allocation stacks).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
 }
 
 /// How to build a report.
@@ -316,6 +320,7 @@ pub fn build(
         gaps: c.gaps.clone(),
         pause_ms: None,
         scan_ms: None,
+        note: None,
     }
 }
 
@@ -348,6 +353,9 @@ pub fn text(r: &Report, frames: usize) -> String {
         "{tag} kal: leak report for {} (pid {})",
         r.program, r.pid
     );
+    if let Some(n) = &r.note {
+        let _ = writeln!(s, "{tag} note: {n}");
+    }
     for rec in &r.leaks {
         let _ = writeln!(
             s,

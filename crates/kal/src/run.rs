@@ -159,7 +159,7 @@ pub fn run(opts: &RunOptions) -> Result<i32> {
     } else {
         agent
     };
-    let mut agentless = crate::agentless::Agentless::new(&agent);
+    let mut without_agent = crate::without_agent::WithoutAgent::new(&agent);
     let mut preload = agent.as_os_str().to_owned();
     if let Some(old) = std::env::var_os("LD_PRELOAD").filter(|o| !o.is_empty()) {
         preload.push(":");
@@ -270,7 +270,7 @@ pub fn run(opts: &RunOptions) -> Result<i32> {
                 Ok(Handled::Keep(c)) => {
                     hellos += 1;
                     if let Some(pid) = c.pid {
-                        agentless.hello(pid);
+                        without_agent.hello(pid);
                     }
                     keep.push(c)
                 }
@@ -281,9 +281,9 @@ pub fn run(opts: &RunOptions) -> Result<i32> {
                         reported.swap_remove(i);
                     } else {
                         // Ended unread (said once its end is known), or went on without
-                        // the agent (exec: said by `agentless`).
+                        // the agent (exec: said by `without_agent`).
                         pending.push(crate::ended::Pending::new(pid, c.pidfd));
-                        agentless.closed(pid);
+                        without_agent.closed(pid);
                     }
                 }
                 Ok(Handled::Closed(None)) => {}
@@ -291,7 +291,7 @@ pub fn run(opts: &RunOptions) -> Result<i32> {
             }
         }
         conns = keep;
-        agentless.poll(false);
+        without_agent.poll(false);
         if status.is_none() {
             status = child.try_wait()?;
         }
@@ -335,7 +335,7 @@ pub fn run(opts: &RunOptions) -> Result<i32> {
             }
         }
     }
-    agentless.poll(true);
+    without_agent.poll(true);
     let status = status.expect("loop ends after the child exited");
     if hellos == 0 {
         crate::say!("kal: the agent never started in {} (is it setuid, or does it reset LD_PRELOAD?): no leak report", program.display());

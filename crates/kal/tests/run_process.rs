@@ -476,12 +476,9 @@ fn signal_handlers_that_allocate_on_an_alternate_stack_run_as_without_kal() {
         );
         assert_eq!(totals(&r.json, "indirect"), (0, 0), "run {run}");
         assert_eq!(totals(&r.json, "possible"), (0, 0), "run {run}");
-        // stdout's buffer, and the five blocks the handler kept with their 64-byte ones.
-        assert_eq!(
-            totals(&r.json, "reachable"),
-            (4096 + 5 * 364, 11),
-            "run {run}"
-        );
+        // The five blocks the handler kept with their 64-byte ones (stdout's buffer is
+        // given back by __libc_freeres at exit).
+        assert_eq!(totals(&r.json, "reachable"), (5 * 364, 10), "run {run}");
         assert_eq!(
             sum(&records_at(&r.json, "direct", "altstack.c", leak)),
             (3000, 3),
