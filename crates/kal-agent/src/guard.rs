@@ -13,14 +13,14 @@ const HOOK: u8 = 1;
 const AGENT: u8 = 2;
 
 thread_local! {
-    static STATE: Cell<u8> = const { Cell::new(OUTSIDE) };
     static RESOLVING: Cell<bool> = const { Cell::new(false) };
 }
 
 /// Marks this thread as inside a hook; returns false if it already was inside the agent.
 #[inline(always)]
 pub fn enter() -> bool {
-    STATE.with(|f| {
+    crate::tls::with(|t| {
+        let f = &t.guard;
         if f.get() != OUTSIDE {
             return false;
         }
@@ -32,7 +32,8 @@ pub fn enter() -> bool {
 /// Marks this thread as running the agent's own code (allocations it makes are the
 /// agent's, never recorded); returns false if it already was inside the agent.
 pub fn enter_agent() -> bool {
-    STATE.with(|f| {
+    crate::tls::with(|t| {
+        let f = &t.guard;
         if f.get() != OUTSIDE {
             return false;
         }
@@ -45,13 +46,13 @@ pub fn enter_agent() -> bool {
 /// comes from a signal handler that interrupted the hook.
 #[inline(always)]
 pub fn interrupted_hook() -> bool {
-    STATE.with(|f| f.get() == HOOK)
+    crate::tls::with(|t| t.guard.get() == HOOK)
 }
 
 /// Leaves the hook or agent code entered with a successful [`enter`] or [`enter_agent`].
 #[inline(always)]
 pub fn leave() {
-    STATE.with(|f| f.set(OUTSIDE));
+    crate::tls::with(|t| t.guard.set(OUTSIDE));
 }
 
 /// Whether this thread is the one resolving the next allocator.

@@ -8,17 +8,11 @@
 
 use crate::unwind::Regs;
 use crate::{guard, real, side, state};
-use core::cell::Cell;
 use core::ffi::c_void;
 use core::sync::atomic::{AtomicU64, Ordering};
 use kal_proto::Api;
 
 static NEXT_THREAD: AtomicU64 = AtomicU64::new(1);
-
-thread_local! {
-    static THREAD_INDEX: Cell<u64> = const { Cell::new(0) };
-    static SEQ: Cell<u64> = const { Cell::new(0) };
-}
 
 /// A sequence number unique in this process: thread index in the high bits, a per-thread
 /// count below. A signal handler's hook may run between any two instructions of the
@@ -26,12 +20,11 @@ thread_local! {
 /// (both saw none yet) is simply never used again after the second.
 #[inline(always)]
 fn next_seq() -> u64 {
-    let mut index = THREAD_INDEX.with(|i| i.get());
+    let (mut index, counter) = crate::tls::with(|t| (t.thread_index.get(), t.seq.as_ptr()));
     if index == 0 {
         index = NEXT_THREAD.fetch_add(1, Ordering::Relaxed);
-        THREAD_INDEX.with(|i| i.set(index));
+        crate::tls::with(|t| t.thread_index.set(index));
     }
-    let counter = SEQ.with(|s| s.as_ptr());
     let mut old: u64 = 1;
     // SAFETY: `counter` is this thread's own counter; a single `xadd` (no lock prefix:
     // only this thread and its signal handlers touch it) cannot be split by a signal.

@@ -36,6 +36,7 @@ mod snapshot;
 mod state;
 mod table;
 mod threads;
+mod tls;
 mod unwind;
 
 use core::alloc::{GlobalAlloc, Layout};
@@ -89,6 +90,7 @@ fn static_tls_size() -> u64 {
 }
 
 extern "C" fn agent_start() {
+    tls::init();
     let Some(r) = real::get() else { return };
     if !guard::enter_agent() {
         return;

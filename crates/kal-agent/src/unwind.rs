@@ -29,10 +29,6 @@ static BUILDING: AtomicBool = AtomicBool::new(false);
 /// Start and end of the agent's own executable segment.
 static AGENT_TEXT: [AtomicU64; 2] = [AtomicU64::new(0), AtomicU64::new(0)];
 
-thread_local! {
-    static CACHE: Cell<*mut ThreadState> = const { Cell::new(core::ptr::null_mut()) };
-}
-
 /// The agent's own code range, `(start, end)`.
 pub fn agent_text() -> (u64, u64) {
     (
@@ -268,12 +264,12 @@ pub struct ThreadState {
 }
 
 fn state() -> *mut ThreadState {
-    let c = CACHE.with(|c| c.get());
+    let c = crate::tls::with(|t| t.unwind.get());
     if !c.is_null() {
         return c;
     }
     let c = crate::pool::take_cache();
-    CACHE.with(|cell| cell.set(c));
+    crate::tls::with(|t| t.unwind.set(c));
     c
 }
 
@@ -290,7 +286,7 @@ pub fn new_cache() -> *mut ThreadState {
 
 /// The calling thread's state, or null if it has none yet.
 pub fn current_cache() -> *mut ThreadState {
-    CACHE.with(|c| c.get())
+    crate::tls::with(|t| t.unwind.get())
 }
 
 /// The stack-table id of the stack of the allocation function's caller at `at`.

@@ -1,0 +1,78 @@
+//! The hooks' per-thread state, reached without a call.
+//!
+//! The agent is a shared library, so Rust's `thread_local!` reaches its variables through
+//! `__tls_get_addr` (the general-dynamic TLS model): a call into the dynamic loader on every
+//! hook. But a library loaded at start (`LD_PRELOAD`) gets *static* TLS: its block sits at
+//! the same offset from the thread pointer (`fs:0`) in every thread. [`init`] measures that
+//! offset once, in the thread that starts the agent; from then on [`with`] is the thread
+//! pointer plus the offset. Until then, or if the offset looks wrong, the `thread_local!`
+//! path is taken. A future in-process attach (`dlopen` of the agent into a running process,
+//! whose TLS may be allocated per thread on demand) must not call [`init`].
+
+use core::cell::Cell;
+use core::sync::atomic::{AtomicIsize, Ordering};
+
+/// What the hooks keep per thread.
+pub struct PerThread {
+    /// Re-entrancy state (see [`crate::guard`]).
+    pub guard: Cell<u8>,
+    /// The thread's index for sequence numbers, 0 until its first allocation.
+    pub thread_index: Cell<u64>,
+    /// The thread's allocation counter (see [`crate::hooks`]).
+    pub seq: Cell<u64>,
+    /// The thread's unwinding state, null until its first allocation (see [`crate::unwind`]).
+    pub unwind: Cell<*mut crate::unwind::ThreadState>,
+}
+
+thread_local! {
+    static PER: PerThread = const {
+        PerThread {
+            guard: Cell::new(0),
+            thread_index: Cell::new(0),
+            seq: Cell::new(0),
+            unwind: Cell::new(core::ptr::null_mut()),
+        }
+    };
+}
+
+/// `PER`'s address minus the thread pointer, the same in every thread; 0 while unknown.
+static OFFSET: AtomicIsize = AtomicIsize::new(0);
+
+/// Static TLS lies below the thread pointer, within this distance (glibc's static TLS of a
+/// program and its start-time libraries is a few KiB).
+const MAX_OFFSET: isize = 1 << 20;
+
+#[inline(always)]
+fn thread_pointer() -> isize {
+    let tp: isize;
+    // SAFETY: on x86-64 Linux, fs:0 holds the thread pointer itself (the TCB's self link).
+    unsafe {
+        core::arch::asm!("mov {0}, fs:0", out(reg) tp, options(nostack, readonly, preserves_flags))
+    };
+    tp
+}
+
+/// Measures the offset of the per-thread state from the thread pointer. Called once, by the
+/// thread that starts the agent (loaded at process start: static TLS).
+pub fn init() {
+    let off = PER
+        .with(|p| p as *const PerThread as isize)
+        .wrapping_sub(thread_pointer());
+    if (-MAX_OFFSET..0).contains(&off) {
+        OFFSET.store(off, Ordering::Release);
+    }
+}
+
+/// Runs `f` with the calling thread's state.
+#[inline(always)]
+pub fn with<R>(f: impl FnOnce(&PerThread) -> R) -> R {
+    let off = OFFSET.load(Ordering::Relaxed);
+    if off == 0 {
+        return PER.with(f);
+    }
+    let p = thread_pointer().wrapping_add(off) as *const PerThread;
+    // SAFETY: static TLS puts this thread's `PER` at the thread pointer plus the offset
+    // measured in the starting thread (`init`); it lives as long as the thread, and only
+    // this thread (and its signal handlers, which the fields are made for) touch it.
+    f(unsafe { &*p })
+}
