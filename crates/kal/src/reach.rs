@@ -554,43 +554,112 @@ impl<'a, 'm> Marker<'a, 'm> {
             let mut todo = std::mem::take(&mut self.deferred);
             todo.sort_unstable();
             todo.dedup();
-            if threads < 2 || todo.len() < parallel_sweep {
+            if threads < 2 {
+                self.sweep(&todo);
+                continue;
+            }
+            // Large blocks (a hash table's bucket array: millions of pointers) are cut into
+            // cache-sized pieces shared between the threads.
+            let large: u64 = todo
+                .iter()
+                .filter(|&&i| self.is_large(i as usize))
+                .map(|&i| self.marks.blocks[i as usize].size)
+                .sum();
+            if large >= parallel_sweep as u64 * PIECE_BYTES_PER_BLOCK {
+                let pieces = self.claim_large(&todo);
+                let parts: Vec<Job> = (0..threads)
+                    .map(|t| Job::Pieces(pieces.iter().skip(t).step_by(threads).copied().collect()))
+                    .collect();
+                self.in_parallel(heap, parts);
+                todo.retain(|&i| !self.is_large(i as usize));
+            }
+            if todo.len() < parallel_sweep {
                 self.sweep(&todo);
                 continue;
             }
             let part = todo.len().div_ceil(threads);
-            self.marks.shared = true;
-            let (blocks, idx, heuristics, state) = (
-                self.marks.blocks,
-                self.marks.idx,
-                self.marks.heuristics,
-                self.marks.state,
-            );
-            let more: Vec<Vec<u32>> = std::thread::scope(|sc| {
-                let others: Vec<_> = todo[part..]
-                    .chunks(part)
-                    .map(|chunk| {
-                        sc.spawn(move || {
-                            let mut w = Marker::new(blocks, idx, heuristics, state, heap);
-                            w.marks.shared = true;
-                            w.sweep(chunk);
-                            w.drain();
-                            w.deferred
-                        })
-                    })
-                    .collect();
-                self.sweep(&todo[..part]);
-                self.drain();
-                others
-                    .into_iter()
-                    .map(|t| t.join().unwrap_or_else(|e| std::panic::resume_unwind(e)))
-                    .collect()
-            });
-            self.marks.shared = false;
-            for d in more {
-                self.deferred.extend(d);
+            self.in_parallel(heap, todo.chunks(part).map(Job::Sweep).collect());
+        }
+    }
+
+    /// Claims the large blocks of `todo` that need a scan (as [`scan`](Self::scan) does)
+    /// and returns their words in pieces of half the cache: `(start, end, definite)`.
+    fn claim_large(&mut self, todo: &[u32]) -> Vec<(u64, u64, bool)> {
+        let chunk = self.cache.slots() / 2 * PAGE;
+        let mut pieces = Vec::new();
+        for &i in todo {
+            let i = i as usize;
+            if !self.is_large(i) || !self.needs_scan(i) {
+                continue;
+            }
+            let definite = self.marks.st(i) & DEFINITE != 0;
+            let bit = if definite {
+                SCANNED_DEFINITE
+            } else {
+                SCANNED_POSSIBLE
+            };
+            if self.marks.set(i, bit) & bit != 0 {
+                continue;
+            }
+            let (s, e) = words_range(&self.marks.blocks[i]);
+            let mut at = s;
+            while at < e {
+                let upto = e.min((at / PAGE) * PAGE + chunk);
+                pieces.push((at, upto, definite));
+                at = upto;
             }
         }
+        pieces
+    }
+
+    /// Runs `jobs` on as many threads (this one takes the first), each with its own cache,
+    /// stack and batch over the shared block states; what they defer is deferred here.
+    fn in_parallel(&mut self, heap: &(dyn Memory + Sync), jobs: Vec<Job<'_>>) {
+        let mut jobs = jobs.into_iter();
+        let Some(first) = jobs.next() else { return };
+        self.marks.shared = true;
+        let (blocks, idx, heuristics, state) = (
+            self.marks.blocks,
+            self.marks.idx,
+            self.marks.heuristics,
+            self.marks.state,
+        );
+        let more: Vec<Vec<u32>> = std::thread::scope(|sc| {
+            let others: Vec<_> = jobs
+                .map(|job| {
+                    sc.spawn(move || {
+                        let mut w = Marker::new(blocks, idx, heuristics, state, heap);
+                        w.marks.shared = true;
+                        w.run(job);
+                        w.deferred
+                    })
+                })
+                .collect();
+            self.run(first);
+            others
+                .into_iter()
+                .map(|t| t.join().unwrap_or_else(|e| std::panic::resume_unwind(e)))
+                .collect()
+        });
+        self.marks.shared = false;
+        for d in more {
+            self.deferred.extend(d);
+        }
+    }
+
+    /// Does one thread's share of a parallel step, then drains what it reached.
+    fn run(&mut self, job: Job<'_>) {
+        match job {
+            Job::Sweep(todo) => self.sweep(todo),
+            Job::Pieces(pieces) => {
+                for (s, e, definite) in pieces {
+                    self.cache.load(s / PAGE, (e - 1) / PAGE - s / PAGE + 1);
+                    self.scan_range(s, e, definite);
+                    self.drain_stack();
+                }
+            }
+        }
+        self.drain();
     }
 
     /// Scans the blocks of `todo` (sorted) that still need it, loading their pages in
@@ -615,6 +684,18 @@ const MAX_THREADS: usize = 4;
 
 /// Sweeps of fewer blocks than this are not shared between threads.
 const PARALLEL_SWEEP: usize = 50_000;
+
+/// Large blocks are shared between threads when they hold at least this many bytes per
+/// block of [`PARALLEL_SWEEP`] (50,000 × 64 = 3.2 MB: about 400,000 words).
+const PIECE_BYTES_PER_BLOCK: u64 = 64;
+
+/// One thread's share of a parallel step.
+enum Job<'t> {
+    /// Part of a sweep's sorted list.
+    Sweep(&'t [u32]),
+    /// Pieces `(start, end, definite)` of large blocks already claimed.
+    Pieces(Vec<(u64, u64, bool)>),
+}
 
 /// Reads one 8-byte word from `mem`.
 fn read_word(mem: &dyn Memory, addr: u64) -> Option<u64> {
