@@ -41,7 +41,7 @@ pub fn find_header(pid: i32) -> Result<u64> {
 fn header_in(pid: i32, maps: &[Mapping]) -> Result<u64> {
     let agent: Vec<&Mapping> = maps
         .iter()
-        .filter(|m| m.path.rsplit('/').next() == Some(AGENT_FILE))
+        .filter(|m| m.file_name() == AGENT_FILE)
         .collect();
     let Some(first) = agent.iter().find(|m| m.offset == 0) else {
         bail!(

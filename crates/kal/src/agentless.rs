@@ -38,7 +38,7 @@ pub fn has_no_agent(pid: i32) -> bool {
         !maps.is_empty()
             && !maps
                 .iter()
-                .any(|m| m.path.rsplit('/').next() == Some(crate::agent::AGENT_FILE))
+                .any(|m| m.file_name() == crate::agent::AGENT_FILE)
     })
 }
 

@@ -31,6 +31,14 @@ impl Mapping {
         addr >= self.start && addr < self.end
     }
 
+    /// The mapped file's name (last path component), without the ` (deleted)` the kernel
+    /// appends once the file was removed or replaced (a kal upgraded while a program it
+    /// started runs on the old agent).
+    pub fn file_name(&self) -> &str {
+        let name = self.path.rsplit('/').next().unwrap_or("");
+        name.strip_suffix(" (deleted)").unwrap_or(name)
+    }
+
     /// Whether this mapping is backed by a regular file (a loaded module).
     pub fn is_file(&self) -> bool {
         self.inode != 0 && self.path.starts_with('/')
@@ -198,6 +206,28 @@ pub fn exe(pid: i32) -> String {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn a_deleted_files_name_is_its_name() {
+        let m = |path: &str| Mapping {
+            start: 0,
+            end: 4096,
+            read: true,
+            write: false,
+            exec: true,
+            shared: false,
+            offset: 0,
+            inode: 1,
+            path: path.into(),
+        };
+        assert_eq!(
+            m("/opt/kal/libkal_agent.so (deleted)").file_name(),
+            "libkal_agent.so"
+        );
+        assert_eq!(m("/opt/kal/libkal_agent.so").file_name(), "libkal_agent.so");
+        assert_eq!(m("").file_name(), "");
+    }
+
     use super::*;
 
     #[test]

@@ -126,11 +126,9 @@ impl WithoutAgent {
         if !preloads(&env, &self.agent) {
             return Seen::NotPreloaded;
         }
-        let mapped = maps.iter().any(|m| {
-            Path::new(&m.path)
-                .file_name()
-                .is_some_and(|n| n.as_encoded_bytes() == self.name.as_slice())
-        });
+        let mapped = maps
+            .iter()
+            .any(|m| m.file_name().as_bytes() == self.name.as_slice());
         if mapped {
             Seen::Mapped
         } else {
