@@ -158,66 +158,41 @@ impl<'a> BlockIndex<'a> {
         v.wrapping_sub(self.lo) < self.width
     }
 
+    /// The region holding `v` and the index of `v`'s granule in [`Self::counts`].
+    #[inline(always)]
+    fn granule_of(&self, v: u64) -> Option<(&Region, usize)> {
+        if !self.may_hold(v) {
+            return None;
+        }
+        let r = if self.regions.len() == 1 {
+            &self.regions[0]
+        } else {
+            let k = self.region_starts.partition_point(|&s| s <= v);
+            &self.regions[k.checked_sub(1)?]
+        };
+        (v < r.end).then(|| (r, r.base + ((v - r.start) >> r.shift) as usize))
+    }
+
     /// One past the index of the last block starting in `v`'s granule (so usually the
     /// block [`find`](Self::find) looks at, plus one), 0 if `v` is outside every region.
     /// Cheaper than `find`: one read of the granule table.
     #[inline]
     fn candidate(&self, v: u64) -> usize {
-        if !self.may_hold(v) {
-            return 0;
-        }
-        let r = if self.regions.len() == 1 {
-            &self.regions[0]
-        } else {
-            match self
-                .region_starts
-                .partition_point(|&s| s <= v)
-                .checked_sub(1)
-            {
-                Some(k) => &self.regions[k],
-                None => return 0,
-            }
-        };
-        if v >= r.end {
-            return 0;
-        }
-        r.first + self.counts[r.base + ((v - r.start) >> r.shift) as usize + 1] as usize
+        self.granule_of(v)
+            .map_or(0, |(r, g)| r.first + self.counts[g + 1] as usize)
     }
 
     /// Where `v`'s granule count is kept, if `v` is inside a region (for a prefetch).
     #[inline]
     fn granule(&self, v: u64) -> Option<*const u32> {
-        if !self.may_hold(v) {
-            return None;
-        }
-        let r = if self.regions.len() == 1 {
-            &self.regions[0]
-        } else {
-            let k = self.region_starts.partition_point(|&s| s <= v);
-            &self.regions[k.checked_sub(1)?]
-        };
-        if v >= r.end {
-            return None;
-        }
-        Some(&self.counts[r.base + ((v - r.start) >> r.shift) as usize + 1])
+        self.granule_of(v)
+            .map(|(_, g)| &self.counts[g + 1] as *const u32)
     }
 
     /// The block containing `v`, and whether `v` is its start.
     #[inline]
     pub fn find(&self, v: u64) -> Option<(usize, bool)> {
-        if !self.may_hold(v) {
-            return None;
-        }
-        let r = if self.regions.len() == 1 {
-            &self.regions[0]
-        } else {
-            let k = self.region_starts.partition_point(|&s| s <= v);
-            &self.regions[k.checked_sub(1)?]
-        };
-        if v >= r.end {
-            return None;
-        }
-        let g = r.base + ((v - r.start) >> r.shift) as usize;
+        let (r, g) = self.granule_of(v)?;
         let (a, b) = (self.counts[g] as usize, self.counts[g + 1] as usize);
         // The last block starting at or before v: among those starting in v's granule,
         // else the last one before it.
