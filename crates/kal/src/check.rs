@@ -52,6 +52,7 @@ pub fn check_with_header(
     let released = snap.release();
     let (cap, kinds) = scanned?;
     released?;
+    let built = Instant::now();
     let mut report = report::build(
         &cap,
         &kinds,
@@ -59,6 +60,12 @@ pub fn check_with_header(
         opts,
         reclaimed_sites,
     );
+    if std::env::var_os("KAL_DEBUG_TIMING").is_some() {
+        crate::say!(
+            "timing: report built in {:.1} ms (grouping, symbols)",
+            built.elapsed().as_secs_f64() * 1e3
+        );
+    }
     report.pause_ms = Some(pause.as_secs_f64() * 1e3);
     report.scan_ms = Some(scan.as_secs_f64() * 1e3);
     let lost = cap

@@ -1,6 +1,6 @@
 //! Step 5: leak records grouped by allocation stack, as text (LSan-like) and JSON.
 
-use crate::capture::Capture;
+use crate::capture::{Block, Capture};
 use crate::reach::Kind;
 use crate::suppress::Suppressions;
 use crate::symbolize::{Frame, Symbols};
@@ -194,6 +194,44 @@ pub struct Options {
     pub no_interrupt: bool,
 }
 
+/// Blocks grouped by (class, stack id, API), with their totals, in key order. Millions of
+/// blocks share a few thousand keys: each stack id heads a short chain of its groups.
+fn group(blocks: &[Block], kinds: &[Kind]) -> Vec<((Kind, u32, u32), Totals)> {
+    let heads = blocks
+        .iter()
+        .map(|b| b.stack as usize + 1)
+        .max()
+        .unwrap_or(0);
+    if heads > 1 << 24 {
+        // Stack ids are 16-bit today; never index by a huge one.
+        let mut m: BTreeMap<(Kind, u32, u32), Totals> = BTreeMap::new();
+        for (b, &k) in blocks.iter().zip(kinds) {
+            m.entry((k, b.stack, b.api)).or_default().add(b.size);
+        }
+        return m.into_iter().collect();
+    }
+    const NONE: u32 = u32::MAX;
+    let mut groups: Vec<((Kind, u32, u32), Totals)> = Vec::new();
+    let mut head = vec![NONE; heads];
+    let mut next: Vec<u32> = Vec::new();
+    for (b, &k) in blocks.iter().zip(kinds) {
+        let s = b.stack as usize;
+        let mut g = head[s];
+        while g != NONE && (groups[g as usize].0 .0 != k || groups[g as usize].0 .2 != b.api) {
+            g = next[g as usize];
+        }
+        if g == NONE {
+            g = groups.len() as u32;
+            groups.push(((k, b.stack, b.api), Totals::default()));
+            next.push(head[s]);
+            head[s] = g;
+        }
+        groups[g as usize].1.add(b.size);
+    }
+    groups.sort_unstable_by_key(|(key, _)| *key);
+    groups
+}
+
 /// Groups classified blocks into records, symbolizes them and applies suppressions.
 /// `reclaimed_sites`: what this kal reclaimed, by stack id.
 pub fn build(
@@ -203,14 +241,13 @@ pub fn build(
     opts: &Options,
     reclaimed_sites: &HashMap<u32, Totals>,
 ) -> Report {
-    let mut groups: BTreeMap<(Kind, u32, u32), Totals> = BTreeMap::new();
-    for (b, &k) in c.blocks.iter().zip(kinds) {
-        groups.entry((k, b.stack, b.api)).or_default().add(b.size);
-    }
+    let groups = group(&c.blocks, kinds);
     let addrs: Vec<u64> = {
+        // Still-reachable records are not shown unless asked: their stacks need no names.
         let sites = groups
-            .keys()
-            .map(|(_, s, _)| s)
+            .iter()
+            .filter(|((k, _, _), _)| *k != Kind::Reachable || opts.show_reachable)
+            .map(|((_, s, _), _)| s)
             .chain(reclaimed_sites.keys())
             .chain(&c.banned);
         let mut v: Vec<u64> = sites
