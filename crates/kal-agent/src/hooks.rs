@@ -96,6 +96,9 @@ fn record_interrupting(p: *mut c_void, size: usize, api: Api) {
 /// own code (then the block is the agent's).
 #[inline(always)]
 fn tracked(size: usize, api: Api, at: Regs, alloc: impl FnOnce() -> *mut c_void) -> *mut c_void {
+    if crate::got::detached() {
+        return alloc();
+    }
     if !guard::enter() {
         let p = alloc();
         if !p.is_null() && guard::interrupted_hook() {
@@ -243,6 +246,11 @@ extern "C" fn free_impl(p: *mut c_void, _: usize, _: usize, _: usize, _: usize) 
         return;
     }
     let Some(r) = real::get() else { return };
+    if crate::got::detached() {
+        // SAFETY: p is the caller's block, handed to the allocator that produced it.
+        unsafe { (r.free)(p) };
+        return;
+    }
     let known = state::tables().is_some_and(|t| t.forget(p as u64));
     if !known && crate::reclaim::contradicts(p as u64) {
         return; // kal reclaimed it already: freeing it again would be a double free
@@ -286,6 +294,10 @@ extern "C" fn realloc_impl(
         return tracked(size, Api::Realloc, at, || unsafe {
             (r.realloc)(core::ptr::null_mut(), size)
         });
+    }
+    if crate::got::detached() && !real::is_boot(p) {
+        // SAFETY: p is the caller's live block.
+        return unsafe { (r.realloc)(p, size) };
     }
     if real::is_boot(p) {
         // SAFETY: a plain allocation for the bootstrap block's new home.

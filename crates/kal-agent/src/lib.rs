@@ -21,6 +21,7 @@ mod alone;
 mod control;
 mod diag;
 mod ends;
+mod got;
 mod guard;
 pub mod hooks;
 mod mem;
@@ -90,7 +91,15 @@ fn static_tls_size() -> u64 {
 }
 
 extern "C" fn agent_start() {
-    tls::init();
+    let attach = got::loaded_by_dlopen();
+    if attach {
+        // Loaded by `kal attach`: TLS is the loader's dynamic TLS, at no fixed offset
+        // from the thread pointer, so the static-TLS shortcuts stay off.
+        got::set_attach_mode();
+        side::KAL_SIDE_TOP_OFFSET.store(usize::MAX, core::sync::atomic::Ordering::Release);
+    } else {
+        tls::init();
+    }
     let Some(r) = real::get() else { return };
     if !guard::enter_agent() {
         return;
@@ -109,6 +118,11 @@ extern "C" fn agent_start() {
     control::init();
     server::start();
     table::resize::start();
+    if attach {
+        // Every other program thread is stopped by kal now: the slots change at once.
+        got::patch();
+        got::attached();
+    }
     guard::leave();
 }
 

@@ -39,6 +39,28 @@ pub fn stopping() -> bool {
     STOP.load(Ordering::Acquire)
 }
 
+/// Asks the agent's server and resizer threads to end for good (`kal detach`): the
+/// server ends after the request it serves, the resizer at its next look.
+pub fn stop_for_detach() {
+    STOP.store(true, Ordering::Release);
+    crate::table::resize::hint();
+}
+
+/// Starts the agent's threads again after [`stop_for_detach`] (`kal attach` once more),
+/// once the old ones have ended.
+pub fn resume_after_detach() {
+    let server = crate::state::server_tid() as i32;
+    let resizer = crate::alone::RESIZER_TID.load(Ordering::Acquire);
+    let mut waited = 0;
+    while !(gone(server) && gone(resizer)) && waited < 1000 {
+        sleep_1ms();
+        waited += 1;
+    }
+    STOP.store(false, Ordering::Release);
+    crate::server::resume();
+    crate::table::resize::resume();
+}
+
 fn gone(tid: i32) -> bool {
     if tid <= 0 {
         return true;

@@ -207,7 +207,7 @@ extern "C" fn serve(_: *mut libc::c_void) -> *mut libc::c_void {
     loop {
         // Never accept on a number the program reused for a file of its own.
         let lfd = LISTEN_FD.get();
-        if lfd < 0 {
+        if lfd < 0 || crate::pause::stopping() {
             state::set_server_tid(0);
             return core::ptr::null_mut();
         }
@@ -642,6 +642,22 @@ fn handle_request(fd: i32, hb: &[u8; REQ_HEADER_SIZE], passed: i32, may_act: boo
             }
             publish();
             reply(fd, &resp, &out);
+        }
+        Op::Detach => {
+            let attached = crate::got::attach_mode()
+                && crate::got::KAL_ATTACH_STATE.load(Ordering::Acquire) == 1;
+            if attached {
+                crate::got::detach();
+            }
+            let resp = Response {
+                status: Status::Ok as u32,
+                freed_blocks: attached as u64,
+                ..Default::default()
+            };
+            reply(fd, &resp, &[]);
+            if attached {
+                crate::pause::stop_for_detach();
+            }
         }
         Op::Stats => {
             publish();

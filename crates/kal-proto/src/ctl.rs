@@ -42,6 +42,10 @@ pub enum Op {
     Park = 4,
     /// Report the parking counters ([`ParkStats`]).
     Stats = 5,
+    /// Detach an agent loaded by `kal attach`: restore every GOT slot it redirected, make
+    /// its hooks forward only, and end its threads once the answer is sent
+    /// (`Response::freed_blocks` is 1 when done, 0 when the agent was not attached).
+    Detach = 6,
 }
 
 /// Park request argument: a store limit of `mib` MiB (at least 1).
@@ -101,6 +105,7 @@ impl ReqHeader {
             3 => Op::Snapshot,
             4 => Op::Park,
             5 => Op::Stats,
+            6 => Op::Detach,
             _ => return Err(DecodeError::UnknownOp),
         };
         let count = u32::from_le_bytes([b[8], b[9], b[10], b[11]]);
@@ -108,7 +113,7 @@ impl ReqHeader {
         let ok = match op {
             Op::Reclaim => count <= MAX_RECLAIM && arg == 0,
             Op::Park => count <= MAX_RECLAIM,
-            Op::Trim | Op::Stats | Op::Snapshot => count == 0 && arg == 0,
+            Op::Trim | Op::Stats | Op::Snapshot | Op::Detach => count == 0 && arg == 0,
         };
         if !ok {
             return Err(DecodeError::BadCount);

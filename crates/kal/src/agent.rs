@@ -35,7 +35,11 @@ pub fn find_header(pid: i32) -> Result<u64> {
     if maps.is_empty() {
         bail!("no permission to inspect process {pid}, or it is a kernel thread");
     }
-    header_in(pid, &maps)
+    let addr = header_in(pid, &maps)?;
+    if matches!(crate::attach::agent_state(pid), Ok(Some(2))) {
+        bail!("process {pid} was attached and then detached: its agent records nothing (kal attach {pid} first)");
+    }
+    Ok(addr)
 }
 
 fn header_in(pid: i32, maps: &[Mapping]) -> Result<u64> {
@@ -45,7 +49,7 @@ fn header_in(pid: i32, maps: &[Mapping]) -> Result<u64> {
         .collect();
     let Some(first) = agent.iter().find(|m| m.offset == 0) else {
         bail!(
-            "process {pid} was not started under `kal run` (no kal agent in it); attaching to other processes is not supported yet"
+            "process {pid} was not started under `kal run` (no kal agent in it); load it with `kal attach {pid}`, or check it without the agent"
         );
     };
     let path = mapped_file(pid, first)?;
@@ -66,7 +70,7 @@ fn header_in(pid: i32, maps: &[Mapping]) -> Result<u64> {
 /// (works across mount namespaces and after the file was replaced on disk, but needs
 /// CAP_SYS_ADMIN), else the file's path through the process's root (what a normal user
 /// may open) if its inode is still the mapped one.
-fn mapped_file(pid: i32, m: &Mapping) -> Result<String> {
+pub(crate) fn mapped_file(pid: i32, m: &Mapping) -> Result<String> {
     use std::os::unix::fs::MetadataExt;
     let direct = format!("/proc/{pid}/map_files/{:x}-{:x}", m.start, m.end);
     if std::fs::File::open(&direct).is_ok() {

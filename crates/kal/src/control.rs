@@ -220,6 +220,15 @@ impl Agent {
         Ok(ParkStats::decode(&b))
     }
 
+    /// Asks an agent loaded by `kal attach` to detach (restore the GOT slots it redirected
+    /// and end its threads); `Ok(false)` if it was not attached.
+    pub fn detach(&self) -> Result<bool> {
+        let mut s = self.connect()?;
+        s.write_all(&request(Op::Detach, &[], 0))?;
+        let r = read_response(&mut s)?;
+        Ok(r.status == Status::Ok as u32 && r.freed_blocks == 1)
+    }
+
     /// Asks the agent to return free memory to the OS; `Ok(false)` if its allocator
     /// cannot.
     pub fn trim(&self) -> Result<bool> {

@@ -47,6 +47,7 @@ macro_rules! say_raw {
 
 pub mod agent;
 pub mod agentless;
+pub mod attach;
 pub mod blocks;
 pub mod capture;
 pub mod check;

@@ -240,6 +240,21 @@ enum Cmd {
         /// Process id.
         pid: i32,
     },
+    /// Load the agent into a running process started without kal (glibc malloc, dynamically
+    /// linked): allocation stacks from now on, for `kal check`.
+    ///
+    /// Example: kal attach 4242
+    Attach {
+        /// Process id.
+        pid: i32,
+    },
+    /// Stop recording in a process `kal attach` loaded the agent into: the program runs on.
+    ///
+    /// Example: kal detach 4242
+    Detach {
+        /// Process id.
+        pid: i32,
+    },
 }
 
 fn mib(b: u64) -> f64 {
@@ -310,6 +325,29 @@ fn reclaim(
     Ok(0)
 }
 
+fn attach(pid: i32) -> Result<i32> {
+    let agent = kal::run::find_agent()?;
+    let a = kal::attach::attach(pid, &agent)?;
+    println!(
+        "kal attach {pid}: agent {}, {} GOT slots redirected, program paused {:.2} ms ({} freeze{})",
+        if a.again { "attached again" } else { "loaded" },
+        a.slots,
+        a.pause.as_secs_f64() * 1e3,
+        a.tries,
+        if a.tries == 1 { "" } else { "s" }
+    );
+    println!(
+        "kal attach {pid}: blocks allocated before the attach are not in the agent's table: kal check neither scans nor counts them"
+    );
+    Ok(0)
+}
+
+fn detach(pid: i32) -> Result<i32> {
+    kal::attach::detach(pid)?;
+    println!("kal detach {pid}: GOT slots restored, agent threads stopped; the program runs on");
+    Ok(0)
+}
+
 fn trim(pid: i32) -> Result<i32> {
     let agent = kal::control::Agent::find(pid)?;
     let before = kal::control::rss(pid)?;
@@ -374,6 +412,8 @@ fn main() {
             report,
         } => reclaim(pid, mode, &reclaim_args, &report),
         Cmd::Trim { pid } => trim(pid),
+        Cmd::Attach { pid } => attach(pid),
+        Cmd::Detach { pid } => detach(pid),
     };
     match result {
         Ok(code) => kal::run::exit_like(code),

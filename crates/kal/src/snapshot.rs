@@ -65,7 +65,7 @@ enum Maker {
 }
 
 /// Address of a `syscall` instruction (`0f 05`) in the target's libc.
-fn find_syscall(pid: i32) -> Result<u64> {
+pub(crate) fn find_syscall(pid: i32) -> Result<u64> {
     let maps = crate::procfs::maps(pid)?;
     let mem = ProcessMemory::new(pid);
     for m in maps.iter().filter(|m| m.exec && m.path.contains("libc.so")) {
@@ -166,10 +166,18 @@ pub fn take(pid: i32, header_addr: u64, no_interrupt: bool) -> Result<Snapshot> 
             }
         );
     }
-    match server {
+    // An agent loaded by `kal attach` never saw the blocks allocated before.
+    let attached = matches!(crate::attach::agent_state(pid), Ok(Some(1)));
+    let mut snap = match server {
         Some(tid) => take_by_agent(pid, header_addr, tid, no_interrupt),
         None => take_injected(pid, no_interrupt),
+    }?;
+    if attached {
+        snap.extras.gaps.push(crate::capture::Gap::whole(
+            "blocks allocated before kal attached (not in the agent's table: neither scanned nor counted)",
+        ));
     }
+    Ok(snap)
 }
 
 /// A process under seccomp may be killed by its filter for the fork a snapshot needs (a

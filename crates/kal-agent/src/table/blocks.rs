@@ -680,3 +680,27 @@ pub fn retire(index: usize) {
 pub fn reset_after_fork() {
     INSTALLING.store(false, Ordering::Release);
 }
+
+/// Tombstones every recorded block of every table (`kal attach` after a detach: blocks
+/// freed while detached must not look live). Only while nothing else touches the table:
+/// every program thread stopped outside the hooks, the agent's threads ended.
+pub fn clear_all() {
+    let w = window();
+    let mut index = w.oldest;
+    loop {
+        let v = View::of(index);
+        if v.t.state != table_state::RETIRED && v.t.addr != 0 {
+            for i in 0..v.t.slots {
+                let s = v.slot(i);
+                let k = s[0].load(Ordering::Acquire);
+                if k != SLOT_EMPTY && k != SLOT_TOMBSTONE {
+                    s[0].store(SLOT_TOMBSTONE, Ordering::Release);
+                }
+            }
+        }
+        if index % MAX_TABLES == w.newest % MAX_TABLES {
+            break;
+        }
+        index = (index + 1) % MAX_TABLES;
+    }
+}

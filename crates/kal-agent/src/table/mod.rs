@@ -8,6 +8,11 @@ pub mod stacks;
 
 use kal_proto::Meta;
 
+/// Forgets every recorded block (see [`blocks::clear_all`]).
+pub fn clear_all() {
+    blocks::clear_all();
+}
+
 /// What the table knew about a block.
 #[derive(Clone, Copy)]
 pub struct Removed {

@@ -322,6 +322,25 @@ impl Ptmalloc<'_> {
 
     /// The main arena: the structure in libc's data that has the layout and whose list
     /// of arenas closes on itself.
+    /// Addresses of every arena (`struct malloc_state`, whose first word is its mutex):
+    /// the main arena, then the others through `next`.
+    pub fn arena_addresses(&self) -> Result<Vec<u64>, BlockError> {
+        let mut r = Reader::new(self.mem);
+        let heap = self
+            .maps
+            .iter()
+            .find(|m| m.path == "[heap]")
+            .map(|m| (m.start, m.end));
+        let main = self.main_arena(&mut r, heap)?;
+        let mut out = vec![main.addr];
+        let mut next = main.w[field::NEXT];
+        while next != main.addr && next != 0 && out.len() < MAX_ARENAS {
+            out.push(next);
+            next = r.word(next + 8 * field::NEXT as u64).unwrap_or(main.addr);
+        }
+        Ok(out)
+    }
+
     fn main_arena(&self, r: &mut Reader, heap: Option<(u64, u64)>) -> Result<Arena, BlockError> {
         let data = self.libc_data();
         if data.is_empty() {
