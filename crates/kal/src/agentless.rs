@@ -11,10 +11,11 @@ use crate::capture::{may_hold_roots, Block, Capture, Gap, Gaps};
 use crate::check::Check;
 use crate::freeze::ThreadRegs;
 use crate::freeze_copy::Extras;
-use crate::memory::{Image, ProcessMemory};
+use crate::memory::Image;
 use crate::procfs::{self, Mapping};
 use crate::reach::Kind;
 use crate::report;
+use crate::source::Source;
 use anyhow::{bail, Result};
 use kal_proto::{Api, Header, CHUNK_FLAGS_SHIFT, CHUNK_IS_MMAPPED};
 use std::time::Instant;
@@ -56,13 +57,12 @@ fn other_allocator(maps: &[Mapping]) -> Option<&'static str> {
     })
 }
 
-/// Checks process `pid`, which runs without the agent, once.
-pub fn check(pid: i32, opts: &report::Options) -> Result<Check> {
-    crate::fatal::ensure_not_dying(pid)?;
-    let maps = procfs::maps(pid)?;
-    if let Some(name) = other_allocator(&maps) {
+/// Fails with one line when `maps` (of `who`: "process 4242", "core file core.4242") show
+/// an allocator other than glibc's, or no glibc at all: the heap walk reads only glibc's.
+pub fn ensure_glibc_heap(maps: &[Mapping], who: &str) -> Result<()> {
+    if let Some(name) = other_allocator(maps) {
         bail!(
-            "process {pid} allocates with {name}: kal reads only glibc's heap without its agent; start the program under `kal run`, which works with {name}"
+            "{who} allocates with {name}: kal reads only glibc's heap without its agent; start the program under `kal run`, which works with {name}"
         );
     }
     if !maps.iter().any(|m| {
@@ -70,9 +70,16 @@ pub fn check(pid: i32, opts: &report::Options) -> Result<Check> {
         f.starts_with("libc.so") || f.starts_with("libc-2.")
     }) {
         bail!(
-            "process {pid} has no glibc mapped (statically linked?): kal cannot read its heap without its agent; start the program under `kal run`"
+            "{who} has no glibc mapped (statically linked?): kal cannot read its heap without its agent; start the program under `kal run`"
         );
     }
+    Ok(())
+}
+
+/// Checks process `pid`, which runs without the agent, once.
+pub fn check(pid: i32, opts: &report::Options) -> Result<Check> {
+    crate::fatal::ensure_not_dying(pid)?;
+    ensure_glibc_heap(&procfs::maps(pid)?, &format!("process {pid}"))?;
     // No agent: the copy is made by injection (header address 0 names no agent).
     let snap = crate::snapshot::take(pid, 0, opts.no_interrupt)?;
     let mut snap = snap;
@@ -149,13 +156,26 @@ pub fn capture(
     threads: Vec<ThreadRegs>,
     extras: Extras,
 ) -> Result<Capture> {
-    let mem = ProcessMemory::new(mem_pid);
-    let smaps = procfs::smaps(mem_pid)?;
+    capture_source(&mut crate::source::Live {
+        pid,
+        mem_pid,
+        threads,
+        extras,
+    })
+}
+
+/// Captures `src` (a live process or a core file) with blocks from the heap walk.
+pub fn capture_source(src: &mut dyn Source) -> Result<Capture> {
+    let pid = src.pid();
+    let threads = src.threads();
+    let extras = src.take_extras();
+    let mem = src.memory();
+    let smaps = src.smaps()?;
     let maps: Vec<Mapping> = smaps.iter().map(|e| e.mapping.clone()).collect();
     let tps: Vec<u64> = threads.iter().map(|t| t.thread_pointer()).collect();
     let (t0, c0) = (Instant::now(), crate::thread_cpu_ms());
     let walk = Ptmalloc {
-        mem: &mem,
+        mem: &*mem,
         maps: &maps,
         thread_pointers: &tps,
         exclude: &[],
@@ -190,7 +210,7 @@ pub fn capture(
         glibc_malloc: 1,
         ..Default::default()
     };
-    let heap_ranges = crate::roots::heap_ranges(&maps, &blocks, &header, &mem);
+    let heap_ranges = crate::roots::heap_ranges(&maps, &blocks, &header, &*mem);
     let root_maps: Vec<(u64, u64)> = smaps
         .iter()
         .filter(|e| may_hold_roots(&e.mapping, e.anonymous))
@@ -206,7 +226,7 @@ pub fn capture(
         .filter(|e| e.mapping.shared)
         .map(|e| (e.mapping.start, e.mapping.end))
         .collect();
-    let (mut image, unread) = Image::copy(&mem, &ranges, &shared);
+    let (mut image, unread) = Image::copy(&*mem, &ranges, &shared);
     let mut gaps = Gaps {
         unread: extras.gaps.clone(),
         threads_without_registers: extras.threads_without_registers,
@@ -230,12 +250,11 @@ pub fn capture(
         ..
     } = extras;
     image.overlay(parent_image);
-    let memory = crate::capture::memory_stats(pid, &smaps, &blocks, &heap_ranges, &[], &header);
+    let memory =
+        crate::capture::memory_stats(src.rss(), &smaps, &blocks, &heap_ranges, &[], &header);
     Ok(Capture {
         pid,
-        exe: Some(procfs::exe(pid))
-            .filter(|e| !e.is_empty())
-            .unwrap_or_else(|| procfs::exe(mem_pid)),
+        exe: src.exe(),
         threads,
         maps,
         header,
@@ -246,7 +265,7 @@ pub fn capture(
         kernel_values,
         gaps,
         heap_ranges,
-        heap: Box::new(mem),
+        heap: mem,
         memory,
         banned: Vec::new(),
         agent: Vec::new(),

@@ -18,8 +18,9 @@
 
 use crate::freeze::{Frozen, ThreadRegs};
 use crate::freeze_copy::Extras;
-use crate::memory::{read_words, Image, Memory, ProcessMemory};
-use crate::procfs::{self, Mapping, SmapsEntry};
+use crate::memory::{read_words, Image, Memory};
+use crate::procfs::{Mapping, SmapsEntry};
+use crate::source::Source;
 use anyhow::{bail, Context, Result};
 use kal_proto::{
     slot_state, table_state, Header, Meta, SlotState, StackSlot, TableDesc, TableWord, Window,
@@ -81,9 +82,10 @@ fn resident_in<const N: usize>(smaps: &[SmapsEntry], sets: [&[(u64, u64)]; N]) -
     total
 }
 
-/// Computes the memory figures of a capture from the smaps of the memory it was read from.
+/// Computes the memory figures of a capture from the smaps of the memory it was read from
+/// and the process's resident set size `rss_bytes`.
 pub fn memory_stats(
-    pid: i32,
+    rss_bytes: u64,
     smaps: &[SmapsEntry],
     blocks: &[Block],
     heap: &[(u64, u64)],
@@ -107,7 +109,7 @@ pub fn memory_stats(
         0
     };
     MemoryStats {
-        rss_bytes: crate::control::rss(pid).unwrap_or(0),
+        rss_bytes,
         live_bytes: live,
         retained_bytes: resident.saturating_sub(live),
         arenas,
@@ -566,17 +568,32 @@ pub fn capture_from(
     header_addr: u64,
     extras: Extras,
 ) -> Result<Capture> {
+    let mut src = crate::source::Live {
+        pid,
+        mem_pid,
+        threads,
+        extras,
+    };
+    capture_table(&mut src, header_addr)
+}
+
+/// Captures `src`, whose agent header lives at `header_addr`: blocks and stacks from the
+/// agent's table.
+pub fn capture_table(src: &mut dyn Source, header_addr: u64) -> Result<Capture> {
     let (t0, c0) = (std::time::Instant::now(), crate::thread_cpu_ms());
     let timing = std::env::var_os("KAL_DEBUG_TIMING").is_some();
-    let mem = ProcessMemory::new(mem_pid);
-    let header = read_header(&mem, header_addr)?;
-    let smaps = procfs::smaps(mem_pid)?;
+    let pid = src.pid();
+    let threads = src.threads();
+    let extras = src.take_extras();
+    let mem = src.memory();
+    let header = read_header(&*mem, header_addr)?;
+    let smaps = src.smaps()?;
     let maps: Vec<Mapping> = smaps.iter().map(|e| e.mapping.clone()).collect();
     let TableRead {
         blocks,
         stacks,
         unread: table_unread,
-    } = read_blocks(&mem, &header);
+    } = read_blocks(&*mem, &header);
     if timing {
         crate::say!(
             "timing: table read {:?} ({} blocks; on-CPU {:.1} ms)",
@@ -585,9 +602,9 @@ pub fn capture_from(
             crate::thread_cpu_ms() - c0
         );
     }
-    let agent = agent_ranges(&mem, &header);
+    let agent = agent_ranges(&*mem, &header);
     let heap_ranges = crate::ranges::subtract(
-        &crate::roots::heap_ranges(&maps, &blocks, &header, &mem),
+        &crate::roots::heap_ranges(&maps, &blocks, &header, &*mem),
         &agent,
     );
     let mut skip = agent.clone();
@@ -617,7 +634,7 @@ pub fn capture_from(
         .filter(|m| m.shared)
         .map(|m| (m.start, m.end))
         .collect();
-    let (mut image, mut unread) = Image::copy(&mem, &ranges, &shared);
+    let (mut image, mut unread) = Image::copy(&*mem, &ranges, &shared);
     unread.extend(table_unread);
     let gaps = gaps_of(&extras, &smaps, &agent, &heap_ranges, unread, &header);
     let Extras {
@@ -633,7 +650,7 @@ pub fn capture_from(
             image.bytes() >> 10
         );
     }
-    let memory = memory_stats(pid, &smaps, &blocks, &heap_ranges, &agent, &header);
+    let memory = memory_stats(src.rss(), &smaps, &blocks, &heap_ranges, &agent, &header);
     let n = (header.banned_len as usize).min(kal_proto::MAX_BANNED);
     let mut raw = vec![0u8; n * 4];
     if n > 0 && mem.read(header.banned_addr, &mut raw).is_err() {
@@ -645,15 +662,13 @@ pub fn capture_from(
         .collect();
     let mut stacks = stacks;
     for &id in &banned {
-        if let (false, Some(st)) = (stacks.contains_key(&id), read_stack(&mem, &header, id)) {
+        if let (false, Some(st)) = (stacks.contains_key(&id), read_stack(&*mem, &header, id)) {
             stacks.insert(id, st);
         }
     }
     Ok(Capture {
         pid,
-        exe: Some(procfs::exe(pid))
-            .filter(|e| !e.is_empty())
-            .unwrap_or_else(|| procfs::exe(mem_pid)),
+        exe: src.exe(),
         threads,
         maps,
         header,
@@ -664,7 +679,7 @@ pub fn capture_from(
         kernel_values,
         gaps,
         heap_ranges,
-        heap: Box::new(mem),
+        heap: mem,
         memory,
         banned,
         agent,
