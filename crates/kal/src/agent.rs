@@ -53,17 +53,23 @@ fn header_in(pid: i32, maps: &[Mapping]) -> Result<u64> {
         );
     };
     let path = mapped_file(pid, first)?;
-    let inspector = Inspector::new();
-    let src = Source::Elf(Elf::new(&path));
-    let found = inspector
-        .lookup(&src, &[HEADER_SYMBOL])
-        .with_context(|| format!("cannot read the agent library {}", first.path))?;
-    let Some(sym) = found.first().and_then(|v| v.first()) else {
+    let Some(offset) = header_offset(&path, &first.path)? else {
         bail!("the kal agent in process {pid} has no {HEADER_SYMBOL} symbol (an older agent?)");
     };
-    let addr = first.start + sym.addr;
+    let addr = first.start + offset;
     crate::capture::read_header(&ProcessMemory::new(pid), addr)?;
     Ok(addr)
+}
+
+/// The address of the agent header inside the agent library at `path` (`shown`: its name
+/// for messages), relative to where its first page is mapped; `None` without the symbol.
+pub fn header_offset(path: &str, shown: &str) -> Result<Option<u64>> {
+    let inspector = Inspector::new();
+    let src = Source::Elf(Elf::new(path));
+    let found = inspector
+        .lookup(&src, &[HEADER_SYMBOL])
+        .with_context(|| format!("cannot read the agent library {shown}"))?;
+    Ok(found.first().and_then(|v| v.first()).map(|sym| sym.addr))
 }
 
 /// A path that opens the very file `m` maps in process `pid`: `/proc/PID/map_files/…`

@@ -193,7 +193,13 @@ pub fn capture_source(src: &mut dyn Source) -> Result<Capture> {
     }
     let mut unwalked = walk.unwalked;
     // With libc's debug symbols at hand, the main arena found must be theirs.
-    if let Some(sym) = crate::blocks::ptmalloc::main_arena_from_symbols(&maps) {
+    let unusable = src.unusable_files();
+    let readable: Vec<Mapping> = maps
+        .iter()
+        .filter(|m| !unusable.contains(&m.path))
+        .cloned()
+        .collect();
+    if let Some(sym) = crate::blocks::ptmalloc::main_arena_from_symbols(&readable) {
         if walk.arenas.first() != Some(&sym) {
             unwalked.push(Unwalked {
                 start: 0,

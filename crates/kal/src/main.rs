@@ -196,10 +196,26 @@ enum Cmd {
     /// A process not started under `kal run` is checked from glibc's own heap: the same
     /// classes and counts, without allocation stacks.
     ///
-    /// Example: kal check 4242 --json now.json
+    /// With --core FILE, checks an ELF core file instead (gcore, a kernel core dump),
+    /// on this host or another: blocks from the agent's table when the process ran under
+    /// `kal run`, else from glibc's heap in the core; symbols from the files the core
+    /// names, or --exe for the executable.
+    ///
+    /// Examples:
+    ///   kal check 4242 --json now.json
+    ///   kal check --core core.4242 --exe /usr/sbin/server
+    #[command(verbatim_doc_comment)]
     Check {
         /// Process id.
-        pid: i32,
+        #[arg(required_unless_present = "core", conflicts_with = "core")]
+        pid: Option<i32>,
+        /// Check this ELF core file instead of a running process.
+        #[arg(long, value_name = "FILE")]
+        core: Option<PathBuf>,
+        /// With --core: the executable the core's process ran, when it is not at the path
+        /// the core names (its build id must match the core's).
+        #[arg(long, value_name = "FILE", requires = "core")]
+        exe: Option<PathBuf>,
         #[command(flatten)]
         report: ReportArgs,
     },
@@ -261,9 +277,18 @@ fn mib(b: u64) -> f64 {
     b as f64 / (1 << 20) as f64
 }
 
-fn check(pid: i32, args: &ReportArgs) -> Result<i32> {
+/// What `kal check` looks at.
+enum Target {
+    Pid(i32),
+    Core(PathBuf, Option<PathBuf>),
+}
+
+fn check(target: Target, args: &ReportArgs) -> Result<i32> {
     let opts = args.options()?;
-    let c = kal::check::check(pid, &opts)?;
+    let c = match target {
+        Target::Pid(pid) => kal::check::check(pid, &opts)?,
+        Target::Core(core, exe) => kal::corefile::check(&core, exe.as_deref(), &opts)?,
+    };
     if !args.quiet {
         kal::say_raw!("{}", kal::report::text(&c.report, args.frames));
     }
@@ -404,7 +429,16 @@ fn main() {
             .map(|m| reclaim_args.config(m))
             .transpose()
             .and_then(|cfg| run(&report, check_every, max_cpu, cfg, !no_freeres, command)),
-        Cmd::Check { pid, report } => check(pid, &report),
+        Cmd::Check {
+            pid,
+            core,
+            exe,
+            report,
+        } => match (pid, core) {
+            (_, Some(core)) => check(Target::Core(core, exe), &report),
+            (Some(pid), None) => check(Target::Pid(pid), &report),
+            (None, None) => Err(anyhow!("kal check needs a PID or --core FILE")),
+        },
         Cmd::Reclaim {
             pid,
             mode,

@@ -25,6 +25,11 @@ pub trait Source {
     fn memory(&self) -> Box<dyn Memory + Send + Sync>;
     /// Resident set size of the process, in bytes (0 when unknown).
     fn rss(&self) -> u64;
+    /// Paths of mapped files that must not be read for this capture: not on this host, or
+    /// another build than the one that ran (a core file's). None for a live process.
+    fn unusable_files(&self) -> Vec<String> {
+        Vec::new()
+    }
     /// What was read beside the memory (from a frozen target beside its copy: mappings a
     /// fork copy lacks, pointers the kernel holds) and what could not be seen. Taken once.
     fn take_extras(&mut self) -> Extras;

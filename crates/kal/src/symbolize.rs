@@ -28,6 +28,9 @@ pub struct Frame {
 /// Symbolizes addresses of one captured process.
 pub struct Symbols {
     inner: Symbolizer,
+    /// Module paths never opened: not the file the addresses were captured with (a core
+    /// file's module missing on this host, or another build of it).
+    unusable: Vec<String>,
 }
 
 impl Default for Symbols {
@@ -46,7 +49,15 @@ impl Symbols {
                 // Demangled here, and only what is mangled (see `demangle`).
                 .enable_demangling(false)
                 .build(),
+            unusable: Vec::new(),
         }
+    }
+
+    /// This symbolizer, never opening the modules at `paths`: their frames show the
+    /// module and the file offset of the return address (`lib.so+0x1234`).
+    pub fn without(mut self, paths: Vec<String>) -> Symbols {
+        self.unusable = paths;
+        self
     }
 
     /// Symbolizes return addresses `addrs` against the mappings they were captured with.
@@ -61,6 +72,11 @@ impl Symbols {
             // Return addresses point after the call: look up the call instruction itself.
             let pc = a.saturating_sub(1);
             match maps.iter().find(|m| m.contains(pc) && m.is_file()) {
+                Some(m) if self.unusable.contains(&m.path) => {
+                    let mut f = unknown(a, &m.path);
+                    f.offset = a - m.start + m.offset;
+                    out.insert(a, vec![f]);
+                }
                 Some(m) => {
                     let segs = segments
                         .entry(&m.path)
