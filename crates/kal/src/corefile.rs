@@ -415,7 +415,7 @@ impl CoreFile {
         let mut unusable = missing;
         unusable.extend(other);
         let smaps = mappings(&mem, &flags, &notes, &here_of, &exe_here);
-        let rss = mem.segs.iter().map(|s| s.avail).sum();
+        let rss = smaps.iter().map(|e| e.rss).sum();
         let pid = notes
             .pid
             .or_else(|| notes.threads.first().map(|t| t.tid))
@@ -477,7 +477,11 @@ fn mappings(
 ) -> Vec<SmapsEntry> {
     let mut out: Vec<SmapsEntry> = Vec::new();
     let file_of = |a: u64| notes.files.iter().find(|f| f.start <= a && a < f.end);
+    let data = mem.map.bytes();
     for (s, &fl) in mem.segs.iter().zip(flags) {
+        let held = data
+            .get(s.off as usize..(s.off + s.avail) as usize)
+            .unwrap_or(&[]);
         let f = file_of(s.start);
         let mapping = Mapping {
             start: s.start,
@@ -497,7 +501,7 @@ fn mappings(
         };
         out.push(SmapsEntry {
             mapping,
-            rss: s.avail,
+            rss: resident(held),
             anonymous,
             dontfork: false,
             wipeonfork: false,
@@ -529,6 +533,15 @@ fn mappings(
     out
 }
 
+/// Bytes of the pages of `held` that are not all zeros: what a core says of a mapping's
+/// resident memory (dumpers write untouched and reserved pages as zeros).
+fn resident(held: &[u8]) -> u64 {
+    held.chunks(4096)
+        .filter(|p| p.iter().fold(0u8, |a, &b| a | b) != 0)
+        .map(|p| p.len() as u64)
+        .sum()
+}
+
 /// Names the anonymous mappings a core does not name: `[vsyscall]`, `[vdso]` (from the
 /// auxiliary vector) and the `[vvar]` pages below it when not dumped, `[stack]` (the main
 /// thread's), and `[heap]`: the anonymous read-write mapping between the executable and
@@ -554,7 +567,8 @@ fn name_special(out: &mut [SmapsEntry], mem: &CoreMemory, notes: &Notes, exe: &s
             "[vsyscall]"
         } else if m.start == vdso {
             "[vdso]"
-        } else if m.end == below_vdso && out[i].rss == 0 {
+        } else if m.end == below_vdso && mem.segs.iter().all(|s| s.start != m.start || s.avail == 0)
+        {
             below_vdso = m.start;
             "[vvar]"
         } else if m.contains(sp) {
