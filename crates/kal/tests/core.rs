@@ -270,3 +270,54 @@ fn what_is_not_a_core_file_gets_one_line() {
     let out = kal(&["check", "--core", "/nonexistent/core.1"]);
     one_line_error(&out, "cannot open core file");
 }
+
+#[test]
+fn a_kernel_core_dump_has_the_live_checks_counts() {
+    // The kernel writes notes first and leaves out pages it does not dump (segments whose
+    // file size is below their memory size: code, the ELF header page's rest).
+    let pattern = std::fs::read_to_string("/proc/sys/kernel/core_pattern").unwrap();
+    assert!(
+        !pattern.starts_with('|') && !pattern.contains('/'),
+        "prerequisite: kernel.core_pattern must write a file in the process's directory (it is {pattern:?})"
+    );
+    let prog = build("core_target.c", &[]);
+    let dir = tempfile::tempdir().unwrap();
+    let mut cmd = Command::new(&prog);
+    cmd.current_dir(dir.path())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+    // SAFETY: setrlimit is async-signal-safe; it only raises this child's core size limit.
+    unsafe {
+        use std::os::unix::process::CommandExt;
+        cmd.pre_exec(|| {
+            let unlimited = libc::rlimit {
+                rlim_cur: libc::RLIM_INFINITY,
+                rlim_max: libc::RLIM_INFINITY,
+            };
+            if libc::setrlimit(libc::RLIMIT_CORE, &unlimited) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().unwrap();
+    let _kill = KillOnDrop(child.id() as i32);
+    let pid = ready_pid(&mut std::io::BufReader::new(child.stdout.take().unwrap()));
+    let (_, live) = check_pid_json(pid, &[]);
+    // SAFETY: signalling a process this test started.
+    unsafe { libc::kill(pid, libc::SIGSEGV) };
+    child.wait().unwrap();
+    let core = std::fs::read_dir(dir.path())
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.file_name().unwrap().to_string_lossy().starts_with("core"))
+        .expect("a core file");
+    let (out, j) = check_core(&core, &[]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(23), "{stderr}");
+    assert_eq!(j["lost_reliable"], true, "{stderr}");
+    assert_eq!(totals(&j, "direct"), (4 * 104 + 3 * 72, 7), "{stderr}");
+    assert_eq!(counts(&j), counts(&live), "{stderr}");
+}
