@@ -168,6 +168,8 @@ struct Notes {
     auxv: Vec<(u64, u64)>,
     files: Vec<FileMap>,
     has_files: bool,
+    /// `NT_PRSTATUS` notes too short to hold the registers.
+    bad_threads: u64,
 }
 
 fn u64_at(d: &[u8], o: usize) -> Option<u64> {
@@ -188,6 +190,7 @@ impl Notes {
                 i32_at(d, PRSTATUS_PID),
                 d.get(PRSTATUS_REGS..PRSTATUS_REGS + REG_WORDS * 8),
             ) else {
+                self.bad_threads += 1;
                 return;
             };
             let mut w = [0u64; REG_WORDS];
@@ -268,6 +271,7 @@ pub struct CoreFile {
     rss: u64,
     unusable: Vec<String>,
     gaps: Vec<Gap>,
+    bad_threads: u64,
     /// What kal could not use or see, one line each, to tell the user.
     pub lines: Vec<String>,
 }
@@ -421,6 +425,12 @@ impl CoreFile {
             .or_else(|| notes.threads.first().map(|t| t.tid))
             .unwrap_or(0);
         // The thread whose id is the process's first (the main thread), as in /proc.
+        if let (Some(e), true) = (exe, exe_core.is_empty()) {
+            lines.push(format!(
+                "--exe {} is not used: the core does not say which mapped file is the executable (no entry point in NT_AUXV)",
+                e.display()
+            ));
+        }
         let mut threads = notes.threads;
         threads.sort_by_key(|t| t.tid != pid);
         Ok(CoreFile {
@@ -432,6 +442,7 @@ impl CoreFile {
             rss,
             unusable,
             gaps,
+            bad_threads: notes.bad_threads,
             lines,
         })
     }
@@ -649,6 +660,7 @@ impl Source for CoreFile {
     fn take_extras(&mut self) -> Extras {
         Extras {
             gaps: std::mem::take(&mut self.gaps),
+            threads_without_registers: self.bad_threads,
             ..Default::default()
         }
     }
@@ -664,6 +676,9 @@ pub fn check(path: &Path, exe: Option<&Path>, opts: &report::Options) -> Result<
     let mut core = CoreFile::open(path, exe)?;
     let started = std::time::Instant::now();
     let header = core.agent_header()?;
+    for l in &core.lines {
+        crate::say!("kal: {l}");
+    }
     let cap: Capture = match header {
         Some(h) => crate::capture::capture_table(&mut core, h)?,
         None => {
@@ -675,9 +690,6 @@ pub fn check(path: &Path, exe: Option<&Path>, opts: &report::Options) -> Result<
             crate::agentless::capture_source(&mut core)?
         }
     };
-    for l in &core.lines {
-        crate::say!("kal: {l}");
-    }
     let kinds = crate::classify_with(&cap, &opts.suppressions);
     let scan = started.elapsed();
     let symbols = crate::symbolize::Symbols::new().without(core.unusable.clone());

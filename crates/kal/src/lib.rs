@@ -3,7 +3,8 @@
 //! The pipeline is the same for every way of using kal:
 //!
 //! 1. **capture** ([`freeze`], [`capture`]): freeze every thread, read registers, mappings,
-//!    the agent's live-block table and a copy of writable memory ([`memory::Image`]);
+//!    the agent's live-block table and a copy of writable memory ([`memory::Image`]), all
+//!    through one [`source::Source`]: a live process, or an ELF core file ([`corefile`]);
 //! 2. **blocks** ([`capture::read_blocks`]): live heap blocks with allocation stacks;
 //! 3. **reach** ([`roots`], [`reach`]): conservative marking from the roots, classified
 //!    as valgrind's memcheck does (direct, indirect, possible, reachable);
