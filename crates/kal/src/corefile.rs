@@ -116,6 +116,41 @@ struct CoreMemory {
     map: Mapped,
     /// Sorted by address, disjoint.
     segs: Vec<Seg>,
+    /// Runs of whole pages the file holds as zeros (untouched or reserved memory that the
+    /// dumper wrote out), sorted and disjoint.
+    zero: Vec<(u64, u64)>,
+}
+
+impl CoreMemory {
+    fn new(map: Mapped, segs: Vec<Seg>) -> CoreMemory {
+        let mut zero: Vec<(u64, u64)> = Vec::new();
+        let data = map.bytes();
+        for s in &segs {
+            let held = data
+                .get(s.off as usize..(s.off + s.avail) as usize)
+                .unwrap_or(&[]);
+            for (i, page) in held.chunks(4096).enumerate() {
+                if page.len() == 4096 && page.iter().fold(0u8, |a, &b| a | b) == 0 {
+                    let at = s.start + i as u64 * 4096;
+                    match zero.last_mut() {
+                        Some(last) if last.1 == at => last.1 = at + 4096,
+                        _ => zero.push((at, at + 4096)),
+                    }
+                }
+            }
+        }
+        CoreMemory { map, segs, zero }
+    }
+
+    /// Bytes of `[start, end)` the file holds as zeros.
+    fn zero_in(&self, start: u64, end: u64) -> u64 {
+        let first = self.zero.partition_point(|z| z.1 <= start);
+        self.zero[first..]
+            .iter()
+            .take_while(|z| z.0 < end)
+            .map(|z| z.1.min(end) - z.0.max(start))
+            .sum()
+    }
 }
 
 impl Memory for CoreMemory {
@@ -140,6 +175,18 @@ impl Memory for CoreMemory {
             Err(Unreadable { read })
         }
     }
+
+    /// All but the pages held as zeros: what is not in the file may hold anything (reading
+    /// it fails, and the caller records the gap).
+    fn present(&self, start: u64, end: u64) -> Vec<(u64, u64)> {
+        let first = self.zero.partition_point(|z| z.1 <= start);
+        let zeros: Vec<(u64, u64)> = self.zero[first..]
+            .iter()
+            .take_while(|z| z.0 < end)
+            .copied()
+            .collect();
+        crate::ranges::subtract(&[(start, end)], &zeros)
+    }
 }
 
 /// A shared handle on a core's memory.
@@ -148,6 +195,10 @@ struct Shared(Arc<CoreMemory>);
 impl Memory for Shared {
     fn read(&self, addr: u64, buf: &mut [u8]) -> Result<(), Unreadable> {
         self.0.read(addr, buf)
+    }
+
+    fn present(&self, start: u64, end: u64) -> Vec<(u64, u64)> {
+        self.0.present(start, end)
     }
 }
 
@@ -347,7 +398,7 @@ impl CoreFile {
         order.sort_by_key(|&i| segs[i].start);
         let segs: Vec<Seg> = order.iter().map(|&i| segs[i]).collect();
         let flags: Vec<u32> = order.iter().map(|&i| flags[i]).collect();
-        let mem = Arc::new(CoreMemory { map, segs });
+        let mem = Arc::new(CoreMemory::new(map, segs));
         let mut lines = Vec::new();
         if cut_bytes > 0 {
             lines.push(format!(
@@ -488,11 +539,7 @@ fn mappings(
 ) -> Vec<SmapsEntry> {
     let mut out: Vec<SmapsEntry> = Vec::new();
     let file_of = |a: u64| notes.files.iter().find(|f| f.start <= a && a < f.end);
-    let data = mem.map.bytes();
     for (s, &fl) in mem.segs.iter().zip(flags) {
-        let held = data
-            .get(s.off as usize..(s.off + s.avail) as usize)
-            .unwrap_or(&[]);
         let f = file_of(s.start);
         let mapping = Mapping {
             start: s.start,
@@ -512,7 +559,7 @@ fn mappings(
         };
         out.push(SmapsEntry {
             mapping,
-            rss: resident(held),
+            rss: s.avail - mem.zero_in(s.start, s.start + s.avail),
             anonymous,
             dontfork: false,
             wipeonfork: false,
@@ -542,15 +589,6 @@ fn mappings(
     out.sort_by_key(|e| e.mapping.start);
     name_special(&mut out, mem, notes, exe);
     out
-}
-
-/// Bytes of the pages of `held` that are not all zeros: what a core says of a mapping's
-/// resident memory (dumpers write untouched and reserved pages as zeros).
-fn resident(held: &[u8]) -> u64 {
-    held.chunks(4096)
-        .filter(|p| p.iter().fold(0u8, |a, &b| a | b) != 0)
-        .map(|p| p.len() as u64)
-        .sum()
 }
 
 /// Names the anonymous mappings a core does not name: `[vsyscall]`, `[vdso]` (from the
@@ -725,9 +763,9 @@ mod tests {
         let map = Mapped::new(&std::fs::File::open(&p).unwrap()).unwrap();
         // 0x1000..0x1100 holds 16 bytes from offset 32 (filesz < memsz); 0x2000..0x2010
         // all of its 16 bytes.
-        let mem = CoreMemory {
+        let mem = CoreMemory::new(
             map,
-            segs: vec![
+            vec![
                 Seg {
                     start: 0x1000,
                     end: 0x1100,
@@ -741,7 +779,7 @@ mod tests {
                     avail: 16,
                 },
             ],
-        };
+        );
         let mut b = [0xffu8; 8];
         assert_eq!(mem.read(0x1008, &mut b), Ok(()));
         assert_eq!(b, [40, 41, 42, 43, 44, 45, 46, 47]);
@@ -752,5 +790,32 @@ mod tests {
         let mut b = [0u8; 4];
         assert_eq!(mem.read(0x200c, &mut b), Ok(()));
         assert_eq!(b, [76, 77, 78, 79]);
+    }
+
+    #[test]
+    fn pages_held_as_zeros_are_not_present_and_pages_not_held_are() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("pages");
+        let mut bytes = vec![0u8; 3 * 4096];
+        bytes[4096 + 5] = 1;
+        std::fs::write(&p, bytes).unwrap();
+        let map = Mapped::new(&std::fs::File::open(&p).unwrap()).unwrap();
+        // Four pages at 0x10000, the file holds three: zeros, data, zeros.
+        let mem = CoreMemory::new(
+            map,
+            vec![Seg {
+                start: 0x10000,
+                end: 0x14000,
+                off: 0,
+                avail: 3 * 4096,
+            }],
+        );
+        assert_eq!(
+            mem.present(0x10000, 0x14000),
+            vec![(0x11000, 0x12000), (0x13000, 0x14000)]
+        );
+        assert_eq!(mem.zero_in(0x10000, 0x14000), 2 * 4096);
+        let mut b = [0u8; 8];
+        assert_eq!(mem.read(0x13000, &mut b), Err(Unreadable { read: 0 }));
     }
 }
