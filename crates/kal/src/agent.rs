@@ -64,10 +64,16 @@ fn header_in(pid: i32, maps: &[Mapping]) -> Result<u64> {
 /// The address of the agent header inside the agent library at `path` (`shown`: its name
 /// for messages), relative to where its first page is mapped; `None` without the symbol.
 pub fn header_offset(path: &str, shown: &str) -> Result<Option<u64>> {
+    symbol_offset(path, shown, HEADER_SYMBOL)
+}
+
+/// The address of symbol `name` inside the agent library at `path` (`shown`: its name for
+/// messages), relative to where its first page is mapped; `None` without the symbol.
+pub fn symbol_offset(path: &str, shown: &str, name: &str) -> Result<Option<u64>> {
     let inspector = Inspector::new();
     let src = Source::Elf(Elf::new(path));
     let found = inspector
-        .lookup(&src, &[HEADER_SYMBOL])
+        .lookup(&src, &[name])
         .with_context(|| format!("cannot read the agent library {shown}"))?;
     Ok(found.first().and_then(|v| v.first()).map(|sym| sym.addr))
 }

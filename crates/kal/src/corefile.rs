@@ -323,6 +323,8 @@ pub struct CoreFile {
     unusable: Vec<String>,
     gaps: Vec<Gap>,
     bad_threads: u64,
+    /// The header of a detached agent, whose stale tables are never roots.
+    detached: Option<u64>,
     /// What kal could not use or see, one line each, to tell the user.
     pub lines: Vec<String>,
 }
@@ -494,6 +496,7 @@ impl CoreFile {
             unusable,
             gaps,
             bad_threads: notes.bad_threads,
+            detached: None,
             lines,
         })
     }
@@ -521,6 +524,27 @@ impl CoreFile {
                 crate::agent::HEADER_SYMBOL
             );
         };
+        // An agent loaded by `kal attach` (state 1) never saw the blocks allocated before;
+        // a detached one (2) records nothing.
+        let state =
+            crate::agent::symbol_offset(&m.path, &m.path, "KAL_ATTACH_STATE")?.and_then(|o| {
+                let mut b = [0u8; 8];
+                self.mem.read(m.start + o, &mut b).ok()?;
+                Some(u64::from_le_bytes(b))
+            });
+        match state {
+            Some(1) => self.gaps.push(Gap::whole(
+                "blocks allocated before kal attached (not in the agent's table: neither scanned nor counted)",
+            )),
+            Some(2) => {
+                self.lines.push(
+                    "kal's agent in the core was detached (it records nothing): blocks come from glibc's heap, without allocation stacks".to_string(),
+                );
+                self.detached = Some(m.start + offset);
+                return Ok(None);
+            }
+            _ => {}
+        }
         Ok(Some(m.start + offset))
     }
 }
@@ -725,7 +749,15 @@ pub fn check(path: &Path, exe: Option<&Path>, opts: &report::Options) -> Result<
                 &maps,
                 &format!("the process of core file {}", path.display()),
             )?;
-            crate::agentless::capture_source(&mut core)?
+            let mut cap = crate::agentless::capture_source(&mut core)?;
+            // A detached agent's tables still name blocks: they are not the program's
+            // pointers.
+            if let Some(h) = core.detached {
+                if let Ok(header) = crate::capture::read_header(cap.heap.as_ref(), h) {
+                    cap.agent = crate::capture::agent_ranges(cap.heap.as_ref(), &header);
+                }
+            }
+            cap
         }
     };
     let kinds = crate::classify_with(&cap, &opts.suppressions);

@@ -321,3 +321,71 @@ fn a_kernel_core_dump_has_the_live_checks_counts() {
     assert_eq!(totals(&j, "direct"), (4 * 104 + 3 * 72, 7), "{stderr}");
     assert_eq!(counts(&j), counts(&live), "{stderr}");
 }
+
+#[test]
+fn a_core_of_an_attached_process_says_what_the_agent_never_saw() {
+    use std::io::Write;
+    let prog = build("attach_leaker.c", &[]);
+    let mut child = Command::new(&prog)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let _kill = KillOnDrop(child.id() as i32);
+    let mut stdin = child.stdin.take().unwrap();
+    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+    let pid = ready_pid(&mut out);
+    let attached = kal(&["attach", &pid.to_string()]);
+    assert!(
+        attached.status.success(),
+        "{}",
+        String::from_utf8_lossy(&attached.stderr)
+    );
+    writeln!(stdin, "go").unwrap();
+    let mut after = String::new();
+    out.read_line(&mut after).unwrap();
+    assert_eq!(after.trim(), "after");
+    let dir = tempfile::tempdir().unwrap();
+    let core = gcore(pid, dir.path());
+    let (out1, j) = check_core(&core, &[]);
+    let stderr = String::from_utf8_lossy(&out1.stderr);
+    // The leak made after the attach, with its line; the blocks from before are a gap.
+    let line = line_of("attach_leaker.c", "after_leak");
+    assert_eq!(
+        sum(&records_at(&j, "direct", "attach_leaker.c", line)),
+        (4321, 1),
+        "{stderr}"
+    );
+    assert_eq!(j["lost_reliable"], false, "{stderr}");
+    assert!(
+        stderr.contains("blocks allocated before kal attached"),
+        "{stderr}"
+    );
+    let (_, live) = check_pid_json(pid, &[]);
+    assert_eq!(counts(&j), counts(&live), "{stderr}");
+    // Detached: the agent's table is stale; the core's heap is walked instead.
+    let detached = kal(&["detach", &pid.to_string()]);
+    assert!(detached.status.success());
+    std::fs::remove_file(&core).unwrap();
+    let core = gcore(pid, dir.path());
+    let (out2, j) = check_core(&core, &[]);
+    let stderr = String::from_utf8_lossy(&out2.stderr);
+    assert_eq!(
+        stderr
+            .lines()
+            .filter(|l| l.contains("was detached"))
+            .count(),
+        1,
+        "{stderr}"
+    );
+    assert!(
+        j["note"]
+            .as_str()
+            .unwrap()
+            .contains("allocation stacks need kal's agent"),
+        "{j}"
+    );
+    // Before and after the attach: 1000 and 4321 bytes lost (usable 1000 and 4328).
+    assert_eq!(totals(&j, "direct"), (1000 + 4328, 2), "{stderr}");
+}
