@@ -388,4 +388,6 @@ fn a_core_of_an_attached_process_says_what_the_agent_never_saw() {
     );
     // Before and after the attach: 1000 and 4321 bytes lost (usable 1000 and 4328).
     assert_eq!(totals(&j, "direct"), (1000 + 4328, 2), "{stderr}");
+    child.kill().unwrap();
+    child.wait().unwrap();
 }
