@@ -13,7 +13,6 @@ use crate::freeze::ThreadRegs;
 use crate::freeze_copy::Extras;
 use crate::memory::Image;
 use crate::procfs::{self, Mapping};
-use crate::reach::Kind;
 use crate::report;
 use crate::source::Source;
 use anyhow::{bail, Result};
@@ -105,18 +104,7 @@ pub fn check(pid: i32, opts: &report::Options) -> Result<Check> {
     report.pause_ms = Some(pause.as_secs_f64() * 1e3);
     report.scan_ms = Some(scan.as_secs_f64() * 1e3);
     report.note = Some(NO_STACKS.to_string());
-    let lost = cap
-        .blocks
-        .iter()
-        .zip(&kinds)
-        .filter(|(_, k)| matches!(k, Kind::Direct | Kind::Indirect))
-        .map(|(b, k)| (*b, *k))
-        .collect();
-    Ok(Check {
-        report,
-        lost,
-        capture: cap,
-    })
+    Ok(Check::new(report, &kinds, cap))
 }
 
 /// The walk's blocks as capture blocks (no sequence number, no stack; the chunk's flags

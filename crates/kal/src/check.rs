@@ -17,6 +17,24 @@ pub struct Check {
     pub capture: Capture,
 }
 
+impl Check {
+    /// The check of `capture`, classified as `kinds`, reported as `report`.
+    pub fn new(report: Report, kinds: &[Kind], capture: Capture) -> Check {
+        let lost = capture
+            .blocks
+            .iter()
+            .zip(kinds)
+            .filter(|(_, k)| matches!(k, Kind::Direct | Kind::Indirect))
+            .map(|(b, k)| (*b, *k))
+            .collect();
+        Check {
+            report,
+            lost,
+            capture,
+        }
+    }
+}
+
 /// Checks process `pid` once (without an agent in it, from glibc's own heap: see
 /// [`crate::agentless`]).
 pub fn check(pid: i32, opts: &report::Options) -> Result<Check> {
@@ -68,16 +86,5 @@ pub fn check_with_header(
     }
     report.pause_ms = Some(pause.as_secs_f64() * 1e3);
     report.scan_ms = Some(scan.as_secs_f64() * 1e3);
-    let lost = cap
-        .blocks
-        .iter()
-        .zip(&kinds)
-        .filter(|(_, k)| matches!(k, Kind::Direct | Kind::Indirect))
-        .map(|(b, k)| (*b, *k))
-        .collect();
-    Ok(Check {
-        report,
-        lost,
-        capture: cap,
-    })
+    Ok(Check::new(report, &kinds, cap))
 }

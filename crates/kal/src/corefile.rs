@@ -23,7 +23,6 @@ use crate::freeze::ThreadRegs;
 use crate::freeze_copy::Extras;
 use crate::memory::{Memory, Unreadable};
 use crate::procfs::{Mapping, SmapsEntry};
-use crate::reach::Kind;
 use crate::report;
 use crate::source::Source;
 use anyhow::{anyhow, bail, Context, Result};
@@ -769,18 +768,7 @@ pub fn check(path: &Path, exe: Option<&Path>, opts: &report::Options) -> Result<
         Some(_) => NO_KERNEL_STATE.to_string(),
         None => format!("{}; {NO_KERNEL_STATE}", crate::agentless::NO_STACKS),
     });
-    let lost = cap
-        .blocks
-        .iter()
-        .zip(&kinds)
-        .filter(|(_, k)| matches!(k, Kind::Direct | Kind::Indirect))
-        .map(|(b, k)| (*b, *k))
-        .collect();
-    Ok(Check {
-        report,
-        lost,
-        capture: cap,
-    })
+    Ok(Check::new(report, &kinds, cap))
 }
 
 #[cfg(test)]
