@@ -145,3 +145,29 @@ fn pointers_in_flight_are_never_reported_without_the_agent() {
     bare.kill().unwrap();
     bare.wait().unwrap();
 }
+
+#[test]
+fn a_finished_threads_cached_stack_hides_no_leak() {
+    // A thread leaked 10 blocks and left a pointer to one on its stack, which glibc keeps
+    // in its cache of stacks: memcheck says 10 definitely lost, and so must kal, at exit
+    // and in a check of the running program, with and without the agent.
+    let prog = build("dead_thread.c", &[]);
+    let vg = memcheck(&prog, &[]);
+    assert_eq!(vg, [(720, 10), (0, 0), (0, 0)]);
+    let at_exit = run_json(&[], &prog, &[]);
+    let lost = |j: &serde_json::Value| ["direct", "indirect", "possible"].map(|k| totals(j, k));
+    assert_eq!(lost(&at_exit.json), vg, "{}", at_exit.stderr);
+    let live = Live::start_with(&prog, &["wait"], &[]);
+    let (out, with_agent) = check_pid_json(live.pid, &[]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(lost(&with_agent), vg, "{stderr}");
+    assert_eq!(with_agent["lost_reliable"], true, "{stderr}");
+    let (mut bare, _kill) = start_bare(&prog, &["wait"]);
+    let (out, without) = check_pid_json(bare.id() as i32, &[]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    // Usable sizes: 72 bytes asked, 72 usable.
+    assert_eq!(lost(&without), vg, "{stderr}");
+    assert_eq!(without["lost_reliable"], true, "{stderr}");
+    bare.kill().unwrap();
+    bare.wait().unwrap();
+}
