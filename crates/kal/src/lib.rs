@@ -50,6 +50,7 @@ pub mod agentless;
 pub mod blocks;
 pub mod capture;
 pub mod check;
+pub mod contents;
 pub mod control;
 pub mod elf;
 pub mod ended;
