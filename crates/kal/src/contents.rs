@@ -59,9 +59,18 @@ struct Target {
     module: String,
 }
 
-/// The file mappings, sorted by address, for lookups.
+/// The mappings of loaded modules (ELF files), sorted by address, for lookups.
 fn file_maps(maps: &[Mapping]) -> Vec<&Mapping> {
-    let mut v: Vec<&Mapping> = maps.iter().filter(|m| m.is_file()).collect();
+    let mut elf: HashMap<&str, bool> = HashMap::new();
+    let mut v: Vec<&Mapping> = maps
+        .iter()
+        .filter(|m| {
+            m.is_file()
+                && *elf
+                    .entry(m.path.as_str())
+                    .or_insert_with(|| !crate::elf::load_segments(m.path.as_ref()).is_empty())
+        })
+        .collect();
     v.sort_by_key(|m| m.start);
     v
 }
