@@ -34,7 +34,7 @@ const RED_ZONE: u64 = 128;
 /// Bytes above the thread pointer that belong to the thread control block.
 const TCB_SPAN: u64 = 0x900;
 /// glibc's thread control block (`struct pthread`, x86-64; glibc 2.36 checked against
-/// libc6-dbg's `ptype/o struct pthread`; unchanged since 2.26): offsets of `tid` (0 once
+/// libc6-dbg's `ptype/o struct pthread`): offsets of `tid` (0 once
 /// the thread has exited: the kernel clears it) and of the `user_stack` flag.
 mod tcb {
     /// `tid` (`pid_t`).
@@ -120,7 +120,8 @@ pub fn heap_ranges(
 /// TLS)` of each private anonymous read-write mapping that has a guard page (an
 /// inaccessible mapping) right below it and a glibc thread control block at its top
 /// (`tcb` and `self` words holding its own address, 64-aligned) whose thread is gone: it
-/// is no thread's thread pointer, its `tid` is 0 and its stack is glibc's (not one the
+/// is no thread's thread pointer, its `tid` is not positive (the kernel clears it when
+/// the thread ends; glibc's cache holds -1) and its stack is glibc's (not one the
 /// program gave). The static TLS starts at the lowest address the thread's DTV gives a
 /// module below the control block (without a readable DTV: the capture's static TLS size
 /// below it). A control block found that fails any test keeps its stack a root.
