@@ -85,9 +85,17 @@ pub fn check(pid: i32, opts: &report::Options) -> Result<Check> {
     let scanned = capture(pid, snap.child, snap.threads.clone(), extras).map(|cap| {
         let kinds = crate::classify_with(&cap, &opts.suppressions);
         // What the blocks are, read while the copy is there.
+        let t0 = Instant::now();
         let described = crate::contents::describe(&cap, &kinds, |k| {
             k != Kind::Reachable || opts.show_reachable
         });
+        if std::env::var_os("KAL_DEBUG_TIMING").is_some() {
+            crate::say!(
+                "timing: grouping by contents {:?} ({} records)",
+                t0.elapsed(),
+                described.len()
+            );
+        }
         (cap, kinds, described)
     });
     let scan = started.elapsed();
