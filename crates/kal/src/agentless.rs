@@ -1,7 +1,8 @@
 //! `kal check PID` on a process that runs without kal's agent: blocks come from walking
 //! glibc's own heap in a copy-on-write snapshot ([`crate::blocks::ptmalloc`]), roots and
 //! classification are the same as with the agent. Without the agent there are no
-//! allocation stacks, and a block's size is its usable size (what `malloc_usable_size`
+//! allocation stacks (records group blocks by what they are: [`crate::contents`]), and a
+//! block's size is its usable size (what `malloc_usable_size`
 //! says), not the size that was asked for: block counts equal a check with the agent,
 //! byte counts are a little higher.
 
@@ -21,8 +22,9 @@ use std::time::Instant;
 
 /// What the report of an agentless check says about allocation stacks.
 pub const NO_STACKS: &str = "allocation stacks need kal's agent: this process was not \
-     started under `kal run`, so leaks are shown without the code that allocated them, and \
-     sizes are usable sizes";
+     started under `kal run`, so leaks are shown without the code that allocated them, \
+     grouped by C++ type, else by size and what they point into, with a sample of their \
+     contents; sizes are usable sizes";
 
 /// Allocators other than glibc's that a program may bring, by library name.
 const OTHER_ALLOCATORS: [(&str, &str); 4] = [
@@ -88,11 +90,23 @@ pub fn check(pid: i32, opts: &report::Options) -> Result<Check> {
     let extras = std::mem::take(&mut snap.extras);
     let scanned = capture(pid, snap.child, snap.threads.clone(), extras).map(|cap| {
         let kinds = crate::classify_with(&cap, &opts.suppressions);
-        (cap, kinds)
+        // What the blocks are, read while the copy is there.
+        let t0 = Instant::now();
+        let described = crate::contents::describe(&cap, &kinds, |k| {
+            k != crate::reach::Kind::Reachable || opts.show_reachable
+        });
+        if std::env::var_os("KAL_DEBUG_TIMING").is_some() {
+            crate::say!(
+                "timing: grouping by contents {:?} ({} records)",
+                t0.elapsed(),
+                described.len()
+            );
+        }
+        (cap, kinds, described)
     });
     let scan = started.elapsed();
     let released = snap.release();
-    let (cap, kinds) = scanned?;
+    let (cap, kinds, described) = scanned?;
     released?;
     let mut report = report::build(
         &cap,
@@ -104,6 +118,8 @@ pub fn check(pid: i32, opts: &report::Options) -> Result<Check> {
     report.pause_ms = Some(pause.as_secs_f64() * 1e3);
     report.scan_ms = Some(scan.as_secs_f64() * 1e3);
     report.note = Some(NO_STACKS.to_string());
+    // No stacks to group by: blocks are grouped by what they are.
+    report.leaks = described;
     Ok(Check::new(report, &kinds, cap))
 }
 

@@ -768,6 +768,12 @@ pub fn check(path: &Path, exe: Option<&Path>, opts: &report::Options) -> Result<
         Some(_) => NO_KERNEL_STATE.to_string(),
         None => format!("{}; {NO_KERNEL_STATE}", crate::agentless::NO_STACKS),
     });
+    if header.is_none() {
+        // No stacks to group by: blocks are grouped by what they are, as live.
+        report.leaks = crate::contents::describe(&cap, &kinds, |k| {
+            k != crate::reach::Kind::Reachable || opts.show_reachable
+        });
+    }
     Ok(Check::new(report, &kinds, cap))
 }
 

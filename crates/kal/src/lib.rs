@@ -52,6 +52,7 @@ pub mod attach;
 pub mod blocks;
 pub mod capture;
 pub mod check;
+pub mod contents;
 pub mod control;
 pub mod corefile;
 pub mod elf;

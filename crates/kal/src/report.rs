@@ -76,6 +76,9 @@ pub struct Record {
     /// The agent's stack id of the allocation site.
     #[serde(skip)]
     pub site: u32,
+    /// Without allocation stacks (a check without the agent): what the blocks are.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub contents: Option<crate::contents::Contents>,
 }
 
 /// Suppressed records, counted.
@@ -296,6 +299,7 @@ pub fn build(
             api,
             stack,
             site: stack_id,
+            contents: None,
         });
     }
     leaks.sort_by(|a, b| {
@@ -394,6 +398,10 @@ pub fn text(r: &Report, frames: usize) -> String {
         let _ = writeln!(s, "{tag} note: {n}");
     }
     for rec in &r.leaks {
+        if let Some(c) = &rec.contents {
+            contents_text(&mut s, rec, c);
+            continue;
+        }
         let _ = writeln!(
             s,
             "\n{} of {} in {} allocated by {} at:",
@@ -515,6 +523,27 @@ pub fn text(r: &Report, frames: usize) -> String {
         let _ = writeln!(s, "{tag} live check: the program was paused {p:.2} ms; copying and scanning took {sc:.1} ms");
     }
     s
+}
+
+/// A record without a stack: what its blocks are (type, or size and what they point
+/// into) and a sample of one.
+fn contents_text(s: &mut String, rec: &Record, c: &crate::contents::Contents) {
+    let what = match (&c.type_name, c.block_size) {
+        (Some(t), _) => format!("of type {t}"),
+        (None, Some(size)) => format!("of {}", plural(size, "byte")),
+        (None, None) => String::new(),
+    };
+    let _ = writeln!(
+        s,
+        "\n{} of {} in {} {what}:",
+        title(rec.kind),
+        plural(rec.bytes, "byte"),
+        plural(rec.blocks, "block"),
+    );
+    if !c.points_into.is_empty() {
+        let _ = writeln!(s, "    pointing into: {}", c.points_into.join(", "));
+    }
+    let _ = writeln!(s, "    contents: {}", c.sample);
 }
 
 /// The warning every report about this capture starts with, if its lost counts cannot be

@@ -10,6 +10,12 @@
 //! only as the contents of reached blocks. What could not be read is in the capture's
 //! [`crate::capture::Gaps`].
 //!
+//! Not roots: the stacks of threads that have exited ([`exited_thread_stacks`]). glibc
+//! keeps a finished thread's stack mapping (its `struct pthread` at the top) in its cache
+//! for the next thread; the words left there are stale, and memcheck does not scan them.
+//! Their static TLS and thread control block stay roots: glibc still uses the latter (its
+//! DTV, a joinable thread's result).
+//!
 //! Which memory is "heap": `[heap]`; with glibc's allocator, each block's chunk header says
 //! whether it was mmapped (then exactly that chunk's mapping) or lives in a secondary arena
 //! (then exactly that arena heap, from its `heap_info`); with another allocator, every
@@ -27,6 +33,19 @@ const HEAP_MAX: u64 = 64 << 20;
 const RED_ZONE: u64 = 128;
 /// Bytes above the thread pointer that belong to the thread control block.
 const TCB_SPAN: u64 = 0x900;
+/// glibc's thread control block (`struct pthread`, x86-64; glibc 2.36 checked against
+/// libc6-dbg's `ptype/o struct pthread`): offsets of `tid` (0 once
+/// the thread has exited: the kernel clears it) and of the `user_stack` flag.
+mod tcb {
+    /// `tid` (`pid_t`).
+    pub const TID: u64 = 720;
+    /// `user_stack` (`bool`), the third byte of the word at 1552.
+    pub const USER_STACK_WORD: u64 = 1552;
+    /// Bit shift of `user_stack` within that word.
+    pub const USER_STACK_SHIFT: u64 = 16;
+    /// Bytes at the top of a stack mapping searched for the control block.
+    pub const TAIL: u64 = 16 << 10;
+}
 
 /// What the scanner starts from.
 #[derive(Debug, Default)]
@@ -97,6 +116,80 @@ pub fn heap_ranges(
     normalize(out)
 }
 
+/// The parts of the stacks of exited threads that are not roots: `[mapping start, static
+/// TLS)` of each private anonymous read-write mapping that has a guard page (an
+/// inaccessible mapping) right below it and a glibc thread control block at its top
+/// (`tcb` and `self` words holding its own address, 64-aligned) whose thread is gone: it
+/// is no thread's thread pointer, its `tid` is not positive (the kernel clears it when
+/// the thread ends; glibc's cache holds -1) and its stack is glibc's (not one the
+/// program gave). The static TLS starts at the lowest address the thread's DTV gives a
+/// module below the control block (without a readable DTV: the capture's static TLS size
+/// below it). A control block found that fails any test keeps its stack a root.
+pub fn exited_thread_stacks(c: &Capture) -> Vec<(u64, u64)> {
+    let tls_size = if c.header.static_tls_size > 0 {
+        c.header.static_tls_size
+    } else {
+        4096
+    };
+    let live: std::collections::HashSet<u64> =
+        c.threads.iter().map(|t| t.thread_pointer()).collect();
+    let mut out = Vec::new();
+    for pair in c.maps.windows(2) {
+        let (guard, m) = (&pair[0], &pair[1]);
+        let guarded = guard.end == m.start && !guard.read && !guard.write && !guard.exec;
+        if !guarded || !m.path.is_empty() || m.shared || !m.read || !m.write || m.exec {
+            continue;
+        }
+        let tail = m.start.max(m.end.saturating_sub(tcb::TAIL));
+        let Some(w) = c.image.words(tail, m.end - tail) else {
+            continue;
+        };
+        let word = |a: u64| w.get(((a - tail) / 8) as usize).copied();
+        let found = (0..w.len().saturating_sub(2)).rev().find_map(|i| {
+            let a = tail + 8 * i as u64;
+            (a.is_multiple_of(64) && w[i] == a && w[i + 2] == a && a + TCB_SPAN <= m.end)
+                .then_some(a)
+        });
+        let Some(tp) = found else { continue };
+        let (Some(tid), Some(flags)) = (word(tp + tcb::TID), word(tp + tcb::USER_STACK_WORD))
+        else {
+            continue;
+        };
+        let user_stack = (flags >> tcb::USER_STACK_SHIFT) & 0xff != 0;
+        if live.contains(&tp) || tid as u32 as i32 > 0 || user_stack {
+            continue;
+        }
+        let tls = word(tp + 8)
+            .and_then(|dtv| static_tls_start(c, dtv, m.start, tp))
+            .unwrap_or(tp.saturating_sub(tls_size));
+        if tls > m.start {
+            out.push((m.start, tls));
+        }
+    }
+    out
+}
+
+/// The lowest address in `[low, tp)` that the DTV at `dtv` (as installed in a thread
+/// control block: its length at `dtv[-1]`, then one 16-byte entry per module from
+/// `dtv[1]`, the first word the module's TLS block) gives a module: where a thread's
+/// static TLS starts.
+fn static_tls_start(c: &Capture, dtv: u64, low: u64, tp: u64) -> Option<u64> {
+    const MAX_MODULES: u64 = 4096;
+    let read = |a: u64| {
+        let mut b = [0u8; 8];
+        c.heap.read(a, &mut b).ok().map(|_| u64::from_le_bytes(b))
+    };
+    let len = read(dtv.checked_sub(16)?)?;
+    if len == 0 || len > MAX_MODULES {
+        return None;
+    }
+    (1..=len)
+        .filter_map(|k| read(dtv + 16 * k))
+        .filter(|&v| v >= low && v < tp)
+        .min()
+        .map(|v| v & !7)
+}
+
 /// Computes the roots of a capture.
 pub fn roots(c: &Capture) -> Roots {
     // The blocks, sorted by address: subtracted in one pass, never copied or sorted.
@@ -136,6 +229,7 @@ pub fn roots(c: &Capture) -> Roots {
     let mut excluded = c.heap_ranges.clone();
     excluded.extend_from_slice(&tables);
     excluded.extend_from_slice(&dead_stacks);
+    excluded.extend(exited_thread_stacks(c));
     let excluded = normalize(excluded);
     let general = c.root_maps.clone();
     let without_blocks = |r: Vec<(u64, u64)>, also: &[(u64, u64)]| {

@@ -145,3 +145,122 @@ fn pointers_in_flight_are_never_reported_without_the_agent() {
     bare.kill().unwrap();
     bare.wait().unwrap();
 }
+
+#[test]
+fn a_finished_threads_cached_stack_hides_no_leak() {
+    // A thread leaked 10 blocks and left a pointer to one on its stack, which glibc keeps
+    // in its cache of stacks: memcheck says 10 definitely lost, and so must kal, at exit
+    // and in a check of the running program, with and without the agent. Another thread
+    // ended without being joined: the block it returned, which glibc keeps in its thread
+    // control block, stays reachable.
+    let prog = build("dead_thread.c", &[]);
+    let vg = memcheck(&prog, &[]);
+    assert_eq!(vg[0], (720, 10));
+    let lost = |j: &serde_json::Value| ["direct", "indirect"].map(|k| totals(j, k));
+    // The reachable records of `bytes` bytes each (`block_size` without the agent).
+    let reachable = |j: &serde_json::Value, bytes: u64| -> u64 {
+        j["leaks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|r| r["kind"] == "reachable")
+            .filter(|r| {
+                r["contents"]["block_size"] == bytes
+                    || (r["contents"].is_null()
+                        && r["bytes"] == bytes * r["blocks"].as_u64().unwrap())
+            })
+            .map(|r| r["blocks"].as_u64().unwrap())
+            .sum()
+    };
+    let at_exit = run_json(&["--show-reachable"], &prog, &[]);
+    assert_eq!(lost(&at_exit.json), [vg[0], vg[1]], "{}", at_exit.stderr);
+    assert_eq!(reachable(&at_exit.json, 100), 1, "{}", at_exit.stderr);
+    let live = Live::start_with(&prog, &["wait"], &[]);
+    let (out, with_agent) = check_pid_json(live.pid, &["--show-reachable"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(lost(&with_agent), [vg[0], vg[1]], "{stderr}");
+    assert_eq!(reachable(&with_agent, 100), 1, "{stderr}");
+    assert_eq!(with_agent["lost_reliable"], true, "{stderr}");
+    let (mut bare, _kill) = start_bare(&prog, &["wait"]);
+    let (out, without) = check_pid_json(bare.id() as i32, &["--show-reachable"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    // Usable sizes: 72 bytes asked, 72 usable; 100 asked, 104 usable.
+    assert_eq!(lost(&without), [vg[0], vg[1]], "{stderr}");
+    assert_eq!(reachable(&without, 104), 1, "{stderr}");
+    assert_eq!(without["lost_reliable"], true, "{stderr}");
+    bare.kill().unwrap();
+    bare.wait().unwrap();
+}
+
+#[test]
+fn lost_blocks_without_stacks_are_grouped_by_cpp_type_size_and_targets() {
+    // 3 Widget, 5 toys::Gadget (virtual classes), 4 C strings, 2 structs pointing at a
+    // function and a variable of the program: grouped by type, else by size and targets,
+    // with usable sizes (32 -> 40, 48 -> 56, 30 -> 40, 24 -> 24).
+    let prog = build("typed_leaks.cpp", &[]);
+    let (mut bare, _kill) = start_bare(&prog, &["wait"]);
+    let (out, j) = check_pid_json(bare.id() as i32, &[]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        totals(&j, "direct"),
+        (3 * 40 + 5 * 56 + 4 * 40 + 2 * 24, 14),
+        "{stderr}"
+    );
+    assert_eq!(memcheck(&prog, &[])[0].1, 14);
+    let direct: Vec<&serde_json::Value> = j["leaks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["kind"] == "direct")
+        .collect();
+    let of_type = |t: &str| -> Vec<(u64, u64)> {
+        direct
+            .iter()
+            .filter(|r| r["contents"]["type"] == t)
+            .map(|r| (r["bytes"].as_u64().unwrap(), r["blocks"].as_u64().unwrap()))
+            .collect()
+    };
+    assert_eq!(of_type("Widget"), vec![(120, 3)], "{j}");
+    assert_eq!(of_type("toys::Gadget"), vec![(280, 5)], "{j}");
+    let strings: Vec<&&serde_json::Value> = direct
+        .iter()
+        .filter(|r| r["contents"]["block_size"] == 40)
+        .collect();
+    assert_eq!(strings.len(), 1, "{j}");
+    assert_eq!(
+        (strings[0]["bytes"].as_u64(), strings[0]["blocks"].as_u64()),
+        (Some(160), Some(4))
+    );
+    assert_eq!(strings[0]["contents"]["points_into"], serde_json::json!([]));
+    let sample = strings[0]["contents"]["sample"].as_str().unwrap();
+    assert!(sample.starts_with("\"kal leaked string "), "{sample}");
+    let callbacks: Vec<&&serde_json::Value> = direct
+        .iter()
+        .filter(|r| r["contents"]["block_size"] == 24)
+        .collect();
+    assert_eq!(callbacks.len(), 1, "{j}");
+    assert_eq!(callbacks[0]["blocks"], 2);
+    assert_eq!(
+        callbacks[0]["contents"]["points_into"],
+        serde_json::json!(["counter (typed_leaks)", "on_event (typed_leaks)"])
+    );
+    assert!(j["note"]
+        .as_str()
+        .unwrap()
+        .contains("allocation stacks need kal's agent"));
+    // The text says the same.
+    let text = String::from_utf8_lossy(&kal(&["check", &bare.id().to_string()]).stderr).to_string();
+    for line in [
+        "Direct leak of 120 bytes in 3 blocks of type Widget:",
+        "Direct leak of 280 bytes in 5 blocks of type toys::Gadget:",
+        "Direct leak of 160 bytes in 4 blocks of 40 bytes:",
+        "    contents: \"kal leaked string ",
+        "Direct leak of 48 bytes in 2 blocks of 24 bytes:",
+        "    pointing into: counter (typed_leaks), on_event (typed_leaks)",
+        "note: allocation stacks need kal's agent",
+    ] {
+        assert!(text.contains(line), "{line:?} not in:\n{text}");
+    }
+    bare.kill().unwrap();
+    bare.wait().unwrap();
+}
