@@ -179,6 +179,13 @@ enum Cmd {
         /// data) is then not counted as still reachable, and the four counts equal memcheck's.
         #[arg(long)]
         no_freeres: bool,
+        /// Do not trace the program's processes. By default kal run is their ptrace tracer
+        /// (as their parent), so that a process dying of a signal (SIGSEGV, an unhandled
+        /// SIGTERM, raise(SIGABRT)…) is read at its death and reported; meanwhile gdb or
+        /// strace cannot attach to them. With this flag they can, and such a death gets
+        /// one line instead of a report.
+        #[arg(long)]
+        no_trace: bool,
         /// The program and its arguments (put them after `--`).
         #[arg(
             required = true,
@@ -332,6 +339,7 @@ fn run(
     max_cpu: f64,
     reclaim: Option<kal::reclaim::Config>,
     freeres: bool,
+    trace: bool,
     command: Vec<OsString>,
 ) -> Result<i32> {
     let opts = report.options()?;
@@ -349,6 +357,7 @@ fn run(
         reclaim,
         max_cpu_percent: max_cpu,
         freeres,
+        trace,
     })
 }
 
@@ -361,18 +370,36 @@ fn main() {
             reclaim: mode,
             reclaim_args,
             no_freeres,
+            no_trace,
             command,
         } => mode
             .map(|m| reclaim_args.config(m))
             .transpose()
-            .and_then(|cfg| run(&report, check_every, max_cpu, cfg, !no_freeres, command)),
-        Cmd::Check { pid, report } => check(pid, &report),
+            .and_then(|cfg| {
+                run(
+                    &report,
+                    check_every,
+                    max_cpu,
+                    cfg,
+                    !no_freeres,
+                    !no_trace,
+                    command,
+                )
+            }),
+        Cmd::Check { pid, report } => {
+            // A process kal run traces is lent to this kal while it works.
+            let _loan = kal::trace::borrow(pid);
+            check(pid, &report)
+        }
         Cmd::Reclaim {
             pid,
             mode,
             reclaim_args,
             report,
-        } => reclaim(pid, mode, &reclaim_args, &report),
+        } => {
+            let _loan = kal::trace::borrow(pid);
+            reclaim(pid, mode, &reclaim_args, &report)
+        }
         Cmd::Trim { pid } => trim(pid),
     };
     match result {

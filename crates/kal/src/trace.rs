@@ -1,0 +1,355 @@
+//! `kal run` as the ptrace tracer of every process that says hello, so that a process dying
+//! of a fatal signal (SIGSEGV, SIGBUS, an unhandled SIGTERM, `raise(SIGABRT)`…) is read at
+//! its exit event, while its memory is still mapped, as memcheck reports such a process.
+//!
+//! Each thread is seized with `PTRACE_O_TRACEEXIT | PTRACE_O_TRACECLONE` (new threads are
+//! traced too; forked children are not: they say hello themselves) and never interrupted by
+//! the tracer itself. Every stop is resumed as soon as kal sees it: a signal-delivery stop
+//! with the same signal (never swallowed, never duplicated), a group-stop with
+//! `PTRACE_LISTEN` (the process stays stopped until `SIGCONT`, as without a tracer), an exit
+//! event of a thread or of a process ending normally at once. Only the exit event of a
+//! process ending by a signal is held, for the capture ([`Event::Dying`]).
+//!
+//! kal traces from its main thread only (ptrace requests come from the tracing thread), and
+//! [`crate::freeze`] knows the threads kept traced ([`crate::freeze::keep`]), so kal's own
+//! freezes interrupt them rather than seize them. If kal dies, the kernel detaches them and
+//! the program runs on.
+//!
+//! Another kal (`kal check PID`, `kal reclaim PID`) cannot seize a traced process: it asks
+//! `kal run` to lend it ([`borrow`], `MsgKind::Lend`); kal run lets go of the process until
+//! that connection closes, then traces it again.
+
+use crate::freeze::{is_stop_signal, keep, listen, unkeep, Frozen};
+use anyhow::{bail, Context, Result};
+use nix::errno::Errno;
+use nix::sys::ptrace;
+use nix::sys::signal::Signal;
+use nix::unistd::Pid;
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::time::Duration;
+
+/// The ptrace options kal traces with: exit events, and new threads.
+fn options() -> ptrace::Options {
+    ptrace::Options::PTRACE_O_TRACEEXIT | ptrace::Options::PTRACE_O_TRACECLONE
+}
+
+/// What the tracer saw that `kal run` must act on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Event {
+    /// A child of kal ended (reaped): its pid and wait status.
+    Reaped(i32, i32),
+    /// Process `pid` is dying of signal `sig`: thread `tid` is held at its exit event.
+    Dying {
+        /// The process.
+        pid: i32,
+        /// The thread held at its exit event.
+        tid: i32,
+        /// The signal.
+        sig: i32,
+    },
+}
+
+/// The processes `kal run` traces.
+#[derive(Default)]
+pub struct Tracer {
+    /// Traced processes (that said hello), with their agent header.
+    procs: HashMap<i32, u64>,
+    /// Thread id to process id, for the threads seen.
+    tids: HashMap<i32, i32>,
+    /// Processes lent to another kal, with how many loans are open.
+    lent: HashMap<i32, usize>,
+}
+
+/// The thread tracing thread `tid` (0: none), from `/proc`.
+fn tracer_of(tid: i32) -> Option<i32> {
+    let s = std::fs::read_to_string(format!("/proc/{tid}/status")).ok()?;
+    s.lines()
+        .find_map(|l| l.strip_prefix("TracerPid:"))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// The thread group (process) of thread `tid`, from `/proc`.
+fn tgid_of(tid: i32) -> Option<i32> {
+    let s = std::fs::read_to_string(format!("/proc/{tid}/status")).ok()?;
+    s.lines()
+        .find_map(|l| l.strip_prefix("Tgid:"))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+impl Tracer {
+    /// A tracer tracing nothing yet.
+    pub fn new() -> Tracer {
+        Tracer::default()
+    }
+
+    /// Traces every thread of `pid` (which said hello, its agent header at `header`),
+    /// including threads created meanwhile. A process traced already (it exec'd) only gets
+    /// its new header.
+    pub fn attach(&mut self, pid: i32, header: u64) -> Result<()> {
+        self.procs.insert(pid, header);
+        if self.lent.contains_key(&pid) {
+            return Ok(());
+        }
+        let mut gone: Vec<i32> = Vec::new();
+        loop {
+            let new: Vec<i32> = crate::procfs::tasks(pid)?
+                .into_iter()
+                .filter(|t| !gone.contains(t) && !crate::freeze::is_kept(*t))
+                .collect();
+            if new.is_empty() {
+                return Ok(());
+            }
+            for tid in new {
+                match ptrace::seize(Pid::from_raw(tid), options()) {
+                    Ok(()) => {
+                        keep(tid);
+                        self.tids.insert(tid, pid);
+                    }
+                    Err(Errno::ESRCH) => gone.push(tid),
+                    Err(Errno::EPERM) => match tracer_of(tid) {
+                        Some(t) if t == nix::unistd::gettid().as_raw() => {
+                            keep(tid);
+                            self.tids.insert(tid, pid);
+                        }
+                        Some(t) if t != 0 && tid == pid => {
+                            self.procs.remove(&pid);
+                            bail!("process {pid} is traced by process {t} already");
+                        }
+                        // Exited meanwhile (a zombie main thread stays listed).
+                        _ => gone.push(tid),
+                    },
+                    Err(e) => return Err(e).with_context(|| format!("cannot trace thread {tid}")),
+                }
+            }
+        }
+    }
+
+    /// Whether `pid` said hello and is traced (not lent).
+    pub fn traces(&self, pid: i32) -> bool {
+        self.procs.contains_key(&pid) && !self.lent.contains_key(&pid)
+    }
+
+    /// Forgets process `pid`: kal let go of it at its exit.
+    pub fn forget(&mut self, pid: i32) {
+        self.procs.remove(&pid);
+        self.tids.retain(|_, p| *p != pid);
+    }
+
+    /// Handles every stop and end waiting to be collected, without blocking, and returns
+    /// what `kal run` must act on. Stops at the first [`Event::Dying`]: the caller captures
+    /// that process before its other threads' exit events are collected here.
+    pub fn pump(&mut self) -> Vec<Event> {
+        let mut out = Vec::new();
+        let mut handed = crate::freeze::take_handed_back();
+        loop {
+            let (tid, st) = if let Some(tid) = handed.pop() {
+                // A freeze found it at its exit event and left it there.
+                (
+                    tid,
+                    (libc::PTRACE_EVENT_EXIT << 16) | (libc::SIGTRAP << 8) | 0x7f,
+                )
+            } else {
+                let mut st = 0;
+                // SAFETY: waitpid writes the status into our own int.
+                let r = unsafe { libc::waitpid(-1, &mut st, libc::__WALL | libc::WNOHANG) };
+                if r <= 0 {
+                    break;
+                }
+                (r, st)
+            };
+            if libc::WIFEXITED(st) || libc::WIFSIGNALED(st) {
+                unkeep(tid);
+                self.tids.remove(&tid);
+                out.push(Event::Reaped(tid, st));
+                continue;
+            }
+            if !libc::WIFSTOPPED(st) {
+                continue;
+            }
+            if let std::collections::hash_map::Entry::Vacant(e) = self.tids.entry(tid) {
+                // A new thread (attached by the kernel), or a process cloned by one.
+                if let Some(p) = tgid_of(tid) {
+                    e.insert(p);
+                }
+                keep(tid);
+            }
+            let p = Pid::from_raw(tid);
+            let sig = libc::WSTOPSIG(st);
+            match st >> 16 {
+                0 => {
+                    // Signal-delivery stop: deliver it, unchanged.
+                    let _ = ptrace::cont(p, Signal::try_from(sig).ok());
+                }
+                libc::PTRACE_EVENT_STOP => match Signal::try_from(sig) {
+                    Ok(s) if is_stop_signal(s) => listen(tid),
+                    _ => {
+                        let _ = ptrace::cont(p, None);
+                    }
+                },
+                libc::PTRACE_EVENT_EXIT => {
+                    let code = ptrace::getevent(p).unwrap_or(0) as i32;
+                    let pid = self.tids.get(&tid).copied().unwrap_or(0);
+                    let signal = code & 0x7f;
+                    if signal != 0 && signal != 0x7f && self.traces(pid) {
+                        out.push(Event::Dying {
+                            pid,
+                            tid,
+                            sig: signal,
+                        });
+                        // Events already taken from a freeze go back for the next round.
+                        if !handed.is_empty() {
+                            let mut h = crate::freeze::take_handed_back();
+                            h.extend(handed);
+                            for t in h {
+                                crate::freeze::hand_back(t);
+                            }
+                        }
+                        return out;
+                    }
+                    let _ = ptrace::cont(p, None);
+                }
+                _ => {
+                    let _ = ptrace::cont(p, None);
+                }
+            }
+        }
+        out
+    }
+
+    /// Captures process `pid`, dying of a signal, at its exit event (thread `tid` is held
+    /// there), and lets go of it: it dies once the result is dropped.
+    pub fn dying(&mut self, pid: i32, tid: i32) -> Result<(Frozen, u64)> {
+        let header = self.procs.get(&pid).copied().unwrap_or(0);
+        self.forget(pid);
+        Ok((Frozen::at_fatal_exit(pid, tid)?, header))
+    }
+
+    /// Lets go of process `pid` until [`Tracer::unlend`]: every thread is stopped, then
+    /// detached (a signal that arrived meanwhile is delivered). Fails if the process is
+    /// ending.
+    pub fn lend(&mut self, pid: i32) -> Result<()> {
+        if let Some(n) = self.lent.get_mut(&pid) {
+            *n += 1;
+            return Ok(());
+        }
+        if !self.procs.contains_key(&pid) {
+            bail!("kal run does not trace process {pid}");
+        }
+        let mut f = Frozen::freeze(pid)?;
+        if f.exiting() {
+            bail!("process {pid} is ending");
+        }
+        for tid in f.let_go_of_kept() {
+            self.tids.remove(&tid);
+        }
+        drop(f);
+        self.lent.insert(pid, 1);
+        Ok(())
+    }
+
+    /// Stops tracing process `pid` for good, if it is alive and not ending (its agent's
+    /// connection closed without an exit: it exec'd, or closed that connection).
+    pub fn release(&mut self, pid: i32) {
+        if !self.traces(pid) {
+            return;
+        }
+        let alive = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|s| {
+                let state = crate::procfs::stat_field(&s, 0)?.to_string();
+                let flags: u64 = crate::procfs::stat_field(&s, 6)?.parse().ok()?;
+                Some(state != "Z" && state != "X" && flags & 4 == 0)
+            })
+            .unwrap_or(false);
+        if !alive {
+            return;
+        }
+        if let Ok(mut f) = Frozen::freeze(pid) {
+            if !f.exiting() {
+                f.let_go_of_kept();
+                self.forget(pid);
+            }
+        }
+    }
+
+    /// A loan of `pid` ended: once no loan is left, traces it again (if it still lives).
+    pub fn unlend(&mut self, pid: i32) {
+        let Some(n) = self.lent.get_mut(&pid) else {
+            return;
+        };
+        *n -= 1;
+        if *n > 0 {
+            return;
+        }
+        self.lent.remove(&pid);
+        let header = self.procs.get(&pid).copied().unwrap_or(0);
+        if std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            if let Err(e) = self.attach(pid, header) {
+                crate::say!(
+                    "kal: cannot trace process {pid} again ({e:#}): if it dies of a signal, it gets no leak report"
+                );
+            }
+        }
+    }
+}
+
+/// Whether kal has children left (peeked at, nothing reaped or consumed).
+pub fn has_children() -> bool {
+    // SAFETY: a zeroed siginfo is a valid value for waitid to fill.
+    let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+    // SAFETY: waitid peeks (WNOWAIT) at our own children into our own siginfo.
+    let r = unsafe {
+        libc::waitid(
+            libc::P_ALL,
+            0,
+            &mut info,
+            libc::WEXITED | libc::WNOHANG | libc::WNOWAIT | libc::__WALL,
+        )
+    };
+    r == 0
+}
+
+/// A loan from `kal run` of a process it traces, held while this kal works on it.
+pub struct Loan {
+    _stream: UnixStream,
+}
+
+/// If process `pid` is traced by a `kal run` (its `KAL_SOCKET` names that kal), asks it to
+/// let go of the process while the returned loan lives. `None` when the process is not
+/// traced, or by something else (then seizing it fails with a clear error).
+pub fn borrow(pid: i32) -> Option<Loan> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let tracer = status
+        .lines()
+        .find_map(|l| l.strip_prefix("TracerPid:"))
+        .map(str::trim)?;
+    if tracer == "0" {
+        return None;
+    }
+    let env = std::fs::read(format!("/proc/{pid}/environ")).ok()?;
+    let key = format!("{}=", kal_proto::ENV_SOCKET);
+    let sock = env
+        .split(|&b| b == 0)
+        .find_map(|v| v.strip_prefix(key.as_bytes()))?;
+    let sock = std::path::PathBuf::from(
+        <std::ffi::OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(sock),
+    );
+    let mut stream = UnixStream::connect(&sock).ok()?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .ok()?;
+    let msg = kal_proto::Hello {
+        magic: kal_proto::MAGIC,
+        kind: kal_proto::MsgKind::Lend as u32,
+        pid: pid as u32,
+        tid: 0,
+        version: kal_proto::VERSION,
+        header_addr: 0,
+    };
+    stream.write_all(&msg.encode()).ok()?;
+    let mut b = [0u8; 1];
+    stream.read_exact(&mut b).ok()?;
+    (b[0] == 1).then_some(Loan { _stream: stream })
+}
