@@ -275,6 +275,7 @@ pub fn run(opts: &RunOptions) -> Result<i32> {
             // SAFETY: sending a signal to our own child.
             unsafe { libc::kill(main_pid, sig) };
         }
+        let polled = conns.len();
         let mut fds: Vec<libc::pollfd> = std::iter::once(&listener as &dyn std::os::fd::AsRawFd)
             .chain(conns.iter().map(|c| &c.stream as &dyn std::os::fd::AsRawFd))
             .chain(chld.iter().map(|f| f as &dyn std::os::fd::AsRawFd))
@@ -311,10 +312,7 @@ pub fn run(opts: &RunOptions) -> Result<i32> {
             } > 0
             {}
         }
-        let ready: Vec<bool> = fds[1..1 + conns.len()]
-            .iter()
-            .map(|f| f.revents != 0)
-            .collect();
+        let ready: Vec<bool> = fds[1..1 + polled].iter().map(|f| f.revents != 0).collect();
         let mut keep = Vec::with_capacity(conns.len());
         for (c, r) in conns
             .drain(..)
