@@ -484,3 +484,30 @@ fn a_traced_program_is_checked_with_exact_counts() {
     let at = line_of("stops.c", "stops_leak");
     assert_eq!(sum(&records_at(last, "direct", "stops.c", at)), (300, 3));
 }
+
+#[test]
+fn when_kal_dies_the_traced_program_runs_on() {
+    ensure_agent();
+    let prog = build("stops.c", &[]);
+    let mut kal = Command::new(env!("CARGO_BIN_EXE_kal"))
+        .args(["run", "-q", "--"])
+        .arg(&prog)
+        .args(["hold", "1000", "nostop", "1"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut out = std::io::BufReader::new(kal.stdout.take().unwrap());
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut out, &mut line).unwrap();
+    let pid: i32 = line.trim().strip_prefix("ready ").unwrap().parse().unwrap();
+    assert_eq!(status_field(pid, "TracerPid:"), kal.id().to_string());
+    kal.kill().unwrap();
+    kal.wait().unwrap();
+    assert_eq!(status_field(pid, "TracerPid:"), "0");
+    // It handles its 1,000 signals and ends on its own (its stdout is still this pipe).
+    let mut rest = String::new();
+    out.read_to_string(&mut rest).unwrap();
+    assert_eq!(rest, "continued\nhandled 1000 SIGUSR1\n");
+}
