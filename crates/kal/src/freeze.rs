@@ -386,6 +386,7 @@ impl Frozen {
                     | Err(Errno::ECHILD) => {
                         progress = true;
                         f.threads.retain(|t| t.0 != tid);
+                        unkeep(tid);
                     }
                     Ok(_) => {}
                     Err(e) => return Err(e).context("waiting for the process to exit"),
@@ -513,7 +514,11 @@ impl Frozen {
                         Stop::Stopped(s) => slot.1 = s,
                         Stop::Group => group.push(tid),
                         Stop::AtExit => at_exit.push(tid),
-                        Stop::Gone => slot.0 = -1,
+                        Stop::Gone => {
+                            // Its end was collected here: the tracer forgets it too.
+                            unkeep(tid);
+                            slot.0 = -1
+                        }
                     }
                 }
                 false

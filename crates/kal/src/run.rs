@@ -231,6 +231,8 @@ pub fn run(opts: &RunOptions) -> Result<i32> {
     // would take a ptrace stop for an exit).
     let mut tracer = opts.trace.then(crate::trace::Tracer::new);
     let chld = if opts.trace { sigchld_pipe() } else { None };
+    // How the program ended, should its status be collected by a wait for one thread.
+    let main_end = crate::ended::Pending::new(main_pid, crate::ended::open(main_pid));
 
     let mut conns: Vec<Conn> = Vec::new();
     let mut status: Option<ExitStatus> = None;
@@ -438,6 +440,14 @@ pub fn run(opts: &RunOptions) -> Result<i32> {
         without_agent.poll(false);
         if status.is_none() && tracer.is_none() {
             status = child.try_wait()?;
+        }
+        if status.is_none() && tracer.is_some() && !crate::trace::has_children() {
+            // Reaped by a wait kal made for one of its threads: the pidfd tells how.
+            status = Some(ExitStatus::from_raw(match main_end.decide() {
+                Some(Some(crate::ended::End::Signal(sig))) => sig,
+                Some(Some(crate::ended::End::Code(c))) => (c & 0xff) << 8,
+                _ => 1 << 8,
+            }));
         }
         pending.retain(|p| {
             let decided = if p.pid == main_pid {

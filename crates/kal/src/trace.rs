@@ -31,7 +31,7 @@ use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
 /// The ptrace options kal traces with: exit events, and new threads.
-fn options() -> ptrace::Options {
+pub fn options() -> ptrace::Options {
     ptrace::Options::PTRACE_O_TRACEEXIT | ptrace::Options::PTRACE_O_TRACECLONE
 }
 
