@@ -145,6 +145,9 @@ pub struct Frozen {
     left_running: Vec<(i32, &'static str)>,
     /// Threads kal's tracer keeps traced: resumed, not detached, when the freeze ends.
     kept: Vec<i32>,
+    /// A loan of the process from the `kal run` tracing it, held until after the detach
+    /// (fields drop after `Drop::drop`).
+    _loan: Option<crate::trace::Loan>,
     /// Kept threads stopped in a group-stop (they listen again) and at their exit event
     /// (handed back to the tracer).
     group_stopped: Vec<i32>,
@@ -233,6 +236,8 @@ impl Frozen {
     /// `leave_blocked` the threads blocked in a call a stop would interrupt
     /// ([`eintr_call`]; see [`Frozen::left_running`]).
     pub fn freeze_except(pid: i32, skip: i32, leave_blocked: bool) -> Result<Frozen> {
+        // A process another kal run traces is lent to this kal first.
+        let loan = crate::trace::borrow(pid, leave_blocked);
         let started = Instant::now();
         let mut f = Frozen {
             pid,
@@ -243,6 +248,7 @@ impl Frozen {
             leave_blocked,
             left_running: Vec::new(),
             kept: Vec::new(),
+            _loan: loan,
             group_stopped: Vec::new(),
             exit_stopped: Vec::new(),
         };
@@ -301,6 +307,7 @@ impl Frozen {
             leave_blocked: false,
             left_running: Vec::new(),
             kept: Vec::new(),
+            _loan: None,
             group_stopped: Vec::new(),
             exit_stopped: Vec::new(),
         };
@@ -314,6 +321,15 @@ impl Frozen {
         ready();
         let mut stopped: Vec<i32> = Vec::new();
         let mut exit_seen: Option<Instant> = None;
+        // Exit events seen while kal waited for an agent, left stopped there.
+        for tid in take_handed_back() {
+            if f.threads.iter().any(|t| t.0 == tid) {
+                exit_seen.get_or_insert_with(Instant::now);
+                stopped.push(tid);
+            } else {
+                hand_back(tid);
+            }
+        }
         if exiting_stopped {
             unkeep(exiting);
             if !f.threads.iter().any(|t| t.0 == exiting) {
@@ -479,6 +495,16 @@ impl Frozen {
     /// that exited.
     fn wait_stops(&mut self, mut tids: Vec<i32>) -> Result<()> {
         let deadline = Instant::now() + STOP_DEADLINE;
+        // Kept threads already stopped at their exit event (seen while kal waited for an
+        // agent) report no new stop: they are held as they are.
+        for tid in take_handed_back() {
+            if tids.contains(&tid) {
+                tids.retain(|&t| t != tid);
+                self.exit_stopped.push(tid);
+            } else {
+                hand_back(tid);
+            }
+        }
         while !tids.is_empty() {
             let mut progress = false;
             let mut failed = None;
@@ -538,6 +564,7 @@ impl Frozen {
 
     /// Seizes and stops one thread of `pid` (`tid`, or any if that one is gone).
     pub fn freeze_one(pid: i32, tid: i32) -> Result<Frozen> {
+        let loan = crate::trace::borrow(pid, false);
         let started = Instant::now();
         let mut f = Frozen {
             pid,
@@ -548,6 +575,7 @@ impl Frozen {
             leave_blocked: false,
             left_running: Vec::new(),
             kept: Vec::new(),
+            _loan: loan,
             group_stopped: Vec::new(),
             exit_stopped: Vec::new(),
         };
@@ -573,7 +601,9 @@ impl Frozen {
                     Stop::Gone => {}
                 }
             }
-            // Not a thread to work in: let it go (or resume it) before the next one.
+            // Not a thread to work in: let it go (or resume it) before the next one
+            // (keeping the loan, if any).
+            let loan = f._loan.take();
             drop(std::mem::replace(
                 &mut f,
                 Frozen {
@@ -585,6 +615,7 @@ impl Frozen {
                     leave_blocked: false,
                     left_running: Vec::new(),
                     kept: Vec::new(),
+                    _loan: loan,
                     group_stopped: Vec::new(),
                     exit_stopped: Vec::new(),
                 },

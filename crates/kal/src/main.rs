@@ -386,20 +386,13 @@ fn main() {
                     command,
                 )
             }),
-        Cmd::Check { pid, report } => {
-            // A process kal run traces is lent to this kal while it works.
-            let _loan = kal::trace::borrow(pid);
-            check(pid, &report)
-        }
+        Cmd::Check { pid, report } => check(pid, &report),
         Cmd::Reclaim {
             pid,
             mode,
             reclaim_args,
             report,
-        } => {
-            let _loan = kal::trace::borrow(pid);
-            reclaim(pid, mode, &reclaim_args, &report)
-        }
+        } => reclaim(pid, mode, &reclaim_args, &report),
         Cmd::Trim { pid } => trim(pid),
     };
     match result {

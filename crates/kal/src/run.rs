@@ -231,6 +231,9 @@ pub fn run(opts: &RunOptions) -> Result<i32> {
     // would take a ptrace stop for an exit).
     let mut tracer = opts.trace.then(crate::trace::Tracer::new);
     let chld = if opts.trace { sigchld_pipe() } else { None };
+    if opts.trace {
+        crate::control::set_wait_hook(crate::trace::service_stops);
+    }
     // How the program ended, should its status be collected by a wait for one thread.
     let main_end = crate::ended::Pending::new(main_pid, crate::ended::open(main_pid));
 
@@ -356,9 +359,9 @@ pub fn run(opts: &RunOptions) -> Result<i32> {
                     }
                     keep.push(c)
                 }
-                Ok(Handled::Lend(mut c, pid)) => {
+                Ok(Handled::Lend(mut c, pid, leave_blocked)) => {
                     let lent = match tracer.as_mut() {
-                        Some(t) if t.traces(pid) => t.lend(pid),
+                        Some(t) if t.traces(pid) => t.lend(pid, leave_blocked),
                         _ => Err(anyhow::anyhow!("process {pid} is not traced by this kal")),
                     };
                     match lent {
@@ -545,7 +548,7 @@ fn reap_adopted(main_pid: i32, main_reaped: bool) -> bool {
 enum Handled {
     Keep(Conn),
     /// Another kal asks for a loan of this process (`crate::trace::borrow`).
-    Lend(Conn, i32),
+    Lend(Conn, i32, bool),
     Done(bool),
     /// The connection closed; a hello connection is handed back.
     Closed(Option<Conn>),
@@ -573,7 +576,7 @@ fn handle(
     // their subreaper), or nobody kal will touch.
     if msg.kind == MsgKind::Lend as u32 {
         // Only kal run's user (or root) can reach its private socket.
-        return Ok(Handled::Lend(c, msg.pid as i32));
+        return Ok(Handled::Lend(c, msg.pid as i32, msg.tid & 1 != 0));
     }
     let peer = crate::peer::peer_pid(&c.stream);
     let Some(pid) = peer.filter(|&p| p != me && crate::peer::descends_from(p, me)) else {

@@ -142,6 +142,11 @@ impl Tracer {
     /// that process before its other threads' exit events are collected here.
     pub fn pump(&mut self) -> Vec<Event> {
         let mut out = Vec::new();
+        for (tid, st) in std::mem::take(&mut *REAPED.lock().unwrap_or_else(|e| e.into_inner())) {
+            unkeep(tid);
+            self.tids.remove(&tid);
+            out.push(Event::Reaped(tid, st));
+        }
         let mut handed = crate::freeze::take_handed_back();
         loop {
             let (tid, st) = if let Some(tid) = handed.pop() {
@@ -229,7 +234,7 @@ impl Tracer {
     /// Lets go of process `pid` until [`Tracer::unlend`]: every thread is stopped, then
     /// detached (a signal that arrived meanwhile is delivered). Fails if the process is
     /// ending.
-    pub fn lend(&mut self, pid: i32) -> Result<()> {
+    pub fn lend(&mut self, pid: i32, leave_blocked: bool) -> Result<()> {
         if let Some(n) = self.lent.get_mut(&pid) {
             *n += 1;
             return Ok(());
@@ -237,7 +242,9 @@ impl Tracer {
         if !self.procs.contains_key(&pid) {
             bail!("kal run does not trace process {pid}");
         }
-        let mut f = Frozen::freeze(pid)?;
+        // Threads blocked in a call a stop would end early stay traced when the borrower
+        // leaves them running too (`--no-interrupt`).
+        let mut f = Frozen::freeze_except(pid, 0, leave_blocked)?;
         if f.exiting() {
             bail!("process {pid} is ending");
         }
@@ -295,6 +302,52 @@ impl Tracer {
     }
 }
 
+/// Ends collected while kal waited for an agent ([`service_stops`]), for the tracer.
+static REAPED: std::sync::Mutex<Vec<(i32, i32)>> = std::sync::Mutex::new(Vec::new());
+
+/// Resumes the stops of kal's tracees while kal waits for an agent's answer (the wait hook
+/// of [`crate::control`]): signal-delivery stops with their signal, group-stops listen,
+/// new threads and clone events go on. Exit events are left stopped for the tracer
+/// ([`crate::freeze::hand_back`]), and ends are kept for it.
+pub fn service_stops() {
+    loop {
+        let mut st = 0;
+        // SAFETY: waitpid writes the status into our own int.
+        let tid = unsafe { libc::waitpid(-1, &mut st, libc::__WALL | libc::WNOHANG) };
+        if tid <= 0 {
+            return;
+        }
+        if libc::WIFEXITED(st) || libc::WIFSIGNALED(st) {
+            REAPED
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push((tid, st));
+            continue;
+        }
+        if !libc::WIFSTOPPED(st) {
+            continue;
+        }
+        keep(tid);
+        let p = Pid::from_raw(tid);
+        let sig = libc::WSTOPSIG(st);
+        match st >> 16 {
+            0 => {
+                let _ = ptrace::cont(p, Signal::try_from(sig).ok());
+            }
+            libc::PTRACE_EVENT_STOP => match Signal::try_from(sig) {
+                Ok(s) if is_stop_signal(s) => listen(tid),
+                _ => {
+                    let _ = ptrace::cont(p, None);
+                }
+            },
+            libc::PTRACE_EVENT_EXIT => crate::freeze::hand_back(tid),
+            _ => {
+                let _ = ptrace::cont(p, None);
+            }
+        }
+    }
+}
+
 /// Whether kal has children left (peeked at, nothing reaped or consumed).
 pub fn has_children() -> bool {
     // SAFETY: a zeroed siginfo is a valid value for waitid to fill.
@@ -311,21 +364,28 @@ pub fn has_children() -> bool {
     r == 0
 }
 
+/// Whether thread `tid` belongs to this process.
+fn tracer_of_self_group(tid: i32) -> bool {
+    tgid_of(tid) == Some(std::process::id() as i32)
+}
+
 /// A loan from `kal run` of a process it traces, held while this kal works on it.
 pub struct Loan {
     _stream: UnixStream,
 }
 
-/// If process `pid` is traced by a `kal run` (its `KAL_SOCKET` names that kal), asks it to
-/// let go of the process while the returned loan lives. `None` when the process is not
+/// If process `pid` is traced by another kal's `kal run` (its `KAL_SOCKET` names that
+/// kal), asks it to let go of the process while the returned loan lives (with
+/// `leave_blocked`, of all but the threads blocked in a call a stop would end early). `None` when the process is not
 /// traced, or by something else (then seizing it fails with a clear error).
-pub fn borrow(pid: i32) -> Option<Loan> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let tracer = status
-        .lines()
-        .find_map(|l| l.strip_prefix("TracerPid:"))
-        .map(str::trim)?;
-    if tracer == "0" {
+pub fn borrow(pid: i32, leave_blocked: bool) -> Option<Loan> {
+    let tracer = tracer_of(pid)?;
+    // Not traced, traced by this kal, or by something that is not a kal.
+    if tracer == 0 || tracer_of_self_group(tracer) {
+        return None;
+    }
+    let comm = std::fs::read_to_string(format!("/proc/{tracer}/comm")).ok()?;
+    if comm.trim() != "kal" {
         return None;
     }
     let env = std::fs::read(format!("/proc/{pid}/environ")).ok()?;
@@ -344,7 +404,8 @@ pub fn borrow(pid: i32) -> Option<Loan> {
         magic: kal_proto::MAGIC,
         kind: kal_proto::MsgKind::Lend as u32,
         pid: pid as u32,
-        tid: 0,
+        // Flags: 1 = leave running the threads blocked in calls a stop would end early.
+        tid: leave_blocked as u32,
         version: kal_proto::VERSION,
         header_addr: 0,
     };
