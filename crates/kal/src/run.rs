@@ -184,6 +184,7 @@ pub fn run(opts: &RunOptions) -> Result<i32> {
         .context("cannot create a private directory")?;
     let sock = dir.path().join("agent.sock");
     let listener = UnixListener::bind(&sock).context("cannot create the agent socket")?;
+    crate::trace::set_own_socket(&sock);
     listener.set_nonblocking(true)?;
 
     // LD_PRELOAD splits on spaces and colons: an agent whose path holds one is loaded
@@ -265,6 +266,9 @@ pub fn run(opts: &RunOptions) -> Result<i32> {
                     let pid = c.pid.unwrap_or(0);
                     if !Path::new(&format!("/proc/{pid}")).exists() {
                         continue; // exited since its last message: nothing to check
+                    }
+                    if tracer.as_ref().is_some_and(|t| t.is_lent(pid)) {
+                        continue; // lent to another kal, which checks it now
                     }
                     if let Err(e) = p.check(pid, c.header, opts.quiet, &round) {
                         crate::say!("kal: check of process {pid} failed: {e:#}");

@@ -131,6 +131,11 @@ impl Tracer {
         self.procs.contains_key(&pid) && !self.lent.contains_key(&pid)
     }
 
+    /// Whether `pid` is lent to another kal now.
+    pub fn is_lent(&self, pid: i32) -> bool {
+        self.lent.contains_key(&pid)
+    }
+
     /// Forgets process `pid`: kal let go of it at its exit.
     pub fn forget(&mut self, pid: i32) {
         self.procs.remove(&pid);
@@ -194,10 +199,9 @@ impl Tracer {
                     }
                 },
                 libc::PTRACE_EVENT_EXIT => {
-                    let code = ptrace::getevent(p).unwrap_or(0) as i32;
                     let pid = self.tids.get(&tid).copied().unwrap_or(0);
-                    let signal = code & 0x7f;
-                    if signal != 0 && signal != 0x7f && self.traces(pid) {
+                    let signal = death_signal(tid);
+                    if signal != 0 && self.traces(pid) {
                         out.push(Event::Dying {
                             pid,
                             tid,
@@ -213,7 +217,8 @@ impl Tracer {
                         }
                         return out;
                     }
-                    let _ = ptrace::cont(p, None);
+                    self.tids.remove(&tid);
+                    let_exit(tid);
                 }
                 _ => {
                     let _ = ptrace::cont(p, None);
@@ -292,14 +297,43 @@ impl Tracer {
         }
         self.lent.remove(&pid);
         let header = self.procs.get(&pid).copied().unwrap_or(0);
-        if std::path::Path::new(&format!("/proc/{pid}")).exists() {
-            if let Err(e) = self.attach(pid, header) {
-                crate::say!(
-                    "kal: cannot trace process {pid} again ({e:#}): if it dies of a signal, it gets no leak report"
-                );
+        // A borrower that died closes its connection before the kernel detaches it from
+        // the process: that takes a moment.
+        let deadline = std::time::Instant::now() + Duration::from_secs(2);
+        while std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            match self.attach(pid, header) {
+                Ok(()) => return,
+                Err(_) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Err(e) => {
+                    crate::say!(
+                        "kal: cannot trace process {pid} again ({e:#}): if it dies of a signal, it gets no leak report"
+                    );
+                    return;
+                }
             }
         }
     }
+}
+
+/// The signal thread `tid`, stopped at its exit event, dies of (0: it exits).
+fn death_signal(tid: i32) -> i32 {
+    let code = ptrace::getevent(Pid::from_raw(tid)).unwrap_or(0) as i32;
+    let sig = code & 0x7f;
+    if sig == 0x7f {
+        0
+    } else {
+        sig
+    }
+}
+
+/// Lets thread `tid`, stopped at its exit event, go on exiting, untraced: it is reaped
+/// at once as without kal (a traced thread would stay a zombie, still counted in its
+/// process, until kal collected it).
+fn let_exit(tid: i32) {
+    unkeep(tid);
+    let _ = ptrace::detach(Pid::from_raw(tid), None);
 }
 
 /// Ends collected while kal waited for an agent ([`service_stops`]), for the tracer.
@@ -340,7 +374,8 @@ pub fn service_stops() {
                     let _ = ptrace::cont(p, None);
                 }
             },
-            libc::PTRACE_EVENT_EXIT => crate::freeze::hand_back(tid),
+            libc::PTRACE_EVENT_EXIT if death_signal(tid) != 0 => crate::freeze::hand_back(tid),
+            libc::PTRACE_EVENT_EXIT => let_exit(tid),
             _ => {
                 let _ = ptrace::cont(p, None);
             }
@@ -364,9 +399,41 @@ pub fn has_children() -> bool {
     r == 0
 }
 
+/// The socket of this kal's own `kal run`, if it is one: never borrowed from (that would
+/// be asking itself).
+static OWN_SOCKET: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+
+/// Records this `kal run`'s socket (see `OWN_SOCKET`).
+pub fn set_own_socket(p: &std::path::Path) {
+    let _ = OWN_SOCKET.set(p.to_path_buf());
+}
+
 /// Whether thread `tid` belongs to this process.
 fn tracer_of_self_group(tid: i32) -> bool {
     tgid_of(tid) == Some(std::process::id() as i32)
+}
+
+/// The agent socket `kal run` process `kal` listens on: a listening unix socket of its
+/// own (`/proc/KAL/fd`) whose path (`/proc/KAL/net/unix`) ends in `agent.sock`.
+fn listening_socket(kal: i32) -> Option<std::path::PathBuf> {
+    let inodes: Vec<String> = std::fs::read_dir(format!("/proc/{kal}/fd"))
+        .ok()?
+        .flatten()
+        .filter_map(|e| {
+            let l = std::fs::read_link(e.path()).ok()?;
+            let l = l.to_str()?;
+            Some(l.strip_prefix("socket:[")?.strip_suffix(']')?.to_string())
+        })
+        .collect();
+    let table = std::fs::read_to_string(format!("/proc/{kal}/net/unix")).ok()?;
+    table.lines().skip(1).find_map(|l| {
+        // Num RefCount Protocol Flags Type St Inode Path
+        let f: Vec<&str> = l.split_whitespace().collect();
+        let listening = u32::from_str_radix(f.get(3)?, 16).ok()? & 0x10000 != 0;
+        let (inode, path) = (f.get(6)?, f.get(7)?);
+        (listening && inodes.iter().any(|i| i == inode) && path.ends_with("/agent.sock"))
+            .then(|| std::path::PathBuf::from(path))
+    })
 }
 
 /// A loan from `kal run` of a process it traces, held while this kal works on it.
@@ -388,14 +455,21 @@ pub fn borrow(pid: i32, leave_blocked: bool) -> Option<Loan> {
     if comm.trim() != "kal" {
         return None;
     }
-    let env = std::fs::read(format!("/proc/{pid}/environ")).ok()?;
-    let key = format!("{}=", kal_proto::ENV_SOCKET);
-    let sock = env
-        .split(|&b| b == 0)
-        .find_map(|v| v.strip_prefix(key.as_bytes()))?;
-    let sock = std::path::PathBuf::from(
-        <std::ffi::OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(sock),
-    );
+    let sock = listening_socket(tracer).or_else(|| {
+        // The program's environment names it too, unless the program wrote over it
+        // (a process title, as redis-server sets).
+        let env = std::fs::read(format!("/proc/{pid}/environ")).ok()?;
+        let key = format!("{}=", kal_proto::ENV_SOCKET);
+        let sock = env
+            .split(|&b| b == 0)
+            .find_map(|v| v.strip_prefix(key.as_bytes()))?;
+        Some(std::path::PathBuf::from(
+            <std::ffi::OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(sock),
+        ))
+    })?;
+    if OWN_SOCKET.get() == Some(&sock) {
+        return None;
+    }
     let mut stream = UnixStream::connect(&sock).ok()?;
     stream
         .set_read_timeout(Some(Duration::from_secs(10)))
