@@ -15,6 +15,8 @@ static HELLO_FD: crate::ownfd::OwnFd = crate::ownfd::OwnFd::none();
 static HELLO_PID: AtomicI32 = AtomicI32::new(0);
 /// Whether this process has told kal it is exiting (a process ends once).
 static EXIT_SENT: AtomicBool = AtomicBool::new(false);
+/// Whether kal answers the hello (it traces the process: `KAL_HELLO_ACK`).
+static HELLO_ACK: AtomicBool = AtomicBool::new(false);
 static mut PATH: [u8; 108] = [0; 108];
 static mut PATH_LEN: usize = 0;
 
@@ -69,10 +71,41 @@ fn hello() {
         unsafe { libc::close(fd) };
         return;
     }
+    if fd >= 0 && HELLO_ACK.load(Ordering::Relaxed) {
+        wait_ack(fd);
+    }
     if fd >= 0 {
         HELLO_FD.set(fd);
         // SAFETY: getpid has no preconditions.
         HELLO_PID.store(unsafe { libc::getpid() }, Ordering::Release);
+    }
+}
+
+/// Waits (at most `HELLO_ACK_WAIT_MS`) for kal's one byte saying it traces this process
+/// now; a slow or absent answer only means a fatal signal soon after may go unreported.
+fn wait_ack(fd: i32) {
+    let tv = libc::timeval {
+        tv_sec: (kal_proto::HELLO_ACK_WAIT_MS / 1000) as libc::time_t,
+        tv_usec: ((kal_proto::HELLO_ACK_WAIT_MS % 1000) * 1000) as libc::suseconds_t,
+    };
+    // SAFETY: setting a receive timeout on our own socket from a valid timeval.
+    unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            (&tv as *const libc::timeval).cast(),
+            core::mem::size_of::<libc::timeval>() as libc::socklen_t,
+        )
+    };
+    let mut b = [0u8; 1];
+    for _ in 0..100 {
+        // SAFETY: reading at most one byte into a buffer we own.
+        let n = unsafe { libc::recv(fd, b.as_mut_ptr().cast(), 1, 0) };
+        // SAFETY: errno is thread-local.
+        if n >= 0 || unsafe { *libc::__errno_location() } != libc::EINTR {
+            break;
+        }
     }
 }
 
@@ -179,6 +212,9 @@ pub fn init() {
         PATH_LEN = s.len();
     }
     crate::ends::read_env();
+    // SAFETY: getenv with a NUL-terminated name; the value is only looked at here.
+    let ack = unsafe { !libc::getenv(c"KAL_HELLO_ACK".as_ptr()).is_null() };
+    HELLO_ACK.store(ack, Ordering::Relaxed);
     hello();
     // SAFETY: registering plain extern "C" functions with no captured state.
     unsafe {

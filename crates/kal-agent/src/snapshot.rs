@@ -17,9 +17,13 @@ const WCLONE: i32 = 0x8000_0000_u32 as i32;
 /// Serves one snapshot request on connection `fd` (the header was already read): answers,
 /// then waits until the copy has ended.
 pub fn serve(fd: i32) {
+    // CLONE_UNTRACED: under `kal run`, which traces this thread with PTRACE_O_TRACECLONE,
+    // the clone must not stop for kal's tracer (kal is busy waiting for this answer) nor
+    // make the copy a tracee.
+    let flags = libc::CLONE_UNTRACED as usize;
     // SAFETY: a raw clone without CLONE_VM is a fork of this process in which only this
     // thread runs; the child below makes raw system calls only (no locks, no allocation).
-    let pid = unsafe { libc::syscall(libc::SYS_clone, 0usize, 0usize, 0usize, 0usize, 0usize) };
+    let pid = unsafe { libc::syscall(libc::SYS_clone, flags, 0usize, 0usize, 0usize, 0usize) };
     if pid == 0 {
         copy_waits_then_exits(fd);
     }

@@ -40,6 +40,15 @@ pub const ENV_TABLE_MAX_SLOTS: &str = "KAL_TABLE_MAX_SLOTS";
 /// agent then does not run `__libc_freeres`/`__gnu_cxx::__freeres` at exit.
 pub const ENV_NO_FREERES: &str = "KAL_NO_FREERES";
 
+/// Environment variable `kal run` sets (to `1`) when it traces the program's processes: the
+/// agent then waits (at most [`HELLO_ACK_WAIT_MS`]) for one byte after its hello, so that kal
+/// traces the process before it runs on, and a fatal signal soon after start is seen.
+pub const ENV_HELLO_ACK: &str = "KAL_HELLO_ACK";
+
+/// How long the agent waits for kal's answer to its hello, in milliseconds, when
+/// [`ENV_HELLO_ACK`] asks it to.
+pub const HELLO_ACK_WAIT_MS: u64 = 2000;
+
 /// `AllocSlot::addr` value of a slot that never held an allocation.
 pub const SLOT_EMPTY: u64 = 0;
 /// `AllocSlot::addr` value of a slot whose allocation was freed (or moved to a newer table).
@@ -400,6 +409,10 @@ pub enum MsgKind {
     Hello = 1,
     /// The process is exiting: capture it now, then send one byte back.
     Exit = 2,
+    /// Sent to `kal run` by another kal (`kal check`, `kal reclaim`) about a process `kal run`
+    /// traces (`pid`): stop tracing it until this connection closes; one byte answers once it
+    /// is let go.
+    Lend = 3,
 }
 
 /// Fixed-size message sent by the agent over the CLI's socket.
@@ -451,7 +464,9 @@ impl Hello {
             version: u32_at(20),
             header_addr: u64::from_le_bytes(w),
         };
-        let known = msg.kind == MsgKind::Hello as u32 || msg.kind == MsgKind::Exit as u32;
+        let known = msg.kind == MsgKind::Hello as u32
+            || msg.kind == MsgKind::Exit as u32
+            || msg.kind == MsgKind::Lend as u32;
         (msg.magic == MAGIC && msg.version == VERSION && known).then_some(msg)
     }
 }

@@ -286,7 +286,42 @@ fn send_with_fd(s: &UnixStream, bytes: &[u8], fd: i32) -> Result<()> {
     Ok(())
 }
 
+/// A function kal calls again and again while it waits for an agent's answer (`kal run`'s
+/// tracer resumes its tracees' stops meanwhile: a thread the agent creates for the request
+/// stops at its clone event until then).
+static WAIT_HOOK: std::sync::OnceLock<fn()> = std::sync::OnceLock::new();
+
+/// Sets the function called while kal waits for an agent's answer (see `WAIT_HOOK`).
+pub fn set_wait_hook(f: fn()) {
+    let _ = WAIT_HOOK.set(f);
+}
+
+/// Waits, in short slices calling the wait hook between them, until `s` has something to
+/// read (or its read timeout passes: the read that follows then fails as it would).
+fn await_readable(s: &UnixStream) {
+    let Some(hook) = WAIT_HOOK.get() else { return };
+    let limit = s
+        .read_timeout()
+        .ok()
+        .flatten()
+        .unwrap_or(Duration::from_secs(3600));
+    let start = std::time::Instant::now();
+    while start.elapsed() < limit {
+        let mut p = libc::pollfd {
+            fd: s.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: polling one valid pollfd for at most 5 ms.
+        if unsafe { libc::poll(&mut p, 1, 5) } > 0 {
+            return;
+        }
+        hook();
+    }
+}
+
 fn read_response(s: &mut UnixStream) -> Result<Response> {
+    await_readable(s);
     let mut b = [0u8; RESPONSE_SIZE];
     s.read_exact(&mut b).context(
         "the agent did not answer (an agent from an older kal? rebuild it with this kal)",

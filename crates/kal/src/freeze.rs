@@ -3,6 +3,11 @@
 //! Every stop is bounded: a thread that does not stop within the deadline makes the whole
 //! freeze fail, and dropping a [`Frozen`] always detaches, re-delivering any signal that
 //! arrived meanwhile, so the target is never left stopped or traced.
+//!
+//! Threads that `kal run`'s tracer keeps traced ([`crate::trace`], registered with
+//! [`keep`]) are interrupted instead of seized, and resumed instead of detached when the
+//! freeze ends (a group-stopped one listens again; one found at its exit event is handed
+//! back to the tracer, see [`take_handed_back`]). A capture at exit lets go of them.
 
 use anyhow::{bail, Context, Result};
 use nix::errno::Errno;
@@ -10,7 +15,89 @@ use nix::sys::ptrace;
 use nix::sys::signal::Signal;
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
+use std::collections::BTreeSet;
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
+
+/// Threads kal's tracer keeps traced (kal ptraces from one thread only: its main thread).
+static KEPT: Mutex<BTreeSet<i32>> = Mutex::new(BTreeSet::new());
+/// Kept threads a freeze found stopped at their exit event, for the tracer.
+static HANDED_BACK: Mutex<Vec<i32>> = Mutex::new(Vec::new());
+
+/// Registers `tid` as traced by kal for as long as kal runs it (a freeze then interrupts
+/// and resumes it rather than seizing and detaching it).
+pub fn keep(tid: i32) {
+    KEPT.lock().unwrap_or_else(|e| e.into_inner()).insert(tid);
+}
+
+/// Forgets `tid` (it exited, or kal let go of it).
+pub fn unkeep(tid: i32) {
+    KEPT.lock().unwrap_or_else(|e| e.into_inner()).remove(&tid);
+}
+
+/// Whether kal keeps `tid` traced.
+pub fn is_kept(tid: i32) -> bool {
+    KEPT.lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .contains(&tid)
+}
+
+/// Kept threads that a freeze found stopped at their exit event and left stopped there:
+/// the tracer handles them as if it had just seen that event.
+pub fn take_handed_back() -> Vec<i32> {
+    std::mem::take(&mut *HANDED_BACK.lock().unwrap_or_else(|e| e.into_inner()))
+}
+
+/// Leaves kept thread `tid`, stopped at its exit event, for the tracer to handle.
+pub fn hand_back(tid: i32) {
+    HANDED_BACK
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .push(tid);
+}
+
+/// Whether `sig` stops a process by default (a ptrace `PTRACE_EVENT_STOP` with it is a
+/// group-stop).
+pub fn is_stop_signal(sig: Signal) -> bool {
+    matches!(
+        sig,
+        Signal::SIGSTOP | Signal::SIGTSTP | Signal::SIGTTIN | Signal::SIGTTOU
+    )
+}
+
+/// `PTRACE_LISTEN`: a group-stopped tracee stays stopped as it would without a tracer,
+/// and is woken by `SIGCONT`.
+pub fn listen(tid: i32) {
+    // SAFETY: a ptrace request with integer arguments on our own tracee.
+    unsafe {
+        libc::ptrace(libc::PTRACE_LISTEN, tid, 0usize, 0usize);
+    }
+}
+
+/// Whether thread `tid` is traced by this thread of kal (read from `/proc`).
+fn traced_by_me(tid: i32) -> bool {
+    let me = nix::unistd::gettid().as_raw().to_string();
+    std::fs::read_to_string(format!("/proc/{tid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("TracerPid:"))
+                .map(|v| v.trim() == me)
+        })
+        .unwrap_or(false)
+}
+
+/// Whether thread `tid` has begun to exit (`PF_EXITING`) or is gone: it can no longer be
+/// seized.
+fn is_exiting(pid: i32, tid: i32) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/stat")) else {
+        return true;
+    };
+    let flags: u64 = crate::procfs::stat_field(&stat, 6)
+        .and_then(|f| f.parse().ok())
+        .unwrap_or(0);
+    flags & 4 != 0
+}
 
 /// Registers of one frozen thread.
 #[derive(Debug, Clone, Copy)]
@@ -56,6 +143,15 @@ pub struct Frozen {
     leave_blocked: bool,
     /// Threads left running that way, with the call each was blocked in.
     left_running: Vec<(i32, &'static str)>,
+    /// Threads kal's tracer keeps traced: resumed, not detached, when the freeze ends.
+    kept: Vec<i32>,
+    /// A loan of the process from the `kal run` tracing it, held until after the detach
+    /// (fields drop after `Drop::drop`).
+    _loan: Option<crate::trace::Loan>,
+    /// Kept threads stopped in a group-stop (they listen again) and at their exit event
+    /// (handed back to the tracer).
+    group_stopped: Vec<i32>,
+    exit_stopped: Vec<i32>,
 }
 
 /// The blocking call thread `tid` of `pid` is in, if a ptrace stop would make it return
@@ -140,6 +236,8 @@ impl Frozen {
     /// `leave_blocked` the threads blocked in a call a stop would interrupt
     /// ([`eintr_call`]; see [`Frozen::left_running`]).
     pub fn freeze_except(pid: i32, skip: i32, leave_blocked: bool) -> Result<Frozen> {
+        // A process another kal run traces is lent to this kal first.
+        let loan = crate::trace::borrow(pid, leave_blocked);
         let started = Instant::now();
         let mut f = Frozen {
             pid,
@@ -149,6 +247,10 @@ impl Frozen {
             skip,
             leave_blocked,
             left_running: Vec::new(),
+            kept: Vec::new(),
+            _loan: loan,
+            group_stopped: Vec::new(),
+            exit_stopped: Vec::new(),
         };
         // Each batch of threads is seized and interrupted first, then their stops are
         // awaited together: the threads stop in parallel, not one after the other (2,000
@@ -176,6 +278,25 @@ impl Frozen {
     /// stops at its exit event (`exit_group` has begun, memory is intact) and the other
     /// threads, killed by it, stop at theirs. Signals that arrive meanwhile are passed on.
     pub fn at_exit(pid: i32, exiting: i32, ready: impl FnOnce()) -> Result<Frozen> {
+        Frozen::exit_capture(pid, exiting, ready, false)
+    }
+
+    /// A process kal traces is dying of a fatal signal: thread `exiting` is stopped at its
+    /// exit event (its memory is still mapped). Waits until the other threads, killed with
+    /// it, stop at theirs, and holds them all; dropping the result lets the process die.
+    pub fn at_fatal_exit(pid: i32, exiting: i32) -> Result<Frozen> {
+        Frozen::exit_capture(pid, exiting, || {}, true)
+    }
+
+    /// [`Frozen::at_exit`]; with `exiting_stopped`, thread `exiting` is at its exit event
+    /// already (kal traces it and saw the event). Threads kal keeps traced are let go of
+    /// when the result is dropped: the process is ending.
+    fn exit_capture(
+        pid: i32,
+        exiting: i32,
+        ready: impl FnOnce(),
+        exiting_stopped: bool,
+    ) -> Result<Frozen> {
         let started = Instant::now();
         let mut f = Frozen {
             pid,
@@ -185,12 +306,38 @@ impl Frozen {
             skip: 0,
             leave_blocked: false,
             left_running: Vec::new(),
+            kept: Vec::new(),
+            _loan: None,
+            group_stopped: Vec::new(),
+            exit_stopped: Vec::new(),
         };
         let opts = ptrace::Options::PTRACE_O_TRACEEXIT | ptrace::Options::PTRACE_O_TRACECLONE;
-        f.seize_all(opts, |_, _| Ok(()), |_| Ok(()))?;
+        let seized = f.seize_all(opts, |_, _| Ok(()), |_| Ok(()));
+        // Kept threads already have these options; at exit kal lets go of them all.
+        for tid in std::mem::take(&mut f.kept) {
+            unkeep(tid);
+        }
+        seized?;
         ready();
         let mut stopped: Vec<i32> = Vec::new();
         let mut exit_seen: Option<Instant> = None;
+        // Exit events seen while kal waited for an agent, left stopped there.
+        for tid in take_handed_back() {
+            if f.threads.iter().any(|t| t.0 == tid) {
+                exit_seen.get_or_insert_with(Instant::now);
+                stopped.push(tid);
+            } else {
+                hand_back(tid);
+            }
+        }
+        if exiting_stopped {
+            unkeep(exiting);
+            if !f.threads.iter().any(|t| t.0 == exiting) {
+                f.threads.push((exiting, None));
+            }
+            stopped.push(exiting);
+            exit_seen = Some(Instant::now());
+        }
         // Threads stopped at their exit before the exiting thread's own event came: most
         // likely killed by its exit_group already (their events may come first), so they
         // are held; one that really ended on its own is let go after a short grace.
@@ -255,6 +402,7 @@ impl Frozen {
                     | Err(Errno::ECHILD) => {
                         progress = true;
                         f.threads.retain(|t| t.0 != tid);
+                        unkeep(tid);
                     }
                     Ok(_) => {}
                     Err(e) => return Err(e).context("waiting for the process to exit"),
@@ -309,14 +457,27 @@ impl Frozen {
                 return Ok(());
             }
             for tid in new {
+                if is_kept(tid) {
+                    self.kept.push(tid);
+                    self.threads.push((tid, None));
+                    then(self, tid)?;
+                    continue;
+                }
                 match ptrace::seize(Pid::from_raw(tid), opts) {
                     Ok(()) => self.threads.push((tid, None)),
+                    // A thread kal's tracer traces but has not heard of yet (a new
+                    // thread of a traced process, attached by the kernel).
+                    Err(Errno::EPERM) if traced_by_me(tid) => {
+                        keep(tid);
+                        self.kept.push(tid);
+                        self.threads.push((tid, None));
+                    }
                     Err(Errno::ESRCH) => {
                         gone.push(tid); // the thread exited meanwhile
                         continue;
                     }
                     // An exited main thread stays listed as a zombie, and cannot be seized.
-                    Err(Errno::EPERM) if is_zombie(pid, tid) => {
+                    Err(Errno::EPERM) if is_zombie(pid, tid) || is_exiting(pid, tid) => {
                         gone.push(tid);
                         continue;
                     }
@@ -334,10 +495,21 @@ impl Frozen {
     /// that exited.
     fn wait_stops(&mut self, mut tids: Vec<i32>) -> Result<()> {
         let deadline = Instant::now() + STOP_DEADLINE;
+        // Kept threads already stopped at their exit event (seen while kal waited for an
+        // agent) report no new stop: they are held as they are.
+        for tid in take_handed_back() {
+            if tids.contains(&tid) {
+                tids.retain(|&t| t != tid);
+                self.exit_stopped.push(tid);
+            } else {
+                hand_back(tid);
+            }
+        }
         while !tids.is_empty() {
             let mut progress = false;
             let mut failed = None;
             let threads = &mut self.threads;
+            let (group, at_exit) = (&mut self.group_stopped, &mut self.exit_stopped);
             tids.retain(|&tid| {
                 let stop = match waitpid(
                     Pid::from_raw(tid),
@@ -345,6 +517,14 @@ impl Frozen {
                 ) {
                     Ok(WaitStatus::StillAlive) | Err(Errno::EINTR) => return true,
                     Ok(WaitStatus::Stopped(_, sig)) => Stop::Stopped(Some(sig)),
+                    Ok(WaitStatus::PtraceEvent(_, _, ev)) if ev == libc::PTRACE_EVENT_EXIT => {
+                        Stop::AtExit
+                    }
+                    Ok(WaitStatus::PtraceEvent(_, sig, ev))
+                        if ev == libc::PTRACE_EVENT_STOP && is_stop_signal(sig) =>
+                    {
+                        Stop::Group
+                    }
                     Ok(WaitStatus::Exited(..))
                     | Ok(WaitStatus::Signaled(..))
                     | Err(Errno::ECHILD) => Stop::Gone,
@@ -358,7 +538,13 @@ impl Frozen {
                 if let Some(slot) = threads.iter_mut().find(|(t, _)| *t == tid) {
                     match stop {
                         Stop::Stopped(s) => slot.1 = s,
-                        Stop::Gone => slot.0 = -1,
+                        Stop::Group => group.push(tid),
+                        Stop::AtExit => at_exit.push(tid),
+                        Stop::Gone => {
+                            // Its end was collected here: the tracer forgets it too.
+                            unkeep(tid);
+                            slot.0 = -1
+                        }
                     }
                 }
                 false
@@ -378,6 +564,7 @@ impl Frozen {
 
     /// Seizes and stops one thread of `pid` (`tid`, or any if that one is gone).
     pub fn freeze_one(pid: i32, tid: i32) -> Result<Frozen> {
+        let loan = crate::trace::borrow(pid, false);
         let started = Instant::now();
         let mut f = Frozen {
             pid,
@@ -387,21 +574,52 @@ impl Frozen {
             skip: 0,
             leave_blocked: false,
             left_running: Vec::new(),
+            kept: Vec::new(),
+            _loan: loan,
+            group_stopped: Vec::new(),
+            exit_stopped: Vec::new(),
         };
         let mut candidates = vec![tid];
         candidates.extend(crate::procfs::tasks(pid)?);
         for t in candidates {
-            if ptrace::seize(Pid::from_raw(t), ptrace::Options::empty()).is_err() {
+            let kept = is_kept(t);
+            if !kept && ptrace::seize(Pid::from_raw(t), ptrace::Options::empty()).is_err() {
                 continue;
             }
             f.threads.push((t, None));
+            if kept {
+                f.kept.push(t);
+            }
             if ptrace::interrupt(Pid::from_raw(t)).is_ok() {
-                if let Stop::Stopped(sig) = wait_stop(t)? {
-                    f.threads[0].1 = sig;
-                    return Ok(f);
+                match wait_stop(t)? {
+                    Stop::Stopped(sig) => {
+                        f.threads[0].1 = sig;
+                        return Ok(f);
+                    }
+                    Stop::Group => f.group_stopped.push(t),
+                    Stop::AtExit => f.exit_stopped.push(t),
+                    Stop::Gone => {}
                 }
             }
-            f.threads.clear();
+            // Not a thread to work in: let it go (or resume it) before the next one
+            // (keeping the loan, if any).
+            let loan = f._loan.take();
+            drop(std::mem::replace(
+                &mut f,
+                Frozen {
+                    pid,
+                    threads: Vec::new(),
+                    started,
+                    unstopped: 0,
+                    skip: 0,
+                    leave_blocked: false,
+                    left_running: Vec::new(),
+                    kept: Vec::new(),
+                    _loan: loan,
+                    group_stopped: Vec::new(),
+                    exit_stopped: Vec::new(),
+                },
+            ));
         }
         bail!("process {pid} has no thread left to work in")
     }
@@ -500,6 +718,10 @@ impl Frozen {
 enum Stop {
     /// Stopped; a signal to re-deliver on detach, if the stop was a signal-delivery stop.
     Stopped(Option<Signal>),
+    /// In a group-stop (a thread kal keeps traced, stopped by SIGSTOP and the like).
+    Group,
+    /// At its exit event (a thread kal keeps traced, whose process is ending).
+    AtExit,
     /// The thread exited.
     Gone,
 }
@@ -517,6 +739,14 @@ fn wait_stop(tid: i32) -> Result<Stop> {
                 }
                 std::thread::sleep(Duration::from_micros(50));
             }
+            Ok(WaitStatus::PtraceEvent(_, _, ev)) if ev == libc::PTRACE_EVENT_EXIT => {
+                return Ok(Stop::AtExit)
+            }
+            Ok(WaitStatus::PtraceEvent(_, sig, ev))
+                if ev == libc::PTRACE_EVENT_STOP && is_stop_signal(sig) =>
+            {
+                return Ok(Stop::Group)
+            }
             Ok(WaitStatus::PtraceEvent(..)) => return Ok(Stop::Stopped(None)),
             Ok(WaitStatus::Stopped(_, sig)) => return Ok(Stop::Stopped(Some(sig))),
             Ok(WaitStatus::Exited(..)) | Ok(WaitStatus::Signaled(..)) | Err(Errno::ECHILD) => {
@@ -529,10 +759,38 @@ fn wait_stop(tid: i32) -> Result<Stop> {
     }
 }
 
+impl Frozen {
+    /// Threads kal's tracer keeps traced among those held: let go of (detached) when the
+    /// freeze ends, rather than resumed, and no longer kept (`kal run` lends the process
+    /// to another kal).
+    pub fn let_go_of_kept(&mut self) -> Vec<i32> {
+        for &tid in &self.kept {
+            unkeep(tid);
+        }
+        std::mem::take(&mut self.kept)
+    }
+
+    /// Whether a held thread kal keeps traced is at its exit event (the process is ending).
+    pub fn exiting(&self) -> bool {
+        !self.exit_stopped.is_empty()
+    }
+}
+
 impl Drop for Frozen {
     fn drop(&mut self) {
         for &(tid, sig) in &self.threads {
-            let _ = ptrace::detach(Pid::from_raw(tid), sig);
+            if tid <= 0 {
+                continue;
+            }
+            if !self.kept.contains(&tid) {
+                let _ = ptrace::detach(Pid::from_raw(tid), sig);
+            } else if self.exit_stopped.contains(&tid) {
+                hand_back(tid);
+            } else if self.group_stopped.contains(&tid) {
+                listen(tid);
+            } else {
+                let _ = ptrace::cont(Pid::from_raw(tid), sig);
+            }
         }
     }
 }

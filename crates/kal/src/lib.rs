@@ -77,6 +77,7 @@ pub mod snapshot;
 pub mod source;
 pub mod suppress;
 pub mod symbolize;
+pub mod trace;
 pub mod without_agent;
 
 /// Step 3 on a capture: the class of every block (in `cap.blocks` order).

@@ -179,6 +179,18 @@ enum Cmd {
         /// data) is then not counted as still reachable, and the four counts equal memcheck's.
         #[arg(long)]
         no_freeres: bool,
+        /// Do not trace the program's processes. Without --check-every and --reclaim, kal
+        /// run is by default their ptrace tracer (as their parent), so that a process dying
+        /// of a signal (SIGSEGV, an unhandled SIGTERM, raise(SIGABRT)…) is read at its
+        /// death and reported; meanwhile gdb or strace cannot attach to them. With this
+        /// flag they can, and such a death gets one line instead of a report.
+        #[arg(long, conflicts_with = "trace")]
+        no_trace: bool,
+        /// Trace the program's processes also with --check-every or --reclaim (not done by
+        /// default there: while kal scans a check, a traced process's signals and new
+        /// threads wait for kal, which would pause the program longer than the snapshot).
+        #[arg(long)]
+        trace: bool,
         /// The program and its arguments (put them after `--`).
         #[arg(
             required = true,
@@ -395,6 +407,7 @@ fn run(
     max_cpu: f64,
     reclaim: Option<kal::reclaim::Config>,
     freeres: bool,
+    trace: bool,
     command: Vec<OsString>,
 ) -> Result<i32> {
     let opts = report.options()?;
@@ -412,6 +425,7 @@ fn run(
         reclaim,
         max_cpu_percent: max_cpu,
         freeres,
+        trace,
     })
 }
 
@@ -424,11 +438,25 @@ fn main() {
             reclaim: mode,
             reclaim_args,
             no_freeres,
+            no_trace,
+            trace,
             command,
         } => mode
             .map(|m| reclaim_args.config(m))
             .transpose()
-            .and_then(|cfg| run(&report, check_every, max_cpu, cfg, !no_freeres, command)),
+            .and_then(|cfg| {
+                run(
+                    &report,
+                    check_every,
+                    max_cpu,
+                    cfg,
+                    !no_freeres,
+                    // Periodic checks and reclaim keep kal's thread busy scanning, while a
+                    // traced process's stops would wait for it.
+                    trace || !(no_trace || check_every.is_some() || mode.is_some()),
+                    command,
+                )
+            }),
         Cmd::Check {
             pid,
             core,

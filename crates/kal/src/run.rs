@@ -43,6 +43,9 @@ pub struct RunOptions {
     /// Run glibc's `__libc_freeres` and libstdc++'s `__gnu_cxx::__freeres` at exit, as
     /// memcheck does (`--no-freeres` turns this off).
     pub freeres: bool,
+    /// Trace every process that says hello ([`crate::trace`]), so that one dying of a
+    /// signal is reported (`--no-trace` turns this off).
+    pub trace: bool,
 }
 
 /// Finds `libkal_agent.so`: `$KAL_AGENT`, next to the kal executable, or in `../lib/kal`.
@@ -111,8 +114,47 @@ fn setup_signals() {
     }
 }
 
+static CHLD_PIPE: AtomicI32 = AtomicI32::new(-1);
+
+extern "C" fn on_sigchld(_: i32) {
+    let fd = CHLD_PIPE.load(Ordering::Relaxed);
+    // SAFETY: write(2) is async-signal-safe; one byte from a static buffer to our own pipe
+    // (non-blocking: a full pipe already wakes the loop). errno is saved and restored.
+    unsafe {
+        let e = *libc::__errno_location();
+        libc::write(fd, b"c".as_ptr().cast(), 1);
+        *libc::__errno_location() = e;
+    }
+}
+
+/// A pipe that becomes readable whenever a child or tracee of kal changes state
+/// (`SIGCHLD`, which the kernel also sends to a tracer at each ptrace stop): the loop wakes
+/// at once to resume a stopped tracee. Its read end, or `None`.
+fn sigchld_pipe() -> Option<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    let mut fds = [0i32; 2];
+    // SAFETY: pipe2 writes two descriptors into our array.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC | libc::O_NONBLOCK) } != 0 {
+        return None;
+    }
+    CHLD_PIPE.store(fds[1], Ordering::Relaxed);
+    // SAFETY: a zeroed sigaction is valid; the handler only writes to a pipe. SA_RESTART
+    // keeps kal's own calls going; no SA_NOCLDSTOP (ptrace stops must be notified).
+    unsafe {
+        let mut sa: libc::sigaction = std::mem::zeroed();
+        sa.sa_sigaction = on_sigchld as *const () as libc::sighandler_t;
+        sa.sa_flags = libc::SA_RESTART;
+        libc::sigaction(libc::SIGCHLD, &sa, std::ptr::null_mut());
+    }
+    // SAFETY: the read end was just created and is owned by nobody else.
+    Some(unsafe { std::os::fd::OwnedFd::from_raw_fd(fds[0]) })
+}
+
 struct Conn {
     stream: UnixStream,
+    /// A loan of this process to another kal ([`crate::trace::borrow`]), open while this
+    /// connection is.
+    lend: Option<i32>,
     pid: Option<i32>,
     header: u64,
     /// A pidfd of the process that said hello: how it ended, should it end unreported.
@@ -142,6 +184,7 @@ pub fn run(opts: &RunOptions) -> Result<i32> {
         .context("cannot create a private directory")?;
     let sock = dir.path().join("agent.sock");
     let listener = UnixListener::bind(&sock).context("cannot create the agent socket")?;
+    crate::trace::set_own_socket(&sock);
     listener.set_nonblocking(true)?;
 
     // LD_PRELOAD splits on spaces and colons: an agent whose path holds one is loaded
@@ -177,11 +220,23 @@ pub fn run(opts: &RunOptions) -> Result<i32> {
     if !opts.freeres {
         cmd.env(kal_proto::ENV_NO_FREERES, "1");
     }
+    if opts.trace {
+        cmd.env(kal_proto::ENV_HELLO_ACK, "1");
+    }
     let mut child = cmd
         .spawn()
         .with_context(|| format!("cannot start {}", program.display()))?;
     let main_pid = child.id() as i32;
     setup_signals();
+    // kal traces from this thread only; it also reaps every child then (`Child::try_wait`
+    // would take a ptrace stop for an exit).
+    let mut tracer = opts.trace.then(crate::trace::Tracer::new);
+    let chld = if opts.trace { sigchld_pipe() } else { None };
+    if opts.trace {
+        crate::control::set_wait_hook(crate::trace::service_stops);
+    }
+    // How the program ended, should its status be collected by a wait for one thread.
+    let main_end = crate::ended::Pending::new(main_pid, crate::ended::open(main_pid));
 
     let mut conns: Vec<Conn> = Vec::new();
     let mut status: Option<ExitStatus> = None;
@@ -212,6 +267,9 @@ pub fn run(opts: &RunOptions) -> Result<i32> {
                     if !Path::new(&format!("/proc/{pid}")).exists() {
                         continue; // exited since its last message: nothing to check
                     }
+                    if tracer.as_ref().is_some_and(|t| t.is_lent(pid)) {
+                        continue; // lent to another kal, which checks it now
+                    }
                     if let Err(e) = p.check(pid, c.header, opts.quiet, &round) {
                         crate::say!("kal: check of process {pid} failed: {e:#}");
                     }
@@ -226,8 +284,10 @@ pub fn run(opts: &RunOptions) -> Result<i32> {
             // SAFETY: sending a signal to our own child.
             unsafe { libc::kill(main_pid, sig) };
         }
+        let polled = conns.len();
         let mut fds: Vec<libc::pollfd> = std::iter::once(&listener as &dyn std::os::fd::AsRawFd)
             .chain(conns.iter().map(|c| &c.stream as &dyn std::os::fd::AsRawFd))
+            .chain(chld.iter().map(|f| f as &dyn std::os::fd::AsRawFd))
             .map(|s| libc::pollfd {
                 fd: s.as_raw_fd(),
                 events: libc::POLLIN,
@@ -242,13 +302,26 @@ pub fn run(opts: &RunOptions) -> Result<i32> {
                 s.set_read_timeout(Some(Duration::from_secs(2)))?;
                 conns.push(Conn {
                     stream: s,
+                    lend: None,
                     pid: None,
                     header: 0,
                     pidfd: None,
                 });
             }
         }
-        let ready: Vec<bool> = fds[1..].iter().map(|f| f.revents != 0).collect();
+        if let Some(f) = &chld {
+            let mut buf = [0u8; 64];
+            // SAFETY: draining our own non-blocking pipe into a local buffer.
+            while unsafe {
+                libc::read(
+                    std::os::fd::AsRawFd::as_raw_fd(f),
+                    buf.as_mut_ptr().cast(),
+                    64,
+                )
+            } > 0
+            {}
+        }
+        let ready: Vec<bool> = fds[1..1 + polled].iter().map(|f| f.revents != 0).collect();
         let mut keep = Vec::with_capacity(conns.len());
         for (c, r) in conns
             .drain(..)
@@ -256,6 +329,13 @@ pub fn run(opts: &RunOptions) -> Result<i32> {
         {
             if !r {
                 keep.push(c);
+                continue;
+            }
+            if let Some(pid) = c.lend {
+                // A loan ends when the other kal closes its connection.
+                if let Some(t) = tracer.as_mut() {
+                    t.unlend(pid);
+                }
                 continue;
             }
             match handle(
@@ -267,19 +347,56 @@ pub fn run(opts: &RunOptions) -> Result<i32> {
                 &mut reported,
                 &symbols,
             ) {
-                Ok(Handled::Keep(c)) => {
+                Ok(Handled::Keep(mut c)) => {
                     hellos += 1;
                     if let Some(pid) = c.pid {
                         without_agent.hello(pid);
+                        if let Some(t) = tracer.as_mut() {
+                            if Path::new(&format!("/proc/{pid}")).exists() {
+                                if let Err(e) = t.attach(pid, c.header) {
+                                    crate::say!("kal: cannot trace process {pid} ({e:#}): if it dies of a signal, it gets one line, not a leak report");
+                                }
+                            }
+                            // The agent waits for this byte: it runs on traced.
+                            let _ = c.stream.write_all(&[1]);
+                        }
                     }
                     keep.push(c)
+                }
+                Ok(Handled::Lend(mut c, pid, leave_blocked)) => {
+                    let lent = match tracer.as_mut() {
+                        Some(t) if t.traces(pid) => t.lend(pid, leave_blocked),
+                        _ => Err(anyhow::anyhow!("process {pid} is not traced by this kal")),
+                    };
+                    match lent {
+                        Ok(()) => {
+                            if c.stream.write_all(&[1]).is_ok() {
+                                c.lend = Some(pid);
+                                keep.push(c);
+                            } else if let Some(t) = tracer.as_mut() {
+                                t.unlend(pid);
+                            }
+                        }
+                        Err(e) => {
+                            crate::say!("kal: cannot lend process {pid} to another kal: {e:#}");
+                            let _ = c.stream.write_all(&[0]);
+                        }
+                    }
                 }
                 Ok(Handled::Done(l)) => lost |= l,
                 Ok(Handled::Closed(Some(c))) => {
                     let pid = c.pid.unwrap_or(0);
                     if let Some(i) = reported.iter().position(|&p| p == pid) {
                         reported.swap_remove(i);
+                        if let Some(t) = tracer.as_mut() {
+                            t.forget(pid);
+                        }
                     } else {
+                        if let Some(t) = tracer.as_mut() {
+                            // Alive: it exec'd (a new image says hello again, if it
+                            // carries the agent); let go of it meanwhile.
+                            t.release(pid);
+                        }
                         // Ended unread (said once its end is known), or went on without
                         // the agent (exec: said by `without_agent`).
                         pending.push(crate::ended::Pending::new(pid, c.pidfd));
@@ -291,9 +408,53 @@ pub fn run(opts: &RunOptions) -> Result<i32> {
             }
         }
         conns = keep;
+        if let Some(t) = tracer.as_mut() {
+            // Until no process is found dying: each is captured before the next events.
+            loop {
+                let mut dying = None;
+                for ev in t.pump() {
+                    match ev {
+                        crate::trace::Event::Reaped(p, st) if p == main_pid => {
+                            status = Some(ExitStatus::from_raw(st));
+                        }
+                        crate::trace::Event::Reaped(..) => {}
+                        crate::trace::Event::Dying { pid, tid, sig } => {
+                            dying = Some((pid, tid, sig))
+                        }
+                    }
+                }
+                let Some((pid, tid, sig)) = dying else { break };
+                // Its hello connection closes once it is gone: not an unread end.
+                reported.push(pid);
+                match report_dying(
+                    t,
+                    pid,
+                    tid,
+                    sig,
+                    main_pid,
+                    opts,
+                    periodic.as_ref(),
+                    &symbols,
+                ) {
+                    Ok(l) => lost |= l,
+                    Err(e) => crate::say!(
+                        "{} ({e:#})",
+                        crate::ended::line(pid, crate::ended::End::Signal(sig))
+                    ),
+                }
+            }
+        }
         without_agent.poll(false);
-        if status.is_none() {
+        if status.is_none() && tracer.is_none() {
             status = child.try_wait()?;
+        }
+        if status.is_none() && tracer.is_some() && !crate::trace::has_children() {
+            // Reaped by a wait kal made for one of its threads: the pidfd tells how.
+            status = Some(ExitStatus::from_raw(match main_end.decide() {
+                Some(Some(crate::ended::End::Signal(sig))) => sig,
+                Some(Some(crate::ended::End::Code(c))) => (c & 0xff) << 8,
+                _ => 1 << 8,
+            }));
         }
         pending.retain(|p| {
             let decided = if p.pid == main_pid {
@@ -310,13 +471,19 @@ pub fn run(opts: &RunOptions) -> Result<i32> {
             match decided {
                 None => true,
                 Some(None) => false,
+                // Reported at its death by signal (its connection closed late).
+                Some(Some(_)) if reported.contains(&p.pid) => false,
                 Some(Some(end)) => {
                     crate::say!("{}", crate::ended::line(p.pid, end));
                     false
                 }
             }
         });
-        let adopted = reap_adopted(main_pid, status.is_some());
+        let adopted = if tracer.is_some() {
+            crate::trace::has_children()
+        } else {
+            reap_adopted(main_pid, status.is_some())
+        };
         if status.is_some() && !adopted && pending.is_empty() && conns.is_empty() {
             // Every process is gone: a hello still queued (a process that ended at once)
             // is read before kal ends.
@@ -326,6 +493,7 @@ pub fn run(opts: &RunOptions) -> Result<i32> {
                     s.set_read_timeout(Some(Duration::from_secs(2)))?;
                     conns.push(Conn {
                         stream: s,
+                        lend: None,
                         pid: None,
                         header: 0,
                         pidfd: None,
@@ -383,6 +551,8 @@ fn reap_adopted(main_pid: i32, main_reaped: bool) -> bool {
 
 enum Handled {
     Keep(Conn),
+    /// Another kal asks for a loan of this process (`crate::trace::borrow`).
+    Lend(Conn, i32, bool),
     Done(bool),
     /// The connection closed; a hello connection is handed back.
     Closed(Option<Conn>),
@@ -408,6 +578,10 @@ fn handle(
     // The process as the kernel names it in kal's namespace (see `crate::peer`): the
     // program kal started or one of its descendants (adopted orphans included: kal is
     // their subreaper), or nobody kal will touch.
+    if msg.kind == MsgKind::Lend as u32 {
+        // Only kal run's user (or root) can reach its private socket.
+        return Ok(Handled::Lend(c, msg.pid as i32, msg.tid & 1 != 0));
+    }
     let peer = crate::peer::peer_pid(&c.stream);
     let Some(pid) = peer.filter(|&p| p != me && crate::peer::descends_from(p, me)) else {
         // A process that said hello and ended at once (a forked child that crashed, and
@@ -445,9 +619,54 @@ fn handle(
         (cap, kinds)
     };
     drop(c);
+    Ok(Handled::Done(write_report(
+        pid, main_pid, &cap, &kinds, opts, periodic, symbols,
+    )))
+}
+
+/// Process `pid`, traced, is dying of signal `sig` (thread `tid` is held at its exit
+/// event): it is captured there, as at `exit_group`, then let die (its death reaches kal
+/// unchanged), and reported. True when something was definitely lost.
+#[allow(clippy::too_many_arguments)]
+fn report_dying(
+    tracer: &mut crate::trace::Tracer,
+    pid: i32,
+    tid: i32,
+    sig: i32,
+    main_pid: i32,
+    opts: &RunOptions,
+    periodic: Option<&crate::periodic::Periodic>,
+    symbols: &crate::symbolize::Symbols,
+) -> Result<bool> {
+    let (cap, kinds) = {
+        let (frozen, header) = tracer.dying(pid, tid)?;
+        let cap = capture(&frozen, header)?;
+        let kinds = crate::classify_with(&cap, &opts.report.suppressions);
+        (cap, kinds)
+    };
+    crate::say!(
+        "=={pid}== kal: process {pid} is dying of {}: leak report at its death",
+        crate::fatal::signal_name(sig)
+    );
+    Ok(write_report(
+        pid, main_pid, &cap, &kinds, opts, periodic, symbols,
+    ))
+}
+
+/// Builds, prints and writes the report of process `pid` captured at its end; true when
+/// something was definitely lost.
+fn write_report(
+    pid: i32,
+    main_pid: i32,
+    cap: &crate::capture::Capture,
+    kinds: &[crate::reach::Kind],
+    opts: &RunOptions,
+    periodic: Option<&crate::periodic::Periodic>,
+    symbols: &crate::symbolize::Symbols,
+) -> bool {
     let mut report = report::build(
-        &cap,
-        &kinds,
+        cap,
+        kinds,
         symbols,
         &opts.report,
         &periodic.map(|p| p.sites(pid)).unwrap_or_default(),
@@ -475,7 +694,7 @@ fn handle(
             crate::say!("kal: {e:#}");
         }
     }
-    Ok(Handled::Done(report.summary.direct.blocks > 0))
+    report.summary.direct.blocks > 0
 }
 
 /// Exits kal the way the program ended: with its code, or by the same signal.

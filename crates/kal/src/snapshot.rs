@@ -296,7 +296,16 @@ fn take_injected(pid: i32, no_interrupt: bool) -> Result<Snapshot> {
         .or(threads.first())
         .context("no thread to work in")?;
     let tid = t.tid;
-    ptrace::setoptions(Pid::from_raw(tid), ptrace::Options::PTRACE_O_TRACECLONE)?;
+    // A thread kal run's tracer keeps traced gets its options back afterwards.
+    let base = if crate::freeze::is_kept(tid) {
+        crate::trace::options()
+    } else {
+        ptrace::Options::empty()
+    };
+    ptrace::setoptions(
+        Pid::from_raw(tid),
+        base | ptrace::Options::PTRACE_O_TRACECLONE,
+    )?;
     let (rc, child) = inject(
         &mut frozen,
         tid,
@@ -305,7 +314,7 @@ fn take_injected(pid: i32, no_interrupt: bool) -> Result<Snapshot> {
         SYS_CLONE,
         [0, 0, 0, 0],
     )?;
-    let _ = ptrace::setoptions(Pid::from_raw(tid), ptrace::Options::empty());
+    let _ = ptrace::setoptions(Pid::from_raw(tid), base);
     // The clone event names the copy; a return value is trusted only if it is a child of
     // the target (a seccomp TRAP returns the syscall number, which names another process).
     let fresh = (rc > 0 && is_child_of(rc as i32, pid)).then_some(rc as i32);

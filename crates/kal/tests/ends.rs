@@ -1,8 +1,10 @@
 //! A report for every way a process ends (issue 10): return, exit (from main or from a
-//! second thread), _exit, abort, and, for deaths by signal (SIGSEGV, a fatal SIGTERM),
-//! one line saying there is no report; the same in a forked child. Each way is run
-//! [`RUNS`] times: no hang, no missing report, exact counts, kal's exit status as README
-//! says.
+//! second thread), _exit, abort, and deaths by signal (SIGSEGV, a fatal SIGTERM from the
+//! process itself or from outside, raise(SIGABRT)), read at the exit event by kal run's
+//! tracer; with `--no-trace`, one line saying there is no report. The same in a forked
+//! child. Each way is run [`RUNS`] times: no hang, no missing report, exact counts, kal's
+//! exit status as README says. A traced program that stops itself and handles signals
+//! behaves as without kal, and is checked while traced.
 
 mod common;
 use common::*;
@@ -28,6 +30,12 @@ struct Outcome {
 /// Runs `kal run --json FILE FLAGS -- ends ARGS`, failing the test if it takes more
 /// than a minute (a hang).
 fn run_ends(flags: &[&str], args: &[&str]) -> Outcome {
+    run_ends_then(flags, args, |_| {})
+}
+
+/// [`run_ends`]; with the `wait` way, `on_ready` gets the program's pid once it printed
+/// its ready line (its output then starts after that line).
+fn run_ends_then(flags: &[&str], args: &[&str], on_ready: impl FnOnce(i32)) -> Outcome {
     ensure_agent();
     let prog = build("ends.c", &[]);
     let dir = tempfile::tempdir().unwrap();
@@ -43,19 +51,26 @@ fn run_ends(flags: &[&str], args: &[&str]) -> Outcome {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut out = child.stdout.take().unwrap();
+    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
     let mut err = child.stderr.take().unwrap();
+    let err_reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = err.read_to_string(&mut s);
+        s
+    });
+    if args.last() == Some(&"wait") {
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut out, &mut line).unwrap();
+        let pid = line.trim().strip_prefix("ready ").expect("ready line");
+        on_ready(pid.parse().unwrap());
+    }
     let readers = (
         std::thread::spawn(move || {
             let mut s = String::new();
             let _ = out.read_to_string(&mut s);
             s
         }),
-        std::thread::spawn(move || {
-            let mut s = String::new();
-            let _ = err.read_to_string(&mut s);
-            s
-        }),
+        err_reader,
     );
     let deadline = Instant::now() + Duration::from_secs(60);
     let status = loop {
@@ -209,19 +224,74 @@ fn abort_is_reported_and_kal_dies_of_sigabrt() {
     }
 }
 
+/// The line kal prints for a process it reads at its death by `sig`, once, and no line
+/// saying a process went unread.
+fn assert_read_dying(o: &Outcome, sig: &str) {
+    assert_eq!(
+        o.stderr
+            .lines()
+            .filter(|l| l.starts_with("==")
+                && l.ends_with(&format!(" is dying of {sig}: leak report at its death")))
+            .count(),
+        1,
+        "{}",
+        o.stderr
+    );
+    assert!(
+        !o.stderr.contains("before kal could read it"),
+        "{}",
+        o.stderr
+    );
+}
+
 #[test]
-fn death_by_sigsegv_or_sigterm_is_said_in_one_line() {
+fn death_by_a_signal_is_reported_and_kal_dies_of_it() {
     for (way, sig, signo) in [
         ("segv", "SIGSEGV", libc::SIGSEGV),
         ("sigterm", "SIGTERM", libc::SIGTERM),
+        ("raise_abrt", "SIGABRT", libc::SIGABRT),
     ] {
         for _ in 0..RUNS {
             let o = run_ends(&[], &[way]);
+            assert_eq!(o.status.signal(), Some(signo), "{way}: {}", o.stderr);
+            assert_main_report(&o, Some((0, 0)));
+            assert_read_dying(&o, sig);
+        }
+    }
+}
+
+#[test]
+fn a_fatal_sigterm_from_outside_is_reported() {
+    for _ in 0..RUNS {
+        let o = run_ends_then(&[], &["wait"], |pid| {
+            // SAFETY: signalling the program kal runs.
+            unsafe { libc::kill(pid, libc::SIGTERM) };
+        });
+        assert_eq!(o.status.signal(), Some(libc::SIGTERM), "{}", o.stderr);
+        // stdout's buffer (a pipe's 4096 bytes) is still held: no freeres at a death.
+        assert_main_report(&o, Some((4096, 1)));
+        assert_read_dying(&o, "SIGTERM");
+    }
+}
+
+#[test]
+fn without_tracing_a_death_by_signal_is_said_in_one_line() {
+    for (way, sig, signo) in [
+        ("segv", "SIGSEGV", libc::SIGSEGV),
+        ("sigterm", "SIGTERM", libc::SIGTERM),
+        ("raise_abrt", "SIGABRT", libc::SIGABRT),
+    ] {
+        for _ in 0..5 {
+            let o = run_ends(&["--no-trace"], &[way]);
             assert_eq!(o.status.signal(), Some(signo), "{way}: {}", o.stderr);
             assert!(o.main.is_none(), "{way}: {}", o.stderr);
             assert_died_unread(&o, sig);
         }
     }
+    let o = run_ends(&["--no-trace"], &["child", "segv"]);
+    assert_eq!(o.status.code(), Some(23), "{}", o.stderr);
+    assert!(o.children.is_empty(), "{}", o.stderr);
+    assert_died_unread(&o, "SIGSEGV");
 }
 
 #[test]
@@ -249,15 +319,195 @@ fn a_forked_child_is_reported_whichever_way_it_ends() {
 }
 
 #[test]
-fn a_forked_child_killed_by_a_signal_is_said_in_one_line() {
-    for (way, sig) in [("segv", "SIGSEGV"), ("sigterm", "SIGTERM")] {
+fn a_forked_child_killed_by_a_signal_is_reported() {
+    for (way, sig) in [
+        ("segv", "SIGSEGV"),
+        ("sigterm", "SIGTERM"),
+        ("raise_abrt", "SIGABRT"),
+    ] {
         for _ in 0..RUNS {
             let o = run_ends(&[], &["child", way]);
             // The parent's report and status (it leaked) are kal's.
             assert_eq!(o.status.code(), Some(23), "{way}: {}", o.stderr);
-            assert!(o.children.is_empty(), "{way}: {}", o.stderr);
             assert_main_report(&o, Some((0, 0)));
-            assert_died_unread(&o, sig);
+            assert_eq!(o.children.len(), 1, "{way}: {}", o.stderr);
+            let c = &o.children[0];
+            assert_eq!(
+                four(c)[..3],
+                [(132, 2), (0, 0), (0, 0)],
+                "{way}: {}",
+                o.stderr
+            );
+            assert_eq!(leak_at(c, "child_leak"), (77, 1), "{way}");
+            assert_read_dying(&o, sig);
         }
     }
+}
+
+/// The state letter of every thread of `pid`.
+fn thread_states(pid: i32) -> Vec<char> {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .filter_map(|e| {
+            let stat = std::fs::read_to_string(e.ok()?.path().join("stat")).ok()?;
+            stat.rsplit_once(") ")?.1.chars().next()
+        })
+        .collect()
+}
+
+/// A field of `/proc/PID/status`.
+fn status_field(pid: i32, field: &str) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .unwrap()
+        .trim()
+        .to_string()
+}
+
+/// Runs `stops.c` (under `kal run` with `kal_args`, or alone): once it is ready, waits
+/// until every thread is stopped, checks that they stay stopped, calls `while_stopped`
+/// with its pid, wakes it with SIGCONT; returns its output after the ready line and the
+/// exit status.
+fn run_stops(kal_args: Option<&[&str]>, while_stopped: impl FnOnce(i32)) -> (String, ExitStatus) {
+    ensure_agent();
+    let prog = build("stops.c", &[]);
+    let mut cmd = match kal_args {
+        Some(a) => {
+            let mut c = Command::new(env!("CARGO_BIN_EXE_kal"));
+            c.args(["run"]).args(a).arg("--").arg(&prog);
+            c
+        }
+        None => Command::new(&prog),
+    };
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut out, &mut line).unwrap();
+    let pid: i32 = line.trim().strip_prefix("ready ").unwrap().parse().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !thread_states(pid).iter().all(|&c| c == 'T' || c == 't') {
+        assert!(Instant::now() < deadline, "never stopped");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let states = thread_states(pid);
+    assert!(states.len() >= 2, "{states:?}");
+    assert!(
+        states.iter().all(|&c| c == 'T' || c == 't'),
+        "stays stopped: {states:?}"
+    );
+    while_stopped(pid);
+    // SAFETY: waking the stopped test program.
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    let mut rest = String::new();
+    out.read_to_string(&mut rest).unwrap();
+    (rest, child.wait().unwrap())
+}
+
+#[test]
+fn a_traced_program_stops_continues_and_handles_signals_as_without_kal() {
+    let (alone, alone_status) = run_stops(None, |_| {});
+    assert_eq!(alone, "continued\nhandled 1000 SIGUSR1\n");
+    assert_eq!(alone_status.code(), Some(0));
+    for _ in 0..5 {
+        let mut kal_pid = 0;
+        let (out, status) = run_stops(Some(&["-q"]), |pid| {
+            kal_pid = status_field(pid, "PPid:").parse().unwrap();
+            assert_eq!(status_field(pid, "TracerPid:"), kal_pid.to_string());
+        });
+        assert_eq!(out, alone);
+        assert_eq!(status.code(), alone_status.code());
+    }
+    // Not traced with --no-trace: gdb or strace could attach.
+    run_stops(Some(&["-q", "--no-trace"]), |pid| {
+        assert_eq!(status_field(pid, "TracerPid:"), "0");
+    });
+}
+
+#[test]
+fn a_traced_program_is_checked_with_exact_counts() {
+    ensure_agent();
+    let prog = build("stops.c", &[]);
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("checks.jsonl");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kal"))
+        .args(["run", "-q", "--trace", "--check-every", "200ms", "--json"])
+        .arg(&json)
+        .arg("--")
+        .arg(&prog)
+        .args(["leak", "3", "hold", "1500", "nostop", "1"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut out, &mut line).unwrap();
+    let pid: i32 = line.trim().strip_prefix("ready ").unwrap().parse().unwrap();
+    assert_eq!(status_field(pid, "TracerPid:"), child.id().to_string());
+    let mut rest = String::new();
+    out.read_to_string(&mut rest).unwrap();
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    let status = child.wait().unwrap();
+    assert_eq!(rest, "continued\nhandled 1000 SIGUSR1\n", "{err}");
+    assert_eq!(status.code(), Some(23), "{err}");
+    assert!(!err.contains("failed"), "{err}");
+    let lines: Vec<Value> = std::fs::read_to_string(&json)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let checks: Vec<&Value> = lines.iter().filter(|l| l.get("check").is_some()).collect();
+    assert!(checks.len() >= 3, "{} checks: {err}", checks.len());
+    // The first check may come before the three leaks (the agent says hello before main).
+    for c in &checks[1..] {
+        assert_eq!(totals(c, "direct"), (300, 3), "{c}");
+        assert_eq!(totals(c, "possible"), (0, 0), "{c}");
+    }
+    let last = lines.last().unwrap();
+    assert_eq!(last["at_exit"], true);
+    assert_eq!(totals(last, "direct"), (300, 3));
+    let at = line_of("stops.c", "stops_leak");
+    assert_eq!(sum(&records_at(last, "direct", "stops.c", at)), (300, 3));
+}
+
+#[test]
+fn when_kal_dies_the_traced_program_runs_on() {
+    ensure_agent();
+    let prog = build("stops.c", &[]);
+    let mut kal = Command::new(env!("CARGO_BIN_EXE_kal"))
+        .args(["run", "-q", "--"])
+        .arg(&prog)
+        .args(["hold", "1000", "nostop", "1"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut out = std::io::BufReader::new(kal.stdout.take().unwrap());
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut out, &mut line).unwrap();
+    let pid: i32 = line.trim().strip_prefix("ready ").unwrap().parse().unwrap();
+    assert_eq!(status_field(pid, "TracerPid:"), kal.id().to_string());
+    kal.kill().unwrap();
+    kal.wait().unwrap();
+    assert_eq!(status_field(pid, "TracerPid:"), "0");
+    // It handles its 1,000 signals and ends on its own (its stdout is still this pipe).
+    let mut rest = String::new();
+    out.read_to_string(&mut rest).unwrap();
+    assert_eq!(rest, "continued\nhandled 1000 SIGUSR1\n");
 }

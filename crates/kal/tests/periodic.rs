@@ -172,6 +172,7 @@ fn a_process_with_a_fatal_signal_pending_is_neither_checked_nor_reclaimed() {
     let mut child = Command::new(env!("CARGO_BIN_EXE_kal"))
         .args([
             "run",
+            "--trace",
             "--reclaim=free",
             "--free-sites",
             "*",
@@ -227,7 +228,17 @@ fn a_process_with_a_fatal_signal_pending_is_neither_checked_nor_reclaimed() {
     stdin.write_all(b"2").unwrap();
     let status = child.wait().unwrap();
     seen.extend(rx.iter());
-    let after = &seen[crash_line + 1..];
+    // Then the process dies of it and gets its report (kal run traces it): nothing is
+    // checked or reclaimed between the crash and that report.
+    let death = seen
+        .iter()
+        .position(|l| {
+            l.ends_with(&format!(
+                "kal: process {pid} is dying of SIGSEGV: leak report at its death"
+            ))
+        })
+        .unwrap_or_else(|| panic!("no report at its death: {seen:#?}"));
+    let after = &seen[crash_line + 1..death];
     assert!(
         after
             .iter()

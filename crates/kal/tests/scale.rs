@@ -197,5 +197,5 @@ fn heap_over_many_thread_arenas_has_exact_counts_live() {
             "check {i}"
         );
     }
-    assert_eq!(live.status("TracerPid:"), "0");
+    live.assert_traced_by_kal_run();
 }

@@ -251,6 +251,23 @@ impl Live {
         Live { kal, pid, out }
     }
 
+    /// Starts `prog` under `kal run --no-trace` (a debugger may attach to it) and waits for
+    /// its ready line.
+    pub fn start_untraced(prog: &std::path::Path) -> Live {
+        Live::start_flags(&["--no-trace"], prog, &[], &[])
+    }
+
+    /// Asserts that the program is traced by its `kal run` alone, as before any check (a
+    /// check borrows it and gives it back within moments).
+    pub fn assert_traced_by_kal_run(&self) {
+        let want = self.kal.id().to_string();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while self.status("TracerPid:") != want && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        assert_eq!(self.status("TracerPid:"), want);
+    }
+
     /// A field of /proc/PID/status.
     pub fn status(&self, field: &str) -> String {
         let s = std::fs::read_to_string(format!("/proc/{}/status", self.pid)).unwrap();
@@ -412,9 +429,16 @@ impl Live {
     /// Starts `prog ARGS` under `kal run` with extra environment variables and waits for
     /// its "ready PID" line.
     pub fn start_with(prog: &Path, args: &[&str], envs: &[(&str, &str)]) -> Live {
+        Live::start_flags(&[], prog, args, envs)
+    }
+
+    /// [`Live::start_with`] with extra `kal run` flags.
+    pub fn start_flags(flags: &[&str], prog: &Path, args: &[&str], envs: &[(&str, &str)]) -> Live {
         ensure_agent();
         let mut kal = Command::new(env!("CARGO_BIN_EXE_kal"))
-            .args(["run", "-q", "--error-exitcode", "0", "--"])
+            .args(["run", "-q", "--error-exitcode", "0"])
+            .args(flags)
+            .arg("--")
             .arg(prog)
             .args(args)
             .envs(envs.iter().copied())

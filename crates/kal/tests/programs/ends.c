@@ -5,6 +5,8 @@
  *   abort         abort()
  *   segv          a write through a null pointer (SIGSEGV)
  *   sigterm       kill(getpid(), SIGTERM), SIGTERM's action being the default
+ *   raise_abrt    raise(SIGABRT) (not abort(), which the agent sees coming)
+ *   wait          prints "ready PID" and waits for signals (a SIGTERM from outside ends it)
  *   pthread_exit  the main thread calls pthread_exit; a worker leaks later and returns
  *   thread_exit   a worker calls exit(3) while the main thread waits in pthread_join
  *   vfork         a vfork child calls _exit(7) (in the parent's memory); main returns 4
@@ -45,6 +47,14 @@ static int end(const char *how) {
     *null_ptr = 1;
   if (strcmp(how, "sigterm") == 0)
     kill(getpid(), SIGTERM);
+  if (strcmp(how, "raise_abrt") == 0)
+    raise(SIGABRT);
+  if (strcmp(how, "wait") == 0) {
+    printf("ready %d\n", getpid());
+    fflush(stdout);
+    for (;;)
+      pause();
+  }
   if (strcmp(how, "pthread_exit") == 0) {
     pthread_create(&t, NULL, late_worker, NULL);
     pthread_exit(NULL);
