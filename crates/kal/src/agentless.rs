@@ -81,14 +81,27 @@ pub fn ensure_glibc_heap(maps: &[Mapping], who: &str) -> Result<()> {
 pub fn check(pid: i32, opts: &report::Options) -> Result<Check> {
     crate::fatal::ensure_not_dying(pid)?;
     ensure_glibc_heap(&procfs::maps(pid)?, &format!("process {pid}"))?;
-    // No agent: the copy is made by injection (header address 0 names no agent).
-    let snap = crate::snapshot::take(pid, 0, opts.no_interrupt)?;
-    let mut snap = snap;
-    let pause = snap.pause;
-    crate::snapshot::test_hold("snapshot");
-    let started = Instant::now();
-    let extras = std::mem::take(&mut snap.extras);
-    let scanned = capture(pid, snap.child, snap.threads.clone(), extras).map(|cap| {
+    // No agent: the copy is made by injection (header address 0 names no agent). A copy
+    // taken while a thread was inside the allocator is taken again a moment later.
+    let mut attempt = 0;
+    let (snap, pause, started, captured) = loop {
+        let mut snap = crate::snapshot::take(pid, 0, opts.no_interrupt)?;
+        let pause = snap.pause;
+        crate::snapshot::test_hold("snapshot");
+        let started = Instant::now();
+        let extras = std::mem::take(&mut snap.extras);
+        let captured = capture(pid, snap.child, snap.threads.clone(), extras);
+        let transient = captured
+            .as_ref()
+            .is_ok_and(|c| c.gaps.unread.iter().any(|g| g.transient));
+        if !transient || attempt == TRANSIENT_RETRIES {
+            break (snap, pause, started, captured);
+        }
+        snap.release()?;
+        attempt += 1;
+        std::thread::sleep(std::time::Duration::from_millis(2 * u64::from(attempt)));
+    };
+    let scanned = captured.map(|cap| {
         let kinds = crate::classify_with(&cap, &opts.suppressions);
         // What the blocks are, read while the copy is there.
         let t0 = Instant::now();
@@ -144,12 +157,20 @@ fn blocks_of(walk: &[crate::blocks::HeapBlock]) -> Vec<Block> {
 
 fn gap_of(u: Unwalked) -> Gap {
     let why = format!("heap not walked: {}", u.why);
-    if u.end > u.start {
-        Gap::range(u.start, u.end, &why)
-    } else {
-        Gap::whole(&why)
+    Gap {
+        transient: u.transient,
+        ..if u.end > u.start {
+            Gap::range(u.start, u.end, &why)
+        } else {
+            Gap::whole(&why)
+        }
     }
 }
+
+/// Captures of a process caught inside its allocator (a locked arena, a tcache half
+/// changed) are taken again this many times, a moment apart, before one with that gap is
+/// reported.
+const TRANSIENT_RETRIES: u32 = 5;
 
 /// Captures process `pid` from the memory of `mem_pid` (a snapshot copy of it, or the
 /// process itself, frozen), with the registers `threads` and what was read from the
@@ -206,6 +227,7 @@ pub fn capture_source(src: &mut dyn Source) -> Result<Capture> {
     if let Some(sym) = crate::blocks::ptmalloc::main_arena_from_symbols(&readable) {
         if walk.arenas.first() != Some(&sym) {
             unwalked.push(Unwalked {
+                transient: false,
                 start: 0,
                 end: 0,
                 why: format!(

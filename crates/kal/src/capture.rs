@@ -135,6 +135,10 @@ pub struct Gap {
     pub end: u64,
     /// Why.
     pub why: String,
+    /// Only a moment's state (a thread was inside the allocator): a capture a little later
+    /// is likely to be complete.
+    #[serde(skip)]
+    pub transient: bool,
 }
 
 impl Gap {
@@ -144,6 +148,7 @@ impl Gap {
             start,
             end,
             why: why.to_string(),
+            transient: false,
         }
     }
 

@@ -241,6 +241,14 @@ pub fn roots(c: &Capture) -> Roots {
     ranges.extend(side_live);
     ranges.extend(without_blocks(tls, &tables));
     let mut values: Vec<u64> = c.threads.iter().flat_map(|t| t.values()).collect();
+    if c.header.glibc_malloc != 0 {
+        // A thread stopped inside glibc's malloc or free holds the chunk it works on by
+        // its header, 16 bytes before the block (the program's own pointer may be gone
+        // already): a block in flight, not a lost one. Only registers count so: a chunk
+        // header's address in memory is the allocator's bookkeeping of a free chunk.
+        let headers: Vec<u64> = values.iter().map(|v| v.wrapping_add(16)).collect();
+        values.extend(headers);
+    }
     values.extend(c.kernel_values.iter().map(|k| k.value));
     Roots {
         ranges: normalize(ranges),

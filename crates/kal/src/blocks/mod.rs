@@ -29,6 +29,9 @@ pub struct Unwalked {
     pub end: u64,
     /// Why.
     pub why: String,
+    /// A state that lasts only a moment (a thread was inside the allocator): another
+    /// capture a little later is likely to be complete.
+    pub transient: bool,
 }
 
 /// What a block source found.

@@ -427,6 +427,7 @@ impl Ptmalloc<'_> {
             if p + 16 > end {
                 if top.is_some() || p < end {
                     un.push(Unwalked {
+                        transient: false,
                         start: p.min(end),
                         end,
                         why: "chunk chain ends before the top chunk".into(),
@@ -436,6 +437,7 @@ impl Ptmalloc<'_> {
             }
             let Some(word) = r.word(p + 8) else {
                 un.push(Unwalked {
+                    transient: false,
                     start: p,
                     end,
                     why: "unreadable heap memory".into(),
@@ -448,6 +450,7 @@ impl Ptmalloc<'_> {
             }
             if !size.is_multiple_of(16) || size < 16 || p + size > end || word & IS_MMAPPED != 0 {
                 un.push(Unwalked {
+                    transient: false,
                     start: p,
                     end,
                     why: format!("broken chunk chain (size word {word:#x})"),
@@ -474,6 +477,7 @@ impl Ptmalloc<'_> {
                 Some(false) => {}
                 None => {
                     un.push(Unwalked {
+                        transient: false,
                         start: p,
                         end,
                         why: "the chunk after a chunk cannot be read".into(),
@@ -503,6 +507,7 @@ impl Ptmalloc<'_> {
             }
             let Some((s, e)) = heap.filter(|&(s, e)| top >= s && top < e) else {
                 un.push(Unwalked {
+                    transient: false,
                     start: 0,
                     end: 0,
                     why: format!(
@@ -516,6 +521,7 @@ impl Ptmalloc<'_> {
             let top_end = top + (r.word(top + 8).unwrap_or(0) & !FLAGS);
             if top_end.saturating_sub(s) != system_mem {
                 un.push(Unwalked {
+                    transient: false,
                     start: 0,
                     end: 0,
                     why: format!(
@@ -533,6 +539,7 @@ impl Ptmalloc<'_> {
         for _ in 0..MAX_ARENAS {
             let Some(info) = heap_info(r, h).filter(|i| i.ar_ptr == a.addr) else {
                 un.push(Unwalked {
+                    transient: false,
                     start: h,
                     end: h + HEAP_INFO,
                     why: format!("no valid heap_info of arena {:#x}", a.addr),
@@ -556,6 +563,7 @@ impl Ptmalloc<'_> {
         }
         if total != system_mem {
             un.push(Unwalked {
+                transient: false,
                 start: 0,
                 end: 0,
                 why: format!(
@@ -577,6 +585,7 @@ impl Ptmalloc<'_> {
                 let size = r.word(p + 8).map(|w| w & !FLAGS);
                 if !p.is_multiple_of(16) || n > MAX_LIST || size != Some(want) {
                     un.push(Unwalked {
+                        transient: false,
                         start: 0,
                         end: 0,
                         why: format!(
@@ -769,6 +778,7 @@ impl BlockSource for Ptmalloc<'_> {
                 }
                 None => {
                     un.push(Unwalked {
+                        transient: false,
                         start: next,
                         end: next + STATE_BYTES,
                         why: "an arena on the list does not check out; the arenas after it \
@@ -785,6 +795,7 @@ impl BlockSource for Ptmalloc<'_> {
         for (i, a) in arenas.iter().enumerate() {
             if a.locked() {
                 un.push(Unwalked {
+                    transient: true,
                     start: 0,
                     end: 0,
                     why: format!(
@@ -807,6 +818,7 @@ impl BlockSource for Ptmalloc<'_> {
                     skip.push((h, h + HEAP_MAX));
                     if !walked.contains(&h) {
                         un.push(Unwalked {
+                            transient: false,
                             start: h,
                             end: h + info.size,
                             why: "an arena heap that no arena's list reaches".into(),
@@ -840,6 +852,7 @@ impl BlockSource for Ptmalloc<'_> {
             // what its lists hold is taken as free as far as they hold together.
             lists.insert(t, tcache_loose(&mut r, t));
             un.push(Unwalked {
+                transient: true,
                 start: t,
                 end: t + TCACHE_CHUNK - 16,
                 why: "a thread's tcache was being changed at the capture (the thread was \
@@ -851,6 +864,7 @@ impl BlockSource for Ptmalloc<'_> {
         let unowned_empty = valid.difference(&tcaches).count();
         if unowned_empty > 0 {
             un.push(Unwalked {
+                transient: false,
                 start: 0,
                 end: 0,
                 why: format!(
@@ -867,6 +881,7 @@ impl BlockSource for Ptmalloc<'_> {
         let stray = free.len() + tcaches.len() - (before - chunks.len());
         if stray > 0 {
             un.push(Unwalked {
+                transient: false,
                 start: 0,
                 end: 0,
                 why: format!(
