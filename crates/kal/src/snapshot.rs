@@ -215,18 +215,21 @@ fn take_by_agent(pid: i32, header_addr: u64, server: i32, no_interrupt: bool) ->
     frozen.ensure_not_crashing()?;
     test_hold("frozen");
     let stopped = frozen.paused_for();
-    // What the copy will not show is read from the frozen target on another thread,
-    // beside the register reads and the agent's fork: listing the mappings of a process
-    // with thousands of threads (two or more per thread) takes milliseconds, and was
-    // the last part of the pause.
+    // What the copy will not show is read from the frozen target. With thousands of
+    // mappings (a process with thousands of threads) listing them takes milliseconds,
+    // which were the last part of the pause: that is done on another thread, beside the
+    // register reads and the agent's fork. A small process reads it after (a thread
+    // costs more than the read).
     let (regs, read, made, extras) = std::thread::scope(|sc| {
-        let reader = sc.spawn(|| plan.read(pid));
+        let reader = plan.slow_to_read().then(|| sc.spawn(|| plan.read(pid)));
         let regs = frozen.regs_and_missing();
         let read = frozen.paused_for();
         let made = agent.snapshot(AGENT_DEADLINE);
-        let extras = reader
-            .join()
-            .unwrap_or_else(|e| std::panic::resume_unwind(e));
+        let extras = match reader {
+            Some(r) => r.join().unwrap_or_else(|e| std::panic::resume_unwind(e)),
+            None if made.is_ok() => plan.read(pid),
+            None => Default::default(),
+        };
         (regs, read, made, extras)
     });
     let (conn, child) = made?;
