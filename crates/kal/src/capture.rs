@@ -423,6 +423,10 @@ fn merge_sorted(a: Vec<Block>, b: Vec<Block>) -> Vec<Block> {
     out
 }
 
+/// Up to this many distinct allocation stacks are read one by one (one small read each);
+/// more, and the stack table's touched pages are read at once.
+const FEW_STACKS: usize = 256;
+
 /// Reads the live blocks (sorted by address, each once) and the stacks they use. Only
 /// pages of the tables that were ever touched are read. A block being moved between two
 /// tables may be in both: it is the same allocation.
@@ -462,6 +466,21 @@ pub fn read_blocks(mem: &(dyn Memory + Sync), h: &Header) -> TableRead {
         unread.extend(more);
         (merge_sorted(a, b), unread)
     };
+    let mut ids: Vec<u32> = blocks.iter().map(|b| b.stack).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    if ids.len() <= FEW_STACKS {
+        // A few stacks (a small process): read one by one, not the whole 13 MiB table.
+        let stacks = ids
+            .into_iter()
+            .filter_map(|id| Some((id, read_stack(mem, h, id)?)))
+            .collect();
+        return TableRead {
+            blocks,
+            stacks,
+            unread,
+        };
+    }
     let raw = read_words(mem, h.stacks_addr, h.stack_slots as usize * STACK_WORDS);
     let mut stacks = HashMap::new();
     let mut seen = vec![false; raw.len() / STACK_WORDS];
@@ -625,6 +644,20 @@ pub fn capture_table(src: &mut dyn Source, header_addr: u64) -> Result<Capture> 
     // From the copy: everything but what was read from the frozen target.
     let mut not_here = skip.clone();
     not_here.extend_from_slice(&extras.ranges);
+    // Below each thread's stack pointer (and red zone) is memory the roots leave out
+    // (`roots::roots`): not copied either. A thread inside a hook is left whole (its
+    // program stack pointer is saved in its side-stack slot, read from the copy).
+    not_here.extend(threads.iter().filter_map(|t| {
+        let sp = t.sp();
+        if active_side_slot(&header, sp).is_some() {
+            return None;
+        }
+        let m = maps.iter().find(|m| m.contains(sp))?;
+        Some((
+            m.start,
+            sp.saturating_sub(crate::roots::RED_ZONE).max(m.start),
+        ))
+    }));
     let not_here = crate::ranges::normalize(not_here);
     let mut ranges = crate::ranges::subtract(&root_maps, &not_here);
     ranges.extend(

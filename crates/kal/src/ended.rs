@@ -132,7 +132,14 @@ impl Pending {
             return Some(Some(end));
         }
         let Ok(stat) = std::fs::read_to_string(format!("/proc/{}/stat", self.pid)) else {
-            return Some(Some(End::Unknown)); // reaped, and no pidfd tells how
+            // Reaped between the pidfd's answer above and this read (the race that made
+            // a killed child "ended without telling kal"): asked again, the pidfd tells.
+            return Some(Some(
+                self.pidfd
+                    .as_ref()
+                    .and_then(exit_info)
+                    .unwrap_or(End::Unknown),
+            ));
         };
         let state = crate::procfs::stat_field(&stat, 0).unwrap_or("");
         if state == "Z" || state == "X" {

@@ -342,6 +342,9 @@ impl Frozen {
         // likely killed by its exit_group already (their events may come first), so they
         // are held; one that really ended on its own is let go after a short grace.
         let mut held: Vec<(i32, Instant)> = Vec::new();
+        // The exiting thread reaches exit_group within tens of microseconds of `ready`:
+        // polled at 10 us, then less often (up to 200 us) should it take longer.
+        let mut nap = Duration::from_micros(10);
         loop {
             let mut progress = false;
             if exit_seen.is_some() {
@@ -408,8 +411,11 @@ impl Frozen {
                     Err(e) => return Err(e).context("waiting for the process to exit"),
                 }
             }
-            if !progress {
-                std::thread::sleep(Duration::from_micros(200));
+            if progress {
+                nap = Duration::from_micros(10);
+            } else {
+                std::thread::sleep(nap);
+                nap = (nap * 2).min(Duration::from_micros(200));
             }
         }
         let before = f.threads.len();

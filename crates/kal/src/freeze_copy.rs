@@ -43,6 +43,8 @@ pub struct Plan {
     /// Descriptors open before the freeze, and which of them are epoll instances.
     fds: Vec<i32>,
     epolls: Vec<i32>,
+    /// How many mappings the target had before the freeze.
+    mappings: usize,
 }
 
 /// What was read during the freeze.
@@ -64,8 +66,8 @@ pub struct Extras {
 
 /// Before the freeze: finds the dc/wf mappings and the epoll descriptors of `pid`.
 pub fn plan(pid: i32) -> Plan {
-    let forkless = procfs::smaps(pid)
-        .unwrap_or_default()
+    let smaps = procfs::smaps(pid).unwrap_or_default();
+    let forkless = smaps
         .iter()
         .filter(|e| (e.dontfork || e.wipeonfork) && may_hold_roots(&e.mapping, e.anonymous))
         .map(|e| (e.mapping.start, e.mapping.end))
@@ -80,10 +82,17 @@ pub fn plan(pid: i32) -> Plan {
         forkless,
         fds,
         epolls,
+        mappings: smaps.len(),
     }
 }
 
 impl Plan {
+    /// Whether [`Plan::read`] is slow enough (thousands of mappings to list) to be worth
+    /// a thread of its own during the freeze.
+    pub fn slow_to_read(&self) -> bool {
+        self.mappings >= 1000
+    }
+
     /// During the freeze: copies what the fork copy will not show as it is now, and reads
     /// the kernel-held pointers.
     pub fn read(&self, pid: i32) -> Extras {
@@ -181,6 +190,7 @@ pub fn in_place(pid: i32) -> Extras {
         fds: Vec::new(),
         epolls: Vec::new(),
         forkless: Vec::new(),
+        mappings: 0,
     };
     let mut x = Extras::default();
     plan.read_kernel_values(pid, &mut x);

@@ -49,10 +49,21 @@ pub fn prefer_huge_pages<T>(v: &Vec<T>) {
 }
 
 /// Zero-filled 8-byte words in their own mapping: untouched pages cost nothing, and large
-/// buffers use transparent huge pages (one fault per 2 MiB instead of per 4 KiB).
+/// buffers use transparent huge pages (one fault per 2 MiB instead of per 4 KiB). Small
+/// ones (under [`SMALL_WORDS_BYTES`]) come from the allocator instead: a capture makes
+/// dozens, and a mapping each (mmap, a fault per page, munmap) was a good part of a small
+/// process's capture.
 pub struct Words {
     ptr: *mut u64,
     len: usize,
+}
+
+/// Word buffers below this many bytes are allocated, not mapped.
+pub const SMALL_WORDS_BYTES: usize = 256 << 10;
+
+fn small_layout(len: usize) -> std::alloc::Layout {
+    // A size below SMALL_WORDS_BYTES with the alignment of u64 is always a valid layout.
+    std::alloc::Layout::array::<u64>(len).unwrap_or(std::alloc::Layout::new::<u64>())
 }
 
 // SAFETY: Words owns its mapping exclusively, like a Box<[u64]>.
@@ -70,6 +81,14 @@ impl Words {
             };
         }
         let bytes = len * 8;
+        if bytes < SMALL_WORDS_BYTES {
+            // SAFETY: a non-zero-sized layout of u64s.
+            let p = unsafe { std::alloc::alloc_zeroed(small_layout(len)) };
+            if p.is_null() {
+                std::alloc::handle_alloc_error(small_layout(len));
+            }
+            return Words { ptr: p.cast(), len };
+        }
         // SAFETY: a fresh private anonymous mapping of the requested size.
         let p = unsafe {
             libc::mmap(
@@ -126,9 +145,13 @@ impl std::fmt::Debug for Words {
 
 impl Drop for Words {
     fn drop(&mut self) {
-        if self.len > 0 {
+        if self.len * 8 >= SMALL_WORDS_BYTES {
             // SAFETY: unmapping the mapping this value owns.
             unsafe { libc::munmap(self.ptr.cast(), self.len * 8) };
+        } else if self.len > 0 {
+            // SAFETY: freeing the allocation this value owns, with the layout it was made
+            // with.
+            unsafe { std::alloc::dealloc(self.ptr.cast(), small_layout(self.len)) };
         }
     }
 }

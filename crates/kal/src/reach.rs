@@ -689,7 +689,11 @@ pub fn classify(
     heap: &(dyn Memory + Sync),
     heuristics: Option<&Heuristics<'_>>,
 ) -> Vec<Kind> {
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(MAX_THREADS));
+    // Asked once: the answer reads cgroup files each time (~65 us, per exit report).
+    static THREADS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    let threads = *THREADS.get_or_init(|| {
+        std::thread::available_parallelism().map_or(1, |n| n.get().min(MAX_THREADS))
+    });
     classify_in(
         blocks,
         image,

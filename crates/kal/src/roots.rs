@@ -30,7 +30,7 @@ use kal_proto::Header;
 /// glibc's `HEAP_MAX_SIZE` on 64-bit: secondary arena heaps are aligned to it.
 const HEAP_MAX: u64 = 64 << 20;
 /// The System V x86-64 red zone below the stack pointer.
-const RED_ZONE: u64 = 128;
+pub(crate) const RED_ZONE: u64 = 128;
 /// Bytes above the thread pointer that belong to the thread control block.
 const TCB_SPAN: u64 = 0x900;
 /// glibc's thread control block (`struct pthread`, x86-64; glibc 2.36 checked against

@@ -212,7 +212,6 @@ pub fn run(opts: &RunOptions) -> Result<i32> {
     // by init: they stay descendants kal accepts, reports and reaps.
     // SAFETY: prctl with integer arguments only.
     unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
-    let me = std::process::id() as i32;
     let mut cmd = Command::new(&opts.program);
     cmd.args(&opts.args)
         .env("LD_PRELOAD", preload)
@@ -250,6 +249,10 @@ pub fn run(opts: &RunOptions) -> Result<i32> {
     // takes most of a report's time to read again (libc's is compressed), so a program
     // whose children exit by the hundred does not wait for it each time.
     let symbols = crate::symbolize::Symbols::new();
+    // Exit captures on worker threads, unless kal traces the program's processes: a
+    // tracer is one thread, which must make every ptrace request (see `crate::trace`).
+    let workers = (opts.check_every.is_none() && !opts.trace)
+        .then(|| ExitWorkers::start(exit_threads(), main_pid, opts));
     let mut periodic = opts.check_every.map(|every| {
         let pacer = crate::pace::Pacer::new(every, opts.max_cpu_percent);
         crate::periodic::Periodic::new(pacer, opts.report.clone(), opts.json.clone())
@@ -340,12 +343,12 @@ pub fn run(opts: &RunOptions) -> Result<i32> {
             }
             match handle(
                 c,
-                me,
                 main_pid,
                 opts,
                 periodic.as_ref(),
                 &mut reported,
                 &symbols,
+                workers.as_ref(),
             ) {
                 Ok(Handled::Keep(mut c)) => {
                     hellos += 1;
@@ -503,6 +506,9 @@ pub fn run(opts: &RunOptions) -> Result<i32> {
             }
         }
     }
+    if let Some(w) = workers {
+        lost |= w.finish();
+    }
     without_agent.poll(true);
     let status = status.expect("loop ends after the child exited");
     if hellos == 0 {
@@ -517,6 +523,11 @@ pub fn run(opts: &RunOptions) -> Result<i32> {
     } else {
         code
     })
+}
+
+/// How many exiting processes kal captures at once: one per core, 2 to 4.
+fn exit_threads() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get().clamp(2, 4))
 }
 
 /// Reaps adopted orphans that exited (never the program itself while its status is still
@@ -543,6 +554,14 @@ fn reap_adopted(main_pid: i32, main_reaped: bool) -> bool {
         if pid == 0 || (pid == main_pid && !main_reaped) {
             return true; // children, none to reap here
         }
+        // A ptrace stop of an adopted process an exit worker is capturing (waits see the
+        // stops of every thread's tracees): its tracer's to take, not an end.
+        if !matches!(
+            info.si_code,
+            libc::CLD_EXITED | libc::CLD_KILLED | libc::CLD_DUMPED
+        ) {
+            return true;
+        }
         let mut st = 0;
         // SAFETY: reaping a child of ours that has exited.
         unsafe { libc::waitpid(pid, &mut st, libc::WNOHANG) };
@@ -560,13 +579,14 @@ enum Handled {
 
 fn handle(
     mut c: Conn,
-    me: i32,
     main_pid: i32,
     opts: &RunOptions,
     periodic: Option<&crate::periodic::Periodic>,
     reported: &mut Vec<i32>,
     symbols: &crate::symbolize::Symbols,
+    workers: Option<&ExitWorkers>,
 ) -> Result<Handled> {
+    let me = std::process::id() as i32;
     let mut buf = [0u8; HELLO_SIZE];
     if c.stream.read_exact(&mut buf).is_err() {
         // EOF: that process is gone (or exec'd)
@@ -605,23 +625,64 @@ fn handle(
         return Ok(Handled::Keep(c));
     }
     reported.push(pid);
-    // Exit: trace the exit, let the process run to exit_group, copy it there (as memcheck
-    // does, so the exit path's frames are below the stack pointer), let it go, then
-    // analyse at leisure.
     let tid = crate::peer::host_tid(pid, msg.tid as i32).unwrap_or(pid);
-    let (cap, kinds) = {
-        let frozen = Frozen::at_exit(pid, tid, || {
-            let _ = c.stream.write_all(&[1]);
-        })?;
-        let cap = capture(&frozen, msg.header_addr)?;
-        // Blocks are read from the process itself: scan before letting it go.
-        let kinds = crate::classify_with(&cap, &opts.report.suppressions);
-        (cap, kinds)
+    let exit = ExitJob {
+        conn: c,
+        pid,
+        tid,
+        header: msg.header_addr,
     };
-    drop(c);
+    // Forked processes are captured on the exit workers, several at once (the program
+    // itself in this thread: `Child::try_wait` here could take its ptrace stops for its
+    // end). With periodic checks, everything here, as their sites are kept here.
+    if let (Some(w), None, false) = (workers, periodic, pid == main_pid) {
+        w.send(exit);
+        return Ok(Handled::Done(false));
+    }
+    let (cap, kinds) = capture_exit(exit, opts)?;
     Ok(Handled::Done(write_report(
         pid, main_pid, &cap, &kinds, opts, periodic, symbols,
     )))
+}
+
+/// A process that said it exits: its hello-less exit connection (kal's byte lets it go
+/// on to `exit_group`), pid, the thread that exits and its agent header.
+struct ExitJob {
+    conn: Conn,
+    pid: i32,
+    tid: i32,
+    header: u64,
+}
+
+/// Traces the exit, lets the process run to exit_group, copies it there (as memcheck does,
+/// so the exit path's frames are below the stack pointer), classifies, lets it go. The
+/// report is made at leisure from what is returned.
+fn capture_exit(
+    mut job: ExitJob,
+    opts: &RunOptions,
+) -> Result<(crate::capture::Capture, Vec<crate::reach::Kind>)> {
+    let timing = std::env::var_os("KAL_DEBUG_TIMING").is_some();
+    let t0 = Instant::now();
+    let frozen = Frozen::at_exit(job.pid, job.tid, || {
+        let _ = job.conn.stream.write_all(&[1]);
+    })?;
+    let t1 = Instant::now();
+    let cap = capture(&frozen, job.header)?;
+    let t2 = Instant::now();
+    // Blocks are read from the process itself: scan before letting it go.
+    let kinds = crate::classify_with(&cap, &opts.report.suppressions);
+    drop(frozen);
+    if timing {
+        crate::say!(
+            "timing: exit of {}: stopped at exit_group after {:?}, capture {:?}, classify {:?}, held {:?}",
+            job.pid,
+            t1 - t0,
+            t2 - t1,
+            t2.elapsed(),
+            t1.elapsed()
+        );
+    }
+    Ok((cap, kinds))
 }
 
 /// Process `pid`, traced, is dying of signal `sig` (thread `tid` is held at its exit
@@ -695,6 +756,75 @@ fn write_report(
         }
     }
     report.summary.direct.blocks > 0
+}
+
+/// Exit captures of forked processes, several at once: each of `n` capture threads
+/// traces, copies and classifies one exiting process at a time (ptrace requests come
+/// from the thread that seized), and one report thread, which keeps the symbolizer,
+/// writes every report. A program whose children exit by the hundred then waits for
+/// `n` captures at a time rather than one (issue 9, scale).
+struct ExitWorkers {
+    jobs: Option<std::sync::mpsc::SyncSender<ExitJob>>,
+    captures: Vec<std::thread::JoinHandle<()>>,
+    reports: Option<std::thread::JoinHandle<bool>>,
+}
+
+impl ExitWorkers {
+    fn start(n: usize, main_pid: i32, opts: &RunOptions) -> ExitWorkers {
+        type Done = (crate::capture::Capture, Vec<crate::reach::Kind>);
+        let (jobs, job_rx) = std::sync::mpsc::sync_channel::<ExitJob>(n * 2);
+        let (done_tx, done_rx) = std::sync::mpsc::sync_channel::<Done>(n * 2);
+        let job_rx = std::sync::Arc::new(std::sync::Mutex::new(job_rx));
+        let captures = (0..n)
+            .map(|_| {
+                let (rx, tx, opts) = (job_rx.clone(), done_tx.clone(), opts.clone());
+                std::thread::spawn(move || loop {
+                    let job = match rx.lock().map(|r| r.recv()) {
+                        Ok(Ok(job)) => job,
+                        _ => return,
+                    };
+                    match capture_exit(job, &opts) {
+                        Ok(done) => {
+                            let _ = tx.send(done);
+                        }
+                        Err(e) => crate::say!("kal: {e:#}"),
+                    }
+                })
+            })
+            .collect();
+        let opts = opts.clone();
+        let reports = std::thread::spawn(move || {
+            let symbols = crate::symbolize::Symbols::new();
+            let mut lost = false;
+            for (cap, kinds) in done_rx {
+                lost |= write_report(cap.pid, main_pid, &cap, &kinds, &opts, None, &symbols);
+            }
+            lost
+        });
+        ExitWorkers {
+            jobs: Some(jobs),
+            captures,
+            reports: Some(reports),
+        }
+    }
+
+    fn send(&self, job: ExitJob) {
+        if let Some(j) = &self.jobs {
+            let _ = j.send(job);
+        }
+    }
+
+    /// Waits for every capture and report; true when a report found something
+    /// definitely lost.
+    fn finish(mut self) -> bool {
+        self.jobs = None;
+        for h in self.captures.drain(..) {
+            let _ = h.join();
+        }
+        self.reports
+            .take()
+            .is_some_and(|h| h.join().unwrap_or(false))
+    }
 }
 
 /// Exits kal the way the program ended: with its code, or by the same signal.

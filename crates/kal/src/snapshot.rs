@@ -223,13 +223,28 @@ fn take_by_agent(pid: i32, header_addr: u64, server: i32, no_interrupt: bool) ->
     frozen.ensure_not_crashing()?;
     test_hold("frozen");
     let stopped = frozen.paused_for();
-    let (threads, missing) = frozen.regs_and_missing();
-    let read = frozen.paused_for();
-    let (conn, child) = agent.snapshot(AGENT_DEADLINE)?;
+    // What the copy will not show is read from the frozen target. With thousands of
+    // mappings (a process with thousands of threads) listing them takes milliseconds,
+    // which were the last part of the pause: that is done on another thread, beside the
+    // register reads and the agent's fork. A small process reads it after (a thread
+    // costs more than the read).
+    let (regs, read, made, extras) = std::thread::scope(|sc| {
+        let reader = plan.slow_to_read().then(|| sc.spawn(|| plan.read(pid)));
+        let regs = frozen.regs_and_missing();
+        let read = frozen.paused_for();
+        let made = agent.snapshot(AGENT_DEADLINE);
+        let extras = match reader {
+            Some(r) => r.join().unwrap_or_else(|e| std::panic::resume_unwind(e)),
+            None if made.is_ok() => plan.read(pid),
+            None => Default::default(),
+        };
+        (regs, read, made, extras)
+    });
+    let (conn, child) = made?;
     if std::env::var_os("KAL_DEBUG_TIMING").is_some() {
         crate::say!(
-            "timing: {} threads stopped after {:?}, registers read after {:?}, copy made after {:?}",
-            threads.len(),
+            "timing: {} threads stopped after {:?}, registers read after {:?}, copy made and extras read after {:?}",
+            regs.0.len(),
             stopped,
             read,
             frozen.paused_for()
@@ -238,21 +253,20 @@ fn take_by_agent(pid: i32, header_addr: u64, server: i32, no_interrupt: bool) ->
     if !is_child_of(child, pid) {
         bail!("the kal agent of process {pid} named {child}, which is not its copy");
     }
-    finish(frozen, plan, (threads, missing), child, Maker::Agent(conn))
+    finish(frozen, extras, regs, child, Maker::Agent(conn))
 }
 
-/// The copy `child` exists: reads what it does not show as the target has it (the target
-/// still frozen, at the instant of the copy), then lets the target go. A fatal signal that
+/// The copy `child` exists and `extras` holds what it does not show, read from the
+/// target while frozen (at the instant of the copy): lets the target go. A fatal signal that
 /// arrived meanwhile makes it an error (dropping the snapshot ends the copy).
 fn finish(
     frozen: Frozen,
-    plan: crate::freeze_copy::Plan,
+    mut extras: crate::freeze_copy::Extras,
     (threads, missing): (Vec<ThreadRegs>, u64),
     child: i32,
     maker: Maker,
 ) -> Result<Snapshot> {
     let pid = frozen.pid();
-    let mut extras = plan.read(pid);
     extras.threads_without_registers = missing;
     let left = frozen.left_running();
     if !left.is_empty() {
@@ -332,7 +346,8 @@ fn take_injected(pid: i32, no_interrupt: bool) -> Result<Snapshot> {
         syscall_at,
         injector: tid,
     };
-    finish(frozen, plan, (threads, missing), child, maker)
+    let extras = plan.read(pid);
+    finish(frozen, extras, (threads, missing), child, maker)
 }
 
 impl Snapshot {
