@@ -108,7 +108,8 @@ fn a_core_of_a_process_without_kal_has_the_live_checks_counts() {
 #[test]
 fn a_core_of_a_process_under_kal_run_has_its_counts_and_leak_lines() {
     let prog = build("core_target.c", &[]);
-    let live = Live::start(&prog);
+    // gcore attaches with ptrace: kal run must not be the program's tracer.
+    let live = Live::start_untraced(&prog);
     let dir = tempfile::tempdir().unwrap();
     let core = gcore(live.pid, dir.path());
     let (out, j) = check_core(&core, &[]);
@@ -140,7 +141,8 @@ fn an_executable_missing_here_gives_module_offsets_and_exe_gives_lines_back() {
     let dir = tempfile::tempdir().unwrap();
     let prog = dir.path().join("core_target");
     std::fs::copy(&built, &prog).unwrap();
-    let live = Live::start(&prog);
+    // gcore attaches with ptrace: kal run must not be the program's tracer.
+    let live = Live::start_untraced(&prog);
     let core = gcore(live.pid, dir.path());
     std::fs::remove_file(&prog).unwrap();
     let line = line_of("core_target.c", "core_leak");
