@@ -301,5 +301,6 @@ pub fn capture_source(src: &mut dyn Source) -> Result<Capture> {
         memory,
         banned: Vec::new(),
         agent: Vec::new(),
+        usable_sizes: true,
     })
 }

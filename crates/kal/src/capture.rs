@@ -262,6 +262,9 @@ pub struct Capture {
     pub banned: Vec<u32>,
     /// The agent's own mappings (tables, side stacks): never roots, never heap.
     pub agent: Vec<(u64, u64)>,
+    /// Block sizes are usable sizes from a heap walk (no agent), not requested ones: the
+    /// size asked for may be up to a chunk's rounding smaller.
+    pub usable_sizes: bool,
 }
 
 fn read_pod<T: Copy + Default>(mem: &dyn Memory, addr: u64) -> Option<T> {
@@ -721,6 +724,7 @@ pub fn capture_table(src: &mut dyn Source, header_addr: u64) -> Result<Capture> 
         memory,
         banned,
         agent,
+        usable_sizes: false,
     })
 }
 

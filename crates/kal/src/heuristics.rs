@@ -22,6 +22,9 @@ pub struct Heuristics<'a> {
     /// code they point to live.
     files: Vec<(u64, u64, bool, bool)>,
     vtables: Mutex<HashMap<u64, bool>>,
+    /// Block sizes are usable sizes (a heap walk without the agent): the heuristics that
+    /// compare a size with the block's accept any size the program may have asked for.
+    usable_sizes: bool,
 }
 
 /// How many words of a candidate vtable are looked at.
@@ -40,7 +43,28 @@ impl<'a> Heuristics<'a> {
             mem,
             files,
             vtables: Mutex::new(HashMap::new()),
+            usable_sizes: false,
         }
+    }
+
+    /// Whether block sizes are usable sizes rather than requested ones (see
+    /// [`requested_sizes`](Self::requested_sizes)).
+    pub fn with_usable_sizes(mut self, usable: bool) -> Self {
+        self.usable_sizes = usable;
+        self
+    }
+
+    /// The sizes `b`'s program may have asked for, `(lowest, highest)`: its size with the
+    /// agent. Without it, a heap chunk of usable size `u` (chunk - 8) serves requests from
+    /// `u - 15` (chunks go by 16 bytes; the smallest, of 24 usable bytes, from 0) to `u`;
+    /// an mmapped one (whose span is its whole usable size) any request needing its pages.
+    #[inline]
+    fn requested_sizes(&self, b: &Block) -> (u64, u64) {
+        if !self.usable_sizes {
+            return (b.size, b.size);
+        }
+        let slack = if b.span == b.size { 4095 } else { 15 };
+        (b.size.saturating_sub(slack), b.size)
     }
 
     fn word(&self, addr: u64) -> Option<u64> {
@@ -69,17 +93,20 @@ impl<'a> Heuristics<'a> {
     #[inline]
     pub fn reaches_with(&self, b: &Block, ptr: u64, word: impl Fn(u64) -> Option<u64>) -> bool {
         let off = ptr - b.addr;
+        let (lo, hi) = self.requested_sizes(b);
         if off == 24 {
             if let (Some(len), Some(cap)) = (word(b.addr), word(b.addr + 8)) {
-                if cap.checked_add(25) == Some(b.size) && len <= cap {
+                if cap.checked_add(25).is_some_and(|s| lo <= s && s <= hi) && len <= cap {
                     return true; // stdstring
                 }
             }
         }
         if off == 8 {
             if let Some(n) = word(b.addr) {
-                // length64 (n == size - 8) is a special case of newarray (n divides size - 8).
-                if n > 0 && (b.size - 8).is_multiple_of(n) {
+                // length64 (n == size - 8) is a special case of newarray (n divides size - 8):
+                // the largest multiple of n at most hi - 8 must be at least lo - 8.
+                let (lo, hi) = (lo.max(8) - 8, hi - 8);
+                if n > 0 && hi - hi % n >= lo {
                     return true;
                 }
             }
@@ -199,5 +226,29 @@ mod tests {
             !h.reaches(&block(0x2000, 48), 0x2010),
             "other offsets are just interior"
         );
+    }
+
+    #[test]
+    fn usable_sizes_accept_any_size_the_chunk_could_have_been_asked_for() {
+        // A heap walk's heap chunk (span = usable - 8): 77 usable bytes come from requests
+        // of 73 to 88 bytes (chunk 96).
+        let maps: Vec<Mapping> = Vec::new();
+        let mem = Words(vec![(0x1000, 40), (0x1008, 48), (0x2000, 7), (0x3000, 100)]);
+        let heap = |addr, usable| Block {
+            span: usable - 8,
+            ..block(addr, usable)
+        };
+        let exact = Heuristics::new(&mem, &maps);
+        let usable = Heuristics::new(&mem, &maps).with_usable_sizes(true);
+        // length64: malloc(8 + 40) has 56 usable bytes.
+        assert!(!exact.reaches(&heap(0x1000, 56), 0x1008));
+        assert!(usable.reaches(&heap(0x1000, 56), 0x1008));
+        // stdstring rep of capacity 48 (73 bytes asked for, 88 usable).
+        assert!(!exact.reaches(&heap(0x1000, 88), 0x1018));
+        assert!(usable.reaches(&heap(0x1000, 88), 0x1018));
+        // 24 usable bytes serve requests up to 24: 8 + 2 * 7 = 22 is one.
+        assert!(usable.reaches(&heap(0x2000, 24), 0x2008));
+        // 100 elements fit in none of the requests a 40-byte chunk serves.
+        assert!(!usable.reaches(&heap(0x3000, 40), 0x3008));
     }
 }

@@ -86,7 +86,8 @@ pub fn classify(cap: &capture::Capture) -> Vec<reach::Kind> {
     let (t0, c0) = (std::time::Instant::now(), thread_cpu_ms());
     let roots = roots::roots(cap);
     let t1 = std::time::Instant::now();
-    let heuristics = heuristics::Heuristics::new(cap.heap.as_ref(), &cap.maps);
+    let heuristics = heuristics::Heuristics::new(cap.heap.as_ref(), &cap.maps)
+        .with_usable_sizes(cap.usable_sizes);
     let kinds = reach::classify(
         &cap.blocks,
         &cap.image,
@@ -134,7 +135,8 @@ pub fn classify_with(cap: &capture::Capture, supp: &suppress::Suppressions) -> V
     roots
         .values
         .extend(chosen.iter().map(|&i| cap.blocks[i].addr));
-    let heuristics = heuristics::Heuristics::new(cap.heap.as_ref(), &cap.maps);
+    let heuristics = heuristics::Heuristics::new(cap.heap.as_ref(), &cap.maps)
+        .with_usable_sizes(cap.usable_sizes);
     let mut again = reach::classify(
         &cap.blocks,
         &cap.image,

@@ -7,8 +7,18 @@ use std::process::{Child, Command, Stdio};
 
 /// Starts `prog ARGS` without kal and waits for its "ready PID" line.
 fn start_bare(prog: &std::path::Path, args: &[&str]) -> (Child, KillOnDrop) {
+    start_bare_env(prog, args, &[])
+}
+
+/// [`start_bare`] with extra environment variables.
+fn start_bare_env(
+    prog: &std::path::Path,
+    args: &[&str],
+    envs: &[(&str, &str)],
+) -> (Child, KillOnDrop) {
     let mut child = Command::new(prog)
         .args(args)
+        .envs(envs.iter().copied())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -263,4 +273,88 @@ fn lost_blocks_without_stacks_are_grouped_by_cpp_type_size_and_targets() {
     }
     bare.kill().unwrap();
     bare.wait().unwrap();
+}
+
+/// `(bytes, blocks)` of each lost class: direct, indirect, possible.
+fn lost_totals(j: &serde_json::Value) -> [(u64, u64); 3] {
+    ["direct", "indirect", "possible"].map(|k| totals(j, k))
+}
+
+#[test]
+fn the_suites_programs_stopped_without_kal_have_the_agents_lost_counts() {
+    // Each program, with KAL_STOP set, stops where its leaks are made ("ready PID", then
+    // waits; programs/stop_point.h). Started without kal, `kal check PID` must find the
+    // lost blocks that `kal run`'s agent finds in the same program at the same point, and
+    // the counts memcheck gives at exit (run_report.rs). Bytes are usable sizes without
+    // the agent: compared where glibc's usable size is plain (chunk - 8), blocks always.
+    // (program, [direct, indirect, possible] blocks, the same in usable bytes if known)
+    type Case = (&'static str, [u64; 3], Option<[u64; 3]>);
+    let cases: [Case; 7] = [
+        // 1 detached node and its 2 children, 48 bytes each (56 usable).
+        ("tree.c", [1, 2, 0], Some([56, 2 * 56, 0])),
+        // A ring of 5 nodes of 40 bytes (40 usable): 1 leader, 4 indirect.
+        ("ring.c", [1, 4, 0], Some([40, 4 * 40, 0])),
+        // 200 bytes held only 40 bytes in (200 usable).
+        ("interior.c", [0, 0, 1], Some([0, 0, 200])),
+        // 10 APIs leak 1 block each at exit, but at the stop point main's frame still holds
+        // posix_memalign's result (gcc -O1 passes a stack slot, -8(%rbp), and copies it to
+        // `out`): that block is reachable here, with and without the agent. Usable sizes:
+        // 5 x 24 (11, 21, 13, 15 bytes, 19 aligned to 64), 56 (aligned_alloc 48), 40
+        // (valloc 29), 4008 (realloc 4000), 4104 (pvalloc: a page).
+        (
+            "apis.c",
+            [9, 0, 0],
+            Some([5 * 24 + 56 + 40 + 4008 + 4104, 0, 0]),
+        ),
+        // 4 threads x 10 blocks of 100..103 bytes (104 usable each).
+        ("threads.c", [40, 0, 0], Some([40 * 104, 0, 0])),
+        // One shop::Widget of 48 bytes (56 usable).
+        ("widget.cpp", [1, 0, 0], Some([56, 0, 0])),
+        // Interior pointers of common layouts are reachable (the heuristics take usable
+        // sizes without the agent); 1 block of 77 bytes (88 usable) is lost.
+        ("heuristics.cpp", [1, 0, 0], Some([88, 0, 0])),
+    ];
+    let stop = [("KAL_STOP", "1")];
+    let mut mismatches = Vec::new();
+    for (name, blocks, bytes) in cases {
+        let prog = build(name, &[]);
+        let (mut bare, _kill) = start_bare_env(&prog, &[], &stop);
+        let (out, without) = check_pid_json(bare.id() as i32, &[]);
+        let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+        assert_eq!(without["lost_reliable"], true, "{name}: {stderr}");
+        let live = Live::start_with(&prog, &[], &stop);
+        let (out, with_agent) = check_pid_json(live.pid, &[]);
+        let agent_stderr = String::from_utf8_lossy(&out.stderr).to_string();
+        let got = lost_totals(&without);
+        let agent = lost_totals(&with_agent);
+        if got.map(|t| t.1) != agent.map(|t| t.1) || got.map(|t| t.1) != blocks {
+            mismatches.push(format!(
+                "{name}: without kal {got:?}, with the agent {agent:?}, expected blocks \
+                 {blocks:?}\n--- without:\n{stderr}\n--- with the agent:\n{agent_stderr}"
+            ));
+            continue;
+        }
+        if let Some(bytes) = bytes {
+            assert_eq!(got.map(|t| t.0), bytes, "{name}: {stderr}");
+        }
+        if name == "widget.cpp" {
+            // The lost object is grouped under its class's name, in the JSON and the text.
+            let typed: Vec<&serde_json::Value> = without["leaks"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|r| r["kind"] == "direct")
+                .collect();
+            assert_eq!(typed.len(), 1, "{without}");
+            assert_eq!(typed[0]["contents"]["type"], "shop::Widget", "{without}");
+            assert_eq!(typed[0]["blocks"], 1, "{without}");
+            assert!(
+                stderr.contains("Direct leak of 56 bytes in 1 block of type shop::Widget:"),
+                "{stderr}"
+            );
+        }
+        bare.kill().unwrap();
+        bare.wait().unwrap();
+    }
+    assert!(mismatches.is_empty(), "{}", mismatches.join("\n\n"));
 }

@@ -2,6 +2,7 @@
 #define _GNU_SOURCE
 #include <malloc.h>
 #include <stdlib.h>
+#include "stop_point.h" /* with KAL_STOP set: "ready PID", then wait */
 void *volatile sink;
 void *out; /* posix_memalign's result goes here (not to a stack slot that outlives main) */
 void *volatile nothing; /* stays NULL: keeps gcc from turning realloc(NULL) into malloc */
@@ -25,5 +26,6 @@ int main(void) {
   p = malloc(70);
   p = realloc(p, 0);                 /* realloc to 0 frees */
   sink = NULL;
+  stop_point();
   return 0;
 }

@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <string>
+#include "stop_point.h" /* with KAL_STOP set: "ready PID", then wait */
 struct Obj {
   ~Obj() { v = 0; }
   long v;
@@ -36,5 +37,6 @@ int main() {
   len64 = reinterpret_cast<char *>(p + 1);
   sink = malloc(77); // @heur_lost
   sink = nullptr;
+  stop_point();
   return 0;
 }

@@ -1,6 +1,7 @@
 /* Four threads leak ten blocks each at the same time. */
 #include <pthread.h>
 #include <stdlib.h>
+#include "stop_point.h" /* with KAL_STOP set: "ready PID", then wait */
 static pthread_barrier_t start;
 void *volatile sink;
 static void *worker(void *arg) {
@@ -18,5 +19,6 @@ int main(void) {
   for (long i = 0; i < 4; i++) pthread_create(&t[i], NULL, worker, (void *)i);
   for (int i = 0; i < 4; i++) pthread_join(t[i], NULL);
   sink = NULL;
+  stop_point();
   return 0;
 }

@@ -1,5 +1,6 @@
 /* A tree of 15 nodes kept in a global; one subtree of 3 nodes is detached. */
 #include <stdlib.h>
+#include "stop_point.h" /* with KAL_STOP set: "ready PID", then wait */
 struct node { struct node *l, *r; long pad[4]; };
 struct node *root;
 static struct node *mk(int depth) {
@@ -10,5 +11,6 @@ static struct node *mk(int depth) {
 int main(void) {
   root = mk(3);
   root->l->r = NULL; /* 3 nodes lost: 1 direct, 2 indirect */
+  stop_point();
   return 0;
 }
