@@ -30,6 +30,14 @@ use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
+/// Resumes thread `tid` from a signal-delivery stop with its signal `sig`, whatever its
+/// number: real-time signals too (glibc's SIGSETXID and SIGCANCEL, a program's timer
+/// signals), which nix's `Signal` cannot name — resuming with `None` would swallow them.
+fn deliver(tid: i32, sig: i32) {
+    // SAFETY: PTRACE_CONT on our own stopped tracee, with a signal number as data.
+    unsafe { libc::ptrace(libc::PTRACE_CONT, tid, 0usize, sig as usize) };
+}
+
 /// The ptrace options kal traces with: exit events, and new threads.
 pub fn options() -> ptrace::Options {
     ptrace::Options::PTRACE_O_TRACEEXIT | ptrace::Options::PTRACE_O_TRACECLONE
@@ -190,7 +198,7 @@ impl Tracer {
             match st >> 16 {
                 0 => {
                     // Signal-delivery stop: deliver it, unchanged.
-                    let _ = ptrace::cont(p, Signal::try_from(sig).ok());
+                    deliver(tid, sig);
                 }
                 libc::PTRACE_EVENT_STOP => match Signal::try_from(sig) {
                     Ok(s) if is_stop_signal(s) => listen(tid),
@@ -366,7 +374,7 @@ pub fn service_stops() {
         let sig = libc::WSTOPSIG(st);
         match st >> 16 {
             0 => {
-                let _ = ptrace::cont(p, Signal::try_from(sig).ok());
+                deliver(tid, sig);
             }
             libc::PTRACE_EVENT_STOP => match Signal::try_from(sig) {
                 Ok(s) if is_stop_signal(s) => listen(tid),

@@ -488,6 +488,33 @@ fn signal_handlers_that_allocate_on_an_alternate_stack_run_as_without_kal() {
 }
 
 #[test]
+fn real_time_signals_reach_a_traced_program() {
+    // kal run traces the program: a real-time signal (a program's SIGRTMIN, glibc's
+    // SIGSETXID behind initgroups) must be delivered as any other; resumed without it, the
+    // handler never ran and initgroups waited forever for the agent's threads.
+    let prog = build("rtsig.c", &[]);
+    let plain = Command::new(&prog).stdin(Stdio::null()).output().unwrap();
+    assert!(plain.status.success(), "{plain:?}");
+    let expected = String::from_utf8_lossy(&plain.stdout).to_string();
+    assert_eq!(expected, "rt 100 initgroups 0\n");
+    for run in 0..3 {
+        let r = run_json(&["-q", "--error-exitcode", "0", "--trace"], &prog, &[]);
+        assert_eq!(r.out.status.code(), Some(0), "run {run}: {}", r.stderr);
+        assert_eq!(
+            String::from_utf8_lossy(&r.out.stdout),
+            expected,
+            "run {run}"
+        );
+        let line = line_of("rtsig.c", "leak");
+        assert_eq!(
+            sum(&records_at(&r.json, "direct", "rtsig.c", line)),
+            (77, 1),
+            "run {run}"
+        );
+    }
+}
+
+#[test]
 fn dropping_privileges_with_kept_capabilities_works_as_without_kal() {
     // setresuid with PR_SET_KEEPCAPS (per thread), capset, then setresgid: glibc applies the
     // set*id calls to every thread and aborts the process if the agent's threads (which lost
