@@ -584,8 +584,7 @@ fn run_stub(
 }
 
 /// Runs system call `nr(args)` in stopped thread `tid` (registers `saved`) with the
-/// `syscall` instruction at `at`; restores the registers at the single-step trap that
-/// follows, so an interrupted call of the thread still restarts.
+/// `syscall` instruction at `at` (see [`crate::snapshot::inject`]).
 fn syscall(
     frozen: &mut Frozen,
     tid: i32,
@@ -594,42 +593,7 @@ fn syscall(
     nr: u64,
     args: [u64; 6],
 ) -> Result<i64> {
-    let p = Pid::from_raw(tid);
-    let mut r = *saved;
-    r.rax = nr;
-    r.rdi = args[0];
-    r.rsi = args[1];
-    r.rdx = args[2];
-    r.r10 = args[3];
-    r.r8 = args[4];
-    r.r9 = args[5];
-    r.orig_rax = u64::MAX;
-    r.rip = at;
-    ptrace::setregs(p, r).context("cannot set registers")?;
-    ptrace::step(p, None).context("cannot single-step")?;
-    let deadline = Instant::now() + Duration::from_secs(2);
-    loop {
-        match waitpid(p, Some(WaitPidFlag::__WALL | WaitPidFlag::WNOHANG)) {
-            Ok(WaitStatus::StillAlive) | Err(Errno::EINTR) => {
-                if Instant::now() > deadline {
-                    let _ = ptrace::setregs(p, *saved);
-                    bail!("injected syscall did not complete in thread {tid}");
-                }
-                std::thread::sleep(Duration::from_micros(20));
-            }
-            Ok(WaitStatus::Stopped(_, Signal::SIGTRAP)) => break,
-            Ok(WaitStatus::Stopped(_, sig)) => {
-                frozen.defer_signal(tid, sig);
-                ptrace::step(p, None)?;
-            }
-            Ok(WaitStatus::PtraceEvent(..)) => ptrace::step(p, None)?,
-            Ok(other) => bail!("thread {tid} ended while kal was working in it ({other:?})"),
-            Err(e) => return Err(e).context("waiting for an injected syscall"),
-        }
-    }
-    let result = ptrace::getregs(p)?.rax as i64;
-    ptrace::setregs(p, *saved).context("cannot restore registers")?;
-    Ok(result)
+    crate::snapshot::inject(frozen, tid, saved, at, nr, args).map(|(rc, _)| rc)
 }
 
 /// Detaches the agent that `kal attach` loaded into process `pid`: its GOT slots are put

@@ -86,15 +86,17 @@ pub(crate) fn find_syscall(pid: i32) -> Result<u64> {
     bail!("no syscall instruction found in the libc of process {pid}")
 }
 
-/// Runs syscall `nr(args)` in stopped thread `tid` (whose registers are `saved`), restores
-/// the registers and returns the syscall's result (and, for clone, the new child).
-fn inject(
+/// Runs syscall `nr(args)` in stopped thread `tid` (whose registers are `saved`) with the
+/// `syscall` instruction at `at`, restores the registers at the single-step trap that
+/// follows (an interrupted call of the thread still restarts) and returns the syscall's
+/// result (and, for clone, the new child).
+pub(crate) fn inject(
     frozen: &mut Frozen,
     tid: i32,
     saved: &libc::user_regs_struct,
     at: u64,
     nr: u64,
-    args: [u64; 4],
+    args: [u64; 6],
 ) -> Result<(i64, Option<i32>)> {
     let p = Pid::from_raw(tid);
     let mut r = *saved;
@@ -103,7 +105,8 @@ fn inject(
     r.rsi = args[1];
     r.rdx = args[2];
     r.r10 = args[3];
-    r.r8 = 0;
+    r.r8 = args[4];
+    r.r9 = args[5];
     r.orig_rax = u64::MAX;
     r.rip = at;
     ptrace::setregs(p, r).context("cannot set registers")?;
@@ -320,14 +323,7 @@ fn take_injected(pid: i32, no_interrupt: bool) -> Result<Snapshot> {
         Pid::from_raw(tid),
         base | ptrace::Options::PTRACE_O_TRACECLONE,
     )?;
-    let (rc, child) = inject(
-        &mut frozen,
-        tid,
-        &t.regs,
-        syscall_at,
-        SYS_CLONE,
-        [0, 0, 0, 0],
-    )?;
+    let (rc, child) = inject(&mut frozen, tid, &t.regs, syscall_at, SYS_CLONE, [0; 6])?;
     let _ = ptrace::setoptions(Pid::from_raw(tid), base);
     // The clone event names the copy; a return value is trusted only if it is a child of
     // the target (a seccomp TRAP returns the syscall number, which names another process).
@@ -392,7 +388,7 @@ impl Snapshot {
             &t.regs,
             syscall_at,
             SYS_WAIT4,
-            [self.child as u64, 0, WALL, 0],
+            [self.child as u64, 0, WALL, 0, 0, 0],
         )?;
         if rc != self.child as i64 {
             bail!(
