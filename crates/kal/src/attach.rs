@@ -21,13 +21,14 @@
 use crate::freeze::{Frozen, ThreadRegs};
 use crate::memory::{Memory, ProcessMemory};
 use crate::procfs::{self, Mapping};
+use crate::tracee::ptrace;
+use crate::tracee::waitpid;
 use anyhow::{bail, Context, Result};
 use blazesym::inspect::source::{Elf, Source};
 use blazesym::inspect::Inspector;
 use nix::errno::Errno;
-use nix::sys::ptrace;
 use nix::sys::signal::Signal;
-use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::sys::wait::{WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 use std::os::unix::fs::FileExt;
 use std::time::{Duration, Instant};

@@ -9,11 +9,12 @@
 //! freeze ends (a group-stopped one listens again; one found at its exit event is handed
 //! back to the tracer, see [`take_handed_back`]). A capture at exit lets go of them.
 
+use crate::tracee::ptrace;
+use crate::tracee::waitpid;
 use anyhow::{bail, Context, Result};
 use nix::errno::Errno;
-use nix::sys::ptrace;
 use nix::sys::signal::Signal;
-use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::sys::wait::{WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 use std::collections::BTreeSet;
 use std::sync::Mutex;

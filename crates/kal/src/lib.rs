@@ -78,6 +78,7 @@ pub mod source;
 pub mod suppress;
 pub mod symbolize;
 pub mod trace;
+pub mod tracee;
 pub mod without_agent;
 
 /// Step 3 on a capture: the class of every block (in `cap.blocks` order).

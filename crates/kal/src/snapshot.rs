@@ -26,11 +26,12 @@
 
 use crate::freeze::{Frozen, ThreadRegs};
 use crate::memory::{Memory, ProcessMemory};
+use crate::tracee::ptrace;
+use crate::tracee::waitpid;
 use anyhow::{bail, Context, Result};
 use nix::errno::Errno;
-use nix::sys::ptrace;
 use nix::sys::signal::{self, Signal};
-use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::sys::wait::{WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};

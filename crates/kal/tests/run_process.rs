@@ -488,6 +488,46 @@ fn signal_handlers_that_allocate_on_an_alternate_stack_run_as_without_kal() {
 }
 
 #[test]
+fn real_time_signals_during_checks_are_neither_lost_nor_fail_the_check() {
+    // 20,000 queued SIGRTMIN while kal checks every 20 ms: a real-time signal stop during a
+    // freeze made nix's waitpid fail (EINVAL: it cannot name SIGRTMIN+n), the check failed
+    // and the signal was lost when kal let the thread go ("delivered 19999").
+    let prog = build("rtstorm.c", &["-pthread"]);
+    for run in 0..3 {
+        let dir = tempfile::tempdir().unwrap();
+        let json = dir.path().join("checks.jsonl");
+        let out = kal(&[
+            "run",
+            "--error-exitcode",
+            "0",
+            "--check-every",
+            "20ms",
+            "--json",
+            json.to_str().unwrap(),
+            "--",
+            prog.to_str().unwrap(),
+        ]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(0), "run {run}: {stderr}");
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout),
+            "delivered 20000\n",
+            "run {run}: {stderr}"
+        );
+        assert!(!stderr.contains("failed"), "run {run}: {stderr}");
+        let lines = read_json_lines(&json);
+        let last = lines.last().unwrap();
+        assert_eq!(last["at_exit"], true);
+        let line = line_of("rtstorm.c", "leak");
+        assert_eq!(
+            sum(&records_at(last, "direct", "rtstorm.c", line)),
+            (64, 1),
+            "run {run}"
+        );
+    }
+}
+
+#[test]
 fn real_time_signals_reach_a_traced_program() {
     // kal run traces the program: a real-time signal (a program's SIGRTMIN, glibc's
     // SIGSETXID behind initgroups) must be delivered as any other; resumed without it, the
