@@ -115,6 +115,14 @@ fn check_bad_input_gets_one_clear_line() {
     one_line_error(&kal(&["check", &gone_pid.to_string()]), "no process");
     // A process started without kal is checked from glibc's heap (tests/agentless.rs).
     let mut foreign = Command::new("sleep").arg("30").spawn().unwrap();
+    // Checked once its loader has mapped libc (right after exec it has not yet).
+    let maps = format!("/proc/{}/maps", foreign.id());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !std::fs::read_to_string(&maps).is_ok_and(|m| m.contains("libc.so"))
+        && Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(5));
+    }
     let out = kal(&["check", &foreign.id().to_string()]);
     let said = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(0), "{said}");
