@@ -30,6 +30,20 @@ use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
+/// Resumes thread `tid` from any stop but an exit event (wait status `st`) as if no tracer
+/// were there: a signal-delivery stop with its signal, a group-stop listening (the process
+/// stays stopped until SIGCONT), any other event stop at once.
+fn pass_on(tid: i32, st: i32) {
+    let sig = libc::WSTOPSIG(st);
+    match st >> 16 {
+        0 => deliver(tid, sig),
+        libc::PTRACE_EVENT_STOP if Signal::try_from(sig).is_ok_and(is_stop_signal) => listen(tid),
+        _ => {
+            let _ = ptrace::cont(Pid::from_raw(tid), None);
+        }
+    }
+}
+
 /// Resumes thread `tid` from a signal-delivery stop with its signal `sig`, whatever its
 /// number: real-time signals too (glibc's SIGSETXID and SIGCANCEL, a program's timer
 /// signals), which nix's `Signal` cannot name — resuming with `None` would swallow them.
@@ -193,19 +207,7 @@ impl Tracer {
                 }
                 keep(tid);
             }
-            let p = Pid::from_raw(tid);
-            let sig = libc::WSTOPSIG(st);
             match st >> 16 {
-                0 => {
-                    // Signal-delivery stop: deliver it, unchanged.
-                    deliver(tid, sig);
-                }
-                libc::PTRACE_EVENT_STOP => match Signal::try_from(sig) {
-                    Ok(s) if is_stop_signal(s) => listen(tid),
-                    _ => {
-                        let _ = ptrace::cont(p, None);
-                    }
-                },
                 libc::PTRACE_EVENT_EXIT => {
                     let pid = self.tids.get(&tid).copied().unwrap_or(0);
                     let signal = death_signal(tid);
@@ -228,9 +230,7 @@ impl Tracer {
                     self.tids.remove(&tid);
                     let_exit(tid);
                 }
-                _ => {
-                    let _ = ptrace::cont(p, None);
-                }
+                _ => pass_on(tid, st),
             }
         }
         out
@@ -370,23 +370,10 @@ pub fn service_stops() {
             continue;
         }
         keep(tid);
-        let p = Pid::from_raw(tid);
-        let sig = libc::WSTOPSIG(st);
         match st >> 16 {
-            0 => {
-                deliver(tid, sig);
-            }
-            libc::PTRACE_EVENT_STOP => match Signal::try_from(sig) {
-                Ok(s) if is_stop_signal(s) => listen(tid),
-                _ => {
-                    let _ = ptrace::cont(p, None);
-                }
-            },
             libc::PTRACE_EVENT_EXIT if death_signal(tid) != 0 => crate::freeze::hand_back(tid),
             libc::PTRACE_EVENT_EXIT => let_exit(tid),
-            _ => {
-                let _ = ptrace::cont(p, None);
-            }
+            _ => pass_on(tid, st),
         }
     }
 }
