@@ -228,6 +228,24 @@ const EXIT_GRACE: Duration = Duration::from_millis(200);
 const STOP_DEADLINE: Duration = Duration::from_secs(2);
 
 impl Frozen {
+    /// A freeze of `pid` holding no thread yet, started at `started`, with the loan (if
+    /// any) that lends it from the `kal run` tracing it.
+    fn empty(pid: i32, started: Instant, loan: Option<crate::trace::Loan>) -> Frozen {
+        Frozen {
+            pid,
+            threads: Vec::new(),
+            started,
+            unstopped: 0,
+            skip: 0,
+            leave_blocked: false,
+            left_running: Vec::new(),
+            kept: Vec::new(),
+            _loan: loan,
+            group_stopped: Vec::new(),
+            exit_stopped: Vec::new(),
+        }
+    }
+
     /// Seizes and stops every thread of `pid`, including threads created meanwhile.
     pub fn freeze(pid: i32) -> Result<Frozen> {
         Frozen::freeze_except(pid, 0, false)
@@ -240,19 +258,9 @@ impl Frozen {
         // A process another kal run traces is lent to this kal first.
         let loan = crate::trace::borrow(pid, leave_blocked);
         let started = Instant::now();
-        let mut f = Frozen {
-            pid,
-            threads: Vec::new(),
-            started,
-            unstopped: 0,
-            skip,
-            leave_blocked,
-            left_running: Vec::new(),
-            kept: Vec::new(),
-            _loan: loan,
-            group_stopped: Vec::new(),
-            exit_stopped: Vec::new(),
-        };
+        let mut f = Frozen::empty(pid, started, loan);
+        f.skip = skip;
+        f.leave_blocked = leave_blocked;
         // Each batch of threads is seized and interrupted first, then their stops are
         // awaited together: the threads stop in parallel, not one after the other (2,000
         // threads took 180 us each one by one).
@@ -299,19 +307,7 @@ impl Frozen {
         exiting_stopped: bool,
     ) -> Result<Frozen> {
         let started = Instant::now();
-        let mut f = Frozen {
-            pid,
-            threads: Vec::new(),
-            started,
-            unstopped: 0,
-            skip: 0,
-            leave_blocked: false,
-            left_running: Vec::new(),
-            kept: Vec::new(),
-            _loan: None,
-            group_stopped: Vec::new(),
-            exit_stopped: Vec::new(),
-        };
+        let mut f = Frozen::empty(pid, started, None);
         let opts = ptrace::Options::PTRACE_O_TRACEEXIT | ptrace::Options::PTRACE_O_TRACECLONE;
         let seized = f.seize_all(opts, |_, _| Ok(()), |_| Ok(()));
         // Kept threads already have these options; at exit kal lets go of them all.
@@ -573,19 +569,7 @@ impl Frozen {
     pub fn freeze_one(pid: i32, tid: i32) -> Result<Frozen> {
         let loan = crate::trace::borrow(pid, false);
         let started = Instant::now();
-        let mut f = Frozen {
-            pid,
-            threads: Vec::new(),
-            started,
-            unstopped: 0,
-            skip: 0,
-            leave_blocked: false,
-            left_running: Vec::new(),
-            kept: Vec::new(),
-            _loan: loan,
-            group_stopped: Vec::new(),
-            exit_stopped: Vec::new(),
-        };
+        let mut f = Frozen::empty(pid, started, loan);
         let mut candidates = vec![tid];
         candidates.extend(crate::procfs::tasks(pid)?);
         for t in candidates {
@@ -611,22 +595,7 @@ impl Frozen {
             // Not a thread to work in: let it go (or resume it) before the next one
             // (keeping the loan, if any).
             let loan = f._loan.take();
-            drop(std::mem::replace(
-                &mut f,
-                Frozen {
-                    pid,
-                    threads: Vec::new(),
-                    started,
-                    unstopped: 0,
-                    skip: 0,
-                    leave_blocked: false,
-                    left_running: Vec::new(),
-                    kept: Vec::new(),
-                    _loan: loan,
-                    group_stopped: Vec::new(),
-                    exit_stopped: Vec::new(),
-                },
-            ));
+            drop(std::mem::replace(&mut f, Frozen::empty(pid, started, loan)));
         }
         bail!("process {pid} has no thread left to work in")
     }
