@@ -273,6 +273,20 @@ impl Marks<'_> {
         }
     }
 
+    /// Claims the scan of block `i` in its present state (definitely reached or only
+    /// possibly): whether it is definite, or `None` if that scan is claimed already (by
+    /// this thread earlier, or by another marking thread).
+    #[inline]
+    fn claim(&self, i: usize) -> Option<bool> {
+        let definite = self.st(i) & DEFINITE != 0;
+        let bit = if definite {
+            SCANNED_DEFINITE
+        } else {
+            SCANNED_POSSIBLE
+        };
+        (self.set(i, bit) & bit == 0).then_some(definite)
+    }
+
     /// Queues a word that may point into a block, from definitely reachable memory
     /// (`definite`) or from a possibly reachable block. Words are looked up [`BATCH`] at a
     /// time, across the blocks being scanned (a small block has only a few words), so the
@@ -411,15 +425,9 @@ impl<'a, 'm> Marker<'a, 'm> {
     /// Scans the words of block `i`, whose pages (unless it is large) are cached, unless
     /// another thread has begun to scan it in the same state.
     fn scan(&mut self, i: usize) {
-        let definite = self.marks.st(i) & DEFINITE != 0;
-        let bit = if definite {
-            SCANNED_DEFINITE
-        } else {
-            SCANNED_POSSIBLE
-        };
-        if self.marks.set(i, bit) & bit != 0 {
+        let Some(definite) = self.marks.claim(i) else {
             return;
-        }
+        };
         let (s, e) = words_range(&self.marks.blocks[i]);
         if self.is_large(i) {
             // In cache-sized pieces, loaded as they come.
@@ -567,15 +575,9 @@ impl<'a, 'm> Marker<'a, 'm> {
             if !self.is_large(i) || !self.needs_scan(i) {
                 continue;
             }
-            let definite = self.marks.st(i) & DEFINITE != 0;
-            let bit = if definite {
-                SCANNED_DEFINITE
-            } else {
-                SCANNED_POSSIBLE
-            };
-            if self.marks.set(i, bit) & bit != 0 {
+            let Some(definite) = self.marks.claim(i) else {
                 continue;
-            }
+            };
             let (s, e) = words_range(&self.marks.blocks[i]);
             let mut at = s;
             while at < e {
