@@ -161,6 +161,21 @@ struct Conn {
     pidfd: Option<std::os::fd::OwnedFd>,
 }
 
+impl Conn {
+    /// A connection just accepted on kal's socket: blocking reads, each within 2 s.
+    fn accepted(stream: UnixStream) -> Result<Conn> {
+        stream.set_nonblocking(false)?;
+        stream.set_read_timeout(Some(Duration::from_secs(2)))?;
+        Ok(Conn {
+            stream,
+            lend: None,
+            pid: None,
+            header: 0,
+            pidfd: None,
+        })
+    }
+}
+
 /// Runs the program and reports; returns the exit status kal should exit with
 /// (a negative value `-SIG` means "die of signal SIG").
 pub fn run(opts: &RunOptions) -> Result<i32> {
@@ -301,15 +316,7 @@ pub fn run(opts: &RunOptions) -> Result<i32> {
         unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, wait_ms) };
         if fds[0].revents & libc::POLLIN != 0 {
             while let Ok((s, _)) = listener.accept() {
-                s.set_nonblocking(false)?;
-                s.set_read_timeout(Some(Duration::from_secs(2)))?;
-                conns.push(Conn {
-                    stream: s,
-                    lend: None,
-                    pid: None,
-                    header: 0,
-                    pidfd: None,
-                });
+                conns.push(Conn::accepted(s)?);
             }
         }
         if let Some(f) = &chld {
@@ -491,17 +498,7 @@ pub fn run(opts: &RunOptions) -> Result<i32> {
             // Every process is gone: a hello still queued (a process that ended at once)
             // is read before kal ends.
             match listener.accept() {
-                Ok((s, _)) => {
-                    s.set_nonblocking(false)?;
-                    s.set_read_timeout(Some(Duration::from_secs(2)))?;
-                    conns.push(Conn {
-                        stream: s,
-                        lend: None,
-                        pid: None,
-                        header: 0,
-                        pidfd: None,
-                    });
-                }
+                Ok((s, _)) => conns.push(Conn::accepted(s)?),
                 Err(_) => break,
             }
         }
