@@ -84,20 +84,7 @@ fn hello() {
 /// Waits (at most `HELLO_ACK_WAIT_MS`) for kal's one byte saying it traces this process
 /// now; a slow or absent answer only means a fatal signal soon after may go unreported.
 fn wait_ack(fd: i32) {
-    let tv = libc::timeval {
-        tv_sec: (kal_proto::HELLO_ACK_WAIT_MS / 1000) as libc::time_t,
-        tv_usec: ((kal_proto::HELLO_ACK_WAIT_MS % 1000) * 1000) as libc::suseconds_t,
-    };
-    // SAFETY: setting a receive timeout on our own socket from a valid timeval.
-    unsafe {
-        libc::setsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_RCVTIMEO,
-            (&tv as *const libc::timeval).cast(),
-            core::mem::size_of::<libc::timeval>() as libc::socklen_t,
-        )
-    };
+    crate::ownfd::set_read_timeout(fd, kal_proto::HELLO_ACK_WAIT_MS);
     let mut b = [0u8; 1];
     for _ in 0..100 {
         // SAFETY: reading at most one byte into a buffer we own.

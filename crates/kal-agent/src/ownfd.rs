@@ -84,3 +84,21 @@ impl OwnFd {
         }
     }
 }
+
+/// Bounds each read on socket `fd` to `ms` milliseconds (`SO_RCVTIMEO`).
+pub fn set_read_timeout(fd: i32, ms: u64) {
+    let tv = libc::timeval {
+        tv_sec: (ms / 1000) as libc::time_t,
+        tv_usec: ((ms % 1000) * 1000) as libc::suseconds_t,
+    };
+    // SAFETY: setting a receive timeout on a socket from a valid timeval.
+    unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            (&tv as *const libc::timeval).cast(),
+            core::mem::size_of::<libc::timeval>() as libc::socklen_t,
+        )
+    };
+}

@@ -345,21 +345,7 @@ fn arm_read(fd: i32) -> bool {
     if left <= 0 {
         return false;
     }
-    let ms = left.min(2000);
-    let tv = libc::timeval {
-        tv_sec: ms / 1000,
-        tv_usec: (ms % 1000) * 1000,
-    };
-    // SAFETY: setting a receive timeout on our own socket.
-    unsafe {
-        libc::setsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_RCVTIMEO,
-            (&tv as *const libc::timeval).cast(),
-            core::mem::size_of::<libc::timeval>() as libc::socklen_t,
-        )
-    };
+    crate::ownfd::set_read_timeout(fd, left.min(2000) as u64);
     true
 }
 
