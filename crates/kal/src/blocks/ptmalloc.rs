@@ -322,15 +322,19 @@ impl Ptmalloc<'_> {
 
     /// The main arena: the structure in libc's data that has the layout and whose list
     /// of arenas closes on itself.
+    /// The `[heap]` mapping (the main arena's heap), if the process has one.
+    fn heap_mapping(&self) -> Option<(u64, u64)> {
+        self.maps
+            .iter()
+            .find(|m| m.path == "[heap]")
+            .map(|m| (m.start, m.end))
+    }
+
     /// Addresses of every arena (`struct malloc_state`, whose first word is its mutex):
     /// the main arena, then the others through `next`.
     pub fn arena_addresses(&self) -> Result<Vec<u64>, BlockError> {
         let mut r = Reader::new(self.mem);
-        let heap = self
-            .maps
-            .iter()
-            .find(|m| m.path == "[heap]")
-            .map(|m| (m.start, m.end));
+        let heap = self.heap_mapping();
         let main = self.main_arena(&mut r, heap)?;
         let mut out = vec![main.addr];
         let mut next = main.w[field::NEXT];
@@ -757,11 +761,7 @@ impl Ptmalloc<'_> {
 impl BlockSource for Ptmalloc<'_> {
     fn live_blocks(&self) -> Result<BlockList, BlockError> {
         let mut r = Reader::new(self.mem);
-        let heap = self
-            .maps
-            .iter()
-            .find(|m| m.path == "[heap]")
-            .map(|m| (m.start, m.end));
+        let heap = self.heap_mapping();
         let main = self.main_arena(&mut r, heap)?;
         let mut un = Vec::new();
         // The other arenas, through `next`.
