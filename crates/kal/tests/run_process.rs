@@ -453,9 +453,7 @@ fn signal_handlers_that_allocate_on_an_alternate_stack_run_as_without_kal() {
     // free at a high rate while the main loop does too, so they often interrupt a hook
     // (issue 9 item 6): same output as without kal, every time, and an exact report.
     let prog = build("altstack.c", &[]);
-    let plain = Command::new(&prog).stdin(Stdio::null()).output().unwrap();
-    assert!(plain.status.success());
-    let expected = String::from_utf8_lossy(&plain.stdout).to_string();
+    let expected = plain_output(&prog);
     assert_eq!(expected, "blocks intact\nhandlers ran\n");
     let leak = line_of("altstack.c", "leak");
     for run in 0..10 {
@@ -533,9 +531,7 @@ fn real_time_signals_reach_a_traced_program() {
     // SIGSETXID behind initgroups) must be delivered as any other; resumed without it, the
     // handler never ran and initgroups waited forever for the agent's threads.
     let prog = build("rtsig.c", &[]);
-    let plain = Command::new(&prog).stdin(Stdio::null()).output().unwrap();
-    assert!(plain.status.success(), "{plain:?}");
-    let expected = String::from_utf8_lossy(&plain.stdout).to_string();
+    let expected = plain_output(&prog);
     assert_eq!(expected, "rt 100 initgroups 0\n");
     for run in 0..3 {
         let r = run_json(&["-q", "--error-exitcode", "0", "--trace"], &prog, &[]);
@@ -561,9 +557,7 @@ fn dropping_privileges_with_kept_capabilities_works_as_without_kal() {
     // their capabilities) fail where the program's succeeded. The agent's threads stop for
     // these calls and start again with the caller's credentials.
     let prog = build("dropcaps.c", &[]);
-    let plain = Command::new(&prog).stdin(Stdio::null()).output().unwrap();
-    assert!(plain.status.success(), "{plain:?}");
-    let expected = String::from_utf8_lossy(&plain.stdout).to_string();
+    let expected = plain_output(&prog);
     assert_eq!(
         expected,
         "keepcaps: ok\nsetresuid: ok\ncapset: ok\nsetgroups: ok\nsetresgid: ok\nids 65534 65534\n"
@@ -598,9 +592,7 @@ fn unshare_and_setns_that_need_a_single_thread_succeed_and_the_agent_serves_afte
     // unshare(CLONE_NEWUSER) and setns(CLONE_NEWNS) are refused (EINVAL) to a process with
     // more than one thread: the agent's threads stop for the call (issue 9 item 7).
     let prog = build("unshare.c", &[]);
-    let plain = Command::new(&prog).stdin(Stdio::null()).output().unwrap();
-    assert!(plain.status.success());
-    let expected = String::from_utf8_lossy(&plain.stdout).to_string();
+    let expected = plain_output(&prog);
     assert_eq!(expected, "setns: ok\nunshare: ok\nuid now 65534\n");
     for run in 0..5 {
         let r = run_json(&["-q", "--error-exitcode", "0"], &prog, &[]);
@@ -773,4 +765,11 @@ fn a_process_that_execs_without_the_agent_is_named_in_one_line() {
         !seen.iter().chain(&rest).any(|l| l.contains("SUMMARY")),
         "{seen:?} {rest:?}"
     );
+}
+
+/// What `prog` prints on stdout without kal (it must succeed): what it must print under kal.
+fn plain_output(prog: &std::path::Path) -> String {
+    let plain = Command::new(prog).stdin(Stdio::null()).output().unwrap();
+    assert!(plain.status.success(), "{plain:?}");
+    String::from_utf8_lossy(&plain.stdout).to_string()
 }
