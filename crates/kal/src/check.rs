@@ -1,9 +1,9 @@
 //! `kal check PID`: one live leak check of a process started under `kal run`, from a
 //! copy-on-write snapshot; the program is paused only while the copy is made.
 
+use crate::act::report::{self, Report};
 use crate::capture::{capture_from, Block, Capture};
 use crate::reach::Kind;
-use crate::report::{self, Report};
 use anyhow::Result;
 use std::time::Instant;
 
@@ -36,18 +36,20 @@ impl Check {
 }
 
 /// Checks process `pid` once (without an agent in it, from glibc's own heap: see
-/// [`crate::agentless`]).
+/// [`crate::capture::agentless`]).
 pub fn check(pid: i32, opts: &report::Options) -> Result<Check> {
     let header = match crate::agent::find_header(pid) {
         Ok(h) => h,
-        Err(_) if crate::agentless::has_no_agent(pid) => return crate::agentless::check(pid, opts),
+        Err(_) if crate::capture::agentless::has_no_agent(pid) => {
+            return crate::capture::agentless::check(pid, opts)
+        }
         Err(e) => return Err(e),
     };
     check_with_header(pid, header, opts, &Default::default())
 }
 
 /// Checks process `pid` whose agent header address is already known. A dying process
-/// (see [`crate::fatal`]) is not checked: the error is a [`crate::fatal::Crashing`].
+/// (see [`crate::capture::fatal`]) is not checked: the error is a [`crate::capture::fatal::Crashing`].
 /// `reclaimed_sites`: what this kal reclaimed in the process so far, by stack id.
 pub fn check_with_header(
     pid: i32,
@@ -55,10 +57,10 @@ pub fn check_with_header(
     opts: &report::Options,
     reclaimed_sites: &std::collections::HashMap<u32, report::Totals>,
 ) -> Result<Check> {
-    crate::fatal::ensure_not_dying(pid)?;
-    let mut snap = crate::snapshot::take(pid, header, opts.no_interrupt)?;
+    crate::capture::fatal::ensure_not_dying(pid)?;
+    let mut snap = crate::capture::snapshot::take(pid, header, opts.no_interrupt)?;
     let pause = snap.pause;
-    crate::snapshot::test_hold("snapshot");
+    crate::capture::snapshot::test_hold("snapshot");
     let started = Instant::now();
     // Blocks are read from the snapshot copy as they are reached: scan before releasing it.
     let extras = std::mem::take(&mut snap.extras);
@@ -74,7 +76,7 @@ pub fn check_with_header(
     let mut report = report::build(
         &cap,
         &kinds,
-        &crate::symbolize::Symbols::new(),
+        &crate::attribute::symbolize::Symbols::new(),
         opts,
         reclaimed_sites,
     );

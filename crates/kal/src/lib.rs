@@ -1,20 +1,26 @@
 //! kal finds memory leaks in unmodified, running Linux programs.
 //!
-//! The pipeline is the same for every way of using kal:
+//! The pipeline is the same for every way of using kal, one folder a step:
 //!
-//! 1. **capture** ([`freeze`], [`capture`]): freeze every thread, read registers, mappings,
-//!    the agent's live-block table and a copy of writable memory ([`memory::Image`]), all
-//!    through one [`source::Source`]: a live process, or an ELF core file ([`corefile`]);
-//! 2. **blocks** ([`capture::read_blocks`]): live heap blocks with allocation stacks;
-//! 3. **reach** ([`roots`], [`reach`]): conservative marking from the roots, classified
-//!    as valgrind's memcheck does (direct, indirect, possible, reachable);
-//! 4. **attribute** ([`symbolize`]): stacks to function, file and line;
-//! 5. **act** ([`report`]): text and JSON reports, with [`suppress`]ions.
+//! 1. **capture** ([`capture`]): freeze every thread ([`capture::freeze`]), read registers,
+//!    mappings, the agent's live-block table and a copy of writable memory
+//!    ([`capture::memory::Image`]), all through one [`capture::source::Source`]: a live
+//!    process, a copy-on-write snapshot ([`capture::snapshot`]), or an ELF core file
+//!    ([`capture::corefile`]);
+//! 2. **blocks** ([`blocks`]): live heap blocks — the agent's table with allocation stacks,
+//!    or glibc's own heap walked without the agent ([`blocks::ptmalloc`]);
+//! 3. **reach** ([`reach`]): conservative marking from the [`reach::roots`], classified as
+//!    valgrind's memcheck does (direct, indirect, possible, reachable);
+//! 4. **attribute** ([`attribute`]): stacks to function, file and line, or, without
+//!    stacks, what a block is from its contents;
+//! 5. **act** ([`act`]): text and JSON reports with suppressions, and reclaim.
 //!
-//! The `kal` binary is a thin CLI over this library; [`run`] implements `kal run`.
+//! Around them: [`agent`] finds and talks to the agent in a process (and loads it with
+//! `kal attach`), [`run`] supervises a program started under `kal run`, and [`check`] is
+//! one live check. The `kal` binary is a thin CLI over this library.
 //!
 //! ```no_run
-//! use kal::{capture, freeze::Frozen, report};
+//! use kal::{act::report, capture, capture::freeze::Frozen};
 //! # fn main() -> anyhow::Result<()> {
 //! // A process started under `kal run`, whose agent header address the agent reported:
 //! let (pid, header_addr) = (4242, 0x7f00_0000_1000);
@@ -46,40 +52,18 @@ macro_rules! say_raw {
     }};
 }
 
+pub mod act;
 pub mod agent;
-pub mod agentless;
-pub mod attach;
+pub mod attribute;
 pub mod blocks;
 pub mod capture;
 pub mod check;
-pub mod contents;
-pub mod control;
-pub mod corefile;
-pub mod elf;
-pub mod ended;
-pub mod fatal;
-pub mod freeze;
-pub mod freeze_copy;
-pub mod heuristics;
-pub mod memory;
-pub mod pace;
-pub mod peer;
-pub mod periodic;
-pub mod procfs;
-pub mod ranges;
 pub mod reach;
-pub mod reclaim;
-pub mod report;
-pub mod roots;
 pub mod run;
-pub mod site;
-pub mod snapshot;
-pub mod source;
-pub mod suppress;
-pub mod symbolize;
-pub mod trace;
-pub mod tracee;
-pub mod without_agent;
+
+use act::{report, suppress};
+use attribute::symbolize;
+use reach::{heuristics, roots};
 
 /// Step 3 on a capture: the class of every block (in `cap.blocks` order).
 pub fn classify(cap: &capture::Capture) -> Vec<reach::Kind> {

@@ -55,16 +55,16 @@ struct ReportArgs {
 impl ReportArgs {
     /// The report options, with the suppressions file read; fails early on a JSON path
     /// that cannot be written.
-    fn options(&self) -> Result<kal::report::Options> {
+    fn options(&self) -> Result<kal::act::report::Options> {
         if let Some(j) = &self.json {
             std::fs::File::create(j)
                 .map_err(|e| anyhow!("cannot write JSON report to {}: {e}", j.display()))?;
         }
         let suppressions = match &self.suppressions {
-            Some(p) => kal::suppress::Suppressions::load(p)?,
+            Some(p) => kal::act::suppress::Suppressions::load(p)?,
             None => Default::default(),
         };
-        Ok(kal::report::Options {
+        Ok(kal::act::report::Options {
             show_reachable: self.show_reachable,
             suppressions,
             no_interrupt: self.no_interrupt,
@@ -88,7 +88,7 @@ struct ReclaimArgs {
     /// Bound on the agent's compressed store of parked pages: a share of the bytes parked
     /// (`25%`, with 16 MiB at least) or a size (`256M`, `1G`). When it is full, parking
     /// stops and the check line says so.
-    #[arg(long, value_name = "LIMIT", default_value = "25%", value_parser = kal::reclaim::parse_park_limit)]
+    #[arg(long, value_name = "LIMIT", default_value = "25%", value_parser = kal::act::reclaim::parse_park_limit)]
     park_limit: u32,
 }
 
@@ -96,17 +96,17 @@ fn parse_age(s: &str) -> Result<std::time::Duration> {
     if s.trim().trim_end_matches('s').trim_end_matches("m").trim() == "0" {
         return Ok(std::time::Duration::ZERO);
     }
-    kal::periodic::parse_duration(s)
+    kal::run::periodic::parse_duration(s)
 }
 
 impl ReclaimArgs {
-    fn config(&self, mode: kal::reclaim::Mode) -> Result<kal::reclaim::Config> {
-        if mode == kal::reclaim::Mode::Free && self.free_sites.is_empty() {
+    fn config(&self, mode: kal::act::reclaim::Mode) -> Result<kal::act::reclaim::Config> {
+        if mode == kal::act::reclaim::Mode::Free && self.free_sites.is_empty() {
             bail!("free mode needs --free-sites PATTERN (e.g. --free-sites 'my_cache_*'): only the sites you name are freed; everything else is parked by the default mode");
         }
-        Ok(kal::reclaim::Config {
+        Ok(kal::act::reclaim::Config {
             mode,
-            free_sites: kal::suppress::Suppressions::parse(&self.free_sites.join("\n")),
+            free_sites: kal::act::suppress::Suppressions::parse(&self.free_sites.join("\n")),
             free_after: self.free_after,
             park_limit: self.park_limit,
         })
@@ -136,7 +136,7 @@ enum Cmd {
         /// with a timestamp, what was lost since the previous one and the running totals.
         /// A check still running when the next is due makes that one skipped, never queued
         /// (see --max-cpu). A process dying of a signal is no longer checked.
-        #[arg(long, value_name = "D", value_parser = kal::periodic::parse_duration)]
+        #[arg(long, value_name = "D", value_parser = kal::run::periodic::parse_duration)]
         check_every: Option<std::time::Duration>,
         /// Cap on kal's own CPU time for periodic checks, in percent of one core, averaged:
         /// a check that cost kal C seconds of CPU is followed by at least
@@ -148,8 +148,8 @@ enum Cmd {
             long,
             value_name = "PERCENT",
             requires = "check_every",
-            value_parser = kal::pace::parse_percent,
-            default_value_t = kal::pace::DEFAULT_MAX_CPU_PERCENT
+            value_parser = kal::run::pace::parse_percent,
+            default_value_t = kal::run::pace::DEFAULT_MAX_CPU_PERCENT
         )]
         max_cpu: f64,
         /// Leak tolerance (needs --check-every). `--reclaim` or `--reclaim=park` parks the
@@ -169,7 +169,7 @@ enum Cmd {
             require_equals = true,
             default_missing_value = "park"
         )]
-        reclaim: Option<kal::reclaim::Mode>,
+        reclaim: Option<kal::act::reclaim::Mode>,
         #[command(flatten)]
         reclaim_args: ReclaimArgs,
         /// Do not run glibc's __libc_freeres and libstdc++'s __gnu_cxx::__freeres when a
@@ -252,7 +252,7 @@ enum Cmd {
         pid: i32,
         /// park (the default), free (with --free-sites) or dry-run.
         #[arg(long, value_name = "MODE", default_value = "park")]
-        mode: kal::reclaim::Mode,
+        mode: kal::act::reclaim::Mode,
         #[command(flatten)]
         reclaim_args: ReclaimArgs,
         #[command(flatten)]
@@ -299,13 +299,13 @@ fn check(target: Target, args: &ReportArgs) -> Result<i32> {
     let opts = args.options()?;
     let c = match target {
         Target::Pid(pid) => kal::check::check(pid, &opts)?,
-        Target::Core(core, exe) => kal::corefile::check(&core, exe.as_deref(), &opts)?,
+        Target::Core(core, exe) => kal::capture::corefile::check(&core, exe.as_deref(), &opts)?,
     };
     if !args.quiet {
-        kal::say_raw!("{}", kal::report::text(&c.report, args.frames));
+        kal::say_raw!("{}", kal::act::report::text(&c.report, args.frames));
     }
     if let Some(j) = &args.json {
-        kal::report::write_json(&c.report, j)?;
+        kal::act::report::write_json(&c.report, j)?;
     }
     Ok(if c.report.summary.direct.blocks > 0 {
         args.error_exitcode
@@ -316,21 +316,21 @@ fn check(target: Target, args: &ReportArgs) -> Result<i32> {
 
 fn reclaim(
     pid: i32,
-    mode: kal::reclaim::Mode,
+    mode: kal::act::reclaim::Mode,
     reclaim_args: &ReclaimArgs,
     args: &ReportArgs,
 ) -> Result<i32> {
     let opts = args.options()?;
     let config = reclaim_args.config(mode)?;
-    let (r, done, before, after) = kal::reclaim::reclaim_now(pid, &opts, config)?;
+    let (r, done, before, after) = kal::act::reclaim::reclaim_now(pid, &opts, config)?;
     if !args.quiet {
         // The report lists each reclaimed site once, under "reclaimed so far".
-        kal::say_raw!("{}", kal::report::text(&r, args.frames));
+        kal::say_raw!("{}", kal::act::report::text(&r, args.frames));
     }
     if let Some(why) = &done.unavailable {
         kal::say!("kal: not parking in process {pid}: {why}");
     }
-    if mode == kal::reclaim::Mode::DryRun {
+    if mode == kal::act::reclaim::Mode::DryRun {
         kal::say!(
             "kal: dry run: would {} {} bytes in {} blocks in process {pid}; nothing done",
             if done.would_free {
@@ -357,14 +357,14 @@ fn reclaim(
         );
     }
     if let Some(j) = &args.json {
-        kal::report::write_json(&r, j)?;
+        kal::act::report::write_json(&r, j)?;
     }
     Ok(0)
 }
 
 fn attach(pid: i32) -> Result<i32> {
     let agent = kal::run::find_agent()?;
-    let a = kal::attach::attach(pid, &agent)?;
+    let a = kal::agent::attach::attach(pid, &agent)?;
     println!(
         "kal attach {pid}: agent {}, {} GOT slots redirected, program paused {:.2} ms ({} freeze{})",
         if a.again { "attached again" } else { "loaded" },
@@ -380,18 +380,18 @@ fn attach(pid: i32) -> Result<i32> {
 }
 
 fn detach(pid: i32) -> Result<i32> {
-    kal::attach::detach(pid)?;
+    kal::agent::attach::detach(pid)?;
     println!("kal detach {pid}: GOT slots restored, agent threads stopped; the program runs on");
     Ok(0)
 }
 
 fn trim(pid: i32) -> Result<i32> {
-    let agent = kal::control::Agent::find(pid)?;
-    let before = kal::control::rss(pid)?;
+    let agent = kal::agent::control::Agent::find(pid)?;
+    let before = kal::agent::control::rss(pid)?;
     if !agent.trim()? {
         bail!("the allocator of process {pid} is not glibc's: kal cannot trim it yet");
     }
-    let after = kal::control::rss(pid)?;
+    let after = kal::agent::control::rss(pid)?;
     println!(
         "kal trim {pid}: RSS {:.1} MiB -> {:.1} MiB (returned {:.1} MiB to the OS)",
         mib(before),
@@ -405,7 +405,7 @@ fn run(
     report: &ReportArgs,
     check_every: Option<std::time::Duration>,
     max_cpu: f64,
-    reclaim: Option<kal::reclaim::Config>,
+    reclaim: Option<kal::act::reclaim::Config>,
     freeres: bool,
     trace: bool,
     command: Vec<OsString>,

@@ -173,7 +173,7 @@ fn heap_walk_of_a_frozen_process_equals_the_agents_table_block_for_block() {
     let header = kal::agent::find_header(live.pid).unwrap();
     // Every thread stopped, the agent's own included: the thread pointers of all of them
     // name every tcache.
-    let frozen = kal::freeze::Frozen::freeze(live.pid).unwrap();
+    let frozen = kal::capture::freeze::Frozen::freeze(live.pid).unwrap();
     let cap = kal::capture::capture(&frozen, header).unwrap();
     let tps: Vec<u64> = cap.threads.iter().map(|t| t.thread_pointer()).collect();
     let walk = compare(&cap, &tps);
@@ -202,7 +202,7 @@ fn heap_walk_of_a_frozen_process_equals_the_agents_table_block_for_block() {
 fn heap_walk_of_a_snapshot_copy_equals_the_agents_table_block_for_block() {
     let live = Live::start_with(&build("heapwalk.c", &[]), &[], &[]);
     let header = kal::agent::find_header(live.pid).unwrap();
-    let mut snap = kal::snapshot::take(live.pid, header, false).unwrap();
+    let mut snap = kal::capture::snapshot::take(live.pid, header, false).unwrap();
     let extras = std::mem::take(&mut snap.extras);
     let cap =
         kal::capture::capture_from(live.pid, snap.child, snap.threads.clone(), header, extras)

@@ -36,8 +36,8 @@
 //! The walk knows usable sizes, not requested ones ([`HeapBlock::usable`]).
 
 use super::{BlockError, BlockList, BlockSource, HeapBlock, Unwalked};
-use crate::memory::{read_into, Memory};
-use crate::procfs::Mapping;
+use crate::capture::memory::{read_into, Memory};
+use crate::capture::procfs::Mapping;
 use std::collections::{HashMap, HashSet};
 
 /// A thread arena's heaps are this big and this aligned (`HEAP_MAX_SIZE`).
@@ -617,7 +617,7 @@ impl Ptmalloc<'_> {
             .filter(|m| !self.thread_pointers.iter().any(|&tp| m.contains(tp)))
             .map(|m| (m.start, m.end))
             .collect();
-        let ranges = crate::ranges::subtract(&crate::ranges::normalize(anon), skip);
+        let ranges = crate::reach::ranges::subtract(&crate::reach::ranges::normalize(anon), skip);
         for (s, e) in ranges {
             let mut q = align_up(s, PAGE);
             for (ps, pe) in self.mem.present(s, e) {
@@ -829,7 +829,7 @@ impl BlockSource for Ptmalloc<'_> {
             }
         }
         skip.extend(walked.iter().map(|&h| (h, h + HEAP_MAX)));
-        let skip = crate::ranges::normalize(skip);
+        let skip = crate::reach::ranges::normalize(skip);
         self.mmapped(&mut r, &skip, &mut chunks);
         // Tcaches: 0x290-byte chunks whose contents check out, named by the threads' TLS.
         let mut lists: HashMap<u64, Vec<u64>> = HashMap::new();
@@ -918,7 +918,7 @@ pub fn main_arena_from_symbols(maps: &[Mapping]) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::memory::Unreadable;
+    use crate::capture::memory::Unreadable;
 
     /// Memory made of word-addressed regions; anything else is unreadable.
     struct Fake(Vec<(u64, Vec<u64>)>);

@@ -21,10 +21,10 @@
 //! (then exactly that arena heap, from its `heap_info`); with another allocator, every
 //! mapping that holds a live block.
 
+use crate::capture::memory::Memory;
+use crate::capture::procfs::Mapping;
 use crate::capture::{active_side_slot, Block, Capture};
-use crate::memory::Memory;
-use crate::procfs::Mapping;
-use crate::ranges::{normalize, subtract, subtract_sorted};
+use crate::reach::ranges::{normalize, subtract, subtract_sorted};
 use kal_proto::Header;
 
 /// glibc's `HEAP_MAX_SIZE` on 64-bit: secondary arena heaps are aligned to it.

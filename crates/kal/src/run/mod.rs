@@ -1,9 +1,15 @@
 //! `kal run`: launch a program with the agent preloaded and report its leaks when it exits
 //! (and those of every process it forks), keeping its stdio, exit status and signals.
 
+pub mod ended;
+pub mod pace;
+pub mod periodic;
+pub mod trace;
+pub mod without_agent;
+
+use crate::act::report;
 use crate::capture::capture;
-use crate::freeze::Frozen;
-use crate::report;
+use crate::capture::freeze::Frozen;
 use anyhow::{bail, Context, Result};
 use kal_proto::{Hello, MsgKind, HELLO_SIZE};
 use std::ffi::OsString;
@@ -36,14 +42,14 @@ pub struct RunOptions {
     /// Check every live process this often (`--check-every`); JSON becomes JSON lines.
     pub check_every: Option<Duration>,
     /// Reclaim after periodic checks (`--reclaim[=MODE]` and its options), if asked.
-    pub reclaim: Option<crate::reclaim::Config>,
+    pub reclaim: Option<crate::act::reclaim::Config>,
     /// Cap on kal's own CPU time for periodic checks, in percent of one core
     /// (`--max-cpu`).
     pub max_cpu_percent: f64,
     /// Run glibc's `__libc_freeres` and libstdc++'s `__gnu_cxx::__freeres` at exit, as
     /// memcheck does (`--no-freeres` turns this off).
     pub freeres: bool,
-    /// Trace every process that says hello ([`crate::trace`]), so that one dying of a
+    /// Trace every process that says hello ([`crate::run::trace`]), so that one dying of a
     /// signal is reported (`--no-trace` turns this off).
     pub trace: bool,
 }
@@ -152,7 +158,7 @@ fn sigchld_pipe() -> Option<std::os::fd::OwnedFd> {
 
 struct Conn {
     stream: UnixStream,
-    /// A loan of this process to another kal ([`crate::trace::borrow`]), open while this
+    /// A loan of this process to another kal ([`crate::run::trace::borrow`]), open while this
     /// connection is.
     lend: Option<i32>,
     pid: Option<i32>,
@@ -180,8 +186,8 @@ impl Conn {
 /// (a negative value `-SIG` means "die of signal SIG").
 pub fn run(opts: &RunOptions) -> Result<i32> {
     let program = resolve_program(&opts.program)?;
-    crate::elf::check_preloadable(&program)?;
-    let own = crate::elf::own_allocator(&program);
+    crate::agent::elf::check_preloadable(&program)?;
+    let own = crate::agent::elf::own_allocator(&program);
     if !own.is_empty() {
         crate::say!(
             "kal: {} defines its own {}: allocations made through it never reach the C library and are not tracked (only those that do are)",
@@ -199,7 +205,7 @@ pub fn run(opts: &RunOptions) -> Result<i32> {
         .context("cannot create a private directory")?;
     let sock = dir.path().join("agent.sock");
     let listener = UnixListener::bind(&sock).context("cannot create the agent socket")?;
-    crate::trace::set_own_socket(&sock);
+    crate::run::trace::set_own_socket(&sock);
     listener.set_nonblocking(true)?;
 
     // LD_PRELOAD splits on spaces and colons: an agent whose path holds one is loaded
@@ -217,7 +223,7 @@ pub fn run(opts: &RunOptions) -> Result<i32> {
     } else {
         agent
     };
-    let mut without_agent = crate::without_agent::WithoutAgent::new(&agent);
+    let mut without_agent = crate::run::without_agent::WithoutAgent::new(&agent);
     let mut preload = agent.as_os_str().to_owned();
     if let Some(old) = std::env::var_os("LD_PRELOAD").filter(|o| !o.is_empty()) {
         preload.push(":");
@@ -244,13 +250,13 @@ pub fn run(opts: &RunOptions) -> Result<i32> {
     setup_signals();
     // kal traces from this thread only; it also reaps every child then (`Child::try_wait`
     // would take a ptrace stop for an exit).
-    let mut tracer = opts.trace.then(crate::trace::Tracer::new);
+    let mut tracer = opts.trace.then(crate::run::trace::Tracer::new);
     let chld = if opts.trace { sigchld_pipe() } else { None };
     if opts.trace {
-        crate::control::set_wait_hook(crate::trace::service_stops);
+        crate::agent::control::set_wait_hook(crate::run::trace::service_stops);
     }
     // How the program ended, should its status be collected by a wait for one thread.
-    let main_end = crate::ended::Pending::new(main_pid, crate::ended::open(main_pid));
+    let main_end = crate::run::ended::Pending::new(main_pid, crate::run::ended::open(main_pid));
 
     let mut conns: Vec<Conn> = Vec::new();
     let mut status: Option<ExitStatus> = None;
@@ -259,18 +265,18 @@ pub fn run(opts: &RunOptions) -> Result<i32> {
     // Processes that said they exit (their hello connection then closes), and those whose
     // connection closed without that: ended unread, or exec'd.
     let mut reported: Vec<i32> = Vec::new();
-    let mut pending: Vec<crate::ended::Pending> = Vec::new();
+    let mut pending: Vec<crate::run::ended::Pending> = Vec::new();
     // One symbolizer for every exit report: it keeps each module's debug info, which
     // takes most of a report's time to read again (libc's is compressed), so a program
     // whose children exit by the hundred does not wait for it each time.
-    let symbols = crate::symbolize::Symbols::new();
+    let symbols = crate::attribute::symbolize::Symbols::new();
     // Exit captures on worker threads, unless kal traces the program's processes: a
-    // tracer is one thread, which must make every ptrace request (see `crate::trace`).
+    // tracer is one thread, which must make every ptrace request (see `crate::run::trace`).
     let workers = (opts.check_every.is_none() && !opts.trace)
         .then(|| ExitWorkers::start(exit_threads(), main_pid, opts));
     let mut periodic = opts.check_every.map(|every| {
-        let pacer = crate::pace::Pacer::new(every, opts.max_cpu_percent);
-        crate::periodic::Periodic::new(pacer, opts.report.clone(), opts.json.clone())
+        let pacer = crate::run::pace::Pacer::new(every, opts.max_cpu_percent);
+        crate::run::periodic::Periodic::new(pacer, opts.report.clone(), opts.json.clone())
             .with_reclaim(opts.reclaim.clone())
     });
     loop {
@@ -409,7 +415,7 @@ pub fn run(opts: &RunOptions) -> Result<i32> {
                         }
                         // Ended unread (said once its end is known), or went on without
                         // the agent (exec: said by `without_agent`).
-                        pending.push(crate::ended::Pending::new(pid, c.pidfd));
+                        pending.push(crate::run::ended::Pending::new(pid, c.pidfd));
                         without_agent.closed(pid);
                     }
                 }
@@ -424,11 +430,11 @@ pub fn run(opts: &RunOptions) -> Result<i32> {
                 let mut dying = None;
                 for ev in t.pump() {
                     match ev {
-                        crate::trace::Event::Reaped(p, st) if p == main_pid => {
+                        crate::run::trace::Event::Reaped(p, st) if p == main_pid => {
                             status = Some(ExitStatus::from_raw(st));
                         }
-                        crate::trace::Event::Reaped(..) => {}
-                        crate::trace::Event::Dying { pid, tid, sig } => {
+                        crate::run::trace::Event::Reaped(..) => {}
+                        crate::run::trace::Event::Dying { pid, tid, sig } => {
                             dying = Some((pid, tid, sig))
                         }
                     }
@@ -449,7 +455,7 @@ pub fn run(opts: &RunOptions) -> Result<i32> {
                     Ok(l) => lost |= l,
                     Err(e) => crate::say!(
                         "{} ({e:#})",
-                        crate::ended::line(pid, crate::ended::End::Signal(sig))
+                        crate::run::ended::line(pid, crate::run::ended::End::Signal(sig))
                     ),
                 }
             }
@@ -458,11 +464,11 @@ pub fn run(opts: &RunOptions) -> Result<i32> {
         if status.is_none() && tracer.is_none() {
             status = child.try_wait()?;
         }
-        if status.is_none() && tracer.is_some() && !crate::trace::has_children() {
+        if status.is_none() && tracer.is_some() && !crate::run::trace::has_children() {
             // Reaped by a wait kal made for one of its threads: the pidfd tells how.
             status = Some(ExitStatus::from_raw(match main_end.decide() {
-                Some(Some(crate::ended::End::Signal(sig))) => sig,
-                Some(Some(crate::ended::End::Code(c))) => (c & 0xff) << 8,
+                Some(Some(crate::run::ended::End::Signal(sig))) => sig,
+                Some(Some(crate::run::ended::End::Code(c))) => (c & 0xff) << 8,
                 _ => 1 << 8,
             }));
         }
@@ -471,8 +477,8 @@ pub fn run(opts: &RunOptions) -> Result<i32> {
                 // kal reaps the program itself: its status is the authority.
                 status.map(|s| {
                     Some(match s.signal() {
-                        Some(sig) => crate::ended::End::Signal(sig),
-                        None => crate::ended::End::Code(s.code().unwrap_or(0)),
+                        Some(sig) => crate::run::ended::End::Signal(sig),
+                        None => crate::run::ended::End::Code(s.code().unwrap_or(0)),
                     })
                 })
             } else {
@@ -484,13 +490,13 @@ pub fn run(opts: &RunOptions) -> Result<i32> {
                 // Reported at its death by signal (its connection closed late).
                 Some(Some(_)) if reported.contains(&p.pid) => false,
                 Some(Some(end)) => {
-                    crate::say!("{}", crate::ended::line(p.pid, end));
+                    crate::say!("{}", crate::run::ended::line(p.pid, end));
                     false
                 }
             }
         });
         let adopted = if tracer.is_some() {
-            crate::trace::has_children()
+            crate::run::trace::has_children()
         } else {
             reap_adopted(main_pid, status.is_some())
         };
@@ -567,7 +573,7 @@ fn reap_adopted(main_pid: i32, main_reaped: bool) -> bool {
 
 enum Handled {
     Keep(Conn),
-    /// Another kal asks for a loan of this process (`crate::trace::borrow`).
+    /// Another kal asks for a loan of this process (`crate::run::trace::borrow`).
     Lend(Conn, i32, bool),
     Done(bool),
     /// The connection closed; a hello connection is handed back.
@@ -578,9 +584,9 @@ fn handle(
     mut c: Conn,
     main_pid: i32,
     opts: &RunOptions,
-    periodic: Option<&crate::periodic::Periodic>,
+    periodic: Option<&crate::run::periodic::Periodic>,
     reported: &mut Vec<i32>,
-    symbols: &crate::symbolize::Symbols,
+    symbols: &crate::attribute::symbolize::Symbols,
     workers: Option<&ExitWorkers>,
 ) -> Result<Handled> {
     let me = std::process::id() as i32;
@@ -592,22 +598,22 @@ fn handle(
     let Some(msg) = Hello::decode(&buf) else {
         bail!("ignoring a malformed message from an agent");
     };
-    // The process as the kernel names it in kal's namespace (see `crate::peer`): the
+    // The process as the kernel names it in kal's namespace (see `crate::agent::peer`): the
     // program kal started or one of its descendants (adopted orphans included: kal is
     // their subreaper), or nobody kal will touch.
     if msg.kind == MsgKind::Lend as u32 {
         // Only kal run's user (or root) can reach its private socket.
         return Ok(Handled::Lend(c, msg.pid as i32, msg.tid & 1 != 0));
     }
-    let peer = crate::peer::peer_pid(&c.stream);
-    let Some(pid) = peer.filter(|&p| p != me && crate::peer::descends_from(p, me)) else {
+    let peer = crate::agent::peer::peer_pid(&c.stream);
+    let Some(pid) = peer.filter(|&p| p != me && crate::agent::peer::descends_from(p, me)) else {
         // A process that said hello and ended at once (a forked child that crashed, and
         // was reaped before kal read its hello): no ancestry to check and nothing to read,
         // but how it ended is still said, if a pidfd of it tells.
         if let Some(p) = peer.filter(|&p| {
             msg.kind == MsgKind::Hello as u32 && !Path::new(&format!("/proc/{p}")).exists()
         }) {
-            if let Some(fd) = crate::ended::peer_pidfd(&c.stream) {
+            if let Some(fd) = crate::run::ended::peer_pidfd(&c.stream) {
                 c.pid = Some(p);
                 c.pidfd = Some(fd);
                 return Ok(Handled::Keep(c));
@@ -618,11 +624,11 @@ fn handle(
     if msg.kind == MsgKind::Hello as u32 {
         c.pid = Some(pid);
         c.header = msg.header_addr;
-        c.pidfd = crate::ended::open(pid);
+        c.pidfd = crate::run::ended::open(pid);
         return Ok(Handled::Keep(c));
     }
     reported.push(pid);
-    let tid = crate::peer::host_tid(pid, msg.tid as i32).unwrap_or(pid);
+    let tid = crate::agent::peer::host_tid(pid, msg.tid as i32).unwrap_or(pid);
     let exit = ExitJob {
         conn: c,
         pid,
@@ -687,14 +693,14 @@ fn capture_exit(
 /// unchanged), and reported. True when something was definitely lost.
 #[allow(clippy::too_many_arguments)]
 fn report_dying(
-    tracer: &mut crate::trace::Tracer,
+    tracer: &mut crate::run::trace::Tracer,
     pid: i32,
     tid: i32,
     sig: i32,
     main_pid: i32,
     opts: &RunOptions,
-    periodic: Option<&crate::periodic::Periodic>,
-    symbols: &crate::symbolize::Symbols,
+    periodic: Option<&crate::run::periodic::Periodic>,
+    symbols: &crate::attribute::symbolize::Symbols,
 ) -> Result<bool> {
     let (cap, kinds) = {
         let (frozen, header) = tracer.dying(pid, tid)?;
@@ -704,7 +710,7 @@ fn report_dying(
     };
     crate::say!(
         "=={pid}== kal: process {pid} is dying of {}: leak report at its death",
-        crate::fatal::signal_name(sig)
+        crate::capture::fatal::signal_name(sig)
     );
     Ok(write_report(
         pid, main_pid, &cap, &kinds, opts, periodic, symbols,
@@ -719,8 +725,8 @@ fn write_report(
     cap: &crate::capture::Capture,
     kinds: &[crate::reach::Kind],
     opts: &RunOptions,
-    periodic: Option<&crate::periodic::Periodic>,
-    symbols: &crate::symbolize::Symbols,
+    periodic: Option<&crate::run::periodic::Periodic>,
+    symbols: &crate::attribute::symbolize::Symbols,
 ) -> bool {
     let mut report = report::build(
         cap,
@@ -737,7 +743,7 @@ fn write_report(
     }
     if let Some(j) = &opts.json {
         let written = if opts.check_every.is_some() {
-            crate::periodic::append_exit_line(j, &report)
+            crate::run::periodic::append_exit_line(j, &report)
                 .with_context(|| format!("cannot write JSON report to {}", j.display()))
         } else {
             let path = if pid == main_pid {
@@ -791,7 +797,7 @@ impl ExitWorkers {
             .collect();
         let opts = opts.clone();
         let reports = std::thread::spawn(move || {
-            let symbols = crate::symbolize::Symbols::new();
+            let symbols = crate::attribute::symbolize::Symbols::new();
             let mut lost = false;
             for (cap, kinds) in done_rx {
                 lost |= write_report(cap.pid, main_pid, &cap, &kinds, &opts, None, &symbols);

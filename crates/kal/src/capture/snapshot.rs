@@ -19,15 +19,15 @@
 //!
 //! What the copy cannot show as the target has it (`MADV_DONTFORK`, `MADV_WIPEONFORK` and
 //! shared memory) and the pointers the kernel holds for it are read from the target before
-//! its threads are let go ([`crate::freeze_copy`]); the slow part (smaps) before the freeze.
+//! its threads are let go ([`crate::capture::freeze_copy`]); the slow part (smaps) before the freeze.
 //!
 //! Injected registers are restored at the single-step trap that follows the syscall, so the
 //! kernel's own restart logic still applies to a syscall the thread was blocked in.
 
-use crate::freeze::{Frozen, ThreadRegs};
-use crate::memory::{Memory, ProcessMemory};
-use crate::tracee::ptrace;
-use crate::tracee::waitpid;
+use crate::capture::freeze::{Frozen, ThreadRegs};
+use crate::capture::memory::{Memory, ProcessMemory};
+use crate::capture::tracee::ptrace;
+use crate::capture::tracee::waitpid;
 use anyhow::{bail, Context, Result};
 use nix::errno::Errno;
 use nix::sys::signal::{self, Signal};
@@ -52,7 +52,7 @@ pub struct Snapshot {
     /// How long the target's threads were stopped.
     pub pause: Duration,
     /// What was read from the frozen target beside the copy, and what could not be.
-    pub extras: crate::freeze_copy::Extras,
+    pub extras: crate::capture::freeze_copy::Extras,
     maker: Maker,
     released: bool,
 }
@@ -67,7 +67,7 @@ enum Maker {
 
 /// Address of a `syscall` instruction (`0f 05`) in the target's libc.
 pub(crate) fn find_syscall(pid: i32) -> Result<u64> {
-    let maps = crate::procfs::maps(pid)?;
+    let maps = crate::capture::procfs::maps(pid)?;
     let mem = ProcessMemory::new(pid);
     for m in maps.iter().filter(|m| m.exec && m.path.contains("libc.so")) {
         let mut at = m.start;
@@ -156,7 +156,7 @@ pub fn test_hold(stage: &str) {
 /// Takes a snapshot of `pid`, whose agent header is at `header_addr`: made by the agent
 /// when its server thread runs, else by injection.
 /// With `no_interrupt`, threads blocked in a call that a stop would end early with EINTR
-/// are left running ([`crate::freeze::eintr_call`]); the snapshot then has a gap.
+/// are left running ([`crate::capture::freeze::eintr_call`]); the snapshot then has a gap.
 pub fn take(pid: i32, header_addr: u64, no_interrupt: bool) -> Result<Snapshot> {
     refuse_seccomp(pid)?;
     let server = server_thread(pid, header_addr);
@@ -171,7 +171,7 @@ pub fn take(pid: i32, header_addr: u64, no_interrupt: bool) -> Result<Snapshot> 
         );
     }
     // An agent loaded by `kal attach` never saw the blocks allocated before.
-    let attached = matches!(crate::attach::agent_state(pid), Ok(Some(1)));
+    let attached = matches!(crate::agent::attach::agent_state(pid), Ok(Some(1)));
     let mut snap = match server {
         Some(tid) => take_by_agent(pid, header_addr, tid, no_interrupt),
         None => take_injected(pid, no_interrupt),
@@ -206,7 +206,7 @@ fn refuse_seccomp(pid: i32) -> Result<()> {
 /// Whether `child` is a process whose parent is `pid` (a value that is not a fresh child
 /// of the target is never read, traced or signalled as one).
 fn is_child_of(child: i32, pid: i32) -> bool {
-    crate::peer::parent_of(child) == Some(pid)
+    crate::agent::peer::parent_of(child) == Some(pid)
 }
 
 /// The agent's running server thread, if any.
@@ -221,8 +221,8 @@ const AGENT_DEADLINE: Duration = Duration::from_secs(5);
 
 /// A snapshot made by the agent's server thread `server` while kal holds every other thread.
 fn take_by_agent(pid: i32, header_addr: u64, server: i32, no_interrupt: bool) -> Result<Snapshot> {
-    let plan = crate::freeze_copy::plan(pid);
-    let agent = crate::control::Agent::at(pid, header_addr)?;
+    let plan = crate::capture::freeze_copy::plan(pid);
+    let agent = crate::agent::control::Agent::at(pid, header_addr)?;
     let frozen = Frozen::freeze_except(pid, server, no_interrupt)?;
     frozen.ensure_not_crashing()?;
     test_hold("frozen");
@@ -265,7 +265,7 @@ fn take_by_agent(pid: i32, header_addr: u64, server: i32, no_interrupt: bool) ->
 /// arrived meanwhile makes it an error (dropping the snapshot ends the copy).
 fn finish(
     frozen: Frozen,
-    mut extras: crate::freeze_copy::Extras,
+    mut extras: crate::capture::freeze_copy::Extras,
     (threads, missing): (Vec<ThreadRegs>, u64),
     child: i32,
     maker: Maker,
@@ -302,7 +302,7 @@ fn finish(
 /// A snapshot made by a `clone` injected into one of the target's threads.
 fn take_injected(pid: i32, no_interrupt: bool) -> Result<Snapshot> {
     let syscall_at = find_syscall(pid)?;
-    let plan = crate::freeze_copy::plan(pid);
+    let plan = crate::capture::freeze_copy::plan(pid);
     let mut frozen = Frozen::freeze_except(pid, 0, no_interrupt)?;
     // A thread stopped delivering a fatal signal: the process is crashing, copy nothing.
     frozen.ensure_not_crashing()?;
@@ -315,8 +315,8 @@ fn take_injected(pid: i32, no_interrupt: bool) -> Result<Snapshot> {
         .context("no thread to work in")?;
     let tid = t.tid;
     // A thread kal run's tracer keeps traced gets its options back afterwards.
-    let base = if crate::freeze::is_kept(tid) {
-        crate::trace::options()
+    let base = if crate::capture::freeze::is_kept(tid) {
+        crate::run::trace::options()
     } else {
         ptrace::Options::empty()
     };

@@ -12,12 +12,12 @@
 //! at least three checks spanning `--free-after`. The agent checks each block's sequence
 //! number again before it acts.
 
+use crate::act::report::{Report, Totals};
+use crate::act::suppress::Suppressions;
+use crate::agent::control::Agent;
 use crate::capture::Block;
 use crate::check::Check;
-use crate::control::Agent;
 use crate::reach::Kind;
-use crate::report::{Report, Totals};
-use crate::suppress::Suppressions;
 use anyhow::{bail, Result};
 use kal_proto::ctl::ParkStats;
 use std::collections::{HashMap, HashSet};
@@ -163,7 +163,7 @@ pub enum Outcome {
         /// Whether this is the first refusal for this process.
         first: bool,
     },
-    /// Asking the agent failed (a dying process fails with [`crate::fatal::Crashing`]).
+    /// Asking the agent failed (a dying process fails with [`crate::capture::fatal::Crashing`]).
     Failed(anyhow::Error),
 }
 
@@ -193,7 +193,7 @@ struct Process {
     told_unavailable: bool,
     /// Symbolized stacks of the sites acted on, kept for reports made after their blocks
     /// are gone (a capture reads only the stacks of live blocks).
-    stacks: HashMap<u32, Vec<crate::symbolize::Frame>>,
+    stacks: HashMap<u32, Vec<crate::attribute::symbolize::Frame>>,
 }
 
 /// The reclaim policy, across processes: the one owner of the decision.
@@ -255,7 +255,7 @@ impl Policy {
                         .find(|l| l.site == *id)
                         .map(|l| l.stack.clone())
                         .unwrap_or_default();
-                    r.sites.push(crate::report::Site {
+                    r.sites.push(crate::act::report::Site {
                         site: *id,
                         stack,
                         ..Default::default()
@@ -276,7 +276,7 @@ impl Policy {
             site.freed_bytes = site.bytes;
         }
         // Several stack ids can symbolize to one stack: list each stack once.
-        let mut merged: Vec<crate::report::Site> = Vec::new();
+        let mut merged: Vec<crate::act::report::Site> = Vec::new();
         for s in r.sites.drain(..) {
             match merged.iter_mut().find(|m| m.stack == s.stack) {
                 Some(m) => {
@@ -373,10 +373,11 @@ impl Policy {
         }
         if !cands.is_empty() {
             let t0 = Instant::now();
-            let acted = crate::fatal::ensure_not_dying(pid).and_then(|()| match config.mode {
-                Mode::Free => free(agent, &cands, &mut done),
-                _ => park(agent, &cands, config.park_limit, &mut done),
-            });
+            let acted =
+                crate::capture::fatal::ensure_not_dying(pid).and_then(|()| match config.mode {
+                    Mode::Free => free(agent, &cands, &mut done),
+                    _ => park(agent, &cands, config.park_limit, &mut done),
+                });
             done.took = t0.elapsed();
             if let Err(e) = acted {
                 return Outcome::Failed(e);
@@ -393,7 +394,7 @@ impl Policy {
                 Ok(st) => {
                     // (At exit the agent restores everything and stops: nothing to say.)
                     if done.unavailable.is_none() && st.state >= 2 && st.note & 0xff != 5 {
-                        done.unavailable = Some(crate::control::describe_note(st.note));
+                        done.unavailable = Some(crate::agent::control::describe_note(st.note));
                     }
                     p.stats = Some(st);
                 }
@@ -440,7 +441,7 @@ fn park(agent: &Agent, blocks: &[Block], limit: u32, done: &mut Done) -> Result<
     let (resp, pages) = agent.park(&entries, limit)?;
     if resp.status != kal_proto::ctl::Status::Ok as u32 {
         if resp.note & 0xff != 5 {
-            done.unavailable = Some(crate::control::describe_note(resp.note));
+            done.unavailable = Some(crate::agent::control::describe_note(resp.note));
         }
         return Ok(());
     }
@@ -482,13 +483,15 @@ fn free(agent: &Agent, blocks: &[Block], done: &mut Done) -> Result<()> {
 /// what was reclaimed, what was done in all, and the RSS before and after.
 pub fn reclaim_now(
     pid: i32,
-    opts: &crate::report::Options,
+    opts: &crate::act::report::Options,
     config: Config,
 ) -> Result<(Report, Done, u64, u64)> {
     let agent = Agent::find(pid)?;
-    let dropped =
-        crate::capture::read_header(&crate::memory::ProcessMemory::new(pid), agent.header())?
-            .dropped;
+    let dropped = crate::capture::read_header(
+        &crate::capture::memory::ProcessMemory::new(pid),
+        agent.header(),
+    )?
+    .dropped;
     if dropped > 0 {
         bail!("refusing to reclaim in process {pid}: tracking is incomplete ({dropped} allocations were not recorded), so blocks that look lost may be live");
     }
@@ -500,7 +503,7 @@ pub fn reclaim_now(
         (2, Duration::from_millis(200))
     };
     let mut policy = Policy::new(config);
-    let before = crate::control::rss(pid)?;
+    let before = crate::agent::control::rss(pid)?;
     let mut total = Done::default();
     let mut last = None;
     for i in 0..checks {
@@ -517,7 +520,7 @@ pub fn reclaim_now(
         }
         last = Some(c);
     }
-    let after = crate::control::rss(pid)?;
+    let after = crate::agent::control::rss(pid)?;
     let c = last.expect("at least two checks");
     // The report of the last check, with what that check's reclaim did added.
     let mut report = c.report;

@@ -6,10 +6,14 @@
 //!   lowest-addressed block of the first clique found);
 //! * **indirect** — reached only from lost blocks.
 
+pub mod heuristics;
+pub mod ranges;
+pub mod roots;
+
+use crate::capture::memory::{Image, Memory, PageCache, PAGE};
 use crate::capture::Block;
-use crate::heuristics::Heuristics;
-use crate::memory::{Image, Memory, PageCache, PAGE};
-use crate::roots::Roots;
+use crate::reach::heuristics::Heuristics;
+use crate::reach::roots::Roots;
 use std::sync::atomic::{AtomicU8, Ordering::Relaxed};
 
 /// Class of a block after the scan.
@@ -101,7 +105,7 @@ impl<'a> BlockIndex<'a> {
         let mut regions = Vec::new();
         // About a granule per block (a power of two of the mean spacing: up to two).
         let mut counts = Vec::with_capacity(blocks.len() * 2 + 1);
-        crate::memory::prefer_huge_pages(&counts);
+        crate::capture::memory::prefer_huge_pages(&counts);
         let mut hi = 0;
         let mut i = 0;
         while i < blocks.len() {
@@ -725,7 +729,7 @@ fn classify_in(
     let idx = BlockIndex::new(blocks);
     let state: Vec<AtomicU8> = {
         let mut v = Vec::with_capacity(blocks.len());
-        crate::memory::prefer_huge_pages(&v);
+        crate::capture::memory::prefer_huge_pages(&v);
         v.resize_with(blocks.len(), || AtomicU8::new(0));
         v
     };
@@ -884,7 +888,11 @@ mod tests {
     }
 
     impl Memory for Flat {
-        fn read(&self, addr: u64, buf: &mut [u8]) -> Result<(), crate::memory::Unreadable> {
+        fn read(
+            &self,
+            addr: u64,
+            buf: &mut [u8],
+        ) -> Result<(), crate::capture::memory::Unreadable> {
             for (k, b) in buf.iter_mut().enumerate() {
                 let a = addr + k as u64;
                 *b = a

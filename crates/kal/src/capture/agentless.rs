@@ -1,21 +1,21 @@
 //! `kal check PID` on a process that runs without kal's agent: blocks come from walking
 //! glibc's own heap in a copy-on-write snapshot ([`crate::blocks::ptmalloc`]), roots and
 //! classification are the same as with the agent. Without the agent there are no
-//! allocation stacks (records group blocks by what they are: [`crate::contents`]), and a
+//! allocation stacks (records group blocks by what they are: [`crate::attribute::contents`]), and a
 //! block's size is its usable size (what `malloc_usable_size`
 //! says), not the size that was asked for: block counts equal a check with the agent,
 //! byte counts are a little higher.
 
+use crate::act::report;
 use crate::blocks::ptmalloc::Ptmalloc;
 use crate::blocks::{BlockSource, Unwalked};
+use crate::capture::freeze::ThreadRegs;
+use crate::capture::freeze_copy::Extras;
+use crate::capture::memory::Image;
+use crate::capture::procfs::{self, Mapping};
+use crate::capture::source::Source;
 use crate::capture::{may_hold_roots, Block, Capture, Gap, Gaps};
 use crate::check::Check;
-use crate::freeze::ThreadRegs;
-use crate::freeze_copy::Extras;
-use crate::memory::Image;
-use crate::procfs::{self, Mapping};
-use crate::report;
-use crate::source::Source;
 use anyhow::{bail, Result};
 use kal_proto::{Api, Header, CHUNK_FLAGS_SHIFT, CHUNK_IS_MMAPPED};
 use std::time::Instant;
@@ -79,15 +79,15 @@ pub fn ensure_glibc_heap(maps: &[Mapping], who: &str) -> Result<()> {
 
 /// Checks process `pid`, which runs without the agent, once.
 pub fn check(pid: i32, opts: &report::Options) -> Result<Check> {
-    crate::fatal::ensure_not_dying(pid)?;
+    crate::capture::fatal::ensure_not_dying(pid)?;
     ensure_glibc_heap(&procfs::maps(pid)?, &format!("process {pid}"))?;
     // No agent: the copy is made by injection (header address 0 names no agent). A copy
     // taken while a thread was inside the allocator is taken again a moment later.
     let mut attempt = 0;
     let (snap, pause, started, captured) = loop {
-        let mut snap = crate::snapshot::take(pid, 0, opts.no_interrupt)?;
+        let mut snap = crate::capture::snapshot::take(pid, 0, opts.no_interrupt)?;
         let pause = snap.pause;
-        crate::snapshot::test_hold("snapshot");
+        crate::capture::snapshot::test_hold("snapshot");
         let started = Instant::now();
         let extras = std::mem::take(&mut snap.extras);
         let captured = capture(pid, snap.child, snap.threads.clone(), extras);
@@ -105,7 +105,7 @@ pub fn check(pid: i32, opts: &report::Options) -> Result<Check> {
         let kinds = crate::classify_with(&cap, &opts.suppressions);
         // What the blocks are, read while the copy is there.
         let t0 = Instant::now();
-        let described = crate::contents::describe(&cap, &kinds, |k| {
+        let described = crate::attribute::contents::describe(&cap, &kinds, |k| {
             k != crate::reach::Kind::Reachable || opts.show_reachable
         });
         if std::env::var_os("KAL_DEBUG_TIMING").is_some() {
@@ -124,7 +124,7 @@ pub fn check(pid: i32, opts: &report::Options) -> Result<Check> {
     let mut report = report::build(
         &cap,
         &kinds,
-        &crate::symbolize::Symbols::new(),
+        &crate::attribute::symbolize::Symbols::new(),
         opts,
         &Default::default(),
     );
@@ -181,7 +181,7 @@ pub fn capture(
     threads: Vec<ThreadRegs>,
     extras: Extras,
 ) -> Result<Capture> {
-    capture_source(&mut crate::source::Live {
+    capture_source(&mut crate::capture::source::Live {
         pid,
         mem_pid,
         threads,
@@ -242,17 +242,18 @@ pub fn capture_source(src: &mut dyn Source) -> Result<Capture> {
         glibc_malloc: 1,
         ..Default::default()
     };
-    let heap_ranges = crate::roots::heap_ranges(&maps, &blocks, &header, &*mem);
+    let heap_ranges = crate::reach::roots::heap_ranges(&maps, &blocks, &header, &*mem);
     let root_maps: Vec<(u64, u64)> = smaps
         .iter()
         .filter(|e| may_hold_roots(&e.mapping, e.anonymous))
         .map(|e| (e.mapping.start, e.mapping.end))
         .chain(extras.ranges.iter().copied())
         .collect();
-    let root_maps = crate::ranges::normalize(root_maps);
+    let root_maps = crate::reach::ranges::normalize(root_maps);
     let mut not_here = heap_ranges.clone();
     not_here.extend_from_slice(&extras.ranges);
-    let ranges = crate::ranges::subtract(&root_maps, &crate::ranges::normalize(not_here));
+    let ranges =
+        crate::reach::ranges::subtract(&root_maps, &crate::reach::ranges::normalize(not_here));
     let shared: Vec<(u64, u64)> = smaps
         .iter()
         .filter(|e| e.mapping.shared)
@@ -269,7 +270,7 @@ pub fn capture_source(src: &mut dyn Source) -> Result<Capture> {
             .into_iter()
             .map(|(s, e)| Gap::range(s, e, "unreadable")),
     );
-    gaps.unread.extend(crate::freeze_copy::unseen(
+    gaps.unread.extend(crate::capture::freeze_copy::unseen(
         &extras,
         &smaps,
         &[],

@@ -9,9 +9,9 @@
 //! * **multipleinheritance** — a pointer to a later base of an object whose first word,
 //!   and the word pointed at, are both vtable pointers.
 
+use crate::capture::memory::Memory;
+use crate::capture::procfs::Mapping;
 use crate::capture::Block;
-use crate::memory::Memory;
-use crate::procfs::Mapping;
 use std::collections::HashMap;
 use std::sync::Mutex;
 
@@ -48,7 +48,7 @@ impl<'a> Heuristics<'a> {
     }
 
     /// Whether block sizes are usable sizes rather than requested ones (see
-    /// [`requested_sizes`](Self::requested_sizes)).
+    /// `requested_sizes`).
     pub fn with_usable_sizes(mut self, usable: bool) -> Self {
         self.usable_sizes = usable;
         self
@@ -171,7 +171,7 @@ impl<'a> Heuristics<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::memory::Unreadable;
+    use crate::capture::memory::Unreadable;
 
     /// Memory made of a few words at fixed addresses.
     struct Words(Vec<(u64, u64)>);

@@ -15,10 +15,10 @@
 //! A mapping marked dc/wf between the two reads is found afterwards by comparing the parent's
 //! maps with the copy's smaps ([`unseen`]) and becomes a gap.
 
+use crate::capture::memory::{Image, ProcessMemory};
+use crate::capture::procfs::{self, Mapping, SmapsEntry};
 use crate::capture::{may_hold_roots, Gap, KernelValue};
-use crate::memory::{Image, ProcessMemory};
-use crate::procfs::{self, Mapping, SmapsEntry};
-use crate::ranges::{normalize, subtract};
+use crate::reach::ranges::{normalize, subtract};
 
 /// Address ranges, sorted and disjoint.
 type Ranges = Vec<(u64, u64)>;

@@ -126,7 +126,7 @@ impl Agent {
                 self.socket.display()
             )
         })?;
-        match crate::peer::peer_cred(&s) {
+        match crate::agent::peer::peer_cred(&s) {
             Some((p, u)) if p == pid && u == self.uid => {}
             Some((p, u)) => bail!(
                 "refusing the kal agent socket of process {pid}: it is served by process {p} (uid {u}), not by process {pid} (uid {})",

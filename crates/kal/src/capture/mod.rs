@@ -16,11 +16,22 @@
 //! A capture records its [`Gaps`]: what it could not see. Reports say so and nothing is
 //! reclaimed from a capture with gaps.
 
-use crate::freeze::{Frozen, ThreadRegs};
-use crate::freeze_copy::Extras;
-use crate::memory::{read_words, Image, Memory};
-use crate::procfs::{Mapping, SmapsEntry};
-use crate::source::Source;
+pub mod agentless;
+pub mod corefile;
+pub mod fatal;
+pub mod freeze;
+pub mod freeze_copy;
+pub mod memory;
+pub mod procfs;
+pub mod snapshot;
+pub mod source;
+pub mod tracee;
+
+use crate::capture::freeze::{Frozen, ThreadRegs};
+use crate::capture::freeze_copy::Extras;
+use crate::capture::memory::{read_words, Image, Memory};
+use crate::capture::procfs::{Mapping, SmapsEntry};
+use crate::capture::source::Source;
 use anyhow::{bail, Context, Result};
 use kal_proto::{
     slot_state, table_state, Header, Meta, SlotState, StackSlot, TableDesc, TableWord, Window,
@@ -367,7 +378,7 @@ fn read_sorted(mem: &dyn Memory, h: &Header, pieces: &[(u64, u64)]) -> (Vec<Bloc
     // copied as it grows.
     let slots: u64 = pieces.iter().map(|&(s, e)| (e - s) / SLOT_BYTES).sum();
     let mut blocks: Vec<Block> = Vec::with_capacity(slots as usize);
-    crate::memory::prefer_huge_pages(&blocks);
+    crate::capture::memory::prefer_huge_pages(&blocks);
     let mut unread = Vec::new();
     for &(mut at, e) in pieces {
         while at < e {
@@ -376,7 +387,7 @@ fn read_sorted(mem: &dyn Memory, h: &Header, pieces: &[(u64, u64)]) -> (Vec<Bloc
                 buf.resize(n, 0);
             }
             let words = &mut buf[..n];
-            if !crate::memory::read_into(mem, at, words) {
+            if !crate::capture::memory::read_into(mem, at, words) {
                 unread.push((at, at + n as u64 * 8));
             }
             blocks.extend(
@@ -408,7 +419,7 @@ fn read_sorted(mem: &dyn Memory, h: &Header, pieces: &[(u64, u64)]) -> (Vec<Bloc
 /// Merges two address-sorted block lists, each address once.
 fn merge_sorted(a: Vec<Block>, b: Vec<Block>) -> Vec<Block> {
     let mut out = Vec::with_capacity(a.len() + b.len());
-    crate::memory::prefer_huge_pages(&out);
+    crate::capture::memory::prefer_huge_pages(&out);
     let (mut i, mut j) = (0, 0);
     while i < a.len() && j < b.len() {
         if a[i].addr <= b[j].addr {
@@ -580,7 +591,7 @@ pub fn may_hold_roots(m: &Mapping, anonymous: u64) -> bool {
 /// too).
 pub fn capture(frozen: &Frozen, header_addr: u64) -> Result<Capture> {
     let (threads, missing) = frozen.regs_and_missing();
-    let mut extras = crate::freeze_copy::in_place(frozen.mem_pid());
+    let mut extras = crate::capture::freeze_copy::in_place(frozen.mem_pid());
     extras.threads_without_registers = missing;
     capture_from(frozen.pid(), frozen.mem_pid(), threads, header_addr, extras)
 }
@@ -595,7 +606,7 @@ pub fn capture_from(
     header_addr: u64,
     extras: Extras,
 ) -> Result<Capture> {
-    let mut src = crate::source::Live {
+    let mut src = crate::capture::source::Live {
         pid,
         mem_pid,
         threads,
@@ -630,20 +641,20 @@ pub fn capture_table(src: &mut dyn Source, header_addr: u64) -> Result<Capture> 
         );
     }
     let agent = agent_ranges(&*mem, &header);
-    let heap_ranges = crate::ranges::subtract(
-        &crate::roots::heap_ranges(&maps, &blocks, &header, &*mem),
+    let heap_ranges = crate::reach::ranges::subtract(
+        &crate::reach::roots::heap_ranges(&maps, &blocks, &header, &*mem),
         &agent,
     );
     let mut skip = agent.clone();
     skip.extend_from_slice(&heap_ranges);
-    let skip = crate::ranges::normalize(skip);
+    let skip = crate::reach::ranges::normalize(skip);
     let mut root_maps: Vec<(u64, u64)> = smaps
         .iter()
         .filter(|e| may_hold_roots(&e.mapping, e.anonymous))
         .map(|e| (e.mapping.start, e.mapping.end))
         .collect();
     root_maps.extend_from_slice(&extras.ranges);
-    let root_maps = crate::ranges::normalize(root_maps);
+    let root_maps = crate::reach::ranges::normalize(root_maps);
     // From the copy: everything but what was read from the frozen target.
     let mut not_here = skip.clone();
     not_here.extend_from_slice(&extras.ranges);
@@ -658,17 +669,18 @@ pub fn capture_table(src: &mut dyn Source, header_addr: u64) -> Result<Capture> 
         let m = maps.iter().find(|m| m.contains(sp))?;
         Some((
             m.start,
-            sp.saturating_sub(crate::roots::RED_ZONE).max(m.start),
+            sp.saturating_sub(crate::reach::roots::RED_ZONE)
+                .max(m.start),
         ))
     }));
-    let not_here = crate::ranges::normalize(not_here);
-    let mut ranges = crate::ranges::subtract(&root_maps, &not_here);
+    let not_here = crate::reach::ranges::normalize(not_here);
+    let mut ranges = crate::reach::ranges::subtract(&root_maps, &not_here);
     ranges.extend(
         threads
             .iter()
             .filter_map(|t| active_side_slot(&header, t.sp())),
     );
-    let ranges = crate::ranges::normalize(ranges);
+    let ranges = crate::reach::ranges::normalize(ranges);
     let t1 = std::time::Instant::now();
     let shared: Vec<(u64, u64)> = maps
         .iter()
@@ -749,8 +761,9 @@ fn gaps_of(
             .into_iter()
             .map(|(s, e)| Gap::range(s, e, "unreadable")),
     );
-    g.unread
-        .extend(crate::freeze_copy::unseen(extras, smaps, agent, heap));
+    g.unread.extend(crate::capture::freeze_copy::unseen(
+        extras, smaps, agent, heap,
+    ));
     g
 }
 
@@ -787,7 +800,7 @@ pub fn agent_ranges(mem: &dyn Memory, h: &Header) -> Vec<(u64, u64)> {
             h.server_stack_addr + h.server_stack_len,
         ),
     ]);
-    crate::ranges::normalize(v)
+    crate::reach::ranges::normalize(v)
 }
 
 #[cfg(test)]

@@ -1,8 +1,13 @@
 //! Finding the agent in a process from its PID alone: the `KAL_HEADER` symbol of the
 //! `libkal_agent.so` mapped into it.
 
-use crate::memory::ProcessMemory;
-use crate::procfs::{self, Mapping};
+pub mod attach;
+pub mod control;
+pub mod elf;
+pub mod peer;
+
+use crate::capture::memory::ProcessMemory;
+use crate::capture::procfs::{self, Mapping};
 use anyhow::{bail, Context, Result};
 use blazesym::inspect::source::{Elf, Source};
 use blazesym::inspect::Inspector;
@@ -36,7 +41,7 @@ pub fn find_header(pid: i32) -> Result<u64> {
         bail!("no permission to inspect process {pid}, or it is a kernel thread");
     }
     let addr = header_in(pid, &maps)?;
-    if matches!(crate::attach::agent_state(pid), Ok(Some(2))) {
+    if matches!(crate::agent::attach::agent_state(pid), Ok(Some(2))) {
         bail!("process {pid} was attached and then detached: its agent records nothing (kal attach {pid} first)");
     }
     Ok(addr)

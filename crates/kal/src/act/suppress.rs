@@ -9,9 +9,9 @@
 //! [`crate::classify_with`] classifies again with them as roots, so blocks a suppressed leak
 //! owns are not reported as indirect leaks.
 
+use crate::attribute::symbolize::{Frame, Symbols};
 use crate::capture::Capture;
 use crate::reach::Kind;
-use crate::symbolize::{Frame, Symbols};
 use anyhow::{Context, Result};
 use std::path::Path;
 

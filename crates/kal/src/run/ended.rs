@@ -36,7 +36,7 @@ impl End {
 /// The one line kal prints for a process it could not read.
 pub fn line(pid: i32, end: End) -> String {
     let how = match end {
-        End::Signal(s) => format!("died of {}", crate::fatal::signal_name(s)),
+        End::Signal(s) => format!("died of {}", crate::capture::fatal::signal_name(s)),
         End::Code(c) => format!("ended (exit status {c}) without calling exit or _exit"),
         End::Unknown => "ended without telling kal (killed by a signal?)".to_string(),
     };
@@ -141,14 +141,15 @@ impl Pending {
                     .unwrap_or(End::Unknown),
             ));
         };
-        let state = crate::procfs::stat_field(&stat, 0).unwrap_or("");
+        let state = crate::capture::procfs::stat_field(&stat, 0).unwrap_or("");
         if state == "Z" || state == "X" {
-            return match crate::procfs::stat_field(&stat, 49).and_then(|c| c.parse().ok()) {
+            return match crate::capture::procfs::stat_field(&stat, 49).and_then(|c| c.parse().ok())
+            {
                 Some(c) => Some(Some(End::from_wait_status(c))),
                 None => Some(Some(End::Unknown)),
             };
         }
-        let flags: u64 = crate::procfs::stat_field(&stat, 6)
+        let flags: u64 = crate::capture::procfs::stat_field(&stat, 6)
             .and_then(|f| f.parse().ok())
             .unwrap_or(0);
         if flags & PF_EXITING == 0 {

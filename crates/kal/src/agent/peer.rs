@@ -40,7 +40,7 @@ pub fn peer_cred(stream: &impl AsRawFd) -> Option<(i32, u32)> {
 /// The parent of process `pid`, from `/proc/PID/stat`.
 pub fn parent_of(pid: i32) -> Option<i32> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    crate::procfs::stat_field(&stat, 1)?.parse().ok()
+    crate::capture::procfs::stat_field(&stat, 1)?.parse().ok()
 }
 
 /// Whether `pid` is `ancestor` or one of its descendants.

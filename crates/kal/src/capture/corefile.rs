@@ -17,14 +17,14 @@
 //! With kal's agent in the core (a program run under `kal run`), blocks and stacks come
 //! from its table, as in a live check; otherwise from glibc's heap, walked in the core.
 
+use crate::act::report;
+use crate::capture::freeze::ThreadRegs;
+use crate::capture::freeze_copy::Extras;
+use crate::capture::memory::{Memory, Unreadable};
+use crate::capture::procfs::{Mapping, SmapsEntry};
+use crate::capture::source::Source;
 use crate::capture::{Capture, Gap};
 use crate::check::Check;
-use crate::freeze::ThreadRegs;
-use crate::freeze_copy::Extras;
-use crate::memory::{Memory, Unreadable};
-use crate::procfs::{Mapping, SmapsEntry};
-use crate::report;
-use crate::source::Source;
 use anyhow::{anyhow, bail, Context, Result};
 use object::elf;
 use object::read::elf::{FileHeader, ProgramHeader};
@@ -184,7 +184,7 @@ impl Memory for CoreMemory {
             .take_while(|z| z.0 < end)
             .copied()
             .collect();
-        crate::ranges::subtract(&[(start, end)], &zeros)
+        crate::reach::ranges::subtract(&[(start, end)], &zeros)
     }
 }
 
@@ -744,11 +744,11 @@ pub fn check(path: &Path, exe: Option<&Path>, opts: &report::Options) -> Result<
         Some(h) => crate::capture::capture_table(&mut core, h)?,
         None => {
             let maps: Vec<Mapping> = core.smaps.iter().map(|e| e.mapping.clone()).collect();
-            crate::agentless::ensure_glibc_heap(
+            crate::capture::agentless::ensure_glibc_heap(
                 &maps,
                 &format!("the process of core file {}", path.display()),
             )?;
-            let mut cap = crate::agentless::capture_source(&mut core)?;
+            let mut cap = crate::capture::agentless::capture_source(&mut core)?;
             // A detached agent's tables still name blocks: they are not the program's
             // pointers.
             if let Some(h) = core.detached {
@@ -761,16 +761,19 @@ pub fn check(path: &Path, exe: Option<&Path>, opts: &report::Options) -> Result<
     };
     let kinds = crate::classify_with(&cap, &opts.suppressions);
     let scan = started.elapsed();
-    let symbols = crate::symbolize::Symbols::new().without(core.unusable.clone());
+    let symbols = crate::attribute::symbolize::Symbols::new().without(core.unusable.clone());
     let mut report = report::build(&cap, &kinds, &symbols, opts, &Default::default());
     report.scan_ms = Some(scan.as_secs_f64() * 1e3);
     report.note = Some(match header {
         Some(_) => NO_KERNEL_STATE.to_string(),
-        None => format!("{}; {NO_KERNEL_STATE}", crate::agentless::NO_STACKS),
+        None => format!(
+            "{}; {NO_KERNEL_STATE}",
+            crate::capture::agentless::NO_STACKS
+        ),
     });
     if header.is_none() {
         // No stacks to group by: blocks are grouped by what they are, as live.
-        report.leaks = crate::contents::describe(&cap, &kinds, |k| {
+        report.leaks = crate::attribute::contents::describe(&cap, &kinds, |k| {
             k != crate::reach::Kind::Reachable || opts.show_reachable
         });
     }

@@ -18,11 +18,11 @@
 //! constructor sees it was not preloaded and redirects the GOT of every module while the
 //! other threads are still stopped.
 
-use crate::freeze::{Frozen, ThreadRegs};
-use crate::memory::{Memory, ProcessMemory};
-use crate::procfs::{self, Mapping};
-use crate::tracee::ptrace;
-use crate::tracee::waitpid;
+use crate::capture::freeze::{Frozen, ThreadRegs};
+use crate::capture::memory::{Memory, ProcessMemory};
+use crate::capture::procfs::{self, Mapping};
+use crate::capture::tracee::ptrace;
+use crate::capture::tracee::waitpid;
 use anyhow::{bail, Context, Result};
 use blazesym::inspect::source::{Elf, Source};
 use blazesym::inspect::Inspector;
@@ -451,7 +451,7 @@ fn run_stub(
     let page = if call.page != 0 {
         call.page
     } else {
-        let sc = crate::snapshot::find_syscall(pid)?;
+        let sc = crate::capture::snapshot::find_syscall(pid)?;
         let prot = (libc::PROT_READ | libc::PROT_WRITE | libc::PROT_EXEC) as u64;
         let flags = (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS) as u64;
         let rc = syscall(
@@ -510,7 +510,7 @@ fn run_stub(
     n.orig_rax = u64::MAX; // no restart: the stub restarts the call itself
     ptrace::setregs(p, n).context("cannot set registers")?;
     ptrace::cont(p, None).context("cannot resume the attaching thread")?;
-    crate::snapshot::test_hold("attach");
+    crate::capture::snapshot::test_hold("attach");
     let mem = ProcessMemory::new(pid);
     let deadline = Instant::now() + LOAD_DEADLINE;
     loop {
@@ -585,7 +585,7 @@ fn run_stub(
 }
 
 /// Runs system call `nr(args)` in stopped thread `tid` (registers `saved`) with the
-/// `syscall` instruction at `at` (see [`crate::snapshot::inject`]).
+/// `syscall` instruction at `at` (see [`crate::capture::snapshot::inject`]).
 fn syscall(
     frozen: &mut Frozen,
     tid: i32,
@@ -594,7 +594,7 @@ fn syscall(
     nr: u64,
     args: [u64; 6],
 ) -> Result<i64> {
-    crate::snapshot::inject(frozen, tid, saved, at, nr, args).map(|(rc, _)| rc)
+    crate::capture::snapshot::inject(frozen, tid, saved, at, nr, args).map(|(rc, _)| rc)
 }
 
 /// Detaches the agent that `kal attach` loaded into process `pid`: its GOT slots are put
@@ -609,7 +609,7 @@ pub fn detach(pid: i32) -> Result<()> {
         Some(_) => {}
     }
     let header = crate::agent::find_header(pid)?;
-    let agent = crate::control::Agent::at(pid, header)?;
+    let agent = crate::agent::control::Agent::at(pid, header)?;
     if !agent.detach()? {
         bail!("the kal agent of process {pid} refused to detach");
     }

@@ -178,7 +178,7 @@ pub fn read_words_gaps(mem: &dyn Memory, addr: u64, len: usize) -> (Words, Vec<(
             }
         }
     }
-    (w, crate::ranges::normalize(gaps))
+    (w, crate::reach::ranges::normalize(gaps))
 }
 
 /// After a read of `[addr, addr + buf.len())` failed: the pages that really cannot be read
@@ -536,7 +536,7 @@ impl Image {
         let taken: Vec<(u64, u64)> = other.segments.iter().map(|g| (g.start, g.end())).collect();
         let mut kept = Vec::with_capacity(self.segments.len() + other.segments.len());
         for g in std::mem::take(&mut self.segments) {
-            for (s, e) in crate::ranges::subtract(&[(g.start, g.end())], &taken) {
+            for (s, e) in crate::reach::ranges::subtract(&[(g.start, g.end())], &taken) {
                 let a = ((s - g.start) / 8) as usize;
                 let mut words = Words::zeroed(((e - s) / 8) as usize);
                 words

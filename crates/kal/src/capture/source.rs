@@ -1,13 +1,13 @@
 //! Step 1's one interface: where a capture's memory, mappings and registers come from. A
-//! live process (frozen, or its snapshot copy) and an ELF core file ([`crate::corefile`]) both
+//! live process (frozen, or its snapshot copy) and an ELF core file ([`crate::capture::corefile`]) both
 //! implement [`Source`], and the capture code ([`crate::capture::capture_table`],
-//! [`crate::agentless::capture_source`]) reads only through it: roots, reach, attribution
+//! [`crate::capture::agentless::capture_source`]) reads only through it: roots, reach, attribution
 //! and report never know which one it was.
 
-use crate::freeze::ThreadRegs;
-use crate::freeze_copy::Extras;
-use crate::memory::{Memory, ProcessMemory};
-use crate::procfs::{self, SmapsEntry};
+use crate::capture::freeze::ThreadRegs;
+use crate::capture::freeze_copy::Extras;
+use crate::capture::memory::{Memory, ProcessMemory};
+use crate::capture::procfs::{self, SmapsEntry};
 use anyhow::Result;
 
 /// A consistent view of one process: its memory, mappings and every thread's registers.
@@ -72,7 +72,7 @@ impl Source for Live {
     }
 
     fn rss(&self) -> u64 {
-        crate::control::rss(self.pid).unwrap_or(0)
+        crate::agent::control::rss(self.pid).unwrap_or(0)
     }
 
     fn take_extras(&mut self) -> Extras {

@@ -1,12 +1,12 @@
 //! `kal run --check-every D`: periodic live checks, each telling what is new since the last.
 
+use crate::act::reclaim::{self, Policy};
+use crate::act::report::{self, Report, Totals};
+use crate::capture::fatal::Crashing;
 use crate::capture::Block;
 use crate::check::{check_with_header, Check};
-use crate::fatal::Crashing;
-use crate::pace::{self, Pacer, Round};
 use crate::reach::Kind;
-use crate::reclaim::{self, Policy};
-use crate::report::{self, Report, Totals};
+use crate::run::pace::{self, Pacer, Round};
 use anyhow::{bail, Result};
 use serde::Serialize;
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -98,7 +98,7 @@ struct Line<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     reclaim_refused: Option<&'a str>,
     /// Stacks of sites contradicted since the previous check.
-    new_contradictions: Vec<&'a [crate::symbolize::Frame]>,
+    new_contradictions: Vec<&'a [crate::attribute::symbolize::Frame]>,
     /// Due checks skipped since the previous one because a check was still running.
     skipped: u64,
     /// How long this check was held back to keep kal under `--max-cpu`.
@@ -146,7 +146,7 @@ pub struct Periodic {
     count: u64,
     policy: Option<Policy>,
     /// Per process: contradicted sites (symbolized stacks) already reported.
-    contradicted: HashMap<i32, Vec<Vec<crate::symbolize::Frame>>>,
+    contradicted: HashMap<i32, Vec<Vec<crate::attribute::symbolize::Frame>>>,
     /// Processes found dying: never checked again.
     dying: HashSet<i32>,
 }
@@ -159,7 +159,7 @@ struct Outcome<'a> {
     new_leaks: Vec<report::Record>,
     done: Option<reclaim::Done>,
     refused: Option<(String, bool)>,
-    contradictions: Vec<&'a [crate::symbolize::Frame]>,
+    contradictions: Vec<&'a [crate::attribute::symbolize::Frame]>,
     round: Round,
     cpu: Duration,
     wall: Duration,
@@ -225,7 +225,7 @@ impl Periodic {
         let (new, new_leaks) = self.new_records(&c, &fresh);
         let mut done = None;
         let mut refused = None;
-        let agent = crate::control::Agent::at(pid, header);
+        let agent = crate::agent::control::Agent::at(pid, header);
         let outcome = match (self.policy.as_mut(), agent) {
             (None, _) => None,
             (Some(p), Ok(a)) => Some(p.after_check(&a, &c)),
@@ -267,9 +267,9 @@ impl Periodic {
     /// Handles a failed check: a process that died meanwhile is let go quietly, a dying
     /// one is announced once and left alone; any other failure is returned.
     fn dying_or(&mut self, pid: i32, quiet: bool, e: anyhow::Error) -> Result<()> {
-        let found = crate::fatal::dying(pid).map(|why| Crashing { pid, why });
+        let found = crate::capture::fatal::dying(pid).map(|why| Crashing { pid, why });
         let Some(crash) = e.downcast_ref::<Crashing>().copied().or(found) else {
-            if crate::fatal::ended(pid) {
+            if crate::capture::fatal::ended(pid) {
                 self.dying.insert(pid);
                 return Ok(());
             }
@@ -286,7 +286,7 @@ impl Periodic {
         &mut self,
         pid: i32,
         c: &'a Check,
-    ) -> Vec<&'a [crate::symbolize::Frame]> {
+    ) -> Vec<&'a [crate::attribute::symbolize::Frame]> {
         let known = self.contradicted.entry(pid).or_default();
         let mut new = Vec::new();
         for st in &c.report.reclaimed.never_again {
@@ -407,14 +407,14 @@ impl Periodic {
                 rec.bytes,
                 rec.blocks,
                 rec.kind.name(),
-                crate::site::where_(&rec.stack)
+                crate::attribute::site::where_(&rec.stack)
             );
         }
         if let Some((why, true)) = &o.refused {
             let _ = writeln!(s, "{head} not reclaiming in this process: {why}");
         }
         if let Some(d) = &o.done {
-            let rss = || crate::control::rss(r.pid).unwrap_or(0) as f64 / (1 << 20) as f64;
+            let rss = || crate::agent::control::rss(r.pid).unwrap_or(0) as f64 / (1 << 20) as f64;
             if let Some(why) = &d.unavailable {
                 let _ = writeln!(s, "{head} not parking in this process: {why}");
             }
@@ -481,7 +481,7 @@ impl Periodic {
                         "    would {verb} {} bytes in {} blocks at {}",
                         t.bytes,
                         t.blocks,
-                        crate::site::where_(stack)
+                        crate::attribute::site::where_(stack)
                     );
                 }
             }
@@ -490,7 +490,7 @@ impl Periodic {
             let _ = writeln!(
                 s,
                 "{head} contradiction: the program freed a block kal had reclaimed, or touched one kal had parked, allocated at {}; that site is never reclaimed again",
-                crate::site::where_(st)
+                crate::attribute::site::where_(st)
             );
         }
         s

@@ -146,7 +146,7 @@ pub fn fatal_for(pid: i32, sig: i32) -> bool {
 /// that is gone, or whose threads are all zombies, is not "dying": it is dead, and the
 /// caller finds that out on its own.
 pub fn dying(pid: i32) -> Option<Dying> {
-    let tasks = crate::procfs::tasks(pid).unwrap_or_default();
+    let tasks = crate::capture::procfs::tasks(pid).unwrap_or_default();
     for tid in tasks.into_iter().chain(std::iter::once(pid)) {
         let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/status")) else {
             continue;
@@ -167,7 +167,7 @@ pub fn dying(pid: i32) -> Option<Dying> {
 
 /// Whether process `pid` has ended: gone from `/proc`, or only zombie threads left.
 pub fn ended(pid: i32) -> bool {
-    let tasks = crate::procfs::tasks(pid).unwrap_or_default();
+    let tasks = crate::capture::procfs::tasks(pid).unwrap_or_default();
     !tasks.iter().any(|tid| {
         std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/status"))
             .map(|t| !matches!(parse_status(&t).state, 'Z' | 'X'))

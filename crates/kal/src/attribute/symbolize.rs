@@ -1,7 +1,7 @@
 //! Step 4a: return addresses to function, file and line, with blazesym (DWARF, debug links
 //! under `/usr/lib/debug`, C++ and Rust demangling, inlined calls expanded).
 
-use crate::procfs::Mapping;
+use crate::capture::procfs::Mapping;
 use blazesym::symbolize::source::{Elf, Source};
 use blazesym::symbolize::{Input, Symbolized, Symbolizer};
 use std::collections::HashMap;
@@ -66,7 +66,7 @@ impl Symbols {
         // Per module: (return address, file offset of the call, module address of the
         // return address).
         let mut by_module: HashMap<&str, Vec<(u64, u64, u64)>> = HashMap::new();
-        let mut segments: HashMap<&str, Vec<crate::elf::Segment>> = HashMap::new();
+        let mut segments: HashMap<&str, Vec<crate::agent::elf::Segment>> = HashMap::new();
         let mut out = HashMap::new();
         for &a in addrs {
             // Return addresses point after the call: look up the call instruction itself.
@@ -80,8 +80,8 @@ impl Symbols {
                 Some(m) => {
                     let segs = segments
                         .entry(&m.path)
-                        .or_insert_with(|| crate::elf::load_segments(m.path.as_ref()));
-                    let off = crate::elf::vaddr_of(segs, a - m.start + m.offset);
+                        .or_insert_with(|| crate::agent::elf::load_segments(m.path.as_ref()));
+                    let off = crate::agent::elf::vaddr_of(segs, a - m.start + m.offset);
                     by_module
                         .entry(&m.path)
                         .or_default()

@@ -67,7 +67,7 @@ impl WithoutAgent {
 
     /// The connection of process `pid` closed without an exit message.
     pub fn closed(&mut self, pid: i32) {
-        let exe = crate::procfs::exe(pid);
+        let exe = crate::capture::procfs::exe(pid);
         match self.look(pid) {
             Seen::Gone => {}
             Seen::NotPreloaded => say_not_preloaded(pid, &exe),
@@ -85,7 +85,7 @@ impl WithoutAgent {
     pub fn poll(&mut self, last: bool) {
         let waiting = std::mem::take(&mut self.waiting);
         for mut e in waiting {
-            let exe = crate::procfs::exe(e.pid);
+            let exe = crate::capture::procfs::exe(e.pid);
             if !exe.is_empty() {
                 e.exe = exe;
             }
@@ -116,7 +116,7 @@ impl WithoutAgent {
         // An ending process (a zombie included) has no memory left: no mappings.
         let (Ok(env), Ok(maps)) = (
             std::fs::read(format!("/proc/{pid}/environ")),
-            crate::procfs::maps(pid),
+            crate::capture::procfs::maps(pid),
         ) else {
             return Seen::Gone;
         };

@@ -6,11 +6,11 @@
 //! sample of one block's contents: its text when it starts with one, else its first bytes
 //! in hex.
 
+use crate::act::report::{Record, Totals};
+use crate::attribute::symbolize::demangle;
+use crate::capture::procfs::Mapping;
 use crate::capture::Capture;
-use crate::procfs::Mapping;
 use crate::reach::Kind;
-use crate::report::{Record, Totals};
-use crate::symbolize::demangle;
 use blazesym::symbolize::source::{Elf, Source};
 use blazesym::symbolize::{Input, Symbolized, Symbolizer};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -66,9 +66,9 @@ fn file_maps(maps: &[Mapping]) -> Vec<&Mapping> {
         .iter()
         .filter(|m| {
             m.is_file()
-                && *elf
-                    .entry(m.path.as_str())
-                    .or_insert_with(|| !crate::elf::load_segments(m.path.as_ref()).is_empty())
+                && *elf.entry(m.path.as_str()).or_insert_with(|| {
+                    !crate::agent::elf::load_segments(m.path.as_ref()).is_empty()
+                })
         })
         .collect();
     v.sort_by_key(|m| m.start);
@@ -89,8 +89,9 @@ fn symbols_of(files: &[&Mapping], addrs: &BTreeSet<u64>) -> HashMap<u64, Target>
     let mut bias: HashMap<&str, u64> = HashMap::new();
     for m in files {
         bias.entry(m.path.as_str()).or_insert_with(|| {
-            let segs = crate::elf::load_segments(m.path.as_ref());
-            m.start.wrapping_sub(crate::elf::vaddr_of(&segs, m.offset))
+            let segs = crate::agent::elf::load_segments(m.path.as_ref());
+            m.start
+                .wrapping_sub(crate::agent::elf::vaddr_of(&segs, m.offset))
         });
     }
     let mut by_module: HashMap<&str, Vec<(u64, u64)>> = HashMap::new();
@@ -110,7 +111,7 @@ fn symbols_of(files: &[&Mapping], addrs: &BTreeSet<u64>) -> HashMap<u64, Target>
         .build();
     let mut out = HashMap::new();
     for (path, list) in by_module {
-        let module = crate::site::base_name(path).to_string();
+        let module = crate::attribute::site::base_name(path).to_string();
         let mut elf = Elf::new(path);
         elf.debug_syms = false;
         let vaddrs: Vec<u64> = list.iter().map(|x| x.1).collect();

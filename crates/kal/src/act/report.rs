@@ -1,9 +1,9 @@
 //! Step 5: leak records grouped by allocation stack, as text (LSan-like) and JSON.
 
+use crate::act::suppress::Suppressions;
+use crate::attribute::symbolize::{Frame, Symbols};
 use crate::capture::{Block, Capture};
 use crate::reach::Kind;
-use crate::suppress::Suppressions;
-use crate::symbolize::{Frame, Symbols};
 use anyhow::{Context, Result};
 use serde::Serialize;
 use std::collections::{BTreeMap, HashMap};
@@ -78,7 +78,7 @@ pub struct Record {
     pub site: u32,
     /// Without allocation stacks (a check without the agent): what the blocks are.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub contents: Option<crate::contents::Contents>,
+    pub contents: Option<crate::attribute::contents::Contents>,
 }
 
 /// Suppressed records, counted.
@@ -415,9 +415,9 @@ pub fn text(r: &Report, frames: usize) -> String {
         }
         for (i, f) in rec.stack.iter().take(frames).enumerate() {
             let module = if f.line == 0 && !f.module.is_empty() {
-                crate::site::module_offset(f)
+                crate::attribute::site::module_offset(f)
             } else {
-                crate::site::base_name(&f.module).to_string()
+                crate::attribute::site::base_name(&f.module).to_string()
             };
             let loc = if f.file.is_empty() {
                 String::new()
@@ -527,7 +527,7 @@ pub fn text(r: &Report, frames: usize) -> String {
 
 /// A record without a stack: what its blocks are (type, or size and what they point
 /// into) and a sample of one.
-fn contents_text(s: &mut String, rec: &Record, c: &crate::contents::Contents) {
+fn contents_text(s: &mut String, rec: &Record, c: &crate::attribute::contents::Contents) {
     let what = match (&c.type_name, c.block_size) {
         (Some(t), _) => format!("of type {t}"),
         (None, Some(size)) => format!("of {}", plural(size, "byte")),
@@ -576,8 +576,8 @@ fn mib(b: u64) -> String {
     format!("{:.1} MiB", b as f64 / (1 << 20) as f64)
 }
 
-/// The site of a stack in one line (see [`crate::site`]).
-pub use crate::site::where_;
+/// The site of a stack in one line (see [`crate::attribute::site`]).
+pub use crate::attribute::site::where_;
 
 /// Writes the JSON report.
 pub fn write_json(r: &Report, path: &Path) -> Result<()> {

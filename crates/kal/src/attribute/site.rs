@@ -2,7 +2,7 @@
 //! in the C library, the dynamic loader, the language runtime or kal's agent — so a
 //! program without debug info still gets `prog+0x1189`, never `__libc_start_call_main`.
 
-use crate::symbolize::Frame;
+use crate::attribute::symbolize::Frame;
 
 /// File-name prefixes of modules that are not the program's own: the C library and the
 /// loader, the C++/Rust runtime pieces allocation goes through, allocators, kal's agent.

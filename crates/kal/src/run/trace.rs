@@ -11,7 +11,7 @@
 //! process ending by a signal is held, for the capture ([`Event::Dying`]).
 //!
 //! kal traces from its main thread only (ptrace requests come from the tracing thread), and
-//! [`crate::freeze`] knows the threads kept traced ([`crate::freeze::keep`]), so kal's own
+//! [`crate::capture::freeze`] knows the threads kept traced ([`crate::capture::freeze::keep`]), so kal's own
 //! freezes interrupt them rather than seize them. If kal dies, the kernel detaches them and
 //! the program runs on.
 //!
@@ -19,7 +19,7 @@
 //! `kal run` to lend it ([`borrow`], `MsgKind::Lend`); kal run lets go of the process until
 //! that connection closes, then traces it again.
 
-use crate::freeze::{is_stop_signal, keep, listen, unkeep, Frozen};
+use crate::capture::freeze::{is_stop_signal, keep, listen, unkeep, Frozen};
 use anyhow::{bail, Context, Result};
 use nix::errno::Errno;
 use nix::sys::ptrace;
@@ -116,9 +116,9 @@ impl Tracer {
         }
         let mut gone: Vec<i32> = Vec::new();
         loop {
-            let new: Vec<i32> = crate::procfs::tasks(pid)?
+            let new: Vec<i32> = crate::capture::procfs::tasks(pid)?
                 .into_iter()
-                .filter(|t| !gone.contains(t) && !crate::freeze::is_kept(*t))
+                .filter(|t| !gone.contains(t) && !crate::capture::freeze::is_kept(*t))
                 .collect();
             if new.is_empty() {
                 return Ok(());
@@ -174,7 +174,7 @@ impl Tracer {
             self.tids.remove(&tid);
             out.push(Event::Reaped(tid, st));
         }
-        let mut handed = crate::freeze::take_handed_back();
+        let mut handed = crate::capture::freeze::take_handed_back();
         loop {
             let (tid, st) = if let Some(tid) = handed.pop() {
                 // A freeze found it at its exit event and left it there.
@@ -219,10 +219,10 @@ impl Tracer {
                         });
                         // Events already taken from a freeze go back for the next round.
                         if !handed.is_empty() {
-                            let mut h = crate::freeze::take_handed_back();
+                            let mut h = crate::capture::freeze::take_handed_back();
                             h.extend(handed);
                             for t in h {
-                                crate::freeze::hand_back(t);
+                                crate::capture::freeze::hand_back(t);
                             }
                         }
                         return out;
@@ -278,8 +278,8 @@ impl Tracer {
         let alive = std::fs::read_to_string(format!("/proc/{pid}/stat"))
             .ok()
             .and_then(|s| {
-                let state = crate::procfs::stat_field(&s, 0)?.to_string();
-                let flags: u64 = crate::procfs::stat_field(&s, 6)?.parse().ok()?;
+                let state = crate::capture::procfs::stat_field(&s, 0)?.to_string();
+                let flags: u64 = crate::capture::procfs::stat_field(&s, 6)?.parse().ok()?;
                 Some(state != "Z" && state != "X" && flags & 4 == 0)
             })
             .unwrap_or(false);
@@ -348,9 +348,9 @@ fn let_exit(tid: i32) {
 static REAPED: std::sync::Mutex<Vec<(i32, i32)>> = std::sync::Mutex::new(Vec::new());
 
 /// Resumes the stops of kal's tracees while kal waits for an agent's answer (the wait hook
-/// of [`crate::control`]): signal-delivery stops with their signal, group-stops listen,
+/// of [`crate::agent::control`]): signal-delivery stops with their signal, group-stops listen,
 /// new threads and clone events go on. Exit events are left stopped for the tracer
-/// ([`crate::freeze::hand_back`]), and ends are kept for it.
+/// ([`crate::capture::freeze::hand_back`]), and ends are kept for it.
 pub fn service_stops() {
     loop {
         let mut st = 0;
@@ -371,7 +371,9 @@ pub fn service_stops() {
         }
         keep(tid);
         match st >> 16 {
-            libc::PTRACE_EVENT_EXIT if death_signal(tid) != 0 => crate::freeze::hand_back(tid),
+            libc::PTRACE_EVENT_EXIT if death_signal(tid) != 0 => {
+                crate::capture::freeze::hand_back(tid)
+            }
             libc::PTRACE_EVENT_EXIT => let_exit(tid),
             _ => pass_on(tid, st),
         }

@@ -4,13 +4,13 @@
 //! freeze fail, and dropping a [`Frozen`] always detaches, re-delivering any signal that
 //! arrived meanwhile, so the target is never left stopped or traced.
 //!
-//! Threads that `kal run`'s tracer keeps traced ([`crate::trace`], registered with
+//! Threads that `kal run`'s tracer keeps traced ([`crate::run::trace`], registered with
 //! [`keep`]) are interrupted instead of seized, and resumed instead of detached when the
 //! freeze ends (a group-stopped one listens again; one found at its exit event is handed
 //! back to the tracer, see [`take_handed_back`]). A capture at exit lets go of them.
 
-use crate::tracee::ptrace;
-use crate::tracee::waitpid;
+use crate::capture::tracee::ptrace;
+use crate::capture::tracee::waitpid;
 use anyhow::{bail, Context, Result};
 use nix::errno::Errno;
 use nix::sys::signal::Signal;
@@ -94,7 +94,7 @@ fn is_exiting(pid: i32, tid: i32) -> bool {
     let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/stat")) else {
         return true;
     };
-    let flags: u64 = crate::procfs::stat_field(&stat, 6)
+    let flags: u64 = crate::capture::procfs::stat_field(&stat, 6)
         .and_then(|f| f.parse().ok())
         .unwrap_or(0);
     flags & 4 != 0
@@ -148,7 +148,7 @@ pub struct Frozen {
     kept: Vec<i32>,
     /// A loan of the process from the `kal run` tracing it, held until after the detach
     /// (fields drop after `Drop::drop`).
-    _loan: Option<crate::trace::Loan>,
+    _loan: Option<crate::run::trace::Loan>,
     /// Kept threads stopped in a group-stop (they listen again) and at their exit event
     /// (handed back to the tracer).
     group_stopped: Vec<i32>,
@@ -217,7 +217,7 @@ fn is_zombie(pid: i32, tid: i32) -> bool {
     let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/stat")) else {
         return true;
     };
-    crate::procfs::stat_field(&stat, 0).is_some_and(|s| s == "Z" || s == "X")
+    crate::capture::procfs::stat_field(&stat, 0).is_some_and(|s| s == "Z" || s == "X")
 }
 
 /// How long a thread stopped at its exit is held while the exiting thread's event is
@@ -230,7 +230,7 @@ const STOP_DEADLINE: Duration = Duration::from_secs(2);
 impl Frozen {
     /// A freeze of `pid` holding no thread yet, started at `started`, with the loan (if
     /// any) that lends it from the `kal run` tracing it.
-    fn empty(pid: i32, started: Instant, loan: Option<crate::trace::Loan>) -> Frozen {
+    fn empty(pid: i32, started: Instant, loan: Option<crate::run::trace::Loan>) -> Frozen {
         Frozen {
             pid,
             threads: Vec::new(),
@@ -256,7 +256,7 @@ impl Frozen {
     /// ([`eintr_call`]; see [`Frozen::left_running`]).
     pub fn freeze_except(pid: i32, skip: i32, leave_blocked: bool) -> Result<Frozen> {
         // A process another kal run traces is lent to this kal first.
-        let loan = crate::trace::borrow(pid, leave_blocked);
+        let loan = crate::run::trace::borrow(pid, leave_blocked);
         let started = Instant::now();
         let mut f = Frozen::empty(pid, started, loan);
         f.skip = skip;
@@ -438,7 +438,7 @@ impl Frozen {
         // Threads that exited (still listed for a moment, or as a zombie main thread).
         let mut gone: Vec<i32> = Vec::new();
         loop {
-            let mut new: Vec<i32> = crate::procfs::tasks(pid)?
+            let mut new: Vec<i32> = crate::capture::procfs::tasks(pid)?
                 .into_iter()
                 .filter(|t| {
                     *t != self.skip
@@ -567,11 +567,11 @@ impl Frozen {
 
     /// Seizes and stops one thread of `pid` (`tid`, or any if that one is gone).
     pub fn freeze_one(pid: i32, tid: i32) -> Result<Frozen> {
-        let loan = crate::trace::borrow(pid, false);
+        let loan = crate::run::trace::borrow(pid, false);
         let started = Instant::now();
         let mut f = Frozen::empty(pid, started, loan);
         let mut candidates = vec![tid];
-        candidates.extend(crate::procfs::tasks(pid)?);
+        candidates.extend(crate::capture::procfs::tasks(pid)?);
         for t in candidates {
             let kept = is_kept(t);
             if !kept && ptrace::seize(Pid::from_raw(t), ptrace::Options::empty()).is_err() {
@@ -613,17 +613,17 @@ impl Frozen {
     pub fn fatal_signal(&self) -> Option<(i32, i32)> {
         self.threads.iter().find_map(|&(tid, sig)| {
             let sig = sig? as i32;
-            crate::fatal::fatal_for(self.pid, sig).then_some((tid, sig))
+            crate::capture::fatal::fatal_for(self.pid, sig).then_some((tid, sig))
         })
     }
 
-    /// Fails with [`crate::fatal::Crashing`] when a frozen thread was stopped delivering a
+    /// Fails with [`crate::capture::fatal::Crashing`] when a frozen thread was stopped delivering a
     /// fatal signal; dropping `self` then detaches and lets the signal be delivered.
     pub fn ensure_not_crashing(&self) -> Result<()> {
         match self.fatal_signal() {
-            Some((_, sig)) => Err(crate::fatal::Crashing {
+            Some((_, sig)) => Err(crate::capture::fatal::Crashing {
                 pid: self.pid,
-                why: crate::fatal::Dying::Signal(sig),
+                why: crate::capture::fatal::Dying::Signal(sig),
             }
             .into()),
             None => Ok(()),
@@ -663,7 +663,8 @@ impl Frozen {
             match ptrace::getregs(Pid::from_raw(tid)) {
                 Ok(regs) => out.push(ThreadRegs { tid, regs }),
                 Err(Errno::ESRCH)
-                    if !crate::procfs::tasks(self.pid).is_ok_and(|t| t.contains(&tid)) => {}
+                    if !crate::capture::procfs::tasks(self.pid).is_ok_and(|t| t.contains(&tid)) => {
+                }
                 Err(_) => missing += 1,
             }
         }
