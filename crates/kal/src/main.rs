@@ -53,13 +53,20 @@ struct ReportArgs {
 }
 
 impl ReportArgs {
-    /// The report options, with the suppressions file read; fails early on a JSON path
-    /// that cannot be written.
+    /// The outputs asked for (`json_lines`: the JSON file gets one document per line);
+    /// fails early on an output file that cannot be written.
+    fn outputs(&self, json_lines: bool) -> Result<kal::act::sink::Outputs> {
+        let o = kal::act::sink::Outputs {
+            text: (!self.quiet).then_some(self.frames),
+            json: self.json.clone(),
+            json_lines,
+        };
+        o.check_files()?;
+        Ok(o)
+    }
+
+    /// The report options, with the suppressions file read.
     fn options(&self) -> Result<kal::act::report::Options> {
-        if let Some(j) = &self.json {
-            std::fs::File::create(j)
-                .map_err(|e| anyhow!("cannot write JSON report to {}: {e}", j.display()))?;
-        }
         let suppressions = match &self.suppressions {
             Some(p) => kal::act::suppress::Suppressions::load(p)?,
             None => Default::default(),
@@ -296,17 +303,13 @@ enum Target {
 }
 
 fn check(target: Target, args: &ReportArgs) -> Result<i32> {
+    let outputs = args.outputs(false)?;
     let opts = args.options()?;
     let c = match target {
         Target::Pid(pid) => kal::check::check(pid, &opts)?,
         Target::Core(core, exe) => kal::capture::corefile::check(&core, exe.as_deref(), &opts)?,
     };
-    if !args.quiet {
-        kal::say_raw!("{}", kal::act::report::text(&c.report, args.frames));
-    }
-    if let Some(j) = &args.json {
-        kal::act::report::write_json(&c.report, j)?;
-    }
+    outputs.write(&c.report, &Default::default())?;
     Ok(if c.report.summary.direct.blocks > 0 {
         args.error_exitcode
     } else {
@@ -320,13 +323,12 @@ fn reclaim(
     reclaim_args: &ReclaimArgs,
     args: &ReportArgs,
 ) -> Result<i32> {
+    let outputs = args.outputs(false)?;
     let opts = args.options()?;
     let config = reclaim_args.config(mode)?;
     let (r, done, before, after) = kal::act::reclaim::reclaim_now(pid, &opts, config)?;
-    if !args.quiet {
-        // The report lists each reclaimed site once, under "reclaimed so far".
-        kal::say_raw!("{}", kal::act::report::text(&r, args.frames));
-    }
+    // The report lists each reclaimed site once, under "reclaimed so far".
+    let written = outputs.write(&r, &Default::default());
     if let Some(why) = &done.unavailable {
         kal::say!("kal: not parking in process {pid}: {why}");
     }
@@ -356,9 +358,7 @@ fn reclaim(
             mib(after)
         );
     }
-    if let Some(j) = &args.json {
-        kal::act::report::write_json(&r, j)?;
-    }
+    written?;
     Ok(0)
 }
 
@@ -410,17 +410,16 @@ fn run(
     trace: bool,
     command: Vec<OsString>,
 ) -> Result<i32> {
+    let outputs = report.outputs(check_every.is_some())?;
     let opts = report.options()?;
     let mut command = command.into_iter();
     let program = command.next().ok_or_else(|| anyhow!("no program to run"))?;
     kal::run::run(&kal::run::RunOptions {
         program,
         args: command.collect(),
-        json: report.json.clone(),
+        outputs,
         report: opts,
         error_exitcode: report.error_exitcode,
-        frames: report.frames,
-        quiet: report.quiet,
         check_every,
         reclaim,
         max_cpu_percent: max_cpu,

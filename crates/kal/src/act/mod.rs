@@ -1,7 +1,10 @@
-//! Step 5 of the pipeline: what kal does with a classified heap — reports in text and
-//! JSON ([`report`]) filtered by [`suppress`]ions, and leak tolerance ([`reclaim`]: park or
-//! free what two checks agree is lost).
+//! Step 5 of the pipeline: what kal does with a classified heap — a [`report`] filtered by
+//! [`suppress`]ions, written by the outputs behind one [`sink::Sink`] trait ([`text`],
+//! [`json`]), and leak tolerance ([`reclaim`]: park or free what two checks agree is lost).
 
+pub mod json;
 pub mod reclaim;
 pub mod report;
+pub mod sink;
 pub mod suppress;
+pub mod text;

@@ -111,31 +111,6 @@ struct Line<'a> {
     report: &'a Report,
 }
 
-/// Appends a process's exit report to the JSON lines file, marked `"at_exit": true`.
-pub fn append_exit_line(path: &std::path::Path, r: &Report) -> Result<()> {
-    #[derive(Serialize)]
-    struct Exit<'a> {
-        at_exit: bool,
-        time: String,
-        #[serde(flatten)]
-        report: &'a Report,
-    }
-    let mut f = std::fs::OpenOptions::new()
-        .append(true)
-        .create(true)
-        .open(path)?;
-    serde_json::to_writer(
-        &mut f,
-        &Exit {
-            at_exit: true,
-            time: timestamp(SystemTime::now()),
-            report: r,
-        },
-    )?;
-    f.write_all(b"\n")?;
-    Ok(())
-}
-
 /// State of periodic checking across processes.
 pub struct Periodic {
     /// When checks run.
@@ -379,7 +354,7 @@ impl Periodic {
                 r.untracked_allocations
             )
         };
-        if let Some(g) = report::gaps_line(r) {
+        if let Some(g) = crate::act::text::gaps_line(r) {
             warning.push_str(&format!(
                 " WARNING: {g}; lost counts may include false positives;"
             ));
