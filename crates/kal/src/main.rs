@@ -27,6 +27,11 @@ struct ReportArgs {
     /// document per line).
     #[arg(long, value_name = "FILE")]
     json: Option<PathBuf>,
+    /// Also write the report as a gzip'd pprof profile to FILE (sample types lost_objects,
+    /// lost_space, inuse_objects, inuse_space; lost_space by default), for
+    /// `go tool pprof -top FILE`, Pyroscope or Parca.
+    #[arg(long, value_name = "FILE")]
+    pprof: Option<PathBuf>,
     /// List still-reachable blocks too (they are always counted in the summary).
     #[arg(long)]
     show_reachable: bool,
@@ -60,6 +65,7 @@ impl ReportArgs {
             text: (!self.quiet).then_some(self.frames),
             json: self.json.clone(),
             json_lines,
+            pprof: self.pprof.clone(),
         };
         o.check_files()?;
         Ok(o)
@@ -75,6 +81,8 @@ impl ReportArgs {
             show_reachable: self.show_reachable,
             suppressions,
             no_interrupt: self.no_interrupt,
+            // pprof's in-use samples count every live block.
+            keep_reachable: self.pprof.is_some(),
         })
     }
 }

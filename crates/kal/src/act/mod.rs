@@ -1,8 +1,9 @@
 //! Step 5 of the pipeline: what kal does with a classified heap — a [`report`] filtered by
 //! [`suppress`]ions, written by the outputs behind one [`sink::Sink`] trait ([`text`],
-//! [`json`]), and leak tolerance ([`reclaim`]: park or free what two checks agree is lost).
+//! [`json`], [`pprof`]), and leak tolerance ([`reclaim`]: park or free what two checks agree is lost).
 
 pub mod json;
+pub mod pprof;
 pub mod reclaim;
 pub mod report;
 pub mod sink;

@@ -181,6 +181,26 @@ pub struct Report {
     /// agent: no allocation stacks).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub note: Option<String>,
+    /// Still-reachable records not listed in `leaks` (not asked for), kept when
+    /// [`Options::keep_reachable`] says an output counts all memory in use (pprof).
+    #[serde(skip)]
+    pub unlisted_reachable: Vec<Record>,
+    /// The executable mappings of the modules the stacks' frames are in.
+    #[serde(skip)]
+    pub modules: Vec<Module>,
+}
+
+/// Where a module's code was mapped in the process (for outputs that name mappings).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Module {
+    /// Path of the executable or library.
+    pub path: String,
+    /// First address of its executable mapping.
+    pub start: u64,
+    /// One past its last address.
+    pub end: u64,
+    /// Offset of the mapping in the file.
+    pub offset: u64,
 }
 
 /// How to build a report.
@@ -193,6 +213,9 @@ pub struct Options {
     /// Live checks leave running the threads blocked in a call that a stop would end
     /// early with EINTR (`epoll_wait`, `sigtimedwait`, …); the capture then has a gap.
     pub no_interrupt: bool,
+    /// Symbolize still-reachable records even when they are not shown, into
+    /// [`Report::unlisted_reachable`] (for pprof's in-use samples).
+    pub keep_reachable: bool,
 }
 
 /// Blocks grouped by (class, stack id, API), with their totals, in key order. Millions of
@@ -247,7 +270,9 @@ pub fn build(
         // Still-reachable records are not shown unless asked: their stacks need no names.
         let sites = groups
             .iter()
-            .filter(|((k, _, _), _)| *k != Kind::Reachable || opts.show_reachable)
+            .filter(|((k, _, _), _)| {
+                *k != Kind::Reachable || opts.show_reachable || opts.keep_reachable
+            })
             .map(|((_, s, _), _)| s)
             .chain(reclaimed_sites.keys())
             .chain(&c.banned);
@@ -264,6 +289,7 @@ pub fn build(
     let mut summary = Summary::default();
     let mut suppressed = Suppressed::default();
     let mut leaks = Vec::new();
+    let mut unlisted_reachable = Vec::new();
     for ((kind, stack_id, api), t) in groups {
         let stack: Vec<Frame> = c
             .stacks
@@ -286,11 +312,12 @@ pub fn build(
         let s = summary.get_mut(kind);
         s.bytes += t.bytes;
         s.blocks += t.blocks;
-        if kind == Kind::Reachable && !opts.show_reachable {
+        let unlisted = kind == Kind::Reachable && !opts.show_reachable;
+        if unlisted && !opts.keep_reachable {
             continue;
         }
         let api = kal_proto::Api::from_u32(api).name();
-        leaks.push(Record {
+        let rec = Record {
             kind,
             bytes: t.bytes,
             blocks: t.blocks,
@@ -298,7 +325,12 @@ pub fn build(
             stack,
             site: stack_id,
             contents: None,
-        });
+        };
+        if unlisted {
+            unlisted_reachable.push(rec);
+        } else {
+            leaks.push(rec);
+        }
     }
     leaks.sort_by(|a, b| {
         a.kind
@@ -360,7 +392,37 @@ pub fn build(
         pause_ms: None,
         scan_ms: None,
         note: None,
+        unlisted_reachable,
+        modules: modules(&c.maps, &resolved),
     }
+}
+
+/// The executable mapping of every module a resolved frame is in.
+fn modules(
+    maps: &[crate::capture::procfs::Mapping],
+    resolved: &HashMap<u64, Vec<Frame>>,
+) -> Vec<Module> {
+    let mut paths: Vec<&str> = resolved
+        .values()
+        .flatten()
+        .map(|f| f.module.as_str())
+        .filter(|p| !p.is_empty())
+        .collect();
+    paths.sort_unstable();
+    paths.dedup();
+    paths
+        .into_iter()
+        .filter_map(|p| {
+            let mut of = maps.iter().filter(|m| m.path == p);
+            let m = of.clone().find(|m| m.exec).or_else(|| of.next())?;
+            Some(Module {
+                path: p.to_string(),
+                start: m.start,
+                end: m.end,
+                offset: m.offset,
+            })
+        })
+        .collect()
 }
 
 /// The site of a stack in one line (see [`crate::attribute::site`]).

@@ -41,6 +41,8 @@ pub struct Outputs {
     /// The JSON file is a JSON Lines file (`kal run --check-every`): the report is appended
     /// to it as an exit line instead of replacing it.
     pub json_lines: bool,
+    /// The pprof profile's file.
+    pub pprof: Option<PathBuf>,
 }
 
 impl Outputs {
@@ -68,6 +70,7 @@ impl Outputs {
             } else {
                 own(&self.json)
             },
+            pprof: own(&self.pprof),
             ..self.clone()
         }
     }
@@ -77,6 +80,9 @@ impl Outputs {
         let mut v = Vec::new();
         if let Some(p) = &self.json {
             v.push(("JSON report", p.as_path()));
+        }
+        if let Some(p) = &self.pprof {
+            v.push(("pprof profile", p.as_path()));
         }
         v
     }
@@ -94,6 +100,9 @@ impl Outputs {
             } else {
                 Box::new(crate::act::json::Json { path })
             });
+        }
+        if let Some(path) = &self.pprof {
+            v.push(Box::new(crate::act::pprof::Pprof { path: path.clone() }));
         }
         v
     }

@@ -1,0 +1,121 @@
+//! The report's other formats, read by the tools their users read them with: pprof
+//! (`go tool pprof`), flame graphs (SVG), HTML (headless Chromium), and `kal diff`.
+
+mod common;
+use common::*;
+use serde_json::Value;
+use std::path::Path;
+use std::process::Command;
+
+/// `kal run -q --json DIR/r.json EXTRA -- outputs` (no input: the program exits at once);
+/// the JSON report.
+fn run_outputs(dir: &Path, extra: &[&str]) -> Value {
+    let prog = build("outputs.c", &[]);
+    let json = dir.join("r.json");
+    let mut args = vec!["run", "-q", "--json", json.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    args.extend(["--", prog.to_str().unwrap()]);
+    let out = kal(&args);
+    assert_eq!(
+        out.status.code(),
+        Some(23),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let j: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    // The program's two known leaks, largest first.
+    let big = line_of("outputs.c", "big");
+    assert_eq!(sum(&records_at(&j, "direct", "outputs.c", big)), (24576, 6));
+    assert_eq!(j["leaks"][0]["bytes"], 24576);
+    j
+}
+
+/// `go tool pprof ARGS`: its stdout.
+fn pprof(args: &[&str]) -> String {
+    let out = Command::new("go")
+        .args(["tool", "pprof"])
+        .args(args)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "go tool pprof {args:?}: {text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    text
+}
+
+/// The first entry of `pprof -top` output: (flat, the rest of the line) and the total line.
+fn top_entry(top: &str) -> (String, String, String) {
+    let mut lines = top.lines();
+    let total = lines
+        .find(|l| l.starts_with("Showing nodes accounting for"))
+        .unwrap_or_else(|| panic!("no total in {top}"))
+        .to_string();
+    lines.find(|l| l.trim_start().starts_with("flat"));
+    let first = lines.next().unwrap_or_else(|| panic!("no entry in {top}"));
+    let f: Vec<&str> = first.split_whitespace().collect();
+    (f[0].to_string(), f[5..].join(" "), total)
+}
+
+#[test]
+fn pprof_profile_reads_in_go_tool_pprof_with_kals_numbers() {
+    if !have_command("go", "golang-go", "pprof_profile_reads_in_go_tool_pprof") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let pb = dir.path().join("lost.pb.gz");
+    let j = run_outputs(dir.path(), &["--pprof", pb.to_str().unwrap()]);
+    let pb = pb.to_str().unwrap();
+    let top_leak = &j["leaks"][0];
+    let function = top_leak["stack"][0]["function"].as_str().unwrap();
+    assert_eq!(function, "leak_big");
+
+    // Lost space is the default sample type: the top entry is kal's top record.
+    let (flat, name, total) = top_entry(&pprof(&["-top", "-unit=B", pb]));
+    assert_eq!(flat, format!("{}B", top_leak["bytes"]), "{name}");
+    assert_eq!(name, function);
+    let lost = totals(&j, "direct").0 + totals(&j, "indirect").0;
+    assert!(total.contains(&format!("of {lost}B total")), "{total}");
+
+    // With lines: the file and line kal names.
+    let (_, name, _) = top_entry(&pprof(&["-top", "-lines", pb]));
+    let line = line_of("outputs.c", "big");
+    assert!(name.ends_with(&format!("outputs.c:{line}")), "{name}");
+
+    // Objects, and every live block in use (the reachable ones too).
+    let (flat, _, _) = top_entry(&pprof(&["-top", "-sample_index=lost_objects", pb]));
+    assert_eq!(flat, top_leak["blocks"].to_string());
+    let (_, _, total) = top_entry(&pprof(&[
+        "-top",
+        "-unit=B",
+        "-sample_index=inuse_space",
+        pb,
+    ]));
+    let inuse: u64 = ["direct", "indirect", "possible", "reachable"]
+        .iter()
+        .map(|k| totals(&j, k).0)
+        .sum();
+    assert!(totals(&j, "reachable").0 >= 128);
+    assert!(total.contains(&format!("of {inuse}B total")), "{total}");
+
+    // The mapping carries the program's build id.
+    let raw = pprof(&["-raw", pb]);
+    let prog = build("outputs.c", &[]);
+    let notes = Command::new("readelf")
+        .arg("-n")
+        .arg(&prog)
+        .output()
+        .unwrap();
+    let notes = String::from_utf8_lossy(&notes.stdout);
+    let id = notes
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Build ID: "))
+        .expect("the test program has a build id");
+    assert!(
+        raw.lines()
+            .any(|l| l.contains(prog.to_str().unwrap()) && l.contains(id)),
+        "{raw}"
+    );
+}
