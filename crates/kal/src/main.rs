@@ -32,6 +32,10 @@ struct ReportArgs {
     /// `go tool pprof -top FILE`, Pyroscope or Parca.
     #[arg(long, value_name = "FILE")]
     pprof: Option<PathBuf>,
+    /// Also write a flame graph of the lost bytes by allocation stack to FILE (SVG; open
+    /// it in a browser: click to zoom, Ctrl-F to search).
+    #[arg(long, value_name = "FILE")]
+    flamegraph: Option<PathBuf>,
     /// List still-reachable blocks too (they are always counted in the summary).
     #[arg(long)]
     show_reachable: bool,
@@ -66,6 +70,7 @@ impl ReportArgs {
             json: self.json.clone(),
             json_lines,
             pprof: self.pprof.clone(),
+            flamegraph: self.flamegraph.clone(),
         };
         o.check_files()?;
         Ok(o)

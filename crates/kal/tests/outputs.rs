@@ -119,3 +119,42 @@ fn pprof_profile_reads_in_go_tool_pprof_with_kals_numbers() {
         "{raw}"
     );
 }
+
+/// `n` with thousands separators, as inferno writes counts (`24,876`).
+fn grouped(n: u64) -> String {
+    let s = n.to_string();
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+#[test]
+fn flame_graph_shows_the_leaking_functions_and_the_lost_total() {
+    let dir = tempfile::tempdir().unwrap();
+    let svg = dir.path().join("lost.svg");
+    let j = run_outputs(dir.path(), &["--flamegraph", svg.to_str().unwrap()]);
+    let svg = std::fs::read_to_string(&svg).unwrap();
+    assert!(svg.starts_with("<?xml") && svg.trim_end().ends_with("</svg>"));
+    let lost = totals(&j, "direct").0 + totals(&j, "indirect").0;
+    assert!(
+        svg.contains(&format!(
+            "<title>all ({} bytes, 100%)</title>",
+            grouped(lost)
+        )),
+        "{svg}"
+    );
+    for rec in j["leaks"].as_array().unwrap() {
+        let function = rec["stack"][0]["function"].as_str().unwrap();
+        let bytes = grouped(rec["bytes"].as_u64().unwrap());
+        assert!(
+            svg.contains(&format!("<title>{function} ({bytes} bytes,")),
+            "{function} {bytes}"
+        );
+    }
+    assert!(svg.contains("leak_big") && svg.contains("leak_small"));
+}

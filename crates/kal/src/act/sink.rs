@@ -43,6 +43,8 @@ pub struct Outputs {
     pub json_lines: bool,
     /// The pprof profile's file.
     pub pprof: Option<PathBuf>,
+    /// The flame graph's file (SVG).
+    pub flamegraph: Option<PathBuf>,
 }
 
 impl Outputs {
@@ -71,6 +73,7 @@ impl Outputs {
                 own(&self.json)
             },
             pprof: own(&self.pprof),
+            flamegraph: own(&self.flamegraph),
             ..self.clone()
         }
     }
@@ -83,6 +86,9 @@ impl Outputs {
         }
         if let Some(p) = &self.pprof {
             v.push(("pprof profile", p.as_path()));
+        }
+        if let Some(p) = &self.flamegraph {
+            v.push(("flame graph", p.as_path()));
         }
         v
     }
@@ -103,6 +109,10 @@ impl Outputs {
         }
         if let Some(path) = &self.pprof {
             v.push(Box::new(crate::act::pprof::Pprof { path: path.clone() }));
+        }
+        if let Some(path) = &self.flamegraph {
+            let path = path.clone();
+            v.push(Box::new(crate::act::flamegraph::Flamegraph { path }));
         }
         v
     }
