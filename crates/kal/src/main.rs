@@ -5,6 +5,8 @@ use clap::{Args, Parser, Subcommand};
 use std::ffi::OsString;
 use std::path::PathBuf;
 
+mod cmd;
+
 /// kal finds memory leaks in unmodified, running Linux programs.
 ///
 /// It preloads a small agent that records every live heap block and where it was
@@ -303,6 +305,20 @@ enum Cmd {
         /// Process id.
         pid: i32,
     },
+    /// Compare two JSON reports: the sites whose lost or live bytes grew, by growth.
+    ///
+    /// A site is an allocation stack without addresses, so reports of two runs of one
+    /// program compare too. Per site: lost (definitely and indirectly) and live bytes and
+    /// blocks before, after and the growth; live counts include still-reachable blocks
+    /// when the reports were written with --show-reachable.
+    ///
+    /// Examples:
+    ///   kal check 4242 --json before.json --show-reachable
+    ///   kal check 4242 --json after.json --show-reachable    # a while later
+    ///   kal diff before.json after.json
+    ///   kal diff before.json after.json --json growth.json --flamegraph growth.svg
+    #[command(verbatim_doc_comment)]
+    Diff(cmd::diff::DiffArgs),
 }
 
 fn mib(b: u64) -> f64 {
@@ -488,6 +504,7 @@ fn main() {
         Cmd::Trim { pid } => trim(pid),
         Cmd::Attach { pid } => attach(pid),
         Cmd::Detach { pid } => detach(pid),
+        Cmd::Diff(args) => cmd::diff::run(&args),
     };
     match result {
         Ok(code) => kal::run::exit_like(code),

@@ -158,3 +158,148 @@ fn flame_graph_shows_the_leaking_functions_and_the_lost_total() {
     }
     assert!(svg.contains("leak_big") && svg.contains("leak_small"));
 }
+
+/// `outputs` running under `kal run`, fed lines on its stdin.
+struct Grower {
+    kal: std::process::Child,
+    input: std::process::ChildStdin,
+    out: std::io::BufReader<std::process::ChildStdout>,
+    pid: i32,
+}
+
+impl Grower {
+    fn start() -> Grower {
+        use std::io::BufRead;
+        ensure_agent();
+        let prog = build("outputs.c", &[]);
+        let mut kal = Command::new(env!("CARGO_BIN_EXE_kal"))
+            .args(["run", "-q", "--error-exitcode", "0", "--"])
+            .arg(&prog)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let input = kal.stdin.take().unwrap();
+        let mut out = std::io::BufReader::new(kal.stdout.take().unwrap());
+        let mut line = String::new();
+        out.read_line(&mut line).unwrap();
+        let pid = line.trim().strip_prefix("ready ").unwrap().parse().unwrap();
+        Grower {
+            kal,
+            input,
+            out,
+            pid,
+        }
+    }
+
+    /// Makes the program lose `n` more blocks of 1000 bytes at grow(), and waits for it.
+    fn grow(&mut self, n: u32) {
+        use std::io::{BufRead, Write};
+        writeln!(self.input, "{n}").unwrap();
+        let mut line = String::new();
+        self.out.read_line(&mut line).unwrap();
+        assert_eq!(line.trim(), format!("grew {n}"));
+    }
+
+    /// `kal check PID --show-reachable --json FILE`.
+    fn check(&self, file: &Path) -> Value {
+        let out = kal(&[
+            "check",
+            &self.pid.to_string(),
+            "-q",
+            "--show-reachable",
+            "--json",
+            file.to_str().unwrap(),
+        ]);
+        assert_eq!(
+            out.status.code(),
+            Some(23),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_str(&std::fs::read_to_string(file).unwrap()).unwrap()
+    }
+}
+
+impl Drop for Grower {
+    fn drop(&mut self) {
+        let _ = self.kal.kill();
+        let _ = self.kal.wait();
+        // SAFETY: ending the test's own program, by its pid.
+        unsafe { libc::kill(self.pid, libc::SIGKILL) };
+    }
+}
+
+#[test]
+fn diff_of_two_checks_names_the_growing_site_with_its_exact_growth() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (dir.path().join("a.json"), dir.path().join("b.json"));
+    let mut g = Grower::start();
+    g.grow(2);
+    let ja = g.check(&a);
+    g.grow(3);
+    let jb = g.check(&b);
+    let line = line_of("outputs.c", "grow");
+    let before = sum(&records_at(&ja, "direct", "outputs.c", line));
+    let after = sum(&records_at(&jb, "direct", "outputs.c", line));
+    assert_eq!((before, after), ((2000, 2), (5000, 5)));
+
+    let d = dir.path().join("d.json");
+    let svg = dir.path().join("d.svg");
+    let out = kal(&[
+        "diff",
+        a.to_str().unwrap(),
+        b.to_str().unwrap(),
+        "--json",
+        d.to_str().unwrap(),
+        "--flamegraph",
+        svg.to_str().unwrap(),
+    ]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let dj: Value = serde_json::from_str(&std::fs::read_to_string(&d).unwrap()).unwrap();
+    let top = &dj["grew"][0];
+    let site = top["site"].as_str().unwrap();
+    assert!(site.starts_with("grow ") && site.ends_with(&format!("outputs.c:{line}")));
+    let grew = |what: &str| {
+        (
+            top[what]["grew"]["bytes"].as_i64().unwrap(),
+            top[what]["grew"]["blocks"].as_i64().unwrap(),
+        )
+    };
+    // The growth is exactly the difference of the two reports' records at that line.
+    let exact = ((after.0 - before.0) as i64, (after.1 - before.1) as i64);
+    assert_eq!(exact, (3000, 3));
+    assert_eq!(grew("lost"), exact);
+    assert_eq!(grew("live"), exact);
+    assert_eq!(top["lost"]["after"]["bytes"], after.0);
+    // Nothing else grew: the other sites leaked once, before the first check.
+    assert_eq!(dj["grew"].as_array().unwrap().len(), 1, "{text}");
+    let direct = &dj["summary"]["direct"];
+    assert_eq!(direct["grew"]["bytes"], 3000);
+    assert_eq!(
+        direct["after"]["bytes"].as_u64(),
+        Some(totals(&jb, "direct").0)
+    );
+    // The text says the same, the site's line first.
+    let first = text
+        .lines()
+        .find(|l| l.trim_start().starts_with("lost +"))
+        .unwrap_or_else(|| panic!("{text}"));
+    assert!(
+        first.starts_with("  lost +3000 bytes in +3 blocks (now 5000 bytes), live +3000 bytes")
+            && first.ends_with(&format!("outputs.c:{line}")),
+        "{text}"
+    );
+    // The differential flame graph has the growing function, the later total as width.
+    let svg = std::fs::read_to_string(&svg).unwrap();
+    let lost_after = totals(&jb, "direct").0 + totals(&jb, "indirect").0;
+    assert!(svg.contains(&format!("<title>all ({} bytes", grouped(lost_after))));
+    assert!(svg.contains("<title>grow ("), "{svg}");
+}
