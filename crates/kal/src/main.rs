@@ -38,6 +38,11 @@ struct ReportArgs {
     /// it in a browser: click to zoom, Ctrl-F to search).
     #[arg(long, value_name = "FILE")]
     flamegraph: Option<PathBuf>,
+    /// Also write the report as one self-contained HTML page to FILE: the summary, the
+    /// growth over periodic checks (kal run --check-every), the flame graph, and the top
+    /// leaks with their stacks and source lines.
+    #[arg(long, value_name = "FILE")]
+    html: Option<PathBuf>,
     /// List still-reachable blocks too (they are always counted in the summary).
     #[arg(long)]
     show_reachable: bool,
@@ -49,7 +54,7 @@ struct ReportArgs {
     #[arg(long, value_name = "N", default_value_t = 23,
           value_parser = clap::value_parser!(i32).range(0..=255))]
     error_exitcode: i32,
-    /// Frames shown per record in the text report.
+    /// Frames shown per record in the text and HTML reports.
     #[arg(long, value_name = "N", default_value_t = 8)]
     frames: usize,
     /// Print no text report (the JSON file and exit status still tell).
@@ -68,11 +73,13 @@ impl ReportArgs {
     /// fails early on an output file that cannot be written.
     fn outputs(&self, json_lines: bool) -> Result<kal::act::sink::Outputs> {
         let o = kal::act::sink::Outputs {
-            text: (!self.quiet).then_some(self.frames),
+            text: !self.quiet,
+            frames: self.frames,
             json: self.json.clone(),
             json_lines,
             pprof: self.pprof.clone(),
             flamegraph: self.flamegraph.clone(),
+            html: self.html.clone(),
         };
         o.check_files()?;
         Ok(o)

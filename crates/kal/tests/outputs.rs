@@ -303,3 +303,122 @@ fn diff_of_two_checks_names_the_growing_site_with_its_exact_growth() {
     assert!(svg.contains(&format!("<title>all ({} bytes", grouped(lost_after))));
     assert!(svg.contains("<title>grow ("), "{svg}");
 }
+
+/// The text a headless Chromium renders for the page at `path` (its DOM after scripts ran,
+/// tags stripped).
+fn chromium_text(path: &Path) -> String {
+    let profile = tempfile::tempdir().unwrap();
+    let out = Command::new("timeout")
+        .args([
+            "120",
+            "chromium",
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+        ])
+        .arg(format!("--user-data-dir={}", profile.path().display()))
+        .arg("--dump-dom")
+        .arg(format!("file://{}", path.display()))
+        .output()
+        .unwrap();
+    let dom = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success() && dom.contains("</html>"),
+        "chromium: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut text = String::new();
+    let mut in_tag = false;
+    for c in dom.chars() {
+        match c {
+            '<' => in_tag = true,
+            '>' => in_tag = false,
+            _ if !in_tag => text.push(c),
+            _ => {}
+        }
+    }
+    text.replace("&lt;", "<")
+        .replace("&gt;", ">")
+        .replace("&quot;", "\"")
+        .replace("&amp;", "&")
+}
+
+#[test]
+fn html_report_renders_in_chromium_with_the_top_leaks_file_and_line() {
+    if !have_command("chromium", "chromium", "html_report_renders_in_chromium") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let html = dir.path().join("report.html");
+    let j = run_outputs(dir.path(), &["--html", html.to_str().unwrap()]);
+    let page = std::fs::read_to_string(&html).unwrap();
+    // Self-contained: nothing is fetched.
+    for fetch in ["src=\"http", "href=\"http", "<link", "<script src"] {
+        assert!(!page.contains(fetch), "{fetch}");
+    }
+    let text = chromium_text(&html);
+    let top = &j["leaks"][0]["stack"][0];
+    let at = format!("{}:{}", top["file"].as_str().unwrap(), top["line"]);
+    assert!(at.ends_with(&format!("outputs.c:{}", line_of("outputs.c", "big"))));
+    assert!(text.contains(&format!("leak_big {at}")), "{text}");
+    // The summary's numbers, and the source line read from the file.
+    let (bytes, blocks) = totals(&j, "direct");
+    assert!(
+        text.contains(&format!("definitely lost{bytes}{blocks}")),
+        "{text}"
+    );
+    assert!(text.contains("sink = malloc(4096); /* @big */"), "{text}");
+    assert!(text.contains("Lost bytes by allocation stack"));
+    // One report, no periodic checks: no growth chart.
+    assert!(!text.contains("Growth over"), "{text}");
+}
+
+#[test]
+fn html_report_of_periodic_checks_has_the_growth_chart() {
+    use std::io::Write;
+    ensure_agent();
+    let dir = tempfile::tempdir().unwrap();
+    let html = dir.path().join("report.html");
+    let mut kal = Command::new(env!("CARGO_BIN_EXE_kal"))
+        .args([
+            "run",
+            "-q",
+            "--error-exitcode",
+            "0",
+            "--check-every",
+            "100ms",
+        ])
+        .arg("--html")
+        .arg(&html)
+        .arg("--")
+        .arg(build("outputs.c", &[]))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut input = kal.stdin.take().unwrap();
+    for _ in 0..5 {
+        writeln!(input, "2").unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(300));
+    }
+    drop(input);
+    let out = kal.wait_with_output().unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let page = std::fs::read_to_string(&html).unwrap();
+    let checks: usize = page
+        .split("Growth over ")
+        .nth(1)
+        .and_then(|s| s.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no growth chart: {page}"));
+    // Checks every 100 ms for about 1.5 s, and the exit report.
+    assert!(checks >= 4, "{checks}");
+    // The chart ends at the exit report's lost bytes: 24876 before input, 10 × 1000 after.
+    assert!(page.contains("lost: 34.1 KiB"), "{page}");
+}

@@ -34,8 +34,10 @@ pub trait Sink {
 /// Which outputs a command writes, parsed once from its options.
 #[derive(Debug, Clone, Default)]
 pub struct Outputs {
-    /// The text report on stderr with this many frames per record; `None` when quiet.
-    pub text: Option<usize>,
+    /// The text report on stderr (not when quiet).
+    pub text: bool,
+    /// Frames shown per record (text and HTML).
+    pub frames: usize,
     /// The JSON report's file.
     pub json: Option<PathBuf>,
     /// The JSON file is a JSON Lines file (`kal run --check-every`): the report is appended
@@ -45,6 +47,8 @@ pub struct Outputs {
     pub pprof: Option<PathBuf>,
     /// The flame graph's file (SVG).
     pub flamegraph: Option<PathBuf>,
+    /// The HTML report's file.
+    pub html: Option<PathBuf>,
 }
 
 impl Outputs {
@@ -74,8 +78,14 @@ impl Outputs {
             },
             pprof: own(&self.pprof),
             flamegraph: own(&self.flamegraph),
+            html: own(&self.html),
             ..self.clone()
         }
+    }
+
+    /// Whether any output is asked for.
+    pub fn any(&self) -> bool {
+        self.text || !self.files().is_empty()
     }
 
     /// The output files, with what each holds.
@@ -90,13 +100,17 @@ impl Outputs {
         if let Some(p) = &self.flamegraph {
             v.push(("flame graph", p.as_path()));
         }
+        if let Some(p) = &self.html {
+            v.push(("HTML report", p.as_path()));
+        }
         v
     }
 
     /// The sinks, in the order they write: the text first.
     pub fn sinks(&self) -> Vec<Box<dyn Sink>> {
         let mut v: Vec<Box<dyn Sink>> = Vec::new();
-        if let Some(frames) = self.text {
+        let frames = self.frames;
+        if self.text {
             v.push(Box::new(crate::act::text::Text { frames }));
         }
         if let Some(path) = &self.json {
@@ -113,6 +127,10 @@ impl Outputs {
         if let Some(path) = &self.flamegraph {
             let path = path.clone();
             v.push(Box::new(crate::act::flamegraph::Flamegraph { path }));
+        }
+        if let Some(path) = &self.html {
+            let path = path.clone();
+            v.push(Box::new(crate::act::html::Html { path, frames }));
         }
         v
     }

@@ -274,6 +274,7 @@ pub fn run(opts: &RunOptions) -> Result<i32> {
         let pacer = crate::run::pace::Pacer::new(every, opts.max_cpu_percent);
         crate::run::periodic::Periodic::new(pacer, opts.report.clone(), opts.outputs.json.clone())
             .with_reclaim(opts.reclaim.clone())
+            .with_files(&opts.outputs, main_pid)
     });
     loop {
         let mut wait_ms = 50;
@@ -290,7 +291,7 @@ pub fn run(opts: &RunOptions) -> Result<i32> {
                     if tracer.as_ref().is_some_and(|t| t.is_lent(pid)) {
                         continue; // lent to another kal, which checks it now
                     }
-                    if let Err(e) = p.check(pid, c.header, opts.outputs.text.is_none(), &round) {
+                    if let Err(e) = p.check(pid, c.header, !opts.outputs.text, &round) {
                         crate::say!("kal: check of process {pid} failed: {e:#}");
                     }
                 }
@@ -740,7 +741,11 @@ fn write_report(
         opts.outputs.for_process(pid)
     };
     // Said in one line; the exit status still tells what was lost.
-    if let Err(e) = outputs.write(&report, &Default::default()) {
+    let history = periodic
+        .map(|p| p.history_with(pid, &report))
+        .unwrap_or_default();
+    let cx = crate::act::sink::Context { history: &history };
+    if let Err(e) = outputs.write(&report, &cx) {
         crate::say!("kal: {e:#}");
     }
     report.summary.direct.blocks > 0
