@@ -21,7 +21,7 @@ struct Cli {
     cmd: Cmd,
 }
 
-/// How reports are written (shared by `run` and `check`).
+/// How reports are written (shared by `run`, `check` and `reclaim`).
 #[derive(Args)]
 struct ReportArgs {
     /// Also write the report as JSON to FILE (README documents the shape; under `run`, a
@@ -39,8 +39,9 @@ struct ReportArgs {
     #[arg(long, value_name = "FILE")]
     flamegraph: Option<PathBuf>,
     /// Also write the report as one self-contained HTML page to FILE: the summary, the
-    /// growth over periodic checks (kal run --check-every), the flame graph, and the top
-    /// leaks with their stacks and source lines.
+    /// growth over periodic checks (kal run --check-every, which rewrites it, like the pprof
+    /// and flame graph files, after every check), the flame graph, and the top leaks with
+    /// their stacks and source lines.
     #[arg(long, value_name = "FILE")]
     html: Option<PathBuf>,
     /// List still-reachable blocks too (they are always counted in the summary).
@@ -154,6 +155,7 @@ enum Cmd {
     /// Examples:
     ///   kal run --json report.json -- ./server --port 8080
     ///   kal run --check-every 10s -- ./server
+    ///   kal run --check-every 30s --html report.html --pprof lost.pb.gz -- ./server
     ///   kal run --reclaim --check-every 1s -- ./server
     ///   kal run --reclaim=dry-run --check-every 10s -- ./server
     ///   kal run --reclaim=free --free-sites 'cache_*' --check-every 10s -- ./server
@@ -244,6 +246,7 @@ enum Cmd {
     ///
     /// Examples:
     ///   kal check 4242 --json now.json
+    ///   kal check 4242 --pprof lost.pb.gz --flamegraph lost.svg --html report.html
     ///   kal check --core core.4242 --exe /usr/sbin/server
     #[command(verbatim_doc_comment)]
     Check {
