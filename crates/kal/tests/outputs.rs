@@ -422,3 +422,55 @@ fn html_report_of_periodic_checks_has_the_growth_chart() {
     // The chart ends at the exit report's lost bytes: 24876 before input, 10 × 1000 after.
     assert!(page.contains("lost: 34.1 KiB"), "{page}");
 }
+
+#[test]
+fn without_the_agent_outputs_name_records_by_what_their_blocks_are() {
+    use std::io::BufRead;
+    // Started without kal: checked from glibc's heap, no allocation stacks.
+    let mut prog = Command::new(build("outputs.c", &[]))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(prog.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let pid = line.trim().strip_prefix("ready ").unwrap().to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let (svg, pb) = (dir.path().join("l.svg"), dir.path().join("l.pb.gz"));
+    let (out, j) = check_pid_json(
+        pid.parse().unwrap(),
+        &[
+            "-q",
+            "--flamegraph",
+            svg.to_str().unwrap(),
+            "--pprof",
+            pb.to_str().unwrap(),
+        ],
+    );
+    let _ = prog.kill();
+    let _ = prog.wait();
+    assert_eq!(
+        out.status.code(),
+        Some(23),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The biggest record: leak_big's six blocks, by their usable size.
+    let top = &j["leaks"][0];
+    let size = top["contents"]["block_size"].as_u64().unwrap();
+    assert_eq!(top["blocks"], 6);
+    assert!((4096..4096 + 16).contains(&size), "{size}");
+    let name = format!("(no stack: {size}-byte blocks)");
+    let bytes = top["bytes"].as_u64().unwrap();
+    let svg = std::fs::read_to_string(&svg).unwrap();
+    assert!(
+        svg.contains(&format!("<title>{name} ({} bytes,", grouped(bytes))),
+        "{svg}"
+    );
+    if have_command("go", "golang-go", "without_the_agent_outputs (pprof part)") {
+        let (flat, entry, _) = top_entry(&pprof(&["-top", "-unit=B", pb.to_str().unwrap()]));
+        assert_eq!((flat, entry), (format!("{bytes}B"), name));
+    }
+}

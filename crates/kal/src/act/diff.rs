@@ -62,9 +62,47 @@ pub struct SavedRecord {
     /// Allocation stack, innermost first (empty without the agent).
     #[serde(default)]
     pub stack: Vec<Frame>,
+    /// Without a stack: what the blocks are.
+    #[serde(default)]
+    pub contents: Option<SavedContents>,
+}
+
+/// What a record's blocks are, as saved (records without a stack).
+#[derive(Debug, Clone, Deserialize)]
+pub struct SavedContents {
+    /// C++ type.
+    #[serde(rename = "type", default)]
+    pub type_name: Option<String>,
+    /// Block size.
+    #[serde(default)]
+    pub block_size: Option<u64>,
 }
 
 impl SavedRecord {
+    /// The record's stack, or for one without (a check without the agent) the
+    /// pseudo-frame the other outputs draw (see
+    /// [`crate::act::report::Record::stack_or_what`]).
+    pub fn stack_or_what(&self) -> Vec<Frame> {
+        let rec = crate::act::report::Record {
+            kind: crate::reach::Kind::Direct,
+            bytes: 0,
+            blocks: 0,
+            api: "",
+            stack: self.stack.clone(),
+            site: 0,
+            contents: self
+                .contents
+                .as_ref()
+                .map(|c| crate::attribute::contents::Contents {
+                    type_name: c.type_name.clone(),
+                    block_size: c.block_size,
+                    points_into: Vec::new(),
+                    sample: String::new(),
+                }),
+        };
+        rec.stack_or_what().into_owned()
+    }
+
     /// Whether the record's blocks are definitely or indirectly lost.
     pub fn lost(&self) -> bool {
         matches!(self.kind.as_str(), "direct" | "indirect")
@@ -211,7 +249,8 @@ pub fn diff(a: &Saved, a_file: &str, b: &Saved, b_file: &str) -> Diff {
         .chain(b.leaks.iter().map(|r| (1, r)))
         .filter(|(_, r)| !(reachable_unlisted && r.kind == "reachable"));
     for (i, r) in records {
-        let acc = sites.entry(key(&r.stack)).or_default();
+        let stack = r.stack_or_what();
+        let acc = sites.entry(key(&stack)).or_default();
         acc.live[i].bytes += r.bytes;
         acc.live[i].blocks += r.blocks;
         if r.lost() {
@@ -219,7 +258,7 @@ pub fn diff(a: &Saved, a_file: &str, b: &Saved, b_file: &str) -> Diff {
             acc.lost[i].blocks += r.blocks;
         }
         if i == 1 || acc.stack.is_empty() {
-            acc.stack = r.stack.clone();
+            acc.stack = stack;
         }
     }
     let total = sites.len();
@@ -338,12 +377,13 @@ pub fn text(d: &Diff) -> String {
 
 /// Folded stacks of the lost bytes of a saved report (for a differential flame graph).
 pub fn folded_lost(r: &Saved) -> Vec<String> {
-    crate::act::flamegraph::fold(
-        r.leaks
-            .iter()
-            .filter(|r| r.lost())
-            .map(|r| (r.stack.as_slice(), r.bytes)),
-    )
+    let lost: Vec<(Vec<Frame>, u64)> = r
+        .leaks
+        .iter()
+        .filter(|r| r.lost())
+        .map(|r| (r.stack_or_what(), r.bytes))
+        .collect();
+    crate::act::flamegraph::fold(lost.iter().map(|(st, b)| (st.as_slice(), *b)))
 }
 
 /// The differential flame graph of lost bytes from `a` to `b`, as SVG text.

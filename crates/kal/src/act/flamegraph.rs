@@ -25,13 +25,13 @@ impl Sink for Flamegraph {
 
 /// The report's flame graph of definitely and indirectly lost bytes, as SVG text.
 pub fn svg(report: &Report) -> Result<String> {
-    let lines = fold(
-        report
-            .leaks
-            .iter()
-            .filter(|r| matches!(r.kind, Kind::Direct | Kind::Indirect))
-            .map(|r| (r.stack.as_slice(), r.bytes)),
-    );
+    let lost: Vec<_> = report
+        .leaks
+        .iter()
+        .filter(|r| matches!(r.kind, Kind::Direct | Kind::Indirect))
+        .map(|r| (r.stack_or_what(), r.bytes))
+        .collect();
+    let lines = fold(lost.iter().map(|(st, b)| (&st[..], *b)));
     draw(
         &lines,
         &format!(

@@ -152,13 +152,20 @@ impl Builder {
     /// address, its frames (an address's inlined calls, innermost first) as its lines.
     fn locations(&mut self, r: &Record) -> Vec<u64> {
         let mut ids = Vec::new();
-        let mut frames = r.stack.iter().peekable();
+        let stack = r.stack_or_what();
+        let mut frames = stack.iter().peekable();
         while let Some(first) = frames.next() {
             let mut same = vec![first];
             while let Some(f) = frames.next_if(|f| f.address == first.address) {
                 same.push(f);
             }
-            if let Some(&id) = self.location_of.get(&first.address) {
+            // Pseudo-frames (no stack) have no address: one location per name.
+            let key = if first.address == 0 {
+                u64::MAX - self.string(&first.function) as u64
+            } else {
+                first.address
+            };
+            if let Some(&id) = self.location_of.get(&key) {
                 ids.push(id);
                 continue;
             }
@@ -184,7 +191,7 @@ impl Builder {
                 line,
                 is_folded: false,
             });
-            self.location_of.insert(first.address, id);
+            self.location_of.insert(key, id);
             ids.push(id);
         }
         ids

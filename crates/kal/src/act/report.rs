@@ -79,6 +79,29 @@ pub struct Record {
     pub contents: Option<crate::attribute::contents::Contents>,
 }
 
+impl Record {
+    /// The stack outputs draw for this record: its own, or for a record without one (a
+    /// check without the agent) one pseudo-frame that says what its blocks are.
+    pub fn stack_or_what(&self) -> std::borrow::Cow<'_, [Frame]> {
+        if !self.stack.is_empty() {
+            return std::borrow::Cow::Borrowed(&self.stack);
+        }
+        let what = match self.contents.as_ref().map(|c| (&c.type_name, c.block_size)) {
+            Some((Some(t), _)) => format!("(no stack: {t})"),
+            Some((None, Some(size))) => format!("(no stack: {size}-byte blocks)"),
+            _ => "(no stack)".to_string(),
+        };
+        std::borrow::Cow::Owned(vec![Frame {
+            function: what,
+            file: String::new(),
+            line: 0,
+            module: String::new(),
+            address: 0,
+            offset: 0,
+        }])
+    }
+}
+
 /// Suppressed records, counted.
 #[derive(Debug, Default, Clone, Copy, Serialize)]
 pub struct Suppressed {
