@@ -376,3 +376,104 @@ pub struct Function {
     #[prost(int64, tag = "5")]
     pub start_line: i64,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::act::report::{Module, Record};
+    use crate::attribute::symbolize::Frame;
+
+    fn frame(function: &str, line: u32, address: u64) -> Frame {
+        Frame {
+            function: function.into(),
+            file: "/src/a.c".into(),
+            line,
+            module: "/nonexistent/prog".into(),
+            address,
+            offset: address - 0x1000,
+        }
+    }
+
+    fn record(kind: Kind, bytes: u64, blocks: u64, stack: Vec<Frame>) -> Record {
+        Record {
+            kind,
+            bytes,
+            blocks,
+            api: "malloc",
+            stack,
+            site: 0,
+            contents: None,
+        }
+    }
+
+    #[test]
+    fn inlined_calls_share_a_location_and_values_follow_the_class() {
+        let mut r = Report {
+            pid: 1,
+            program: "/nonexistent/prog".into(),
+            summary: Default::default(),
+            leaks: Vec::new(),
+            suppressed: Default::default(),
+            untracked_allocations: 0,
+            tracking_complete: true,
+            lost_reliable: true,
+            gaps: Default::default(),
+            memory: Default::default(),
+            reclaimed: Default::default(),
+            pause_ms: None,
+            scan_ms: None,
+            note: None,
+            unlisted_reachable: Vec::new(),
+            modules: Vec::new(),
+        };
+        // `helper` inlined into `leak` at one return address; `main` calls it.
+        let stack = vec![
+            frame("helper", 3, 0x1100),
+            frame("leak", 9, 0x1100),
+            frame("main", 20, 0x1200),
+        ];
+        r.leaks = vec![record(Kind::Direct, 300, 3, stack.clone())];
+        r.unlisted_reachable = vec![record(Kind::Reachable, 64, 1, stack[2..].to_vec())];
+        r.modules = vec![Module {
+            path: "/nonexistent/prog".into(),
+            start: 0x1000,
+            end: 0x2000,
+            offset: 0,
+        }];
+        let p = Profile::decode(encode(&r, std::time::UNIX_EPOCH).as_slice()).unwrap();
+        let s = |i: i64| p.string_table[i as usize].as_str();
+        assert_eq!(s(0), "");
+        let types: Vec<_> = p
+            .sample_type
+            .iter()
+            .map(|t| (s(t.r#type), s(t.unit)))
+            .collect();
+        assert_eq!(
+            types,
+            [
+                ("lost_objects", "count"),
+                ("lost_space", "bytes"),
+                ("inuse_objects", "count"),
+                ("inuse_space", "bytes")
+            ]
+        );
+        assert_eq!(s(p.default_sample_type), "lost_space");
+        assert_eq!(p.sample[0].value, [3, 300, 3, 300]);
+        assert_eq!(p.sample[1].value, [0, 0, 1, 64]);
+        // Two locations: 0x1100 with two lines (inlined first), 0x1200; shared by both
+        // samples.
+        assert_eq!(p.location.len(), 2);
+        assert_eq!(p.sample[0].location_id, [1, 2]);
+        assert_eq!(p.sample[1].location_id, [2]);
+        let names: Vec<_> = p.location[0]
+            .line
+            .iter()
+            .map(|l| s(p.function[l.function_id as usize - 1].name))
+            .collect();
+        assert_eq!(names, ["helper", "leak"]);
+        assert_eq!(p.location[0].mapping_id, 1);
+        assert_eq!(s(p.mapping[0].filename), "/nonexistent/prog");
+        // No file, no build id: the empty string.
+        assert_eq!(s(p.mapping[0].build_id), "");
+    }
+}
