@@ -209,7 +209,9 @@ fn group(blocks: &[Block], kinds: &[Kind]) -> Vec<((Kind, u32, u32), Totals)> {
         // Stack ids are 16-bit today; never index by a huge one.
         let mut m: BTreeMap<(Kind, u32, u32), Totals> = BTreeMap::new();
         for (b, &k) in blocks.iter().zip(kinds) {
-            m.entry((k, b.stack, b.api)).or_default().add(b.size);
+            m.entry((k, b.stack, u32::from(b.api)))
+                .or_default()
+                .add(b.size);
         }
         return m.into_iter().collect();
     }
@@ -220,12 +222,14 @@ fn group(blocks: &[Block], kinds: &[Kind]) -> Vec<((Kind, u32, u32), Totals)> {
     for (b, &k) in blocks.iter().zip(kinds) {
         let s = b.stack as usize;
         let mut g = head[s];
-        while g != NONE && (groups[g as usize].0 .0 != k || groups[g as usize].0 .2 != b.api) {
+        while g != NONE
+            && (groups[g as usize].0 .0 != k || groups[g as usize].0 .2 != u32::from(b.api))
+        {
             g = next[g as usize];
         }
         if g == NONE {
             g = groups.len() as u32;
-            groups.push(((k, b.stack, b.api), Totals::default()));
+            groups.push(((k, b.stack, u32::from(b.api)), Totals::default()));
             next.push(head[s]);
             head[s] = g;
         }

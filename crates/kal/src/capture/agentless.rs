@@ -147,9 +147,9 @@ fn blocks_of(walk: &[crate::blocks::HeapBlock]) -> Vec<Block> {
                 size: b.usable,
                 seq: 0,
                 stack: kal_proto::STACK_UNKNOWN,
-                api: Api::Malloc as u32 | ((b.flags as u32 & 7) << CHUNK_FLAGS_SHIFT),
+                api: (Api::Malloc as u32 | ((b.flags as u32 & 7) << CHUNK_FLAGS_SHIFT)) as u16,
                 // A heap chunk's last usable word is the next chunk's prev_size.
-                span: if mmapped { b.usable } else { b.usable - 8 },
+                tail: if mmapped { 0 } else { 8 },
             }
         })
         .collect()

@@ -63,7 +63,7 @@ impl<'a> Heuristics<'a> {
         if !self.usable_sizes {
             return (b.size, b.size);
         }
-        let slack = if b.span == b.size { 4095 } else { 15 };
+        let slack = if b.span() == b.size { 4095 } else { 15 };
         (b.size.saturating_sub(slack), b.size)
     }
 
@@ -194,7 +194,7 @@ mod tests {
             seq: 1,
             stack: 0,
             api: 0,
-            span: size,
+            tail: 0,
         }
     }
 
@@ -235,7 +235,7 @@ mod tests {
         let maps: Vec<Mapping> = Vec::new();
         let mem = Words(vec![(0x1000, 40), (0x1008, 48), (0x2000, 7), (0x3000, 100)]);
         let heap = |addr, usable| Block {
-            span: usable - 8,
+            tail: 8,
             ..block(addr, usable)
         };
         let exact = Heuristics::new(&mem, &maps);

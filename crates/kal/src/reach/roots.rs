@@ -80,7 +80,7 @@ pub fn heap_ranges(
         if b.addr >= last.0 && b.addr < last.1 {
             continue;
         }
-        let flags = b.api >> kal_proto::CHUNK_FLAGS_SHIFT;
+        let flags = b.chunk_flags();
         let r = if !glibc {
             mapping_of(b.addr)
         } else if flags & kal_proto::CHUNK_IS_MMAPPED != 0 {
