@@ -49,6 +49,7 @@ macro_rules! say_raw {
 pub mod agent;
 pub mod agentless;
 pub mod attach;
+pub mod before_attach;
 pub mod blocks;
 pub mod capture;
 pub mod check;

@@ -373,9 +373,16 @@ fn attach(pid: i32) -> Result<i32> {
         a.tries,
         if a.tries == 1 { "" } else { "s" }
     );
-    println!(
-        "kal attach {pid}: blocks allocated before the attach are not in the agent's table: kal check neither scans nor counts them"
-    );
+    if a.jemalloc {
+        println!(
+            "kal attach {pid}: the program allocates with jemalloc: blocks allocated before the attach are unknown (no heap walk for jemalloc), so lost counts cover only blocks allocated since, and nothing is reclaimed"
+        );
+    } else {
+        println!(
+            "kal attach {pid}: blocks allocated before the attach come from glibc's heap at each check, without stacks (\"{}\")",
+            kal::before_attach::LABEL
+        );
+    }
     Ok(0)
 }
 

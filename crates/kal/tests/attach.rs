@@ -34,6 +34,27 @@ fn line(rx: &Receiver<String>) -> String {
         .expect("a line from the program")
 }
 
+/// Records of class `kind` labelled "allocated before kal attached".
+fn before_attach_records<'a>(j: &'a serde_json::Value, kind: &str) -> Vec<&'a serde_json::Value> {
+    j["leaks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["kind"] == kind && r["contents"]["origin"] == "allocated before kal attached")
+        .collect()
+}
+
+/// The output of a `kal check` that found leaks (exit code 23) or none.
+fn ok_or_leaks(out: &std::process::Output) -> String {
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(matches!(out.status.code(), Some(0) | Some(23)), "{text}");
+    text
+}
+
 fn ok(out: &std::process::Output) -> String {
     let stdout = String::from_utf8_lossy(&out.stdout).to_string();
     assert!(
@@ -57,14 +78,14 @@ fn attach_reports_leaks_made_after_it_and_detach_leaves_the_program_unchanged() 
     );
     assert!(out.contains("program paused"), "{out}");
     assert!(
-        out.contains("before the attach are not in the agent's table"),
+        out.contains("blocks allocated before the attach come from glibc's heap"),
         "{out}"
     );
     // Attached twice: one line.
     one_line_error(&kal(&["attach", &pid]), "already attached");
     writeln!(stdin, "go").unwrap();
     assert_eq!(line(&rx), "after");
-    let (out, j) = check_pid_json(child.id() as i32, &[]);
+    let (out, j) = check_pid_json(child.id() as i32, &["--show-reachable"]);
     // Leaks found: not an error (125).
     assert_ne!(
         out.status.code(),
@@ -75,10 +96,44 @@ fn attach_reports_leaks_made_after_it_and_detach_leaves_the_program_unchanged() 
     let at = line_of("attach_leaker.c", "after_leak");
     let recs = records_at(&j, "direct", "attach_leaker.c", at);
     assert_eq!(sum(&recs), (4321, 1), "{j:#}");
-    // Only the leak made after the attach is known: the one from before is not counted.
-    assert_eq!(totals(&j, "direct"), (4321, 1), "{j:#}");
-    let before = line_of("attach_leaker.c", "before_leak");
-    assert!(records_at(&j, "direct", "attach_leaker.c", before).is_empty());
+    // The leak from before the attach comes from the heap walk: counted, labelled, no
+    // stack, its usable size (1000 bytes asked: 1000 usable).
+    let old = before_attach_records(&j, "direct");
+    assert_eq!(old.len(), 1, "{j:#}");
+    assert_eq!(old[0]["bytes"], 1000, "{j:#}");
+    assert_eq!(old[0]["blocks"], 1, "{j:#}");
+    assert_eq!(old[0]["contents"]["block_size"], 1000, "{j:#}");
+    assert!(old[0]["stack"].as_array().unwrap().is_empty(), "{j:#}");
+    assert_eq!(totals(&j, "direct"), (5321, 2), "{j:#}");
+    // Nothing else from before the attach (the agent's own threads, the loader's data
+    // for it) looks lost.
+    for kind in ["indirect", "possible"] {
+        assert_eq!(totals(&j, kind), (0, 0), "{kind}: {j:#}");
+    }
+    // The block from before that the program freed after the attach is gone; the one it
+    // reallocated is the agent's (with its stack), not a block from before.
+    let reachable_old: Vec<u64> = before_attach_records(&j, "reachable")
+        .iter()
+        .map(|r| r["contents"]["block_size"].as_u64().unwrap())
+        .collect();
+    assert!(!reachable_old.contains(&200), "{reachable_old:?}");
+    assert!(!reachable_old.contains(&312), "{reachable_old:?}");
+    assert!(
+        j["note"]
+            .as_str()
+            .unwrap()
+            .contains("allocated before kal attached"),
+        "{j:#}"
+    );
+    assert_eq!(j["lost_reliable"], true, "{j:#}");
+    let text = ok_or_leaks(&kal(&["check", &pid]));
+    assert!(
+        text.contains(
+            "Direct leak of 1000 bytes in 1 block of 1000 bytes, allocated before kal attached:"
+        ),
+        "{text}"
+    );
+    assert!(text.contains(&format!("attach_leaker.c:{at}")), "{text}");
     let detach = ok(&kal(&["detach", &pid]));
     assert!(detach.contains("GOT slots restored"), "{detach}");
     one_line_error(&kal(&["check", &pid]), "attached and then detached");
@@ -128,19 +183,6 @@ fn bad_input_gets_one_line() {
     );
     stat.kill().unwrap();
     stat.wait().unwrap();
-    // jemalloc.
-    require_file(JEMALLOC, "libjemalloc2");
-    let mut je = Command::new(build("attach_leaker.c", &[]))
-        .env("LD_PRELOAD", JEMALLOC)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let _kj = KillOnDrop(je.id() as i32);
-    ready_pid(&mut BufReader::new(je.stdout.take().unwrap()));
-    one_line_error(&kal(&["attach", &je.id().to_string()]), "uses jemalloc");
-    je.kill().unwrap();
-    je.wait().unwrap();
     // Started under kal run: its agent is there already.
     let dir = tempfile::tempdir().unwrap();
     let json = dir.path().join("r.json");
@@ -165,4 +207,58 @@ fn bad_input_gets_one_line() {
     // SAFETY: ending the program this test started.
     unsafe { libc::kill(run_pid, libc::SIGKILL) };
     let _ = run.wait();
+}
+
+#[test]
+fn a_jemalloc_program_attaches_and_its_blocks_from_before_are_a_gap() {
+    ensure_agent();
+    require_file(JEMALLOC, "libjemalloc2");
+    let prog = build("attach_leaker.c", &[]);
+    let mut child = Command::new(&prog)
+        .env("LD_PRELOAD", JEMALLOC)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let _kill = KillOnDrop(child.id() as i32);
+    let mut stdin = child.stdin.take().unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    ready_pid(&mut out);
+    let pid = child.id().to_string();
+    let att = ok(&kal(&["attach", &pid]));
+    let lines: Vec<&str> = att.lines().filter(|l| l.contains("jemalloc")).collect();
+    assert_eq!(lines.len(), 1, "{att}");
+    assert!(
+        lines[0].contains("blocks allocated before the attach are unknown"),
+        "{att}"
+    );
+    writeln!(stdin, "go").unwrap();
+    let mut l = String::new();
+    out.read_line(&mut l).unwrap();
+    assert_eq!(l.trim(), "after");
+    let (_, j) = check_pid_json(child.id() as i32, &[]);
+    let at = line_of("attach_leaker.c", "after_leak");
+    assert_eq!(
+        sum(&records_at(&j, "direct", "attach_leaker.c", at)),
+        (4321, 1),
+        "{j:#}"
+    );
+    // Only what was allocated since the attach is known: the leak from before is not
+    // counted, and the report says its lost counts are incomplete.
+    assert_eq!(totals(&j, "direct"), (4321, 1), "{j:#}");
+    assert_eq!(j["lost_reliable"], false, "{j:#}");
+    let gaps = j["gaps"]["unread"].to_string();
+    assert!(
+        gaps.contains("blocks allocated before kal attached are unknown"),
+        "{gaps}"
+    );
+    // Nothing is reclaimed from such a capture.
+    one_line_error(&kal(&["reclaim", &pid]), "refusing to reclaim");
+    ok(&kal(&["detach", &pid]));
+    writeln!(stdin, "go").unwrap();
+    l.clear();
+    out.read_line(&mut l).unwrap();
+    assert_eq!(l.trim(), "done 2100");
+    assert!(child.wait().unwrap().success());
 }
