@@ -2,9 +2,12 @@
 //! check of an attached process takes them from the walk of glibc's heap
 //! ([`crate::blocks::ptmalloc`]) in the same captured moment and merges them with the
 //! table. A block the table knows is the table's (with its stack); a block only the walk
-//! knows was allocated before the attach (or, for a moment, is being allocated or freed
-//! by a thread stopped inside a hook: its pointer is then in that thread's registers or
-//! side stack, a root). Such blocks are scanned and classified like every other block and
+//! knows was allocated before the attach — or since by a caller the agent does not see:
+//! the dynamic loader (it calls malloc through a pointer of its own, not a GOT: the data
+//! of modules opened later), the constructors of a module opened later (they run before
+//! its slots are redirected); or, for a moment, it is being allocated or freed by a thread
+//! stopped inside a hook (its pointer is then in that thread's registers or side stack, a
+//! root). Such blocks are scanned and classified like every other block and
 //! reported without stacks, grouped by what they are ([`crate::contents`]), labelled
 //! "allocated before kal attached"; their sizes are usable sizes. They are never reclaimed:
 //! without the agent's sequence number nothing proves that a block at that address in two

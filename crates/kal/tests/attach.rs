@@ -262,3 +262,48 @@ fn a_jemalloc_program_attaches_and_its_blocks_from_before_are_a_gap() {
     assert_eq!(l.trim(), "done 2100");
     assert!(child.wait().unwrap().success());
 }
+
+#[test]
+fn a_library_dlopened_after_attach_is_redirected_and_its_leaks_have_stacks() {
+    ensure_agent();
+    let lib = build("libplugin.c", &["-shared", "-fPIC"]);
+    let dir = lib.parent().unwrap().to_str().unwrap().to_string();
+    // Found through the executable's RUNPATH only: dlopen must still see the program as
+    // its caller once its slot leads to the agent.
+    let rpath = format!("-Wl,-rpath,{dir},--enable-new-dtags");
+    let prog = build("attach_dlopen.c", &[&rpath]);
+    let name = lib.file_name().unwrap().to_str().unwrap();
+    let mut child = Command::new(&prog)
+        .arg(name)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let _kill = KillOnDrop(child.id() as i32);
+    let mut stdin = child.stdin.take().unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    ready_pid(&mut out);
+    let pid = child.id().to_string();
+    let att = ok(&kal(&["attach", &pid]));
+    assert!(att.contains("agent loaded"), "{att}");
+    writeln!(stdin, "go").unwrap();
+    let mut l = String::new();
+    out.read_line(&mut l).unwrap();
+    assert_eq!(l.trim(), "loaded");
+    let (_, j) = check_pid_json(child.id() as i32, &[]);
+    let at = line_of("libplugin.c", "plugin");
+    assert_eq!(
+        sum(&records_at(&j, "direct", "libplugin.c", at)),
+        (3 * 321, 3),
+        "{j:#}"
+    );
+    assert_eq!(totals(&j, "direct"), (3 * 321, 3), "{j:#}");
+    ok(&kal(&["detach", &pid]));
+    // Detached: the program's dlopen slot is its own again, and its calls work.
+    writeln!(stdin, "go").unwrap();
+    l.clear();
+    out.read_line(&mut l).unwrap();
+    assert_eq!(l.trim(), "done");
+    assert!(child.wait().unwrap().success());
+}
