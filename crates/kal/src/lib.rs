@@ -73,6 +73,7 @@ pub mod reclaim;
 pub mod report;
 pub mod roots;
 pub mod run;
+pub mod run_attached;
 pub mod site;
 pub mod snapshot;
 pub mod source;

@@ -125,6 +125,7 @@ enum Cmd {
     /// Examples:
     ///   kal run --json report.json -- ./server --port 8080
     ///   kal run --check-every 10s -- ./server
+    ///   kal run --check-every 10s --attach 4242
     ///   kal run --reclaim --check-every 1s -- ./server
     ///   kal run --reclaim=dry-run --check-every 10s -- ./server
     ///   kal run --reclaim=free --free-sites 'cache_*' --check-every 10s -- ./server
@@ -191,9 +192,19 @@ enum Cmd {
         /// threads wait for kal, which would pause the program longer than the snapshot).
         #[arg(long)]
         trace: bool,
+        /// Check (and with --reclaim, reclaim in) this running process, started without
+        /// kal, instead of running a program: the agent is loaded into it first if it is
+        /// not there (as `kal attach` does) and stays when kal stops. Needs --check-every.
+        #[arg(
+            long,
+            value_name = "PID",
+            requires = "check_every",
+            conflicts_with_all = ["command", "trace"]
+        )]
+        attach: Option<i32>,
         /// The program and its arguments (put them after `--`).
         #[arg(
-            required = true,
+            required_unless_present = "attach",
             trailing_var_arg = true,
             allow_hyphen_values = true,
             value_name = "PROGRAM"
@@ -415,12 +426,16 @@ fn run(
     reclaim: Option<kal::reclaim::Config>,
     freeres: bool,
     trace: bool,
-    command: Vec<OsString>,
+    target: (Option<i32>, Vec<OsString>),
 ) -> Result<i32> {
     let opts = report.options()?;
+    let (attach, command) = target;
     let mut command = command.into_iter();
-    let program = command.next().ok_or_else(|| anyhow!("no program to run"))?;
-    kal::run::run(&kal::run::RunOptions {
+    let program = match attach {
+        Some(_) => OsString::new(),
+        None => command.next().ok_or_else(|| anyhow!("no program to run"))?,
+    };
+    let run_opts = kal::run::RunOptions {
         program,
         args: command.collect(),
         json: report.json.clone(),
@@ -433,7 +448,11 @@ fn run(
         max_cpu_percent: max_cpu,
         freeres,
         trace,
-    })
+    };
+    match attach {
+        Some(pid) => kal::run_attached::run(&run_opts, pid),
+        None => kal::run::run(&run_opts),
+    }
 }
 
 fn main() {
@@ -447,6 +466,7 @@ fn main() {
             no_freeres,
             no_trace,
             trace,
+            attach,
             command,
         } => mode
             .map(|m| reclaim_args.config(m))
@@ -461,7 +481,7 @@ fn main() {
                     // Periodic checks and reclaim keep kal's thread busy scanning, while a
                     // traced process's stops would wait for it.
                     trace || !(no_trace || check_every.is_some() || mode.is_some()),
-                    command,
+                    (attach, command),
                 )
             }),
         Cmd::Check {

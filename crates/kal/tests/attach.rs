@@ -307,3 +307,76 @@ fn a_library_dlopened_after_attach_is_redirected_and_its_leaks_have_stacks() {
     assert_eq!(l.trim(), "done");
     assert!(child.wait().unwrap().success());
 }
+
+#[test]
+fn run_check_every_attach_checks_and_parks_in_a_running_process() {
+    ensure_agent();
+    let prog = build("attach_periodic.c", &[]);
+    let (mut child, mut stdin, rx, _kill) = start(&prog);
+    let pid = child.id().to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let lines = dir.path().join("checks.jsonl");
+    let k = Command::new(env!("CARGO_BIN_EXE_kal"))
+        .args([
+            "run",
+            "--check-every",
+            "300ms",
+            "--reclaim",
+            "--attach",
+            &pid,
+        ])
+        .args(["--json", lines.to_str().unwrap()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let _kk = KillOnDrop(k.id() as i32);
+    // Three checks (the third after a park), however loaded the machine is.
+    let t0 = std::time::Instant::now();
+    while std::fs::read_to_string(&lines).map_or(0, |s| s.lines().count()) < 3 {
+        assert!(t0.elapsed() < Duration::from_secs(60), "no third check");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // SAFETY: interrupting the kal this test started.
+    unsafe { libc::kill(k.id() as i32, libc::SIGINT) };
+    let out = k.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    // Stopped by the interrupt, not killed by it; leaks found: the leak status.
+    assert_eq!(out.status.code(), Some(23), "{err}");
+    assert!(
+        err.contains(&format!("kal: attached to process {pid}")),
+        "{err}"
+    );
+    assert!(err.contains("its agent stays attached"), "{err}");
+    let checks = read_json_lines(&lines);
+    assert!(checks.len() >= 3, "{err}");
+    let at = line_of("attach_periodic.c", "periodic_leak");
+    let mut parked = 0;
+    for (i, c) in checks.iter().enumerate() {
+        // Leaks made since the attach, with their line; the ones from before, labelled.
+        assert!(
+            !records_at(c, "direct", "attach_periodic.c", at).is_empty(),
+            "check {i}: {c:#}"
+        );
+        assert!(
+            !before_attach_records(c, "direct").is_empty(),
+            "check {i}: {c:#}"
+        );
+        assert!(c["pause_ms"].as_f64().unwrap() > 0.0);
+        // Only blocks from after the attach are parked: the 4096-byte ones (never the
+        // 1000-byte block from before, whose sequence number nothing knows).
+        let p = &c["parked_now"];
+        assert_eq!(
+            p["bytes"].as_u64().unwrap(),
+            4096 * p["blocks"].as_u64().unwrap(),
+            "{c:#}"
+        );
+        parked += p["blocks"].as_u64().unwrap();
+    }
+    assert!(parked > 0, "{err}");
+    // The program runs on: its parked blocks never touched, its loop unharmed.
+    ok(&kal(&["detach", &pid]));
+    writeln!(stdin, "stop").unwrap();
+    assert!(line(&rx).starts_with("done "));
+    assert!(child.wait().unwrap().success());
+}
