@@ -145,12 +145,13 @@ fn attach_reports_leaks_made_after_it_and_detach_leaves_the_program_unchanged() 
 }
 
 #[test]
-fn four_threads_churning_survive_ten_attach_detach_cycles() {
+fn eight_threads_churning_across_threads_survive_fifty_attach_detach_cycles() {
     ensure_agent();
     let prog = build("attach_churn.c", &["-O2"]);
     let (mut child, mut stdin, rx, _kill) = start(&prog);
     let pid = child.id().to_string();
-    for i in 0..10 {
+    let mut worst = 0.0f64;
+    for i in 0..50 {
         let out = ok(&kal(&["attach", &pid]));
         let want = if i == 0 {
             "agent loaded"
@@ -158,10 +159,61 @@ fn four_threads_churning_survive_ten_attach_detach_cycles() {
             "agent attached again"
         };
         assert!(out.contains(want), "cycle {i}: {out}");
+        worst = worst.max(pause_ms(&out));
+        if i % 10 == 0 {
+            // A check while attached: the blocks from before are walked, not harmed.
+            let (o, j) = check_pid_json(child.id() as i32, &[]);
+            assert_ne!(o.status.code(), Some(125), "cycle {i}: {j}");
+        }
         std::thread::sleep(Duration::from_millis(50));
         ok(&kal(&["detach", &pid]));
         std::thread::sleep(Duration::from_millis(20));
     }
+    writeln!(stdin, "stop").unwrap();
+    assert_eq!(line(&rx), "ok 1");
+    assert!(child.wait().unwrap().success());
+    eprintln!("50 attach cycles of 8 churning threads: worst pause {worst:.2} ms");
+}
+
+/// The pause `kal attach` reports, in milliseconds.
+fn pause_ms(out: &str) -> f64 {
+    let at = out.find("program paused ").expect("a pause") + "program paused ".len();
+    out[at..].split(' ').next().unwrap().parse().unwrap()
+}
+
+#[test]
+fn kal_killed_mid_attach_leaves_the_program_running_unharmed() {
+    ensure_agent();
+    let prog = build("attach_churn.c", &["-O2"]);
+    let (mut child, mut stdin, rx, _kill) = start(&prog);
+    let pid = child.id().to_string();
+    let mut k = Command::new(env!("CARGO_BIN_EXE_kal"))
+        .args(["attach", &pid])
+        .env("KAL_TEST_HOLD", "attach")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut err = BufReader::new(k.stderr.take().unwrap());
+    let mut l = String::new();
+    while !l.contains("test hold: attach") {
+        l.clear();
+        assert!(
+            err.read_line(&mut l).unwrap() > 0,
+            "kal ended before the hold"
+        );
+    }
+    k.kill().unwrap();
+    k.wait().unwrap();
+    // The stub finishes the load by itself; the threads run on.
+    std::thread::sleep(Duration::from_millis(300));
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    assert!(status.contains("TracerPid:\t0"), "{status}");
+    assert!(!status.contains("State:\tT"), "{status}");
+    // Attached (by the stub that completed), so it can be detached and attached again.
+    ok(&kal(&["detach", &pid]));
+    ok(&kal(&["attach", &pid]));
+    ok(&kal(&["detach", &pid]));
     writeln!(stdin, "stop").unwrap();
     assert_eq!(line(&rx), "ok 1");
     assert!(child.wait().unwrap().success());
@@ -183,6 +235,32 @@ fn bad_input_gets_one_line() {
     );
     stat.kill().unwrap();
     stat.wait().unwrap();
+    // Traced by someone else (gdb holds it for a while).
+    require_command("gdb", "gdb");
+    let (mut traced, _t, _trx, _kt) = start(&build("attach_leaker.c", &[]));
+    let tpid = traced.id().to_string();
+    let mut gdb = Command::new("gdb")
+        .args(["-p", &tpid, "-batch", "-ex", "shell sleep 4"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let t0 = std::time::Instant::now();
+    while !std::fs::read_to_string(format!("/proc/{tpid}/status"))
+        .unwrap()
+        .lines()
+        .any(|l| l.starts_with("TracerPid:") && l != "TracerPid:\t0")
+    {
+        assert!(t0.elapsed() < Duration::from_secs(20), "gdb did not attach");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = kal(&["attach", &tpid]);
+    assert!(!out.status.success());
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(e.trim().lines().count(), 1, "{e}");
+    gdb.wait().unwrap();
+    traced.kill().unwrap();
+    traced.wait().unwrap();
     // Started under kal run: its agent is there already.
     let dir = tempfile::tempdir().unwrap();
     let json = dir.path().join("r.json");
