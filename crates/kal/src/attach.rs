@@ -416,6 +416,12 @@ fn inside_jemalloc(
         if is_text(t.regs.rip) {
             return Some(format!("thread {} was inside jemalloc", t.tid));
         }
+        // Blocked in a condition wait (futex FUTEX_WAIT_BITSET, as pthread_cond_wait and
+        // jemalloc's background threads wait): its mutex is released while it waits.
+        let r = &t.regs;
+        if r.orig_rax == libc::SYS_futex as u64 && r.rsi & 0x7f == libc::FUTEX_WAIT_BITSET as u64 {
+            continue;
+        }
         let mut w = vec![0u8; JEMALLOC_STACK_WINDOW as usize];
         let got = match mem.read(t.sp(), &mut w) {
             Ok(()) => w.len(),

@@ -458,3 +458,183 @@ fn run_check_every_attach_checks_and_parks_in_a_running_process() {
     assert!(line(&rx).starts_with("done "));
     assert!(child.wait().unwrap().success());
 }
+
+/// Waits until something accepts connections on `port` (60 s at most).
+fn connect(port: u16) -> std::net::TcpStream {
+    let t0 = std::time::Instant::now();
+    loop {
+        if let Ok(s) = std::net::TcpStream::connect(("127.0.0.1", port)) {
+            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            s.set_nodelay(true).unwrap();
+            return s;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "nothing on port {port}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn memcached_under_load_is_attached_without_a_failed_request() {
+    ensure_agent();
+    require_command("memcached", "memcached");
+    let port = free_port();
+    let mut mc = Command::new("memcached")
+        .args([
+            "-p",
+            &port.to_string(),
+            "-U",
+            "0",
+            "-t",
+            "4",
+            "-u",
+            "root",
+            "-l",
+            "127.0.0.1",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let _kill = KillOnDrop(mc.id() as i32);
+    drop(connect(port));
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // Two clients set and get their own keys without a pause, checking every answer.
+    let clients: Vec<_> = (0..2)
+        .map(|c| {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let s = connect(port);
+                let mut r = BufReader::new(s.try_clone().unwrap());
+                let mut w = s;
+                let (mut done, mut failed) = (0u64, 0u64);
+                let mut l = String::new();
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let key = format!("c{c}k{}", done % 1000);
+                    let val = format!("{:016}", done);
+                    let ok = write!(w, "set {key} 0 0 16\r\n{val}\r\nget {key}\r\n").is_ok() && {
+                        let mut lines = Vec::new();
+                        for _ in 0..4 {
+                            l.clear();
+                            if r.read_line(&mut l).unwrap_or(0) == 0 {
+                                break;
+                            }
+                            lines.push(l.trim_end().to_string());
+                        }
+                        lines
+                            == [
+                                "STORED".to_string(),
+                                format!("VALUE {key} 0 16"),
+                                val.clone(),
+                                "END".to_string(),
+                            ]
+                    };
+                    if ok {
+                        done += 1;
+                    } else {
+                        failed += 1;
+                        break;
+                    }
+                }
+                (done, failed)
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+    let pid = mc.id().to_string();
+    let att = ok(&kal(&["attach", &pid]));
+    let pause = pause_ms(&att);
+    std::thread::sleep(Duration::from_millis(500));
+    let (o, j) = check_pid_json(mc.id() as i32, &[]);
+    assert_ne!(o.status.code(), Some(125), "{j}");
+    assert!(j["pause_ms"].as_f64().unwrap() > 0.0, "{j}");
+    ok(&kal(&["detach", &pid]));
+    std::thread::sleep(Duration::from_millis(500));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (mut done, mut failed) = (0, 0);
+    for c in clients {
+        let (d, f) = c.join().unwrap();
+        done += d;
+        failed += f;
+    }
+    eprintln!("memcached: {done} set+get pairs, {failed} failed; attach pause {pause:.2} ms");
+    assert_eq!(failed, 0);
+    assert!(done > 1000, "{done}");
+    mc.kill().unwrap();
+    mc.wait().unwrap();
+}
+
+/// Sends one redis command (RESP) and returns the first line of the answer.
+fn redis(r: &mut BufReader<std::net::TcpStream>, args: &[&str]) -> String {
+    let mut cmd = format!("*{}\r\n", args.len());
+    for a in args {
+        cmd.push_str(&format!("${}\r\n{a}\r\n", a.len()));
+    }
+    r.get_mut().write_all(cmd.as_bytes()).unwrap();
+    let mut l = String::new();
+    r.read_line(&mut l).unwrap();
+    l.trim_end().to_string()
+}
+
+#[test]
+fn redis_server_from_debian_gets_stacks_after_attach() {
+    ensure_agent();
+    require_command("redis-server", "redis-server");
+    let port = free_port();
+    let mut rs = Command::new("redis-server")
+        .args([
+            "--port",
+            &port.to_string(),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ])
+        .args(["--bind", "127.0.0.1", "--daemonize", "no"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let _kill = KillOnDrop(rs.id() as i32);
+    let mut r = BufReader::new(connect(port));
+    assert_eq!(redis(&mut r, &["PING"]), "+PONG");
+    let pid = rs.id().to_string();
+    let att = ok(&kal(&["attach", &pid]));
+    assert!(att.contains("jemalloc"), "{att}");
+    for i in 0..500 {
+        assert_eq!(
+            redis(&mut r, &["SET", &format!("key:{i}"), &"v".repeat(100)]),
+            "+OK"
+        );
+    }
+    let (_, j) = check_pid_json(rs.id() as i32, &["--show-reachable"]);
+    // Blocks allocated since the attach, with stacks into redis-server's own code (its
+    // executable: Debian's redis-server is a link to redis-check-rdb).
+    let exe = std::fs::read_link(format!("/proc/{pid}/exe")).unwrap();
+    let exe = exe.to_str().unwrap();
+    let in_redis = j["leaks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|rec| {
+            rec["stack"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|f| f["module"] == exe && !f["function"].as_str().unwrap_or("").is_empty())
+        })
+        .count();
+    assert!(in_redis > 0, "{j:#}");
+    assert!(
+        j["gaps"]["unread"]
+            .to_string()
+            .contains("blocks allocated before kal attached are unknown"),
+        "{j:#}"
+    );
+    ok(&kal(&["detach", &pid]));
+    assert_eq!(redis(&mut r, &["GET", "key:7"]), "$100");
+    rs.kill().unwrap();
+    rs.wait().unwrap();
+}
