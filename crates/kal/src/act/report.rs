@@ -200,12 +200,32 @@ pub struct Options {
 /// Blocks grouped by (class, stack id, API), with their totals, in key order. Millions of
 /// blocks share a few thousand keys: each stack id heads a short chain of its groups.
 fn group(blocks: &[Block], kinds: &[Kind]) -> Vec<((Kind, u32, u32), Totals)> {
+    // Ids past 16 bits (unknown, from before an attach) are few keys: grouped apart.
+    const FEW: u32 = 1 << 24;
+    if blocks.iter().any(|b| b.stack >= FEW) {
+        let mut m: BTreeMap<(Kind, u32, u32), Totals> = BTreeMap::new();
+        let mut rest: Vec<(Block, Kind)> = Vec::new();
+        for (b, &k) in blocks.iter().zip(kinds) {
+            if b.stack >= FEW {
+                m.entry((k, b.stack, u32::from(b.api)))
+                    .or_default()
+                    .add(b.size);
+            } else {
+                rest.push((*b, k));
+            }
+        }
+        let (bs, ks): (Vec<Block>, Vec<Kind>) = rest.into_iter().unzip();
+        let mut groups = group(&bs, &ks);
+        groups.extend(m);
+        groups.sort_unstable_by_key(|(key, _)| *key);
+        return groups;
+    }
     let heads = blocks
         .iter()
         .map(|b| b.stack as usize + 1)
         .max()
         .unwrap_or(0);
-    if heads > 1 << 24 {
+    if heads > FEW as usize {
         // Stack ids are 16-bit today; never index by a huge one.
         let mut m: BTreeMap<(Kind, u32, u32), Totals> = BTreeMap::new();
         for (b, &k) in blocks.iter().zip(kinds) {
@@ -537,9 +557,10 @@ fn contents_text(s: &mut String, rec: &Record, c: &crate::attribute::contents::C
         (None, Some(size)) => format!("of {}", plural(size, "byte")),
         (None, None) => String::new(),
     };
+    let origin = c.origin.map(|o| format!(", {o}")).unwrap_or_default();
     let _ = writeln!(
         s,
-        "\n{} of {} in {} {what}:",
+        "\n{} of {} in {} {what}{origin}:",
         title(rec.kind),
         plural(rec.bytes, "byte"),
         plural(rec.blocks, "block"),

@@ -744,6 +744,28 @@ pub fn capture_table(src: &mut dyn Source, header_addr: u64) -> Result<Capture> 
         );
     }
     let agent = agent_ranges(&*mem, &header);
+    // An attached agent never saw the blocks allocated before it: glibc's heap walk
+    // gives them; with another allocator they are unknown.
+    let mut before_gaps = Vec::new();
+    let blocks = if !extras.before_attach {
+        blocks
+    } else if header.glibc_malloc != 0 {
+        let t2 = std::time::Instant::now();
+        let (merged, gaps) =
+            crate::blocks::before_attach::merge(blocks, &*mem, &maps, &threads, &agent);
+        if timing {
+            crate::say!(
+                "timing: heap walk for blocks from before the attach {:?} ({} blocks in all)",
+                t2.elapsed(),
+                merged.len()
+            );
+        }
+        before_gaps = gaps;
+        merged
+    } else {
+        before_gaps.push(Gap::whole(crate::blocks::before_attach::JEMALLOC_GAP));
+        blocks
+    };
     let heap_ranges = crate::reach::ranges::subtract(
         &crate::reach::roots::heap_ranges(&maps, &blocks, &header, &*mem),
         &agent,
@@ -783,6 +805,7 @@ pub fn capture_table(src: &mut dyn Source, header_addr: u64) -> Result<Capture> 
             .iter()
             .filter_map(|t| active_side_slot(&header, t.sp())),
     );
+    ranges.extend(crate::reach::roots::server_thread_tls(&header, &*mem));
     let ranges = crate::reach::ranges::normalize(ranges);
     let t1 = std::time::Instant::now();
     let shared: Vec<(u64, u64)> = maps
@@ -792,7 +815,8 @@ pub fn capture_table(src: &mut dyn Source, header_addr: u64) -> Result<Capture> 
         .collect();
     let (mut image, mut unread) = Image::copy(&*mem, &ranges, &shared);
     unread.extend(table_unread);
-    let gaps = gaps_of(&extras, &smaps, &agent, &heap_ranges, unread, &header);
+    let mut gaps = gaps_of(&extras, &smaps, &agent, &heap_ranges, unread, &header);
+    gaps.unread.extend(before_gaps);
     let Extras {
         image: parent_image,
         values: kernel_values,
