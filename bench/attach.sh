@@ -1,9 +1,9 @@
 #!/bin/bash
 # Attach benchmarks (issue 12): attach pause on a 1 GiB process, and alloc_bench before
 # attach, attached, after detach, against plain runs and kal run.
-# Usage: bench/attach.sh [ROUNDS]   (from the repository root, after cargo build)
+# Usage: bench/attach.sh [ROUNDS]   (from the repository root, after cargo build --release)
 set -e
-KAL=${KAL:-target/debug/kal}
+KAL=${KAL:-target/release/kal}
 N=${1:-5}
 T=$(mktemp -d)
 gcc -O2 -o "$T/big_heap" bench/big_heap.c
