@@ -5,6 +5,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <time.h>
+#include <unistd.h>
 
 static long iters;
 
@@ -24,9 +25,7 @@ static void *worker(void *arg) {
   return NULL;
 }
 
-int main(int argc, char **argv) {
-  int threads = argc > 1 ? atoi(argv[1]) : 2;
-  iters = argc > 2 ? atol(argv[2]) : 5000000;
+static double once(int threads) {
   pthread_t t[64];
   struct timespec a, b;
   clock_gettime(CLOCK_MONOTONIC, &a);
@@ -34,6 +33,25 @@ int main(int argc, char **argv) {
   for (int i = 0; i < threads; i++) pthread_join(t[i], NULL);
   clock_gettime(CLOCK_MONOTONIC, &b);
   double ns = (b.tv_sec - a.tv_sec) * 1e9 + (b.tv_nsec - a.tv_nsec);
-  printf("%.1f\n", ns / iters); /* wall ns per round per thread */
+  return ns / iters; /* wall ns per round per thread */
+}
+
+/* With ALLOC_BENCH_PHASES=N: prints "ready PID", then N times waits for a line on stdin
+ * and prints one measurement (so that kal attach / detach can happen between phases). */
+int main(int argc, char **argv) {
+  int threads = argc > 1 ? atoi(argv[1]) : 2;
+  iters = argc > 2 ? atol(argv[2]) : 5000000;
+  const char *phases = getenv("ALLOC_BENCH_PHASES");
+  if (!phases) {
+    printf("%.1f\n", once(threads));
+    return 0;
+  }
+  printf("ready %d\n", getpid());
+  fflush(stdout);
+  char line[64];
+  for (int p = atoi(phases); p > 0 && fgets(line, sizeof line, stdin); p--) {
+    printf("%.1f\n", once(threads));
+    fflush(stdout);
+  }
   return 0;
 }

@@ -16,8 +16,10 @@
 //! hooks plain pass-through (a function pointer taken while attached may still lead to
 //! them); the table is emptied at the next attach, while the program is stopped.
 //!
-//! Not covered: modules loaded after attach (their slots are not redirected: allocations
-//! there go untracked), and calls that do not go through a GOT.
+//! Modules loaded after attach get their slots redirected when the `dlopen` or `dlmopen`
+//! that loaded them returns (those are hooked too: see [`crate::dlhook`]). Modules in a
+//! namespace other than the base one (`dlmopen`) are never touched: they have their own
+//! libc and heap. Not covered: calls that do not go through a GOT.
 
 use core::ffi::{c_char, c_int, c_void};
 use core::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -42,9 +44,27 @@ pub static KAL_ATTACH_SLOTS: AtomicU64 = AtomicU64::new(0);
 pub static KAL_ATTACH_STUB: AtomicU64 = AtomicU64::new(0);
 
 const MAX_SLOTS: usize = 4096;
-/// Changed slots: (address, old value, whether it lies in a RELRO range).
-static mut SAVED: [(usize, usize, bool); MAX_SLOTS] = [(0, 0, false); MAX_SLOTS];
+/// Changed slots: (address, old value, whether it lies in a RELRO range, whether it is a
+/// `dlopen`/`dlmopen` slot). Written under [`LOCK`].
+static mut SAVED: [(usize, usize, bool, bool); MAX_SLOTS] = [(0, 0, false, false); MAX_SLOTS];
 static SAVED_LEN: AtomicUsize = AtomicUsize::new(0);
+
+/// Held while slots are redirected or restored (the attaching thread, a `dlopen` that
+/// returned, the server thread detaching).
+static LOCK: AtomicBool = AtomicBool::new(false);
+
+fn lock() {
+    while LOCK
+        .compare_exchange_weak(false, true, Ordering::Acquire, Ordering::Relaxed)
+        .is_err()
+    {
+        core::hint::spin_loop();
+    }
+}
+
+fn unlock() {
+    LOCK.store(false, Ordering::Release);
+}
 
 /// Whether the hooks must only forward (the agent is detached).
 #[inline(always)]
@@ -190,6 +210,38 @@ struct Walk {
     count: usize,
 }
 
+/// Whether the module whose dynamic section is at `dynamic` is in the base namespace: a
+/// module opened by `dlmopen` into another one has its own libc and heap, whose blocks
+/// must never reach the base namespace's allocator.
+fn in_base_namespace(dynamic: usize) -> bool {
+    // SAFETY: dladdr1 fills the link map of a loaded module's address; dlinfo reads its
+    // namespace id into a plain out-parameter.
+    unsafe {
+        let mut info: libc::Dl_info = core::mem::zeroed();
+        let mut map: *mut c_void = core::ptr::null_mut();
+        if libc::dladdr1(
+            dynamic as *const c_void,
+            &mut info,
+            &mut map as *mut *mut c_void,
+            2, // RTLD_DL_LINKMAP
+        ) == 0
+            || map.is_null()
+        {
+            return true; // the vDSO and the like: nothing to redirect anyway
+        }
+        let mut lmid: libc::Lmid_t = 0;
+        if libc::dlinfo(
+            map,
+            libc::RTLD_DI_LMID,
+            (&mut lmid as *mut libc::Lmid_t).cast(),
+        ) != 0
+        {
+            return false;
+        }
+        lmid == libc::LM_ID_BASE
+    }
+}
+
 /// A module's dynamic entries the walk needs (addresses already relocated).
 #[derive(Default)]
 struct Dyn {
@@ -210,10 +262,17 @@ unsafe extern "C" fn visit(info: *mut libc::dl_phdr_info, _: usize, data: *mut c
     }
     let mut dynamic = 0usize;
     let mut relro = (0usize, 0usize);
+    let mut code = [(0usize, 0usize); 4];
+    let mut ncode = 0;
     for i in 0..info.dlpi_phnum as usize {
         // SAFETY: the loader's program headers, dlpi_phnum of them.
         let ph = unsafe { &*info.dlpi_phdr.add(i) };
         match ph.p_type {
+            libc::PT_LOAD if ph.p_flags & libc::PF_X != 0 && ncode < code.len() => {
+                let lo = base + ph.p_vaddr as usize;
+                code[ncode] = (lo, lo + ph.p_memsz as usize);
+                ncode += 1;
+            }
             libc::PT_DYNAMIC => dynamic = base + ph.p_vaddr as usize,
             libc::PT_GNU_RELRO => {
                 let start = (base + ph.p_vaddr as usize) & !(PAGE - 1);
@@ -226,7 +285,7 @@ unsafe extern "C" fn visit(info: *mut libc::dl_phdr_info, _: usize, data: *mut c
             _ => {}
         }
     }
-    if dynamic == 0 {
+    if dynamic == 0 || !in_base_namespace(dynamic) {
         return 0;
     }
     // The loader relocates the pointers of a module's dynamic section in place; the vDSO's
@@ -273,10 +332,23 @@ unsafe extern "C" fn visit(info: *mut libc::dl_phdr_info, _: usize, data: *mut c
             let name = (d.strtab + s.st_name as usize) as *const c_char;
             // SAFETY: a NUL-terminated name in the module's string table.
             let name = unsafe { core::ffi::CStr::from_ptr(name) }.to_bytes();
-            let Some(ours) = ours(name) else {
-                continue;
-            };
             let slot = base + r.r_offset as usize;
+            let (ours, dl) = match (ours(name), crate::dlhook::hook_for(name)) {
+                (Some(f), _) => (f, false),
+                // dlopen and dlmopen only through a PLT entry (see `dlhook`).
+                (None, Some((which, hook))) if kind == 7 => {
+                    match crate::dlhook::plt_entry(&code[..ncode], slot) {
+                        Some(plt) => {
+                            let lo = code[..ncode].iter().map(|c| c.0).min().unwrap_or(0);
+                            let hi = code[..ncode].iter().map(|c| c.1).max().unwrap_or(0);
+                            crate::dlhook::add_module(lo, hi, which, plt);
+                            (hook, true)
+                        }
+                        None => continue,
+                    }
+                }
+                _ => continue,
+            };
             let in_relro = slot >= relro.0 && slot < relro.1;
             // SAFETY: a GOT slot of a loaded module, readable.
             let old = unsafe { (*(slot as *const AtomicUsize)).load(Ordering::Acquire) };
@@ -287,9 +359,8 @@ unsafe extern "C" fn visit(info: *mut libc::dl_phdr_info, _: usize, data: *mut c
             if i >= MAX_SLOTS {
                 return 1;
             }
-            // SAFETY: only the attaching thread writes SAVED (every other program thread
-            // is stopped by kal, the agent's threads are not running).
-            unsafe { (*core::ptr::addr_of_mut!(SAVED))[i] = (slot, old, in_relro) };
+            // SAFETY: SAVED is written under LOCK only (held by `patch`'s callers).
+            unsafe { (*core::ptr::addr_of_mut!(SAVED))[i] = (slot, old, in_relro, dl) };
             SAVED_LEN.store(i + 1, Ordering::Release);
             write_slot(slot, ours, in_relro);
             walk.count += 1;
@@ -298,8 +369,8 @@ unsafe extern "C" fn visit(info: *mut libc::dl_phdr_info, _: usize, data: *mut c
     0
 }
 
-/// Redirects the malloc family in every loaded module's GOT to the agent. Returns the
-/// number of slots changed.
+/// Redirects the malloc family (and `dlopen`, `dlmopen`) in every loaded module's GOT to
+/// the agent. Returns the number of slots changed.
 pub fn patch() -> usize {
     if !resolve_own() {
         crate::diag::say(
@@ -307,25 +378,84 @@ pub fn patch() -> usize {
         );
         return 0;
     }
+    crate::dlhook::resolve();
+    lock();
+    let n = walk_all();
+    unlock();
+    KAL_ATTACH_SLOTS.store(n as u64, Ordering::Release);
+    n
+}
+
+fn walk_all() -> usize {
     let mut walk = Walk {
         own: own_base(),
         count: 0,
     };
     // SAFETY: dl_iterate_phdr calls `visit` with valid infos and our Walk.
     unsafe { libc::dl_iterate_phdr(Some(visit), (&mut walk as *mut Walk).cast()) };
-    KAL_ATTACH_SLOTS.store(walk.count as u64, Ordering::Release);
     walk.count
 }
 
+/// After a `dlopen` or `dlmopen` returned (in the program's thread that called it):
+/// redirects the slots of the modules it loaded (slots already redirected are left).
+pub fn patch_new() {
+    let entered = crate::guard::enter_agent();
+    lock();
+    if !detached() {
+        let n = walk_all();
+        KAL_ATTACH_SLOTS.fetch_add(n as u64, Ordering::AcqRel);
+    }
+    unlock();
+    if entered {
+        crate::guard::leave();
+    }
+}
+
+/// How long detach waits for `dlopen` calls in flight to come back before it leaves
+/// their slots on the (then pass-through) hooks.
+const DL_DRAIN_MS: u32 = 2000;
+
 /// Puts back every slot [`patch`] changed (newest first) and makes the hooks forward only.
+/// A `dlopen` slot is put back once no call through it is in flight (its return comes
+/// back through the slot): if calls are still in flight after [`DL_DRAIN_MS`], those
+/// slots stay on the hooks, which then only forward, and the next detach tries again.
 pub fn detach() {
-    let n = SAVED_LEN.swap(0, Ordering::AcqRel);
+    DETACHED.store(true, Ordering::Release);
+    let mut waited = 0;
+    while crate::dlhook::in_flight() > 0 && waited < DL_DRAIN_MS {
+        // SAFETY: a plain sleep.
+        unsafe { libc::usleep(1000) };
+        waited += 1;
+    }
+    let drained = crate::dlhook::in_flight() == 0;
+    lock();
+    let n = SAVED_LEN.load(Ordering::Acquire);
+    let mut kept = 0;
     for i in (0..n).rev() {
-        // SAFETY: entries below the length were written by patch.
-        let (slot, old, relro) = unsafe { (*core::ptr::addr_of!(SAVED))[i] };
+        // SAFETY: entries below the length were written by patch, under LOCK (held).
+        let (slot, old, relro, dl) = unsafe { (*core::ptr::addr_of!(SAVED))[i] };
+        if dl && !drained {
+            kept += 1;
+            continue;
+        }
         write_slot(slot, old, relro);
     }
-    DETACHED.store(true, Ordering::Release);
+    if kept > 0 {
+        // Keep the dlopen entries (in their order) at the front.
+        let mut j = 0;
+        for i in 0..n {
+            // SAFETY: as above; j <= i, both below the length.
+            unsafe {
+                let e = (*core::ptr::addr_of!(SAVED))[i];
+                if e.3 {
+                    (*core::ptr::addr_of_mut!(SAVED))[j] = e;
+                    j += 1;
+                }
+            }
+        }
+    }
+    SAVED_LEN.store(kept, Ordering::Release);
+    unlock();
     KAL_ATTACH_STATE.store(2, Ordering::Release);
 }
 

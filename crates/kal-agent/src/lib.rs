@@ -20,6 +20,7 @@
 mod alone;
 mod control;
 mod diag;
+mod dlhook;
 mod ends;
 mod got;
 mod guard;

@@ -102,10 +102,18 @@ fn resolve_slow() -> Option<&'static Real> {
 }
 
 /// `dlsym(RTLD_NEXT, name)`; aborts the process with a message if the symbol is missing,
-/// because without an allocator to forward to nothing can work.
+/// because without an allocator to forward to nothing can work. An agent loaded by `kal
+/// attach` is not in the global scope, and `RTLD_NEXT` from it would search its own
+/// dependencies (libc) only: it forwards to what the program itself calls, the global
+/// scope's first definition (jemalloc's, in a program linked to it).
 unsafe fn next(name: &core::ffi::CStr) -> *mut c_void {
+    let handle = if crate::got::attach_mode() {
+        libc::RTLD_DEFAULT
+    } else {
+        libc::RTLD_NEXT
+    };
     // SAFETY: dlsym with a valid NUL-terminated name.
-    let p = unsafe { libc::dlsym(libc::RTLD_NEXT, name.as_ptr()) };
+    let p = unsafe { libc::dlsym(handle, name.as_ptr()) };
     if p.is_null() {
         crate::diag::fatal(b"kal agent: no next definition of an allocation function\n");
     }

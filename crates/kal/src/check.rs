@@ -58,19 +58,39 @@ pub fn check_with_header(
     reclaimed_sites: &std::collections::HashMap<u32, report::Totals>,
 ) -> Result<Check> {
     crate::capture::fatal::ensure_not_dying(pid)?;
-    let mut snap = crate::capture::snapshot::take(pid, header, opts.no_interrupt)?;
-    let pause = snap.pause;
-    crate::capture::snapshot::test_hold("snapshot");
-    let started = Instant::now();
-    // Blocks are read from the snapshot copy as they are reached: scan before releasing it.
-    let extras = std::mem::take(&mut snap.extras);
-    let scanned = capture_from(pid, snap.child, snap.threads.clone(), header, extras).map(|cap| {
-        let kinds = crate::classify_with(&cap, &opts.suppressions);
-        (cap, kinds)
-    });
+    // An attached process's blocks from before the attach come from a heap walk: a copy
+    // taken while a thread was inside the allocator is taken again a moment later.
+    let mut attempt = 0;
+    let (snap, pause, started, scanned) = loop {
+        let mut snap = crate::capture::snapshot::take(pid, header, opts.no_interrupt)?;
+        let pause = snap.pause;
+        crate::capture::snapshot::test_hold("snapshot");
+        let started = Instant::now();
+        // Blocks are read from the snapshot copy as they are reached: scan before
+        // releasing it.
+        let extras = std::mem::take(&mut snap.extras);
+        let captured = capture_from(pid, snap.child, snap.threads.clone(), header, extras);
+        let transient = captured
+            .as_ref()
+            .is_ok_and(|c| c.gaps.unread.iter().any(|g| g.transient));
+        if transient && attempt < crate::capture::agentless::TRANSIENT_RETRIES {
+            snap.release()?;
+            attempt += 1;
+            std::thread::sleep(std::time::Duration::from_millis(2 * u64::from(attempt)));
+            continue;
+        }
+        let scanned = captured.map(|cap| {
+            let kinds = crate::classify_with(&cap, &opts.suppressions);
+            // What the blocks from before an attach are, read while the copy is there.
+            let described =
+                crate::blocks::before_attach::describe(&cap, &kinds, opts.show_reachable);
+            (cap, kinds, described)
+        });
+        break (snap, pause, started, scanned);
+    };
     let scan = started.elapsed();
     let released = snap.release();
-    let (cap, kinds) = scanned?;
+    let (cap, kinds, described) = scanned?;
     released?;
     let built = Instant::now();
     let mut report = report::build(
@@ -88,5 +108,6 @@ pub fn check_with_header(
     }
     report.pause_ms = Some(pause.as_secs_f64() * 1e3);
     report.scan_ms = Some(scan.as_secs_f64() * 1e3);
+    crate::blocks::before_attach::relabel(&mut report, &cap, described);
     Ok(Check::new(report, &kinds, cap))
 }

@@ -155,6 +155,7 @@ enum Cmd {
     /// Examples:
     ///   kal run --json report.json -- ./server --port 8080
     ///   kal run --check-every 10s -- ./server
+    ///   kal run --check-every 10s --attach 4242
     ///   kal run --check-every 30s --html report.html --pprof lost.pb.gz -- ./server
     ///   kal run --reclaim --check-every 1s -- ./server
     ///   kal run --reclaim=dry-run --check-every 10s -- ./server
@@ -222,9 +223,19 @@ enum Cmd {
         /// threads wait for kal, which would pause the program longer than the snapshot).
         #[arg(long)]
         trace: bool,
+        /// Check (and with --reclaim, reclaim in) this running process, started without
+        /// kal, instead of running a program: the agent is loaded into it first if it is
+        /// not there (as `kal attach` does) and stays when kal stops. Needs --check-every.
+        #[arg(
+            long,
+            value_name = "PID",
+            requires = "check_every",
+            conflicts_with_all = ["command", "trace"]
+        )]
+        attach: Option<i32>,
         /// The program and its arguments (put them after `--`).
         #[arg(
-            required = true,
+            required_unless_present = "attach",
             trailing_var_arg = true,
             allow_hyphen_values = true,
             value_name = "PROGRAM"
@@ -412,9 +423,16 @@ fn attach(pid: i32) -> Result<i32> {
         a.tries,
         if a.tries == 1 { "" } else { "s" }
     );
-    println!(
-        "kal attach {pid}: blocks allocated before the attach are not in the agent's table: kal check neither scans nor counts them"
-    );
+    if a.jemalloc {
+        println!(
+            "kal attach {pid}: the program allocates with jemalloc: blocks allocated before the attach are unknown (no heap walk for jemalloc), so lost counts cover only blocks allocated since, and nothing is reclaimed"
+        );
+    } else {
+        println!(
+            "kal attach {pid}: blocks allocated before the attach come from glibc's heap at each check, without stacks (\"{}\")",
+            kal::blocks::before_attach::LABEL
+        );
+    }
     Ok(0)
 }
 
@@ -447,13 +465,17 @@ fn run(
     reclaim: Option<kal::act::reclaim::Config>,
     freeres: bool,
     trace: bool,
-    command: Vec<OsString>,
+    target: (Option<i32>, Vec<OsString>),
 ) -> Result<i32> {
     let outputs = report.outputs(check_every.is_some())?;
     let opts = report.options()?;
+    let (attach, command) = target;
     let mut command = command.into_iter();
-    let program = command.next().ok_or_else(|| anyhow!("no program to run"))?;
-    kal::run::run(&kal::run::RunOptions {
+    let program = match attach {
+        Some(_) => OsString::new(),
+        None => command.next().ok_or_else(|| anyhow!("no program to run"))?,
+    };
+    let run_opts = kal::run::RunOptions {
         program,
         args: command.collect(),
         outputs,
@@ -464,7 +486,11 @@ fn run(
         max_cpu_percent: max_cpu,
         freeres,
         trace,
-    })
+    };
+    match attach {
+        Some(pid) => kal::run::attached::run(&run_opts, pid),
+        None => kal::run::run(&run_opts),
+    }
 }
 
 fn main() {
@@ -478,6 +504,7 @@ fn main() {
             no_freeres,
             no_trace,
             trace,
+            attach,
             command,
         } => mode
             .map(|m| reclaim_args.config(m))
@@ -492,7 +519,7 @@ fn main() {
                     // Periodic checks and reclaim keep kal's thread busy scanning, while a
                     // traced process's stops would wait for it.
                     trace || !(no_trace || check_every.is_some() || mode.is_some()),
-                    command,
+                    (attach, command),
                 )
             }),
         Cmd::Check {

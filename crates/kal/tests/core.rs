@@ -325,7 +325,7 @@ fn a_kernel_core_dump_has_the_live_checks_counts() {
 }
 
 #[test]
-fn a_core_of_an_attached_process_says_what_the_agent_never_saw() {
+fn a_core_of_an_attached_process_has_the_blocks_from_before_the_attach() {
     use std::io::Write;
     let prog = build("attach_leaker.c", &[]);
     let mut child = Command::new(&prog)
@@ -352,18 +352,28 @@ fn a_core_of_an_attached_process_says_what_the_agent_never_saw() {
     let core = gcore(pid, dir.path());
     let (out1, j) = check_core(&core, &[]);
     let stderr = String::from_utf8_lossy(&out1.stderr);
-    // The leak made after the attach, with its line; the blocks from before are a gap.
+    // The leak made after the attach, with its line; the one from before, from the
+    // core's heap, labelled, without a stack.
     let line = line_of("attach_leaker.c", "after_leak");
     assert_eq!(
         sum(&records_at(&j, "direct", "attach_leaker.c", line)),
         (4321, 1),
         "{stderr}"
     );
-    assert_eq!(j["lost_reliable"], false, "{stderr}");
-    assert!(
-        stderr.contains("blocks allocated before kal attached"),
-        "{stderr}"
+    assert_eq!(totals(&j, "direct"), (4321 + 1000, 2), "{stderr}");
+    let old: Vec<&serde_json::Value> = j["leaks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["contents"]["origin"] == "allocated before kal attached")
+        .collect();
+    assert_eq!(old.len(), 1, "{j:#}");
+    assert_eq!(
+        (&old[0]["kind"], &old[0]["bytes"]),
+        (&"direct".into(), &1000.into()),
+        "{j:#}"
     );
+    assert_eq!(j["lost_reliable"], true, "{stderr}");
     let (_, live) = check_pid_json(pid, &[]);
     assert_eq!(counts(&j), counts(&live), "{stderr}");
     // Detached: the agent's table is stale; the core's heap is walked instead.

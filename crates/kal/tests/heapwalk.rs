@@ -18,7 +18,7 @@ fn request2size(n: u64) -> u64 {
 /// `memalign` up to the alignment.
 fn same_class(a: &Block, w: &HeapBlock) -> bool {
     let mmapped = w.flags & 2 != 0;
-    let agent_flags = (a.api >> kal_proto::CHUNK_FLAGS_SHIFT) as u64;
+    let agent_flags = u64::from(a.chunk_flags());
     if agent_flags & 6 != w.flags & 6 {
         return false;
     }
@@ -143,7 +143,7 @@ fn compare(cap: &kal::capture::Capture, tps: &[u64]) -> kal::blocks::BlockList {
     assert!(table.len() > 3000, "{}", table.len());
     let mut arenas: Vec<u64> = table
         .iter()
-        .filter(|b| (b.api >> kal_proto::CHUNK_FLAGS_SHIFT) & kal_proto::CHUNK_NON_MAIN_ARENA != 0)
+        .filter(|b| b.chunk_flags() & kal_proto::CHUNK_NON_MAIN_ARENA != 0)
         .map(|b| b.addr >> 26)
         .collect();
     arenas.sort_unstable();
@@ -151,7 +151,7 @@ fn compare(cap: &kal::capture::Capture, tps: &[u64]) -> kal::blocks::BlockList {
     assert!(arenas.len() >= 8, "{} thread arenas", arenas.len());
     let mmapped = table
         .iter()
-        .filter(|b| (b.api >> kal_proto::CHUNK_FLAGS_SHIFT) & kal_proto::CHUNK_IS_MMAPPED != 0)
+        .filter(|b| b.chunk_flags() & kal_proto::CHUNK_IS_MMAPPED != 0)
         .count();
     assert!(mmapped >= 31 * 3, "{mmapped} mmapped blocks");
     // The walk finds more blocks than the table: the agent's own (its per-thread unwinder

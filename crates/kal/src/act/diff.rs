@@ -76,6 +76,9 @@ pub struct SavedContents {
     /// Block size.
     #[serde(default)]
     pub block_size: Option<u64>,
+    /// Where the blocks come from ("allocated before kal attached").
+    #[serde(default)]
+    pub origin: Option<String>,
 }
 
 impl SavedRecord {
@@ -83,24 +86,15 @@ impl SavedRecord {
     /// pseudo-frame the other outputs draw (see
     /// [`crate::act::report::Record::stack_or_what`]).
     pub fn stack_or_what(&self) -> Vec<Frame> {
-        let rec = crate::act::report::Record {
-            kind: crate::reach::Kind::Direct,
-            bytes: 0,
-            blocks: 0,
-            api: "",
-            stack: self.stack.clone(),
-            site: 0,
-            contents: self
-                .contents
-                .as_ref()
-                .map(|c| crate::attribute::contents::Contents {
-                    type_name: c.type_name.clone(),
-                    block_size: c.block_size,
-                    points_into: Vec::new(),
-                    sample: String::new(),
-                }),
-        };
-        rec.stack_or_what().into_owned()
+        if !self.stack.is_empty() {
+            return self.stack.clone();
+        }
+        let c = self.contents.as_ref();
+        vec![crate::act::report::what_frame(
+            c.and_then(|c| c.type_name.as_deref()),
+            c.and_then(|c| c.block_size),
+            c.and_then(|c| c.origin.as_deref()),
+        )]
     }
 
     /// Whether the record's blocks are definitely or indirectly lost.

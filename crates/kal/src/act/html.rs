@@ -181,11 +181,9 @@ fn leaks(s: &mut String, r: &Report, frames: usize) {
             rec.blocks
         );
         if let Some(c) = &rec.contents {
-            let what = c
-                .type_name
-                .clone()
-                .or(c.block_size.map(|b| format!("{b}-byte blocks")))
-                .unwrap_or_default();
+            let what =
+                crate::act::report::what_frame(c.type_name.as_deref(), c.block_size, c.origin)
+                    .function;
             let _ = writeln!(
                 s,
                 " {}</h3><p>contents: <code>{}</code></p></div>",

@@ -334,7 +334,11 @@ impl Policy {
                 .get(&b.stack)
                 .and_then(|s| s.first().copied())
         };
-        let eligible = |b: &Block| site_of(b).is_none_or(|s| !banned.contains(&s));
+        // Blocks from before an attach have no sequence number to check: never.
+        let eligible = |b: &Block| {
+            !crate::blocks::before_attach::is_before(b)
+                && site_of(b).is_none_or(|s| !banned.contains(&s))
+        };
         let free_match = |b: &Block| {
             c.report
                 .leaks

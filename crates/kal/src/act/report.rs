@@ -86,19 +86,36 @@ impl Record {
         if !self.stack.is_empty() {
             return std::borrow::Cow::Borrowed(&self.stack);
         }
-        let what = match self.contents.as_ref().map(|c| (&c.type_name, c.block_size)) {
-            Some((Some(t), _)) => format!("(no stack: {t})"),
-            Some((None, Some(size))) => format!("(no stack: {size}-byte blocks)"),
-            _ => "(no stack)".to_string(),
-        };
-        std::borrow::Cow::Owned(vec![Frame {
-            function: what,
-            file: String::new(),
-            line: 0,
-            module: String::new(),
-            address: 0,
-            offset: 0,
-        }])
+        let c = self.contents.as_ref();
+        std::borrow::Cow::Owned(vec![what_frame(
+            c.and_then(|c| c.type_name.as_deref()),
+            c.and_then(|c| c.block_size),
+            c.and_then(|c| c.origin),
+        )])
+    }
+}
+
+/// The pseudo-frame that stands for the stack of blocks allocated from no known stack:
+/// `(no stack: TYPE)`, `(no stack: N-byte blocks)`, with where they come from when known.
+pub fn what_frame(type_name: Option<&str>, block_size: Option<u64>, origin: Option<&str>) -> Frame {
+    let mut what = match (type_name, block_size) {
+        (Some(t), _) => vec![t.to_string()],
+        (None, Some(size)) => vec![format!("{size}-byte blocks")],
+        (None, None) => vec![],
+    };
+    what.extend(origin.map(String::from));
+    let function = if what.is_empty() {
+        "(no stack)".to_string()
+    } else {
+        format!("(no stack: {})", what.join(", "))
+    };
+    Frame {
+        function,
+        file: String::new(),
+        line: 0,
+        module: String::new(),
+        address: 0,
+        offset: 0,
     }
 }
 
@@ -244,16 +261,38 @@ pub struct Options {
 /// Blocks grouped by (class, stack id, API), with their totals, in key order. Millions of
 /// blocks share a few thousand keys: each stack id heads a short chain of its groups.
 fn group(blocks: &[Block], kinds: &[Kind]) -> Vec<((Kind, u32, u32), Totals)> {
+    // Ids past 16 bits (unknown, from before an attach) are few keys: grouped apart.
+    const FEW: u32 = 1 << 24;
+    if blocks.iter().any(|b| b.stack >= FEW) {
+        let mut m: BTreeMap<(Kind, u32, u32), Totals> = BTreeMap::new();
+        let mut rest: Vec<(Block, Kind)> = Vec::new();
+        for (b, &k) in blocks.iter().zip(kinds) {
+            if b.stack >= FEW {
+                m.entry((k, b.stack, u32::from(b.api)))
+                    .or_default()
+                    .add(b.size);
+            } else {
+                rest.push((*b, k));
+            }
+        }
+        let (bs, ks): (Vec<Block>, Vec<Kind>) = rest.into_iter().unzip();
+        let mut groups = group(&bs, &ks);
+        groups.extend(m);
+        groups.sort_unstable_by_key(|(key, _)| *key);
+        return groups;
+    }
     let heads = blocks
         .iter()
         .map(|b| b.stack as usize + 1)
         .max()
         .unwrap_or(0);
-    if heads > 1 << 24 {
+    if heads > FEW as usize {
         // Stack ids are 16-bit today; never index by a huge one.
         let mut m: BTreeMap<(Kind, u32, u32), Totals> = BTreeMap::new();
         for (b, &k) in blocks.iter().zip(kinds) {
-            m.entry((k, b.stack, b.api)).or_default().add(b.size);
+            m.entry((k, b.stack, u32::from(b.api)))
+                .or_default()
+                .add(b.size);
         }
         return m.into_iter().collect();
     }
@@ -264,12 +303,14 @@ fn group(blocks: &[Block], kinds: &[Kind]) -> Vec<((Kind, u32, u32), Totals)> {
     for (b, &k) in blocks.iter().zip(kinds) {
         let s = b.stack as usize;
         let mut g = head[s];
-        while g != NONE && (groups[g as usize].0 .0 != k || groups[g as usize].0 .2 != b.api) {
+        while g != NONE
+            && (groups[g as usize].0 .0 != k || groups[g as usize].0 .2 != u32::from(b.api))
+        {
             g = next[g as usize];
         }
         if g == NONE {
             g = groups.len() as u32;
-            groups.push(((k, b.stack, b.api), Totals::default()));
+            groups.push(((k, b.stack, u32::from(b.api)), Totals::default()));
             next.push(head[s]);
             head[s] = g;
         }

@@ -192,9 +192,10 @@ fn contents_text(s: &mut String, rec: &Record, c: &crate::attribute::contents::C
         (None, Some(size)) => format!("of {}", plural(size, "byte")),
         (None, None) => String::new(),
     };
+    let origin = c.origin.map(|o| format!(", {o}")).unwrap_or_default();
     let _ = writeln!(
         s,
-        "\n{} of {} in {} {what}:",
+        "\n{} of {} in {} {what}{origin}:",
         title(rec.kind),
         plural(rec.bytes, "byte"),
         plural(rec.blocks, "block"),

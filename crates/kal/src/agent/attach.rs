@@ -120,6 +120,9 @@ pub struct Attached {
     pub tries: u32,
     /// Whether the agent was loaded before (a second attach).
     pub again: bool,
+    /// Whether the program allocates with jemalloc (no heap walk: blocks from before the
+    /// attach are unknown).
+    pub jemalloc: bool,
 }
 
 /// The agent's attach state, from its exported symbols (0 preloaded, 1 attached, 2
@@ -236,12 +239,17 @@ pub fn agent_state(pid: i32) -> Result<Option<u64>> {
     }
 }
 
-/// Allocators kal attach does not support (no lock check, no heap walk).
-const OTHER_ALLOCATORS: &[(&str, &str)] = &[
-    ("libjemalloc", "jemalloc"),
-    ("libtcmalloc", "tcmalloc"),
-    ("libmimalloc", "mimalloc"),
-];
+/// Allocators kal attach does not support (no lock check).
+const OTHER_ALLOCATORS: &[(&str, &str)] =
+    &[("libtcmalloc", "tcmalloc"), ("libmimalloc", "mimalloc")];
+
+/// The file name jemalloc's library starts with: kal attach supports it without a heap
+/// walk (blocks from before the attach are unknown).
+const JEMALLOC: &str = "libjemalloc";
+
+/// Bytes above a stopped thread's stack pointer searched for a return address into
+/// jemalloc (a thread inside a system call jemalloc made may hold one of its locks).
+const JEMALLOC_STACK_WINDOW: u64 = 1024;
 
 /// How many times the process is frozen before kal gives up on a held lock.
 const TRIES: u32 = 50;
@@ -265,8 +273,9 @@ pub fn attach(pid: i32, agent_path: &std::path::Path) -> Result<Attached> {
         .iter()
         .find(|(lib, _)| maps.iter().any(|m| m.file_name().starts_with(lib)))
     {
-        bail!("process {pid} uses {name}: kal attach supports glibc's malloc only for now");
+        bail!("process {pid} uses {name}: kal attach supports glibc's malloc and jemalloc only for now");
     }
+    let jemalloc = maps.iter().any(|m| m.file_name().starts_with(JEMALLOC));
     let Some(libc) = first_map(&maps, |f| f.starts_with("libc.so")) else {
         bail!("process {pid} has no glibc libc.so mapped: kal attach needs glibc");
     };
@@ -299,7 +308,7 @@ pub fn attach(pid: i32, agent_path: &std::path::Path) -> Result<Attached> {
         frozen.ensure_not_crashing()?;
         let threads = frozen.regs()?;
         let maps = procfs::maps(pid)?;
-        match ready(pid, &maps, &threads, rtld)? {
+        match ready(pid, &maps, &threads, rtld, jemalloc)? {
             Ok(tid) => {
                 let t = *threads
                     .iter()
@@ -322,6 +331,7 @@ pub fn attach(pid: i32, agent_path: &std::path::Path) -> Result<Attached> {
                     slots,
                     tries,
                     again,
+                    jemalloc,
                 });
             }
             Err(why) if tries >= TRIES => {
@@ -341,6 +351,7 @@ fn ready(
     maps: &[Mapping],
     threads: &[ThreadRegs],
     rtld: u64,
+    jemalloc: bool,
 ) -> Result<std::result::Result<i32, String>> {
     let mem = ProcessMemory::new(pid);
     // The loader's locks (glibc 2.36 layout of `struct rtld_global`).
@@ -361,6 +372,12 @@ fn ready(
             return Ok(Err(format!("a thread held the loader's {name}")));
         }
     }
+    if jemalloc {
+        if let Some(why) = inside_jemalloc(&mem, maps, threads) {
+            return Ok(Err(why));
+        }
+        return Ok(pick_thread(maps, threads));
+    }
     let tps: Vec<u64> = threads.iter().map(|t| t.thread_pointer()).collect();
     let walk = crate::blocks::ptmalloc::Ptmalloc {
         mem: &mem,
@@ -378,8 +395,52 @@ fn ready(
             )));
         }
     }
-    // A thread outside libc and the loader, or blocked in a system call: never one
-    // stopped halfway through malloc's own bookkeeping (a tcache has no lock).
+    Ok(pick_thread(maps, threads))
+}
+
+/// jemalloc's locks cannot be read from outside: a thread stopped in jemalloc's code, or
+/// in a call jemalloc made (a return address into it just above the stack pointer), may
+/// hold one, so the process is let run a moment. Why, if so.
+fn inside_jemalloc(
+    mem: &ProcessMemory,
+    maps: &[Mapping],
+    threads: &[ThreadRegs],
+) -> Option<String> {
+    let text: Vec<(u64, u64)> = maps
+        .iter()
+        .filter(|m| m.exec && m.file_name().starts_with(JEMALLOC))
+        .map(|m| (m.start, m.end))
+        .collect();
+    let is_text = |a: u64| text.iter().any(|&(s, e)| a >= s && a < e);
+    for t in threads {
+        if is_text(t.regs.rip) {
+            return Some(format!("thread {} was inside jemalloc", t.tid));
+        }
+        // Blocked in a condition wait (futex FUTEX_WAIT_BITSET, as pthread_cond_wait and
+        // jemalloc's background threads wait): its mutex is released while it waits.
+        let r = &t.regs;
+        if r.orig_rax == libc::SYS_futex as u64 && r.rsi & 0x7f == libc::FUTEX_WAIT_BITSET as u64 {
+            continue;
+        }
+        let mut w = vec![0u8; JEMALLOC_STACK_WINDOW as usize];
+        let got = match mem.read(t.sp(), &mut w) {
+            Ok(()) => w.len(),
+            Err(e) => e.read,
+        };
+        if w[..got - got % 8]
+            .chunks_exact(8)
+            .any(|c| is_text(u64::from_le_bytes(c.try_into().expect("8 bytes"))))
+        {
+            return Some(format!("thread {} was in a call jemalloc made", t.tid));
+        }
+    }
+    None
+}
+
+/// The thread to run the stub in: one blocked in a system call (outside the agent), else
+/// one outside libc and the loader; never one stopped halfway through malloc's own
+/// bookkeeping (a tcache has no lock).
+fn pick_thread(maps: &[Mapping], threads: &[ThreadRegs]) -> std::result::Result<i32, String> {
     let inside = |rip: u64| {
         maps.iter().any(|m| {
             m.exec
@@ -394,10 +455,10 @@ fn ready(
         .iter()
         .find(|t| (t.regs.orig_rax as i64) >= 0 && !in_agent(maps, t.regs.rip))
         .or_else(|| threads.iter().find(|t| !inside(t.regs.rip)));
-    Ok(match pick {
+    match pick {
         Some(t) => Ok(t.tid),
         None => Err("every thread was inside libc or the loader".into()),
-    })
+    }
 }
 
 fn in_agent(maps: &[Mapping], rip: u64) -> bool {

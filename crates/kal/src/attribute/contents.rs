@@ -40,6 +40,10 @@ pub struct Contents {
     /// The first bytes of one block: `"text"` when it starts with printable text, else
     /// hex bytes.
     pub sample: String,
+    /// Where the blocks come from, when that is why they have no stack ("allocated
+    /// before kal attached").
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub origin: Option<&'static str>,
 }
 
 /// How blocks are grouped.
@@ -183,12 +187,21 @@ fn read_bytes(c: &Capture, addr: u64, len: usize) -> Option<Vec<u8>> {
 /// the module doc), largest first within each class. Reads the blocks' first bytes: the
 /// capture's heap must still be readable.
 pub fn describe(c: &Capture, kinds: &[Kind], include: impl Fn(Kind) -> bool) -> Vec<Record> {
+    describe_where(c, kinds, |_, k| include(k))
+}
+
+/// [`describe`] for the blocks `include` admits (by block and class).
+pub fn describe_where(
+    c: &Capture,
+    kinds: &[Kind],
+    include: impl Fn(&crate::capture::Block, Kind) -> bool,
+) -> Vec<Record> {
     let files = file_maps(&c.maps);
     // First words of each chosen block (16 at most), and every address into a module.
     let mut chosen: Vec<(usize, u64, Vec<u64>)> = Vec::new();
     let mut addrs = BTreeSet::new();
     for (i, (b, &k)) in c.blocks.iter().zip(kinds).enumerate() {
-        if !include(k) {
+        if !include(b, k) {
             continue;
         }
         let n = (b.size as usize / 8).min(WORDS);
@@ -249,12 +262,14 @@ pub fn describe(c: &Capture, kinds: &[Kind], include: impl Fn(Kind) -> bool) -> 
                     block_size: None,
                     points_into: Vec::new(),
                     sample,
+                    origin: None,
                 },
                 Key::Shape(size, points_into) => Contents {
                     type_name: None,
                     block_size: Some(size),
                     points_into,
                     sample,
+                    origin: None,
                 },
             };
             Record {

@@ -2,6 +2,7 @@
 //! today's sources are the agent's allocation table (read by [`crate::capture`]) and the
 //! walk of glibc's own heap in [`ptmalloc`], which needs no agent.
 
+pub mod before_attach;
 pub mod ptmalloc;
 
 /// A live heap block as a block source sees it.

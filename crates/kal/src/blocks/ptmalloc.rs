@@ -323,11 +323,18 @@ impl Ptmalloc<'_> {
     /// The main arena: the structure in libc's data that has the layout and whose list
     /// of arenas closes on itself.
     /// The `[heap]` mapping (the main arena's heap), if the process has one.
+    /// The `[heap]` range: one mapping, or several in a row (the kernel splits it where
+    /// parts differ, for instance pages registered with userfaultfd by kal's parking).
     fn heap_mapping(&self) -> Option<(u64, u64)> {
-        self.maps
-            .iter()
-            .find(|m| m.path == "[heap]")
-            .map(|m| (m.start, m.end))
+        let i = self.maps.iter().position(|m| m.path == "[heap]")?;
+        let mut range = (self.maps[i].start, self.maps[i].end);
+        for m in &self.maps[i + 1..] {
+            if m.path != "[heap]" || m.start != range.1 {
+                break;
+            }
+            range.1 = m.end;
+        }
+        Some(range)
     }
 
     /// Addresses of every arena (`struct malloc_state`, whose first word is its mutex):

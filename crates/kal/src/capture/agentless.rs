@@ -138,7 +138,7 @@ pub fn check(pid: i32, opts: &report::Options) -> Result<Check> {
 
 /// The walk's blocks as capture blocks (no sequence number, no stack; the chunk's flags
 /// where the agent keeps them).
-fn blocks_of(walk: &[crate::blocks::HeapBlock]) -> Vec<Block> {
+pub(crate) fn blocks_of(walk: &[crate::blocks::HeapBlock]) -> Vec<Block> {
     walk.iter()
         .map(|b| {
             let mmapped = b.flags & CHUNK_IS_MMAPPED as u64 != 0;
@@ -147,15 +147,16 @@ fn blocks_of(walk: &[crate::blocks::HeapBlock]) -> Vec<Block> {
                 size: b.usable,
                 seq: 0,
                 stack: kal_proto::STACK_UNKNOWN,
-                api: Api::Malloc as u32 | ((b.flags as u32 & 7) << CHUNK_FLAGS_SHIFT),
+                api: (Api::Malloc as u32 | ((b.flags as u32 & 7) << CHUNK_FLAGS_SHIFT)) as u16,
                 // A heap chunk's last usable word is the next chunk's prev_size.
-                span: if mmapped { b.usable } else { b.usable - 8 },
+                tail: if mmapped { 0 } else { 8 },
             }
         })
         .collect()
 }
 
-fn gap_of(u: Unwalked) -> Gap {
+/// A part of the heap the walk could not see, as a gap of the capture.
+pub(crate) fn gap_of(u: Unwalked) -> Gap {
     let why = format!("heap not walked: {}", u.why);
     Gap {
         transient: u.transient,
@@ -170,7 +171,7 @@ fn gap_of(u: Unwalked) -> Gap {
 /// Captures of a process caught inside its allocator (a locked arena, a tcache half
 /// changed) are taken again this many times, a moment apart, before one with that gap is
 /// reported.
-const TRANSIENT_RETRIES: u32 = 5;
+pub(crate) const TRANSIENT_RETRIES: u32 = 5;
 
 /// Captures process `pid` from the memory of `mem_pid` (a snapshot copy of it, or the
 /// process itself, frozen), with the registers `threads` and what was read from the

@@ -324,6 +324,8 @@ pub struct CoreFile {
     bad_threads: u64,
     /// The header of a detached agent, whose stale tables are never roots.
     detached: Option<u64>,
+    /// The agent was attached: blocks from before come from the heap walk.
+    before_attach: bool,
     /// What kal could not use or see, one line each, to tell the user.
     pub lines: Vec<String>,
 }
@@ -496,6 +498,7 @@ impl CoreFile {
             gaps,
             bad_threads: notes.bad_threads,
             detached: None,
+            before_attach: false,
             lines,
         })
     }
@@ -532,9 +535,7 @@ impl CoreFile {
                 Some(u64::from_le_bytes(b))
             });
         match state {
-            Some(1) => self.gaps.push(Gap::whole(
-                "blocks allocated before kal attached (not in the agent's table: neither scanned nor counted)",
-            )),
+            Some(1) => self.before_attach = true,
             Some(2) => {
                 self.lines.push(
                     "kal's agent in the core was detached (it records nothing): blocks come from glibc's heap, without allocation stacks".to_string(),
@@ -722,6 +723,7 @@ impl Source for CoreFile {
         Extras {
             gaps: std::mem::take(&mut self.gaps),
             threads_without_registers: self.bad_threads,
+            before_attach: self.before_attach,
             ..Default::default()
         }
     }
@@ -776,6 +778,9 @@ pub fn check(path: &Path, exe: Option<&Path>, opts: &report::Options) -> Result<
         report.leaks = crate::attribute::contents::describe(&cap, &kinds, |k| {
             k != crate::reach::Kind::Reachable || opts.show_reachable
         });
+    } else {
+        let described = crate::blocks::before_attach::describe(&cap, &kinds, opts.show_reachable);
+        crate::blocks::before_attach::relabel(&mut report, &cap, described);
     }
     Ok(Check::new(report, &kinds, cap))
 }

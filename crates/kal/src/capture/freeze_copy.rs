@@ -62,6 +62,9 @@ pub struct Extras {
     pub parent_maps: Vec<Mapping>,
     /// Threads whose registers could not be read.
     pub threads_without_registers: u64,
+    /// The agent was loaded by `kal attach`: blocks allocated before it are not in its
+    /// table (see [`crate::blocks::before_attach`]).
+    pub before_attach: bool,
 }
 
 /// Before the freeze: finds the dc/wf mappings and the epoll descriptors of `pid`.

@@ -50,12 +50,33 @@ pub struct Block {
     pub seq: u64,
     /// Stack id (key into [`Capture::stacks`]).
     pub stack: u32,
-    /// The allocation API (`kal_proto::Api` as u32).
-    pub api: u32,
+    /// The allocation API (`kal_proto::Api`, low 8 bits) and glibc's chunk flags shifted
+    /// by [`kal_proto::CHUNK_FLAGS_SHIFT`].
+    pub api: u16,
+    /// Bytes at the end of the block that pointers do not refer to (see [`Block::span`]):
+    /// at most 8. Kept this small so that a block takes 32 bytes: a check of a big heap
+    /// sorts and looks up millions of them.
+    pub tail: u16,
+}
+
+// A check of a big heap sorts and looks up millions of blocks: keep them at 32 bytes.
+const _: () = assert!(std::mem::size_of::<Block>() == 32);
+
+impl Block {
     /// Pointers into `[addr, addr + span)` refer to this block. Usually `size`; with
     /// glibc's allocator it stops where the next chunk's header begins (the allocator's own
     /// pointers to that header are not pointers into this block).
-    pub span: u64,
+    #[inline]
+    pub fn span(&self) -> u64 {
+        self.size.saturating_sub(u64::from(self.tail))
+    }
+
+    /// glibc's chunk flag bits recorded with the block (`kal_proto::CHUNK_*`; 0 for
+    /// other allocators).
+    #[inline]
+    pub fn chunk_flags(&self) -> u32 {
+        u32::from(self.api) >> kal_proto::CHUNK_FLAGS_SHIFT
+    }
 }
 
 /// Where the target's memory goes.
@@ -108,9 +129,7 @@ pub fn memory_stats(
     let arenas = if h.glibc_malloc != 0 {
         let mut bases: Vec<u64> = blocks
             .iter()
-            .filter(|b| {
-                (b.api >> kal_proto::CHUNK_FLAGS_SHIFT) & kal_proto::CHUNK_NON_MAIN_ARENA != 0
-            })
+            .filter(|b| b.chunk_flags() & kal_proto::CHUNK_NON_MAIN_ARENA != 0)
             .map(|b| b.addr >> 26)
             .collect();
         bases.sort_unstable();
@@ -367,18 +386,30 @@ fn halves(pieces: &[(u64, u64)], mut at: u64) -> (Pieces, Pieces) {
     (first, second)
 }
 
-/// The live blocks of table `pieces`, sorted by address, and the parts that could not be
-/// read.
-fn read_sorted(mem: &dyn Memory, h: &Header, pieces: &[(u64, u64)]) -> (Vec<Block>, Pieces) {
+/// The live blocks of table `pieces`, split at address `pivot` (below it, and from it on),
+/// each part sorted by address, and the parts of the tables that could not be read.
+fn read_split(
+    mem: &dyn Memory,
+    h: &Header,
+    pieces: &[(u64, u64)],
+    pivot: u64,
+) -> (Vec<Block>, Vec<Block>, Pieces) {
     // Stream the pieces through one reused buffer (whole slots), grown only as far as the
     // longest run needs (a small process's exit report must not zero 4 MiB for nothing).
     const BUF_WORDS: usize = 3 * 170 * 1024;
     let mut buf: Vec<u64> = Vec::new();
-    // At most one block a slot: reserved (not touched) up front, so the vector is never
-    // copied as it grows.
-    let slots: u64 = pieces.iter().map(|&(s, e)| (e - s) / SLOT_BYTES).sum();
-    let mut blocks: Vec<Block> = Vec::with_capacity(slots as usize);
-    crate::capture::memory::prefer_huge_pages(&blocks);
+    // At most one block a slot: reserved (not touched) up front, so neither vector is
+    // copied as it grows. Untouched capacity costs nothing.
+    let slots = pieces
+        .iter()
+        .map(|&(s, e)| (e - s) / SLOT_BYTES)
+        .sum::<u64>() as usize;
+    let (mut lo, mut hi) = (Vec::with_capacity(slots), Vec::new());
+    crate::capture::memory::prefer_huge_pages(&lo);
+    if pivot != u64::MAX {
+        hi.reserve(slots);
+        crate::capture::memory::prefer_huge_pages(&hi);
+    }
     let mut unread = Vec::new();
     for &(mut at, e) in pieces {
         while at < e {
@@ -390,51 +421,121 @@ fn read_sorted(mem: &dyn Memory, h: &Header, pieces: &[(u64, u64)]) -> (Vec<Bloc
             if !crate::capture::memory::read_into(mem, at, words) {
                 unread.push((at, at + n as u64 * 8));
             }
-            blocks.extend(
-                words
-                    .chunks_exact(3)
-                    .filter_map(|w| match slot_state(w[0]) {
-                        SlotState::Live(addr) => {
-                            let m = Meta::unpack(w[2]);
-                            Some(Block {
-                                addr,
-                                seq: w[1],
-                                size: m.size,
-                                stack: m.stack,
-                                api: m.api,
-                                span: span(h, m.size, m.api),
-                            })
-                        }
-                        _ => None,
-                    }),
-            );
+            for w in words.chunks_exact(3) {
+                if let Some(b) = live_block(h, w) {
+                    if b.addr < pivot { &mut lo } else { &mut hi }.push(b);
+                }
+            }
             at += n as u64 * 8;
         }
     }
-    blocks.sort_unstable_by_key(|b| b.addr);
-    blocks.dedup_by_key(|b| b.addr);
-    (blocks, unread)
+    lo.sort_unstable_by_key(|b| b.addr);
+    hi.sort_unstable_by_key(|b| b.addr);
+    (lo, hi, unread)
 }
 
-/// Merges two address-sorted block lists, each address once.
-fn merge_sorted(a: Vec<Block>, b: Vec<Block>) -> Vec<Block> {
-    let mut out = Vec::with_capacity(a.len() + b.len());
-    crate::capture::memory::prefer_huge_pages(&out);
-    let (mut i, mut j) = (0, 0);
+/// The block a table slot's words hold, if the slot is live.
+#[inline]
+fn live_block(h: &Header, w: &[u64]) -> Option<Block> {
+    match slot_state(w[0]) {
+        SlotState::Live(addr) => {
+            let m = Meta::unpack(w[2]);
+            Some(Block {
+                addr,
+                seq: w[1],
+                size: m.size,
+                stack: m.stack,
+                api: m.api as u16,
+                tail: (m.size - span(h, m.size, m.api)) as u16,
+            })
+        }
+        _ => None,
+    }
+}
+
+/// Slots sampled to choose the address at which two threads split the blocks.
+const PIVOT_SAMPLES: u64 = 4096;
+
+/// About the median address of the blocks in `pieces`, from live slots sampled evenly
+/// across them (0 when none is found: then every block falls on one side, which is
+/// still correct, only not shared).
+fn pivot_of(mem: &dyn Memory, h: &Header, pieces: &[(u64, u64)]) -> u64 {
+    const RUN: u64 = 64;
+    let slots: u64 = pieces.iter().map(|&(s, e)| (e - s) / SLOT_BYTES).sum();
+    let step = (slots / (PIVOT_SAMPLES / RUN)).max(RUN) * SLOT_BYTES;
+    let mut addrs = Vec::new();
+    let mut words = vec![0u64; 3 * RUN as usize];
+    for &(s, e) in pieces {
+        let mut at = s;
+        while at + RUN * SLOT_BYTES <= e {
+            if crate::capture::memory::read_into(mem, at, &mut words) {
+                addrs.extend(
+                    words
+                        .chunks_exact(3)
+                        .filter_map(|w| Some(live_block(h, w)?.addr)),
+                );
+            }
+            at += step;
+        }
+    }
+    if addrs.is_empty() {
+        return 0;
+    }
+    let mid = addrs.len() / 2;
+    *addrs.select_nth_unstable(mid).1
+}
+
+/// Merges two address-sorted block lists into `out` (at least their length), each
+/// address once; returns how many blocks it wrote (fewer when an address was in both).
+fn merge_into(a: &[Block], b: &[Block], out: &mut [std::mem::MaybeUninit<Block>]) -> usize {
+    let (mut i, mut j, mut k) = (0, 0, 0);
     while i < a.len() && j < b.len() {
         if a[i].addr <= b[j].addr {
             // The same block in both halves (being moved between tables): once.
             j += usize::from(a[i].addr == b[j].addr);
-            out.push(a[i]);
+            out[k].write(a[i]);
             i += 1;
         } else {
-            out.push(b[j]);
+            out[k].write(b[j]);
             j += 1;
         }
+        k += 1;
     }
-    out.extend_from_slice(&a[i..]);
-    out.extend_from_slice(&b[j..]);
-    out
+    for x in a[i..].iter().chain(&b[j..]) {
+        out[k].write(*x);
+        k += 1;
+    }
+    k
+}
+
+/// The result of a scoped thread, its panic passed on.
+fn join<T>(t: std::thread::ScopedJoinHandle<'_, T>) -> T {
+    t.join().unwrap_or_else(|e| std::panic::resume_unwind(e))
+}
+
+/// One sorted list from the sorted low parts and the sorted high parts (every low address
+/// below every high one), each address once: two threads merge one side each.
+fn merge_halves(lo: [&[Block]; 2], hi: [&[Block]; 2]) -> Vec<Block> {
+    let n_lo = lo[0].len() + lo[1].len();
+    let n = n_lo + hi[0].len() + hi[1].len();
+    let mut blocks: Vec<Block> = Vec::with_capacity(n);
+    crate::capture::memory::prefer_huge_pages(&blocks);
+    let (out_lo, out_hi) = blocks.spare_capacity_mut()[..n].split_at_mut(n_lo);
+    let (k_lo, k_hi) = std::thread::scope(|sc| {
+        let other = sc.spawn(|| merge_into(hi[0], hi[1], out_hi));
+        let mine = merge_into(lo[0], lo[1], out_lo);
+        (mine, join(other))
+    });
+    if k_lo < n_lo {
+        // Addresses in both lists (a block being moved between tables) left a gap.
+        let base = blocks.as_mut_ptr();
+        // SAFETY: both ranges lie within the capacity (n); `ptr::copy` allows overlap.
+        unsafe { std::ptr::copy(base.add(n_lo), base.add(k_lo), k_hi) };
+    }
+    // SAFETY: merge_into initialised the first k_lo elements and (after the copy) the
+    // k_hi that follow; Block is Copy (nothing to drop).
+    unsafe { blocks.set_len(k_lo + k_hi) };
+    blocks
 }
 
 /// Up to this many distinct allocation stacks are read one by one (one small read each);
@@ -461,24 +562,26 @@ pub fn read_blocks(mem: &(dyn Memory + Sync), h: &Header) -> TableRead {
             }
         }
     }
-    // Large tables are read and sorted in two halves at once, then merged.
+    // Large tables are read by two threads, each splitting its half of the slots at about
+    // the median address and sorting both parts; then one thread merges the low parts
+    // and the other the high parts, each into its own end of the result: no step copies
+    // all blocks on one thread, and fresh memory (slow to fault in) is touched once by
+    // each thread.
     let total: u64 = pieces.iter().map(|&(s, e)| e - s).sum();
     let (blocks, unread) = if total < PARALLEL_TABLE_BYTES {
-        read_sorted(mem, h, &pieces)
+        let (mut blocks, _, unread) = read_split(mem, h, &pieces, u64::MAX);
+        blocks.dedup_by_key(|b| b.addr);
+        (blocks, unread)
     } else {
+        let pivot = pivot_of(mem, h, &pieces);
         let (first, second) = halves(&pieces, total / 2 / SLOT_BYTES * SLOT_BYTES);
-        let ((a, mut unread), (b, more)) = std::thread::scope(|sc| {
-            let other = sc.spawn(|| read_sorted(mem, h, &second));
-            let mine = read_sorted(mem, h, &first);
-            (
-                mine,
-                other
-                    .join()
-                    .unwrap_or_else(|e| std::panic::resume_unwind(e)),
-            )
+        let ((a_lo, a_hi, mut unread), (b_lo, b_hi, more)) = std::thread::scope(|sc| {
+            let other = sc.spawn(|| read_split(mem, h, &second, pivot));
+            let mine = read_split(mem, h, &first, pivot);
+            (mine, join(other))
         });
         unread.extend(more);
-        (merge_sorted(a, b), unread)
+        (merge_halves([&a_lo, &b_lo], [&a_hi, &b_hi]), unread)
     };
     let mut ids: Vec<u32> = blocks.iter().map(|b| b.stack).collect();
     ids.sort_unstable();
@@ -641,6 +744,28 @@ pub fn capture_table(src: &mut dyn Source, header_addr: u64) -> Result<Capture> 
         );
     }
     let agent = agent_ranges(&*mem, &header);
+    // An attached agent never saw the blocks allocated before it: glibc's heap walk
+    // gives them; with another allocator they are unknown.
+    let mut before_gaps = Vec::new();
+    let blocks = if !extras.before_attach {
+        blocks
+    } else if header.glibc_malloc != 0 {
+        let t2 = std::time::Instant::now();
+        let (merged, gaps) =
+            crate::blocks::before_attach::merge(blocks, &*mem, &maps, &threads, &agent);
+        if timing {
+            crate::say!(
+                "timing: heap walk for blocks from before the attach {:?} ({} blocks in all)",
+                t2.elapsed(),
+                merged.len()
+            );
+        }
+        before_gaps = gaps;
+        merged
+    } else {
+        before_gaps.push(Gap::whole(crate::blocks::before_attach::JEMALLOC_GAP));
+        blocks
+    };
     let heap_ranges = crate::reach::ranges::subtract(
         &crate::reach::roots::heap_ranges(&maps, &blocks, &header, &*mem),
         &agent,
@@ -680,6 +805,7 @@ pub fn capture_table(src: &mut dyn Source, header_addr: u64) -> Result<Capture> 
             .iter()
             .filter_map(|t| active_side_slot(&header, t.sp())),
     );
+    ranges.extend(crate::reach::roots::server_thread_tls(&header, &*mem));
     let ranges = crate::reach::ranges::normalize(ranges);
     let t1 = std::time::Instant::now();
     let shared: Vec<(u64, u64)> = maps
@@ -689,7 +815,8 @@ pub fn capture_table(src: &mut dyn Source, header_addr: u64) -> Result<Capture> 
         .collect();
     let (mut image, mut unread) = Image::copy(&*mem, &ranges, &shared);
     unread.extend(table_unread);
-    let gaps = gaps_of(&extras, &smaps, &agent, &heap_ranges, unread, &header);
+    let mut gaps = gaps_of(&extras, &smaps, &agent, &heap_ranges, unread, &header);
+    gaps.unread.extend(before_gaps);
     let Extras {
         image: parent_image,
         values: kernel_values,
@@ -814,7 +941,7 @@ mod table_read_tests {
             seq: addr,
             stack: 0,
             api: 0,
-            span: 8,
+            tail: 0,
         }
     }
 
@@ -831,9 +958,15 @@ mod table_read_tests {
 
     #[test]
     fn merge_keeps_order_and_each_address_once() {
-        let a = [1, 4, 5, 9].map(b).to_vec();
-        let c = [2, 4, 9, 12].map(b).to_vec();
-        let m: Vec<u64> = merge_sorted(a, c).iter().map(|x| x.addr).collect();
-        assert_eq!(m, vec![1, 2, 4, 5, 9, 12]);
+        let addrs = |v: Vec<Block>| v.iter().map(|x| x.addr).collect::<Vec<u64>>();
+        let lo = ([1, 4, 5, 9].map(b), [2, 4, 9].map(b));
+        let hi = ([12, 20].map(b), [12, 15, 30].map(b));
+        let m = merge_halves([&lo.0, &lo.1], [&hi.0, &hi.1]);
+        assert_eq!(addrs(m), vec![1, 2, 4, 5, 9, 12, 15, 20, 30]);
+        // One side empty, duplicates only on the other.
+        let m = merge_halves([&[], &[]], [&hi.0, &hi.1]);
+        assert_eq!(addrs(m), vec![12, 15, 20, 30]);
+        let m = merge_halves([&lo.0, &lo.1], [&[], &[]]);
+        assert_eq!(addrs(m), vec![1, 2, 4, 5, 9]);
     }
 }

@@ -176,11 +176,7 @@ pub fn take(pid: i32, header_addr: u64, no_interrupt: bool) -> Result<Snapshot> 
         Some(tid) => take_by_agent(pid, header_addr, tid, no_interrupt),
         None => take_injected(pid, no_interrupt),
     }?;
-    if attached {
-        snap.extras.gaps.push(crate::capture::Gap::whole(
-            "blocks allocated before kal attached (not in the agent's table: neither scanned nor counted)",
-        ));
-    }
+    snap.extras.before_attach = attached;
     Ok(snap)
 }
 

@@ -7,7 +7,10 @@
 //! * **newarray** — `new T[n]` of a type with a destructor: an element count, then the
 //!   array (+8);
 //! * **multipleinheritance** — a pointer to a later base of an object whose first word,
-//!   and the word pointed at, are both vtable pointers.
+//!   and the word pointed at, are both vtable pointers;
+//! * **loaderaligned** (blocks from before a `kal attach` only) — an over-aligned block of
+//!   the dynamic loader pointed to at its aligned part, whose second word is the block's
+//!   start (`to_free`).
 
 use crate::capture::memory::Memory;
 use crate::capture::procfs::Mapping;
@@ -63,7 +66,7 @@ impl<'a> Heuristics<'a> {
         if !self.usable_sizes {
             return (b.size, b.size);
         }
-        let slack = if b.span == b.size { 4095 } else { 15 };
+        let slack = if b.span() == b.size { 4095 } else { 15 };
         (b.size.saturating_sub(slack), b.size)
     }
 
@@ -109,6 +112,15 @@ impl<'a> Heuristics<'a> {
                 if n > 0 && hi - hi % n >= lo {
                     return true;
                 }
+            }
+        }
+        if crate::blocks::before_attach::is_before(b) && ptr.is_multiple_of(8) && off <= 64 {
+            // An over-aligned allocation of the loader (its `_dl_find_object` segments,
+            // made by the dlopen of the agent): pointed to at its aligned part, whose
+            // second word (`to_free`) is the block's start. Blocks from before an attach
+            // only: memcheck has no such heuristic.
+            if word(ptr + 8) == Some(b.addr) {
+                return true; // loaderaligned
             }
         }
         if ptr.is_multiple_of(8) {
@@ -194,7 +206,7 @@ mod tests {
             seq: 1,
             stack: 0,
             api: 0,
-            span: size,
+            tail: 0,
         }
     }
 
@@ -235,7 +247,7 @@ mod tests {
         let maps: Vec<Mapping> = Vec::new();
         let mem = Words(vec![(0x1000, 40), (0x1008, 48), (0x2000, 7), (0x3000, 100)]);
         let heap = |addr, usable| Block {
-            span: usable - 8,
+            tail: 8,
             ..block(addr, usable)
         };
         let exact = Heuristics::new(&mem, &maps);

@@ -96,7 +96,7 @@ pub struct BlockIndex<'a> {
 
 #[inline]
 fn end_of(b: &Block) -> u64 {
-    b.addr + b.span.max(1)
+    b.addr + b.span().max(1)
 }
 
 impl<'a> BlockIndex<'a> {
@@ -911,7 +911,7 @@ mod tests {
             seq: 0,
             stack: 0,
             api: 0,
-            span: size,
+            tail: 0,
         }
     }
 
@@ -961,14 +961,19 @@ mod tests {
             let naive = |v: u64| {
                 let i = blocks.partition_point(|b| b.addr <= v).checked_sub(1)?;
                 let b = &blocks[i];
-                (v < b.addr + b.span.max(1)).then_some((i, v == b.addr))
+                (v < b.addr + b.span().max(1)).then_some((i, v == b.addr))
             };
             let hi = blocks
                 .last()
                 .map_or(0x5555_0001_0000, |b| b.addr + b.size + 64);
             let mut probes: Vec<u64> = vec![0, 1, u64::MAX, 0x5554_ffff_fff8, hi];
             for b in &blocks {
-                probes.extend([b.addr, b.addr + 1, b.addr + b.span, b.addr.wrapping_sub(1)]);
+                probes.extend([
+                    b.addr,
+                    b.addr + 1,
+                    b.addr + b.span(),
+                    b.addr.wrapping_sub(1),
+                ]);
             }
             probes.extend((0..20_000).map(|_| 0x5555_0000_0000 + rng.below(hi - 0x5555_0000_0000)));
             for v in probes {
@@ -983,7 +988,7 @@ mod tests {
         let find = |v: u64| {
             let i = blocks.partition_point(|b| b.addr <= v).checked_sub(1)?;
             let b = &blocks[i];
-            (v < b.addr + b.span.max(1)).then_some((i, v == b.addr))
+            (v < b.addr + b.span().max(1)).then_some((i, v == b.addr))
         };
         let words = |b: &Block| {
             let (s, e) = words_range(b);
@@ -1078,7 +1083,7 @@ mod tests {
                             let t = &blocks[rng.below(blocks.len() as u64) as usize];
                             match rng.below(10) {
                                 0 => t.addr + rng.below(t.size.max(1)),
-                                1 => t.addr + t.span + 8,
+                                1 => t.addr + t.span() + 8,
                                 _ => t.addr,
                             }
                         }

@@ -80,7 +80,7 @@ pub fn heap_ranges(
         if b.addr >= last.0 && b.addr < last.1 {
             continue;
         }
-        let flags = b.api >> kal_proto::CHUNK_FLAGS_SHIFT;
+        let flags = b.chunk_flags();
         let r = if !glibc {
             mapping_of(b.addr)
         } else if flags & kal_proto::CHUNK_IS_MMAPPED != 0 {
@@ -190,6 +190,37 @@ fn static_tls_start(c: &Capture, dtv: u64, low: u64, tp: u64) -> Option<u64> {
         .map(|v| v & !7)
 }
 
+/// The static TLS and thread control block of the agent's server thread, whose stack is
+/// the agent's own mapping (glibc puts them at the top of a thread's stack, found by the
+/// control block's two pointers to itself): the rest of that stack is kal's and never a
+/// root, but these are the thread's state, which the loader's data for it hangs from (its
+/// DTV, the TLS blocks of modules opened later: with an agent loaded by `kal attach`,
+/// blocks of glibc's heap the walk finds). The server thread is not frozen for a check,
+/// so its thread pointer is not among the registers.
+pub(crate) fn server_thread_tls(h: &Header, mem: &dyn Memory) -> Vec<(u64, u64)> {
+    let (lo, hi) = (
+        h.server_stack_addr,
+        h.server_stack_addr + h.server_stack_len,
+    );
+    if h.server_stack_len < tcb::TAIL {
+        return Vec::new();
+    }
+    let tail = hi - tcb::TAIL;
+    let w = crate::capture::memory::read_words(mem, tail, (tcb::TAIL / 8) as usize);
+    let found = (0..w.len().saturating_sub(2)).rev().find_map(|i| {
+        let a = tail + 8 * i as u64;
+        (a.is_multiple_of(64) && w[i] == a && w[i + 2] == a && a + TCB_SPAN <= hi).then_some(a)
+    });
+    let tls_size = if h.static_tls_size > 0 {
+        h.static_tls_size
+    } else {
+        4096
+    };
+    found
+        .map(|tp| vec![(tp.saturating_sub(tls_size).max(lo), tp + TCB_SPAN)])
+        .unwrap_or_default()
+}
+
 /// Computes the roots of a capture.
 pub fn roots(c: &Capture) -> Roots {
     // The blocks, sorted by address: subtracted in one pass, never copied or sorted.
@@ -239,7 +270,14 @@ pub fn roots(c: &Capture) -> Roots {
     let tables = normalize(tables);
     ranges.extend(without_blocks(live_stacks, &tables));
     ranges.extend(side_live);
-    ranges.extend(without_blocks(tls, &tables));
+    let server_tls = server_thread_tls(&c.header, c.heap.as_ref());
+    let tls_tables = if server_tls.is_empty() {
+        tables.clone()
+    } else {
+        subtract(&tables, &normalize(server_tls.clone()))
+    };
+    tls.extend(server_tls);
+    ranges.extend(without_blocks(tls, &tls_tables));
     let mut values: Vec<u64> = c.threads.iter().flat_map(|t| t.values()).collect();
     if c.header.glibc_malloc != 0 {
         // A thread stopped inside glibc's malloc or free holds the chunk it works on by

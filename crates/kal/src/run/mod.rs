@@ -1,6 +1,7 @@
 //! `kal run`: launch a program with the agent preloaded and report its leaks when it exits
 //! (and those of every process it forks), keeping its stdio, exit status and signals.
 
+pub mod attached;
 pub mod ended;
 pub mod pace;
 pub mod periodic;

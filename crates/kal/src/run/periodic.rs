@@ -122,6 +122,16 @@ fn point(at: Duration, r: &Report) -> Point {
     }
 }
 
+/// What tells a lost block from one check to the next: its sequence number, or for a
+/// block from before an attach (which has none) its address, marked apart.
+fn seen_key(b: &Block) -> u64 {
+    if crate::blocks::before_attach::is_before(b) {
+        b.addr | 1 << 63
+    } else {
+        b.seq
+    }
+}
+
 /// State of periodic checking across processes.
 pub struct Periodic {
     /// When checks run.
@@ -221,25 +231,26 @@ impl Periodic {
 
     /// Checks one process now, in round `round`, and prints what is new. A process found
     /// dying of a signal is announced once and never checked (nor reclaimed in) again.
-    pub fn check(&mut self, pid: i32, header: u64, quiet: bool, round: &Round) -> Result<()> {
+    /// Returns whether the check found something definitely lost.
+    pub fn check(&mut self, pid: i32, header: u64, quiet: bool, round: &Round) -> Result<bool> {
         if self.dying.contains(&pid) {
-            return Ok(());
+            return Ok(false);
         }
         let (t0, cpu0) = (Instant::now(), pace::cpu_time());
         let sites = self.sites(pid);
         let mut c = match check_with_header(pid, header, &self.opts, &sites) {
             Ok(c) => c,
-            Err(e) => return self.dying_or(pid, quiet, e),
+            Err(e) => return self.dying_or(pid, quiet, e).map(|()| false),
         };
         self.count += 1;
         let seen = self.seen.entry(pid).or_default();
         let fresh: Vec<(Block, Kind)> = c
             .lost
             .iter()
-            .filter(|(b, _)| !seen.contains(&b.seq))
+            .filter(|(b, _)| !seen.contains(&seen_key(b)))
             .copied()
             .collect();
-        *seen = c.lost.iter().map(|(b, _)| b.seq).collect();
+        *seen = c.lost.iter().map(|(b, _)| seen_key(b)).collect();
         let (new, new_leaks) = self.new_records(&c, &fresh);
         let mut done = None;
         let mut refused = None;
@@ -292,7 +303,7 @@ impl Periodic {
                 crate::say!("kal: {e:#}");
             }
         }
-        Ok(())
+        Ok(c.report.summary.direct.blocks > 0)
     }
 
     /// Handles a failed check: a process that died meanwhile is let go quietly, a dying
