@@ -2,7 +2,8 @@
 //! copy-on-write snapshot; the program is paused only while the copy is made.
 
 use crate::act::report::{self, Report};
-use crate::capture::{capture_from, Block, Capture};
+use crate::blocks::Block;
+use crate::capture::{capture_from, Capture};
 use crate::reach::Kind;
 use anyhow::Result;
 use std::time::Instant;

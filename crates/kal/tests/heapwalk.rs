@@ -4,8 +4,8 @@
 mod common;
 use common::*;
 use kal::blocks::ptmalloc::Ptmalloc;
+use kal::blocks::Block;
 use kal::blocks::{BlockSource, HeapBlock};
-use kal::capture::Block;
 
 /// glibc's chunk size for a request (`request2size`).
 fn request2size(n: u64) -> u64 {

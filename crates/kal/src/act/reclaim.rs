@@ -15,7 +15,7 @@
 use crate::act::report::{Report, Totals};
 use crate::act::suppress::Suppressions;
 use crate::agent::control::Agent;
-use crate::capture::Block;
+use crate::blocks::Block;
 use crate::check::Check;
 use crate::reach::Kind;
 use anyhow::{bail, Result};
@@ -491,7 +491,7 @@ pub fn reclaim_now(
     config: Config,
 ) -> Result<(Report, Done, u64, u64)> {
     let agent = Agent::find(pid)?;
-    let dropped = crate::capture::read_header(
+    let dropped = crate::blocks::agent_table::read_header(
         &crate::capture::memory::ProcessMemory::new(pid),
         agent.header(),
     )?

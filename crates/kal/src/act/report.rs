@@ -3,7 +3,8 @@
 
 use crate::act::suppress::Suppressions;
 use crate::attribute::symbolize::{Frame, Symbols};
-use crate::capture::{Block, Capture};
+use crate::blocks::Block;
+use crate::capture::Capture;
 use crate::reach::Kind;
 use serde::Serialize;
 use std::collections::{BTreeMap, HashMap};

@@ -62,7 +62,7 @@ fn header_in(pid: i32, maps: &[Mapping]) -> Result<u64> {
         bail!("the kal agent in process {pid} has no {HEADER_SYMBOL} symbol (an older agent?)");
     };
     let addr = first.start + offset;
-    crate::capture::read_header(&ProcessMemory::new(pid), addr)?;
+    crate::blocks::agent_table::read_header(&ProcessMemory::new(pid), addr)?;
     Ok(addr)
 }
 

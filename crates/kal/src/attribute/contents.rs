@@ -194,7 +194,7 @@ pub fn describe(c: &Capture, kinds: &[Kind], include: impl Fn(Kind) -> bool) -> 
 pub fn describe_where(
     c: &Capture,
     kinds: &[Kind],
-    include: impl Fn(&crate::capture::Block, Kind) -> bool,
+    include: impl Fn(&crate::blocks::Block, Kind) -> bool,
 ) -> Vec<Record> {
     let files = file_maps(&c.maps);
     // First words of each chosen block (16 at most), and every address into a module.

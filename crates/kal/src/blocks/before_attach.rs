@@ -19,11 +19,12 @@
 
 use crate::act::report::{Record, Report};
 use crate::blocks::ptmalloc::Ptmalloc;
+use crate::blocks::Block;
 use crate::blocks::BlockSource;
 use crate::capture::freeze::ThreadRegs;
 use crate::capture::memory::Memory;
 use crate::capture::procfs::Mapping;
-use crate::capture::{Block, Capture, Gap};
+use crate::capture::{Capture, Gap};
 use crate::reach::Kind;
 
 /// The stack id of a block allocated before the attach (no stack: the agent's ids are

@@ -1,9 +1,51 @@
-//! Step 2 of the pipeline: which heap blocks are live. A [`BlockSource`] gives the list;
-//! today's sources are the agent's allocation table (read by [`crate::capture`]) and the
-//! walk of glibc's own heap in [`ptmalloc`], which needs no agent.
+//! Step 2 of the pipeline: which heap blocks are live. Two sources: the agent's allocation
+//! tables, with a stack for every block ([`agent_table`]), and the walk of glibc's own heap
+//! ([`ptmalloc`], a [`BlockSource`]), which needs no agent; [`before_attach`] merges the
+//! two for a process the agent was attached to.
 
+pub mod agent_table;
 pub mod before_attach;
 pub mod ptmalloc;
+
+/// A live heap block as the agent recorded it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Block {
+    /// Address returned to the program.
+    pub addr: u64,
+    /// Requested size.
+    pub size: u64,
+    /// Allocation sequence number.
+    pub seq: u64,
+    /// Stack id (key into [`crate::capture::Capture::stacks`]).
+    pub stack: u32,
+    /// The allocation API (`kal_proto::Api`, low 8 bits) and glibc's chunk flags shifted
+    /// by [`kal_proto::CHUNK_FLAGS_SHIFT`].
+    pub api: u16,
+    /// Bytes at the end of the block that pointers do not refer to (see [`Block::span`]):
+    /// at most 8. Kept this small so that a block takes 32 bytes: a check of a big heap
+    /// sorts and looks up millions of them.
+    pub tail: u16,
+}
+
+// A check of a big heap sorts and looks up millions of blocks: keep them at 32 bytes.
+const _: () = assert!(std::mem::size_of::<Block>() == 32);
+
+impl Block {
+    /// Pointers into `[addr, addr + span)` refer to this block. Usually `size`; with
+    /// glibc's allocator it stops where the next chunk's header begins (the allocator's own
+    /// pointers to that header are not pointers into this block).
+    #[inline]
+    pub fn span(&self) -> u64 {
+        self.size.saturating_sub(u64::from(self.tail))
+    }
+
+    /// glibc's chunk flag bits recorded with the block (`kal_proto::CHUNK_*`; 0 for
+    /// other allocators).
+    #[inline]
+    pub fn chunk_flags(&self) -> u32 {
+        u32::from(self.api) >> kal_proto::CHUNK_FLAGS_SHIFT
+    }
+}
 
 /// A live heap block as a block source sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

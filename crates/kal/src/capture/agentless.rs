@@ -8,13 +8,14 @@
 
 use crate::act::report;
 use crate::blocks::ptmalloc::Ptmalloc;
+use crate::blocks::Block;
 use crate::blocks::{BlockSource, Unwalked};
 use crate::capture::freeze::ThreadRegs;
 use crate::capture::freeze_copy::Extras;
 use crate::capture::memory::Image;
 use crate::capture::procfs::{self, Mapping};
 use crate::capture::source::Source;
-use crate::capture::{may_hold_roots, Block, Capture, Gap, Gaps};
+use crate::capture::{may_hold_roots, Capture, Gap, Gaps};
 use crate::check::Check;
 use anyhow::{bail, Result};
 use kal_proto::{Api, Header, CHUNK_FLAGS_SHIFT, CHUNK_IS_MMAPPED};

@@ -754,7 +754,7 @@ pub fn check(path: &Path, exe: Option<&Path>, opts: &report::Options) -> Result<
             // A detached agent's tables still name blocks: they are not the program's
             // pointers.
             if let Some(h) = core.detached {
-                if let Ok(header) = crate::capture::read_header(cap.heap.as_ref(), h) {
+                if let Ok(header) = crate::blocks::agent_table::read_header(cap.heap.as_ref(), h) {
                     cap.agent = crate::capture::agent_ranges(cap.heap.as_ref(), &header);
                 }
             }

@@ -207,7 +207,7 @@ fn is_child_of(child: i32, pid: i32) -> bool {
 
 /// The agent's running server thread, if any.
 fn server_thread(pid: i32, header_addr: u64) -> Option<i32> {
-    let h = crate::capture::read_header(&ProcessMemory::new(pid), header_addr).ok()?;
+    let h = crate::blocks::agent_table::read_header(&ProcessMemory::new(pid), header_addr).ok()?;
     let tid = h.server_tid as i32;
     (tid > 0 && std::path::Path::new(&format!("/proc/{pid}/task/{tid}")).exists()).then_some(tid)
 }

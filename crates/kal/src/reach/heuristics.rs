@@ -12,9 +12,9 @@
 //!   the dynamic loader pointed to at its aligned part, whose second word is the block's
 //!   start (`to_free`).
 
+use crate::blocks::Block;
 use crate::capture::memory::Memory;
 use crate::capture::procfs::Mapping;
-use crate::capture::Block;
 use std::collections::HashMap;
 use std::sync::Mutex;
 

@@ -10,8 +10,8 @@ pub mod heuristics;
 pub mod ranges;
 pub mod roots;
 
+use crate::blocks::Block;
 use crate::capture::memory::{Image, Memory, PageCache, PAGE};
-use crate::capture::Block;
 use crate::reach::heuristics::Heuristics;
 use crate::reach::roots::Roots;
 use std::sync::atomic::{AtomicU8, Ordering::Relaxed};

@@ -21,9 +21,10 @@
 //! (then exactly that arena heap, from its `heap_info`); with another allocator, every
 //! mapping that holds a live block.
 
+use crate::blocks::Block;
 use crate::capture::memory::Memory;
 use crate::capture::procfs::Mapping;
-use crate::capture::{active_side_slot, Block, Capture};
+use crate::capture::{active_side_slot, Capture};
 use crate::reach::ranges::{normalize, subtract, subtract_sorted};
 use kal_proto::Header;
 

@@ -3,8 +3,8 @@
 use crate::act::reclaim::{self, Policy};
 use crate::act::report::{self, Report, Totals};
 use crate::act::sink::{Context, Outputs, Point};
+use crate::blocks::Block;
 use crate::capture::fatal::Crashing;
-use crate::capture::Block;
 use crate::check::{check_with_header, Check};
 use crate::reach::Kind;
 use crate::run::pace::{self, Pacer, Round};
