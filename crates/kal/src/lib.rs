@@ -29,7 +29,7 @@
 //!     capture::capture(&frozen, header_addr)?
 //! }; // …and running again here
 //! let report = kal::analyze(&cap, &report::Options::default());
-//! print!("{}", report::text(&report, 8));
+//! print!("{}", kal::act::text::render(&report, 8));
 //! # Ok(()) }
 //! ```
 

@@ -5,6 +5,8 @@ use clap::{Args, Parser, Subcommand};
 use std::ffi::OsString;
 use std::path::PathBuf;
 
+mod cmd;
+
 /// kal finds memory leaks in unmodified, running Linux programs.
 ///
 /// It preloads a small agent that records every live heap block and where it was
@@ -19,7 +21,7 @@ struct Cli {
     cmd: Cmd,
 }
 
-/// How reports are written (shared by `run` and `check`).
+/// How reports are written (shared by `run`, `check` and `reclaim`).
 #[derive(Args)]
 struct ReportArgs {
     /// Also write the report as JSON to FILE (README documents the shape; under `run`, a
@@ -27,6 +29,21 @@ struct ReportArgs {
     /// document per line).
     #[arg(long, value_name = "FILE")]
     json: Option<PathBuf>,
+    /// Also write the report as a gzip'd pprof profile to FILE (sample types lost_objects,
+    /// lost_space, inuse_objects, inuse_space; lost_space by default), for
+    /// `go tool pprof -top FILE`, Pyroscope or Parca.
+    #[arg(long, value_name = "FILE")]
+    pprof: Option<PathBuf>,
+    /// Also write a flame graph of the lost bytes by allocation stack to FILE (SVG; open
+    /// it in a browser: click to zoom, Ctrl-F to search).
+    #[arg(long, value_name = "FILE")]
+    flamegraph: Option<PathBuf>,
+    /// Also write the report as one self-contained HTML page to FILE: the summary, the
+    /// growth over periodic checks (kal run --check-every, which rewrites it, like the pprof
+    /// and flame graph files, after every check), the flame graph, and the top leaks with
+    /// their stacks and source lines.
+    #[arg(long, value_name = "FILE")]
+    html: Option<PathBuf>,
     /// List still-reachable blocks too (they are always counted in the summary).
     #[arg(long)]
     show_reachable: bool,
@@ -38,7 +55,7 @@ struct ReportArgs {
     #[arg(long, value_name = "N", default_value_t = 23,
           value_parser = clap::value_parser!(i32).range(0..=255))]
     error_exitcode: i32,
-    /// Frames shown per record in the text report.
+    /// Frames shown per record in the text and HTML reports.
     #[arg(long, value_name = "N", default_value_t = 8)]
     frames: usize,
     /// Print no text report (the JSON file and exit status still tell).
@@ -53,13 +70,24 @@ struct ReportArgs {
 }
 
 impl ReportArgs {
-    /// The report options, with the suppressions file read; fails early on a JSON path
-    /// that cannot be written.
+    /// The outputs asked for (`json_lines`: the JSON file gets one document per line);
+    /// fails early on an output file that cannot be written.
+    fn outputs(&self, json_lines: bool) -> Result<kal::act::sink::Outputs> {
+        let o = kal::act::sink::Outputs {
+            text: !self.quiet,
+            frames: self.frames,
+            json: self.json.clone(),
+            json_lines,
+            pprof: self.pprof.clone(),
+            flamegraph: self.flamegraph.clone(),
+            html: self.html.clone(),
+        };
+        o.check_files()?;
+        Ok(o)
+    }
+
+    /// The report options, with the suppressions file read.
     fn options(&self) -> Result<kal::act::report::Options> {
-        if let Some(j) = &self.json {
-            std::fs::File::create(j)
-                .map_err(|e| anyhow!("cannot write JSON report to {}: {e}", j.display()))?;
-        }
         let suppressions = match &self.suppressions {
             Some(p) => kal::act::suppress::Suppressions::load(p)?,
             None => Default::default(),
@@ -68,6 +96,8 @@ impl ReportArgs {
             show_reachable: self.show_reachable,
             suppressions,
             no_interrupt: self.no_interrupt,
+            // pprof's in-use samples count every live block.
+            keep_reachable: self.pprof.is_some(),
         })
     }
 }
@@ -126,6 +156,7 @@ enum Cmd {
     ///   kal run --json report.json -- ./server --port 8080
     ///   kal run --check-every 10s -- ./server
     ///   kal run --check-every 10s --attach 4242
+    ///   kal run --check-every 30s --html report.html --pprof lost.pb.gz -- ./server
     ///   kal run --reclaim --check-every 1s -- ./server
     ///   kal run --reclaim=dry-run --check-every 10s -- ./server
     ///   kal run --reclaim=free --free-sites 'cache_*' --check-every 10s -- ./server
@@ -226,6 +257,7 @@ enum Cmd {
     ///
     /// Examples:
     ///   kal check 4242 --json now.json
+    ///   kal check 4242 --pprof lost.pb.gz --flamegraph lost.svg --html report.html
     ///   kal check --core core.4242 --exe /usr/sbin/server
     #[command(verbatim_doc_comment)]
     Check {
@@ -294,6 +326,20 @@ enum Cmd {
         /// Process id.
         pid: i32,
     },
+    /// Compare two JSON reports: the sites whose lost or live bytes grew, by growth.
+    ///
+    /// A site is an allocation stack without addresses, so reports of two runs of one
+    /// program compare too. Per site: lost (definitely and indirectly) and live bytes and
+    /// blocks before, after and the growth; live counts include still-reachable blocks
+    /// when the reports were written with --show-reachable.
+    ///
+    /// Examples:
+    ///   kal check 4242 --json before.json --show-reachable
+    ///   kal check 4242 --json after.json --show-reachable    # a while later
+    ///   kal diff before.json after.json
+    ///   kal diff before.json after.json --json growth.json --flamegraph growth.svg
+    #[command(verbatim_doc_comment)]
+    Diff(cmd::diff::DiffArgs),
 }
 
 fn mib(b: u64) -> f64 {
@@ -307,17 +353,13 @@ enum Target {
 }
 
 fn check(target: Target, args: &ReportArgs) -> Result<i32> {
+    let outputs = args.outputs(false)?;
     let opts = args.options()?;
     let c = match target {
         Target::Pid(pid) => kal::check::check(pid, &opts)?,
         Target::Core(core, exe) => kal::capture::corefile::check(&core, exe.as_deref(), &opts)?,
     };
-    if !args.quiet {
-        kal::say_raw!("{}", kal::act::report::text(&c.report, args.frames));
-    }
-    if let Some(j) = &args.json {
-        kal::act::report::write_json(&c.report, j)?;
-    }
+    outputs.write(&c.report, &Default::default())?;
     Ok(if c.report.summary.direct.blocks > 0 {
         args.error_exitcode
     } else {
@@ -331,13 +373,12 @@ fn reclaim(
     reclaim_args: &ReclaimArgs,
     args: &ReportArgs,
 ) -> Result<i32> {
+    let outputs = args.outputs(false)?;
     let opts = args.options()?;
     let config = reclaim_args.config(mode)?;
     let (r, done, before, after) = kal::act::reclaim::reclaim_now(pid, &opts, config)?;
-    if !args.quiet {
-        // The report lists each reclaimed site once, under "reclaimed so far".
-        kal::say_raw!("{}", kal::act::report::text(&r, args.frames));
-    }
+    // The report lists each reclaimed site once, under "reclaimed so far".
+    let written = outputs.write(&r, &Default::default());
     if let Some(why) = &done.unavailable {
         kal::say!("kal: not parking in process {pid}: {why}");
     }
@@ -367,9 +408,7 @@ fn reclaim(
             mib(after)
         );
     }
-    if let Some(j) = &args.json {
-        kal::act::report::write_json(&r, j)?;
-    }
+    written?;
     Ok(0)
 }
 
@@ -428,6 +467,7 @@ fn run(
     trace: bool,
     target: (Option<i32>, Vec<OsString>),
 ) -> Result<i32> {
+    let outputs = report.outputs(check_every.is_some())?;
     let opts = report.options()?;
     let (attach, command) = target;
     let mut command = command.into_iter();
@@ -438,11 +478,9 @@ fn run(
     let run_opts = kal::run::RunOptions {
         program,
         args: command.collect(),
-        json: report.json.clone(),
+        outputs,
         report: opts,
         error_exitcode: report.error_exitcode,
-        frames: report.frames,
-        quiet: report.quiet,
         check_every,
         reclaim,
         max_cpu_percent: max_cpu,
@@ -503,6 +541,7 @@ fn main() {
         Cmd::Trim { pid } => trim(pid),
         Cmd::Attach { pid } => attach(pid),
         Cmd::Detach { pid } => detach(pid),
+        Cmd::Diff(args) => cmd::diff::run(&args),
     };
     match result {
         Ok(code) => kal::run::exit_like(code),

@@ -1,7 +1,14 @@
-//! Step 5 of the pipeline: what kal does with a classified heap — reports in text and
-//! JSON ([`report`]) filtered by [`suppress`]ions, and leak tolerance ([`reclaim`]: park or
-//! free what two checks agree is lost).
+//! Step 5 of the pipeline: what kal does with a classified heap — a [`report`] filtered by
+//! [`suppress`]ions, written by the outputs behind one [`sink::Sink`] trait ([`text`],
+//! [`json`], [`pprof`], [`flamegraph`], [`html`]); [`diff`] compares two saved reports, and leak tolerance ([`reclaim`]: park or free what two checks agree is lost).
 
+pub mod diff;
+pub mod flamegraph;
+pub mod html;
+pub mod json;
+pub mod pprof;
 pub mod reclaim;
 pub mod report;
+pub mod sink;
 pub mod suppress;
+pub mod text;

@@ -1,15 +1,13 @@
-//! Step 5: leak records grouped by allocation stack, as text (LSan-like) and JSON.
+//! Step 5: leak records grouped by allocation stack: the [`Report`] every output
+//! ([`crate::act::sink`]) writes.
 
 use crate::act::suppress::Suppressions;
 use crate::attribute::symbolize::{Frame, Symbols};
 use crate::blocks::Block;
 use crate::capture::Capture;
 use crate::reach::Kind;
-use anyhow::{Context, Result};
 use serde::Serialize;
 use std::collections::{BTreeMap, HashMap};
-use std::fmt::Write as _;
-use std::path::Path;
 
 /// Bytes and blocks.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -80,6 +78,46 @@ pub struct Record {
     /// Without allocation stacks (a check without the agent): what the blocks are.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub contents: Option<crate::attribute::contents::Contents>,
+}
+
+impl Record {
+    /// The stack outputs draw for this record: its own, or for a record without one (a
+    /// check without the agent) one pseudo-frame that says what its blocks are.
+    pub fn stack_or_what(&self) -> std::borrow::Cow<'_, [Frame]> {
+        if !self.stack.is_empty() {
+            return std::borrow::Cow::Borrowed(&self.stack);
+        }
+        let c = self.contents.as_ref();
+        std::borrow::Cow::Owned(vec![what_frame(
+            c.and_then(|c| c.type_name.as_deref()),
+            c.and_then(|c| c.block_size),
+            c.and_then(|c| c.origin),
+        )])
+    }
+}
+
+/// The pseudo-frame that stands for the stack of blocks allocated from no known stack:
+/// `(no stack: TYPE)`, `(no stack: N-byte blocks)`, with where they come from when known.
+pub fn what_frame(type_name: Option<&str>, block_size: Option<u64>, origin: Option<&str>) -> Frame {
+    let mut what = match (type_name, block_size) {
+        (Some(t), _) => vec![t.to_string()],
+        (None, Some(size)) => vec![format!("{size}-byte blocks")],
+        (None, None) => vec![],
+    };
+    what.extend(origin.map(String::from));
+    let function = if what.is_empty() {
+        "(no stack)".to_string()
+    } else {
+        format!("(no stack: {})", what.join(", "))
+    };
+    Frame {
+        function,
+        file: String::new(),
+        line: 0,
+        module: String::new(),
+        address: 0,
+        offset: 0,
+    }
 }
 
 /// Suppressed records, counted.
@@ -184,6 +222,26 @@ pub struct Report {
     /// agent: no allocation stacks).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub note: Option<String>,
+    /// Still-reachable records not listed in `leaks` (not asked for), kept when
+    /// [`Options::keep_reachable`] says an output counts all memory in use (pprof).
+    #[serde(skip)]
+    pub unlisted_reachable: Vec<Record>,
+    /// The executable mappings of the modules the stacks' frames are in.
+    #[serde(skip)]
+    pub modules: Vec<Module>,
+}
+
+/// Where a module's code was mapped in the process (for outputs that name mappings).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Module {
+    /// Path of the executable or library.
+    pub path: String,
+    /// First address of its executable mapping.
+    pub start: u64,
+    /// One past its last address.
+    pub end: u64,
+    /// Offset of the mapping in the file.
+    pub offset: u64,
 }
 
 /// How to build a report.
@@ -196,6 +254,9 @@ pub struct Options {
     /// Live checks leave running the threads blocked in a call that a stop would end
     /// early with EINTR (`epoll_wait`, `sigtimedwait`, …); the capture then has a gap.
     pub no_interrupt: bool,
+    /// Symbolize still-reachable records even when they are not shown, into
+    /// [`Report::unlisted_reachable`] (for pprof's in-use samples).
+    pub keep_reachable: bool,
 }
 
 /// Blocks grouped by (class, stack id, API), with their totals, in key order. Millions of
@@ -274,7 +335,9 @@ pub fn build(
         // Still-reachable records are not shown unless asked: their stacks need no names.
         let sites = groups
             .iter()
-            .filter(|((k, _, _), _)| *k != Kind::Reachable || opts.show_reachable)
+            .filter(|((k, _, _), _)| {
+                *k != Kind::Reachable || opts.show_reachable || opts.keep_reachable
+            })
             .map(|((_, s, _), _)| s)
             .chain(reclaimed_sites.keys())
             .chain(&c.banned);
@@ -291,6 +354,7 @@ pub fn build(
     let mut summary = Summary::default();
     let mut suppressed = Suppressed::default();
     let mut leaks = Vec::new();
+    let mut unlisted_reachable = Vec::new();
     for ((kind, stack_id, api), t) in groups {
         let stack: Vec<Frame> = c
             .stacks
@@ -313,11 +377,12 @@ pub fn build(
         let s = summary.get_mut(kind);
         s.bytes += t.bytes;
         s.blocks += t.blocks;
-        if kind == Kind::Reachable && !opts.show_reachable {
+        let unlisted = kind == Kind::Reachable && !opts.show_reachable;
+        if unlisted && !opts.keep_reachable {
             continue;
         }
         let api = kal_proto::Api::from_u32(api).name();
-        leaks.push(Record {
+        let rec = Record {
             kind,
             bytes: t.bytes,
             blocks: t.blocks,
@@ -325,7 +390,12 @@ pub fn build(
             stack,
             site: stack_id,
             contents: None,
-        });
+        };
+        if unlisted {
+            unlisted_reachable.push(rec);
+        } else {
+            leaks.push(rec);
+        }
     }
     leaks.sort_by(|a, b| {
         a.kind
@@ -387,232 +457,38 @@ pub fn build(
         pause_ms: None,
         scan_ms: None,
         note: None,
+        unlisted_reachable,
+        modules: modules(&c.maps, &resolved),
     }
 }
 
-fn title(k: Kind) -> &'static str {
-    match k {
-        Kind::Direct => "Direct leak",
-        Kind::Indirect => "Indirect leak",
-        Kind::Possible => "Possible leak",
-        Kind::Reachable => "Still reachable",
-    }
-}
-
-fn plural(n: u64, one: &str) -> String {
-    if n == 1 {
-        format!("{n} {one}")
-    } else {
-        format!("{n} {one}s")
-    }
-}
-
-/// Renders the text report (LSan-like), showing at most `frames` frames per record.
-pub fn text(r: &Report, frames: usize) -> String {
-    let mut s = String::new();
-    let tag = format!("=={}==", r.pid);
-    if let Some(w) = warning(r) {
-        let _ = writeln!(s, "{tag} {w}");
-    }
-    let _ = writeln!(
-        s,
-        "{tag} kal: leak report for {} (pid {})",
-        r.program, r.pid
-    );
-    if let Some(n) = &r.note {
-        let _ = writeln!(s, "{tag} note: {n}");
-    }
-    for rec in &r.leaks {
-        if let Some(c) = &rec.contents {
-            contents_text(&mut s, rec, c);
-            continue;
-        }
-        let _ = writeln!(
-            s,
-            "\n{} of {} in {} allocated by {} at:",
-            title(rec.kind),
-            plural(rec.bytes, "byte"),
-            plural(rec.blocks, "block"),
-            rec.api
-        );
-        if rec.stack.is_empty() {
-            let _ = writeln!(s, "    (no stack recorded)");
-        }
-        for (i, f) in rec.stack.iter().take(frames).enumerate() {
-            let module = if f.line == 0 && !f.module.is_empty() {
-                crate::attribute::site::module_offset(f)
-            } else {
-                crate::attribute::site::base_name(&f.module).to_string()
-            };
-            let loc = if f.file.is_empty() {
-                String::new()
-            } else if f.line > 0 {
-                format!(" {}:{}", f.file, f.line)
-            } else {
-                format!(" {}", f.file)
-            };
-            let _ = writeln!(
-                s,
-                "    #{i} {:#x} in {}{loc} ({module})",
-                f.address, f.function
-            );
-        }
-        if rec.stack.len() > frames {
-            let more = plural((rec.stack.len() - frames) as u64, "more frame");
-            let _ = writeln!(s, "    … {more} (--frames N shows more)");
-        }
-    }
-    let sm = &r.summary;
-    let _ = write!(
-        s,
-        "\n{tag} SUMMARY: kal: definitely lost {} in {}, indirectly lost {} in {}, possibly lost {} in {}, still reachable {} in {}",
-        plural(sm.direct.bytes, "byte"),
-        plural(sm.direct.blocks, "block"),
-        plural(sm.indirect.bytes, "byte"),
-        plural(sm.indirect.blocks, "block"),
-        plural(sm.possible.bytes, "byte"),
-        plural(sm.possible.blocks, "block"),
-        plural(sm.reachable.bytes, "byte"),
-        plural(sm.reachable.blocks, "block"),
-    );
-    if r.suppressed.records > 0 {
-        let _ = write!(
-            s,
-            "; suppressed {} ({} in {})",
-            plural(r.suppressed.records, "record"),
-            plural(r.suppressed.bytes, "byte"),
-            plural(r.suppressed.blocks, "block")
-        );
-    }
-    s.push('\n');
-    let m = &r.memory;
-    let _ = writeln!(
-        s,
-        "{tag} memory: RSS {}, live blocks {}, kept free by the allocator {} ({} arena{})",
-        mib(m.rss_bytes),
-        mib(m.live_bytes),
-        mib(m.retained_bytes),
-        m.arenas,
-        if m.arenas == 1 { "" } else { "s" }
-    );
-    if m.retained_bytes >= 32 << 20 && m.retained_bytes > m.live_bytes {
-        let _ = writeln!(
-            s,
-            "{tag} note: {} of this process's memory is freed memory the allocator keeps for reuse — not a leak; `kal trim {}` (or malloc_trim(0) in the program) gives it back to the OS.",
-            mib(m.retained_bytes),
-            r.pid
-        );
-    }
-    let rc = &r.reclaimed;
-    if rc.blocks > 0 || rc.parked_blocks > 0 {
-        let _ = writeln!(
-            s,
-            "{tag} reclaimed so far: parked {} of {} (restored on touch since: {}; compressed store {}), freed {} in {}",
-            plural(rc.parked_bytes, "byte"),
-            plural(rc.parked_blocks, "block"),
-            plural(rc.restored_bytes, "byte"),
-            plural(rc.store_bytes, "byte"),
-            plural(rc.bytes, "byte"),
-            plural(rc.blocks, "block")
-        );
-        for site in &rc.sites {
-            let mut what = Vec::new();
-            if site.parked_blocks > 0 {
-                what.push(format!(
-                    "parked {} of {}",
-                    plural(site.parked_bytes, "byte"),
-                    plural(site.parked_blocks, "block")
-                ));
-            }
-            if site.blocks > 0 {
-                what.push(format!(
-                    "freed {} in {}",
-                    plural(site.bytes, "byte"),
-                    plural(site.blocks, "block")
-                ));
-            }
-            if what.is_empty() {
-                continue;
-            }
-            let _ = writeln!(s, "    {} at {}", what.join(", "), where_(&site.stack));
-        }
-    }
-    for st in &rc.never_again {
-        let _ = writeln!(
-            s,
-            "{tag} contradiction: the program freed a block kal had reclaimed, or touched one kal had parked, allocated at {}; that site is never reclaimed again",
-            where_(st)
-        );
-    }
-    if let (Some(p), Some(sc)) = (r.pause_ms, r.scan_ms) {
-        let _ = writeln!(s, "{tag} live check: the program was paused {p:.2} ms; copying and scanning took {sc:.1} ms");
-    }
-    s
-}
-
-/// A record without a stack: what its blocks are (type, or size and what they point
-/// into) and a sample of one.
-fn contents_text(s: &mut String, rec: &Record, c: &crate::attribute::contents::Contents) {
-    let what = match (&c.type_name, c.block_size) {
-        (Some(t), _) => format!("of type {t}"),
-        (None, Some(size)) => format!("of {}", plural(size, "byte")),
-        (None, None) => String::new(),
-    };
-    let origin = c.origin.map(|o| format!(", {o}")).unwrap_or_default();
-    let _ = writeln!(
-        s,
-        "\n{} of {} in {} {what}{origin}:",
-        title(rec.kind),
-        plural(rec.bytes, "byte"),
-        plural(rec.blocks, "block"),
-    );
-    if !c.points_into.is_empty() {
-        let _ = writeln!(s, "    pointing into: {}", c.points_into.join(", "));
-    }
-    let _ = writeln!(s, "    contents: {}", c.sample);
-}
-
-/// The warning every report about this capture starts with, if its lost counts cannot be
-/// trusted (one line).
-pub fn warning(r: &Report) -> Option<String> {
-    let mut parts = Vec::new();
-    if !r.tracking_complete {
-        parts.push(format!(
-            "tracking incomplete: {} allocations were not recorded",
-            r.untracked_allocations
-        ));
-    }
-    if let Some(g) = gaps_line(r) {
-        parts.push(g);
-    }
-    (!parts.is_empty()).then(|| {
-        format!(
-            "kal: WARNING: {}; lost counts below are unreliable and may include false positives",
-            parts.join("; ")
-        )
-    })
-}
-
-/// The capture's gaps in a few words (`capture incomplete: …`), if it has any.
-pub fn gaps_line(r: &Report) -> Option<String> {
-    (!r.gaps.is_empty()).then(|| format!("capture incomplete: {}", r.gaps.line()))
-}
-
-fn mib(b: u64) -> String {
-    format!("{:.1} MiB", b as f64 / (1 << 20) as f64)
+/// The executable mapping of every module a resolved frame is in.
+fn modules(
+    maps: &[crate::capture::procfs::Mapping],
+    resolved: &HashMap<u64, Vec<Frame>>,
+) -> Vec<Module> {
+    let mut paths: Vec<&str> = resolved
+        .values()
+        .flatten()
+        .map(|f| f.module.as_str())
+        .filter(|p| !p.is_empty())
+        .collect();
+    paths.sort_unstable();
+    paths.dedup();
+    paths
+        .into_iter()
+        .filter_map(|p| {
+            let mut of = maps.iter().filter(|m| m.path == p);
+            let m = of.clone().find(|m| m.exec).or_else(|| of.next())?;
+            Some(Module {
+                path: p.to_string(),
+                start: m.start,
+                end: m.end,
+                offset: m.offset,
+            })
+        })
+        .collect()
 }
 
 /// The site of a stack in one line (see [`crate::attribute::site`]).
 pub use crate::attribute::site::where_;
-
-/// Writes the JSON report.
-pub fn write_json(r: &Report, path: &Path) -> Result<()> {
-    let f = std::fs::File::create(path)
-        .with_context(|| format!("cannot write JSON report to {}", path.display()))?;
-    let mut w = std::io::BufWriter::new(f);
-    let wrote = serde_json::to_writer_pretty(&mut w, r)
-        .map_err(anyhow::Error::from)
-        .and_then(|()| std::io::Write::write_all(&mut w, b"\n").map_err(Into::into))
-        .and_then(|()| std::io::Write::flush(&mut w).map_err(Into::into));
-    wrote.with_context(|| format!("cannot write JSON report to {}", path.display()))
-}

@@ -51,12 +51,13 @@ pub fn module_offset(f: &Frame) -> String {
     format!("{}+{:#x}", base_name(&f.module), f.offset)
 }
 
-/// One frame in one line: `function file:line`, `function (prog+0x…)` without a line,
-/// `prog+0x…` without a symbol.
+/// One frame in one line: `function file:line`, `function (prog+0x…)` without a line
+/// (`function` alone without a module), `prog+0x…` without a symbol.
 pub fn describe(f: &Frame) -> String {
     let known = !f.function.is_empty() && f.function != "??";
     match (known, f.line > 0) {
         (true, true) => format!("{} {}:{}", f.function, f.file, f.line),
+        (true, false) if f.module.is_empty() => f.function.clone(),
         (true, false) => format!("{} ({})", f.function, module_offset(f)),
         (false, _) if f.module.is_empty() => format!("{:#x}", f.address),
         (false, _) => module_offset(f),

@@ -304,7 +304,7 @@ fn build_id_in(bytes: &[u8]) -> Option<Vec<u8>> {
 }
 
 /// The GNU build id of the ELF file at `path` on this host.
-fn build_id_of(path: &str) -> Option<Vec<u8>> {
+pub fn build_id_of(path: &str) -> Option<Vec<u8>> {
     let f = std::fs::File::open(path).ok()?;
     let m = Mapped::new(&f).ok()?;
     let file = object::read::elf::ElfFile64::<Endianness>::parse(m.bytes()).ok()?;

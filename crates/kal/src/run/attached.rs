@@ -62,13 +62,14 @@ pub fn run(opts: &RunOptions, pid: i32) -> Result<i32> {
         libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
     }
     let pacer = crate::run::pace::Pacer::new(every, opts.max_cpu_percent);
-    let mut periodic = Periodic::new(pacer, opts.report.clone(), opts.json.clone())
-        .with_reclaim(opts.reclaim.clone());
+    let mut periodic = Periodic::new(pacer, opts.report.clone(), opts.outputs.json.clone())
+        .with_reclaim(opts.reclaim.clone())
+        .with_files(&opts.outputs, pid);
     let mut lost = false;
     while !STOP.load(Ordering::Relaxed) && alive(pid) {
         if periodic.pacer.due(Instant::now()) {
             let round = periodic.pacer.begin();
-            match periodic.check(pid, header, opts.quiet, &round) {
+            match periodic.check(pid, header, !opts.outputs.text, &round) {
                 Ok(direct) => lost = direct,
                 Err(e) if alive(pid) => crate::say!("kal: check of process {pid} failed: {e:#}"),
                 Err(_) => {}

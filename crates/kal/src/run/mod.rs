@@ -29,17 +29,13 @@ pub struct RunOptions {
     pub program: OsString,
     /// Its arguments.
     pub args: Vec<OsString>,
-    /// Where to write the JSON report of the launched process (forked children get
-    /// `FILE.PID`).
-    pub json: Option<PathBuf>,
+    /// The outputs of the launched process's report (forked children's files get
+    /// `FILE.PID`; with `check_every` the JSON file is a JSON Lines file).
+    pub outputs: crate::act::sink::Outputs,
     /// Report options.
     pub report: report::Options,
     /// Exit status when something is definitely lost (0: keep the program's status).
     pub error_exitcode: i32,
-    /// Frames shown per record in the text report.
-    pub frames: usize,
-    /// Print the text report.
-    pub quiet: bool,
     /// Check every live process this often (`--check-every`); JSON becomes JSON lines.
     pub check_every: Option<Duration>,
     /// Reclaim after periodic checks (`--reclaim[=MODE]` and its options), if asked.
@@ -277,8 +273,9 @@ pub fn run(opts: &RunOptions) -> Result<i32> {
         .then(|| ExitWorkers::start(exit_threads(), main_pid, opts));
     let mut periodic = opts.check_every.map(|every| {
         let pacer = crate::run::pace::Pacer::new(every, opts.max_cpu_percent);
-        crate::run::periodic::Periodic::new(pacer, opts.report.clone(), opts.json.clone())
+        crate::run::periodic::Periodic::new(pacer, opts.report.clone(), opts.outputs.json.clone())
             .with_reclaim(opts.reclaim.clone())
+            .with_files(&opts.outputs, main_pid)
     });
     loop {
         let mut wait_ms = 50;
@@ -295,7 +292,7 @@ pub fn run(opts: &RunOptions) -> Result<i32> {
                     if tracer.as_ref().is_some_and(|t| t.is_lent(pid)) {
                         continue; // lent to another kal, which checks it now
                     }
-                    if let Err(e) = p.check(pid, c.header, opts.quiet, &round) {
+                    if let Err(e) = p.check(pid, c.header, !opts.outputs.text, &round) {
                         crate::say!("kal: check of process {pid} failed: {e:#}");
                     }
                 }
@@ -739,25 +736,18 @@ fn write_report(
     if let Some(p) = periodic {
         p.annotate(pid, &mut report);
     }
-    if !opts.quiet {
-        crate::say_raw!("{}", report::text(&report, opts.frames));
-    }
-    if let Some(j) = &opts.json {
-        let written = if opts.check_every.is_some() {
-            crate::run::periodic::append_exit_line(j, &report)
-                .with_context(|| format!("cannot write JSON report to {}", j.display()))
-        } else {
-            let path = if pid == main_pid {
-                j.clone()
-            } else {
-                PathBuf::from(format!("{}.{pid}", j.display()))
-            };
-            report::write_json(&report, &path)
-        };
-        // Said in one line; the exit status still tells what was lost.
-        if let Err(e) = written {
-            crate::say!("kal: {e:#}");
-        }
+    let outputs = if pid == main_pid {
+        opts.outputs.clone()
+    } else {
+        opts.outputs.for_process(pid)
+    };
+    // Said in one line; the exit status still tells what was lost.
+    let history = periodic
+        .map(|p| p.history_with(pid, &report))
+        .unwrap_or_default();
+    let cx = crate::act::sink::Context { history: &history };
+    if let Err(e) = outputs.write(&report, &cx) {
+        crate::say!("kal: {e:#}");
     }
     report.summary.direct.blocks > 0
 }

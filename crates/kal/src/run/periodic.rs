@@ -2,6 +2,7 @@
 
 use crate::act::reclaim::{self, Policy};
 use crate::act::report::{self, Report, Totals};
+use crate::act::sink::{Context, Outputs, Point};
 use crate::blocks::Block;
 use crate::capture::fatal::Crashing;
 use crate::check::{check_with_header, Check};
@@ -111,29 +112,14 @@ struct Line<'a> {
     report: &'a Report,
 }
 
-/// Appends a process's exit report to the JSON lines file, marked `"at_exit": true`.
-pub fn append_exit_line(path: &std::path::Path, r: &Report) -> Result<()> {
-    #[derive(Serialize)]
-    struct Exit<'a> {
-        at_exit: bool,
-        time: String,
-        #[serde(flatten)]
-        report: &'a Report,
+/// One check's totals, `at` after the process's first check.
+fn point(at: Duration, r: &Report) -> Point {
+    Point {
+        secs: at.as_secs_f64(),
+        rss: r.memory.rss_bytes,
+        live: r.memory.live_bytes,
+        lost: r.summary.direct.bytes + r.summary.indirect.bytes,
     }
-    let mut f = std::fs::OpenOptions::new()
-        .append(true)
-        .create(true)
-        .open(path)?;
-    serde_json::to_writer(
-        &mut f,
-        &Exit {
-            at_exit: true,
-            time: timestamp(SystemTime::now()),
-            report: r,
-        },
-    )?;
-    f.write_all(b"\n")?;
-    Ok(())
 }
 
 /// What tells a lost block from one check to the next: its sequence number, or for a
@@ -159,6 +145,11 @@ pub struct Periodic {
     contradicted: HashMap<i32, Vec<Vec<crate::attribute::symbolize::Frame>>>,
     /// Processes found dying: never checked again.
     dying: HashSet<i32>,
+    /// Per process: when it was first checked, and each check's totals since.
+    history: HashMap<i32, (Instant, Vec<Point>)>,
+    /// The file outputs rewritten after every check (pprof, flame graph, HTML), named for
+    /// process `main_pid` (others get `FILE.PID`).
+    files: Option<(Outputs, i32)>,
 }
 
 /// What one check produced, for its text line and JSON line.
@@ -187,7 +178,34 @@ impl Periodic {
             policy: None,
             contradicted: HashMap::new(),
             dying: HashSet::new(),
+            history: HashMap::new(),
+            files: None,
         }
+    }
+
+    /// Also rewrite the file outputs of `outputs` but text and JSON (pprof, flame graph,
+    /// HTML) after every check, named for process `main_pid` (others get `FILE.PID`).
+    pub fn with_files(mut self, outputs: &Outputs, main_pid: i32) -> Periodic {
+        let files = Outputs {
+            text: false,
+            json: None,
+            ..outputs.clone()
+        };
+        self.files = files.any().then_some((files, main_pid));
+        self
+    }
+
+    /// Process `pid`'s totals at each check so far, then at `now` as `report` says.
+    pub fn history_with(&self, pid: i32, report: &Report) -> Vec<Point> {
+        let mut v = self
+            .history
+            .get(&pid)
+            .map(|(_, h)| h.clone())
+            .unwrap_or_default();
+        if let Some((first, _)) = self.history.get(&pid) {
+            v.push(point(first.elapsed(), report));
+        }
+        v
     }
 
     /// Also reclaim after each check, as `config` says (see [`reclaim::Policy`]).
@@ -271,6 +289,19 @@ impl Periodic {
         }
         if let Some(j) = &self.json {
             self.append_line(j, &out)?;
+        }
+        let (first, points) = self.history.entry(pid).or_insert_with(|| (t0, Vec::new()));
+        points.push(point(t0.duration_since(*first), &c.report));
+        if let Some((files, main_pid)) = &self.files {
+            let files = if pid == *main_pid {
+                files.clone()
+            } else {
+                files.for_process(pid)
+            };
+            let history = &self.history[&pid].1;
+            if let Err(e) = files.write(&c.report, &Context { history }) {
+                crate::say!("kal: {e:#}");
+            }
         }
         Ok(c.report.summary.direct.blocks > 0)
     }
@@ -390,7 +421,7 @@ impl Periodic {
                 r.untracked_allocations
             )
         };
-        if let Some(g) = report::gaps_line(r) {
+        if let Some(g) = crate::act::text::gaps_line(r) {
             warning.push_str(&format!(
                 " WARNING: {g}; lost counts may include false positives;"
             ));

@@ -352,6 +352,20 @@ pub fn require_command(cmd: &str, package: &str) {
     );
 }
 
+/// Whether `cmd` is on PATH; when not, says on stderr that the test `test` is skipped and
+/// why (for tools a test only checks against, e.g. `go tool pprof`, Chromium).
+pub fn have_command(cmd: &str, package: &str, test: &str) -> bool {
+    let found = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).any(|d| d.join(cmd).is_file()))
+        .unwrap_or(false);
+    if !found {
+        eprintln!(
+            "SKIPPED {test}: `{cmd}` is not on PATH (apt-get install {package}; .ci/run installs it)"
+        );
+    }
+    found
+}
+
 /// Debian's jemalloc, for runs under `LD_PRELOAD`.
 pub const JEMALLOC: &str = "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2";
 
