@@ -1,11 +1,14 @@
 //! The `kal` command line.
 
-use anyhow::{anyhow, bail, Result};
-use clap::{Args, Parser, Subcommand};
+use anyhow::anyhow;
+use clap::{Parser, Subcommand};
 use std::ffi::OsString;
 use std::path::PathBuf;
 
 mod cmd;
+
+use cmd::args::{ReclaimArgs, ReportArgs};
+use cmd::check::Target;
 
 /// kal finds memory leaks in unmodified, running Linux programs.
 ///
@@ -19,128 +22,6 @@ mod cmd;
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
-}
-
-/// How reports are written (shared by `run`, `check` and `reclaim`).
-#[derive(Args)]
-struct ReportArgs {
-    /// Also write the report as JSON to FILE (README documents the shape; under `run`, a
-    /// forked child's report goes to FILE.PID, and with --check-every FILE holds one JSON
-    /// document per line).
-    #[arg(long, value_name = "FILE")]
-    json: Option<PathBuf>,
-    /// Also write the report as a gzip'd pprof profile to FILE (sample types lost_objects,
-    /// lost_space, inuse_objects, inuse_space; lost_space by default), for
-    /// `go tool pprof -top FILE`, Pyroscope or Parca.
-    #[arg(long, value_name = "FILE")]
-    pprof: Option<PathBuf>,
-    /// Also write a flame graph of the lost bytes by allocation stack to FILE (SVG; open
-    /// it in a browser: click to zoom, Ctrl-F to search).
-    #[arg(long, value_name = "FILE")]
-    flamegraph: Option<PathBuf>,
-    /// Also write the report as one self-contained HTML page to FILE: the summary, the
-    /// growth over periodic checks (kal run --check-every, which rewrites it, like the pprof
-    /// and flame graph files, after every check), the flame graph, and the top leaks with
-    /// their stacks and source lines.
-    #[arg(long, value_name = "FILE")]
-    html: Option<PathBuf>,
-    /// List still-reachable blocks too (they are always counted in the summary).
-    #[arg(long)]
-    show_reachable: bool,
-    /// Suppressions file: one pattern a line (`*`, `?`), matched against the function,
-    /// source file and module of every frame; `leak:` prefixes are accepted.
-    #[arg(long, value_name = "FILE")]
-    suppressions: Option<PathBuf>,
-    /// Exit status when something is definitely lost (0 to 255); 0 turns this off.
-    #[arg(long, value_name = "N", default_value_t = 23,
-          value_parser = clap::value_parser!(i32).range(0..=255))]
-    error_exitcode: i32,
-    /// Frames shown per record in the text and HTML reports.
-    #[arg(long, value_name = "N", default_value_t = 8)]
-    frames: usize,
-    /// Print no text report (the JSON file and exit status still tell).
-    #[arg(long, short)]
-    quiet: bool,
-    /// Live checks leave running the threads blocked in epoll_wait, epoll_pwait(2),
-    /// sigtimedwait/sigwaitinfo, semop or semtimedop, which a stop would make return EINTR
-    /// early. Their registers and stacks are then a capture gap: the report says so and
-    /// nothing is reclaimed from such a check.
-    #[arg(long)]
-    no_interrupt: bool,
-}
-
-impl ReportArgs {
-    /// The outputs asked for (`json_lines`: the JSON file gets one document per line);
-    /// fails early on an output file that cannot be written.
-    fn outputs(&self, json_lines: bool) -> Result<kal::act::sink::Outputs> {
-        let o = kal::act::sink::Outputs {
-            text: !self.quiet,
-            frames: self.frames,
-            json: self.json.clone(),
-            json_lines,
-            pprof: self.pprof.clone(),
-            flamegraph: self.flamegraph.clone(),
-            html: self.html.clone(),
-        };
-        o.check_files()?;
-        Ok(o)
-    }
-
-    /// The report options, with the suppressions file read.
-    fn options(&self) -> Result<kal::act::report::Options> {
-        let suppressions = match &self.suppressions {
-            Some(p) => kal::act::suppress::Suppressions::load(p)?,
-            None => Default::default(),
-        };
-        Ok(kal::act::report::Options {
-            show_reachable: self.show_reachable,
-            suppressions,
-            no_interrupt: self.no_interrupt,
-            // pprof's in-use samples count every live block.
-            keep_reachable: self.pprof.is_some(),
-        })
-    }
-}
-
-/// How lost blocks are reclaimed (shared by `run --reclaim` and `reclaim`).
-#[derive(Args)]
-struct ReclaimArgs {
-    /// With free mode: free only blocks allocated from a stack with a frame whose function,
-    /// source file or module matches PATTERN (`*`, `?`; suppression syntax). Repeatable.
-    /// Needed by free mode: a pointer only a pipe, an alternate signal stack or an io_uring
-    /// request holds is invisible to any scan, and a freed block cannot be brought back.
-    #[arg(long = "free-sites", value_name = "PATTERN")]
-    free_sites: Vec<String>,
-    /// With free mode: free a block only once it was definitely lost in at least 3 checks
-    /// spanning at least D (e.g. 60s, 10m; 0s for no age).
-    #[arg(long, value_name = "D", default_value = "60s", value_parser = parse_age)]
-    free_after: std::time::Duration,
-    /// Bound on the agent's compressed store of parked pages: a share of the bytes parked
-    /// (`25%`, with 16 MiB at least) or a size (`256M`, `1G`). When it is full, parking
-    /// stops and the check line says so.
-    #[arg(long, value_name = "LIMIT", default_value = "25%", value_parser = kal::act::reclaim::parse_park_limit)]
-    park_limit: u32,
-}
-
-fn parse_age(s: &str) -> Result<std::time::Duration> {
-    if s.trim().trim_end_matches('s').trim_end_matches("m").trim() == "0" {
-        return Ok(std::time::Duration::ZERO);
-    }
-    kal::run::periodic::parse_duration(s)
-}
-
-impl ReclaimArgs {
-    fn config(&self, mode: kal::act::reclaim::Mode) -> Result<kal::act::reclaim::Config> {
-        if mode == kal::act::reclaim::Mode::Free && self.free_sites.is_empty() {
-            bail!("free mode needs --free-sites PATTERN (e.g. --free-sites 'my_cache_*'): only the sites you name are freed; everything else is parked by the default mode");
-        }
-        Ok(kal::act::reclaim::Config {
-            mode,
-            free_sites: kal::act::suppress::Suppressions::parse(&self.free_sites.join("\n")),
-            free_after: self.free_after,
-            park_limit: self.park_limit,
-        })
-    }
 }
 
 #[derive(Subcommand)]
@@ -342,157 +223,6 @@ enum Cmd {
     Diff(cmd::diff::DiffArgs),
 }
 
-fn mib(b: u64) -> f64 {
-    b as f64 / (1 << 20) as f64
-}
-
-/// What `kal check` looks at.
-enum Target {
-    Pid(i32),
-    Core(PathBuf, Option<PathBuf>),
-}
-
-fn check(target: Target, args: &ReportArgs) -> Result<i32> {
-    let outputs = args.outputs(false)?;
-    let opts = args.options()?;
-    let c = match target {
-        Target::Pid(pid) => kal::check::check(pid, &opts)?,
-        Target::Core(core, exe) => kal::capture::corefile::check(&core, exe.as_deref(), &opts)?,
-    };
-    outputs.write(&c.report, &Default::default())?;
-    Ok(if c.report.summary.direct.blocks > 0 {
-        args.error_exitcode
-    } else {
-        0
-    })
-}
-
-fn reclaim(
-    pid: i32,
-    mode: kal::act::reclaim::Mode,
-    reclaim_args: &ReclaimArgs,
-    args: &ReportArgs,
-) -> Result<i32> {
-    let outputs = args.outputs(false)?;
-    let opts = args.options()?;
-    let config = reclaim_args.config(mode)?;
-    let (r, done, before, after) = kal::act::reclaim::reclaim_now(pid, &opts, config)?;
-    // The report lists each reclaimed site once, under "reclaimed so far".
-    let written = outputs.write(&r, &Default::default());
-    if let Some(why) = &done.unavailable {
-        kal::say!("kal: not parking in process {pid}: {why}");
-    }
-    if mode == kal::act::reclaim::Mode::DryRun {
-        kal::say!(
-            "kal: dry run: would {} {} bytes in {} blocks in process {pid}; nothing done",
-            if done.would_free {
-                "free"
-            } else {
-                "park the pages of"
-            },
-            done.would.iter().map(|b| b.size).sum::<u64>(),
-            done.would.len()
-        );
-    } else {
-        kal::say!(
-            "kal: parked {} bytes of {} blocks and freed {} bytes in {} blocks in process {pid} in {:.1} ms (refused: {} no longer the same allocation, {} from contradicted sites{}); RSS {:.1} MiB -> {:.1} MiB",
-            done.parked.bytes,
-            done.parked.blocks,
-            done.freed.bytes,
-            done.freed.blocks,
-            done.took.as_secs_f64() * 1e3,
-            done.stale,
-            done.banned,
-            if done.skipped > 0 { "; store limit reached (--park-limit)" } else { "" },
-            mib(before),
-            mib(after)
-        );
-    }
-    written?;
-    Ok(0)
-}
-
-fn attach(pid: i32) -> Result<i32> {
-    let agent = kal::run::find_agent()?;
-    let a = kal::agent::attach::attach(pid, &agent)?;
-    println!(
-        "kal attach {pid}: agent {}, {} GOT slots redirected, program paused {:.2} ms ({} freeze{})",
-        if a.again { "attached again" } else { "loaded" },
-        a.slots,
-        a.pause.as_secs_f64() * 1e3,
-        a.tries,
-        if a.tries == 1 { "" } else { "s" }
-    );
-    if a.jemalloc {
-        println!(
-            "kal attach {pid}: the program allocates with jemalloc: blocks allocated before the attach are unknown (no heap walk for jemalloc), so lost counts cover only blocks allocated since, and nothing is reclaimed"
-        );
-    } else {
-        println!(
-            "kal attach {pid}: blocks allocated before the attach come from glibc's heap at each check, without stacks (\"{}\")",
-            kal::blocks::before_attach::LABEL
-        );
-    }
-    Ok(0)
-}
-
-fn detach(pid: i32) -> Result<i32> {
-    kal::agent::attach::detach(pid)?;
-    println!("kal detach {pid}: GOT slots restored, agent threads stopped; the program runs on");
-    Ok(0)
-}
-
-fn trim(pid: i32) -> Result<i32> {
-    let agent = kal::agent::control::Agent::find(pid)?;
-    let before = kal::agent::control::rss(pid)?;
-    if !agent.trim()? {
-        bail!("the allocator of process {pid} is not glibc's: kal cannot trim it yet");
-    }
-    let after = kal::agent::control::rss(pid)?;
-    println!(
-        "kal trim {pid}: RSS {:.1} MiB -> {:.1} MiB (returned {:.1} MiB to the OS)",
-        mib(before),
-        mib(after),
-        mib(before.saturating_sub(after))
-    );
-    Ok(0)
-}
-
-fn run(
-    report: &ReportArgs,
-    check_every: Option<std::time::Duration>,
-    max_cpu: f64,
-    reclaim: Option<kal::act::reclaim::Config>,
-    freeres: bool,
-    trace: bool,
-    target: (Option<i32>, Vec<OsString>),
-) -> Result<i32> {
-    let outputs = report.outputs(check_every.is_some())?;
-    let opts = report.options()?;
-    let (attach, command) = target;
-    let mut command = command.into_iter();
-    let program = match attach {
-        Some(_) => OsString::new(),
-        None => command.next().ok_or_else(|| anyhow!("no program to run"))?,
-    };
-    let run_opts = kal::run::RunOptions {
-        program,
-        args: command.collect(),
-        outputs,
-        report: opts,
-        error_exitcode: report.error_exitcode,
-        check_every,
-        reclaim,
-        max_cpu_percent: max_cpu,
-        freeres,
-        trace,
-    };
-    match attach {
-        Some(pid) => kal::run::attached::run(&run_opts, pid),
-        None => kal::run::run(&run_opts),
-    }
-}
-
 fn main() {
     let result = match Cli::parse().cmd {
         Cmd::Run {
@@ -510,7 +240,7 @@ fn main() {
             .map(|m| reclaim_args.config(m))
             .transpose()
             .and_then(|cfg| {
-                run(
+                cmd::run::run(
                     &report,
                     check_every,
                     max_cpu,
@@ -528,8 +258,8 @@ fn main() {
             exe,
             report,
         } => match (pid, core) {
-            (_, Some(core)) => check(Target::Core(core, exe), &report),
-            (Some(pid), None) => check(Target::Pid(pid), &report),
+            (_, Some(core)) => cmd::check::run(Target::Core(core, exe), &report),
+            (Some(pid), None) => cmd::check::run(Target::Pid(pid), &report),
             (None, None) => Err(anyhow!("kal check needs a PID or --core FILE")),
         },
         Cmd::Reclaim {
@@ -537,10 +267,10 @@ fn main() {
             mode,
             reclaim_args,
             report,
-        } => reclaim(pid, mode, &reclaim_args, &report),
-        Cmd::Trim { pid } => trim(pid),
-        Cmd::Attach { pid } => attach(pid),
-        Cmd::Detach { pid } => detach(pid),
+        } => cmd::reclaim::run(pid, mode, &reclaim_args, &report),
+        Cmd::Trim { pid } => cmd::trim::run(pid),
+        Cmd::Attach { pid } => cmd::attach::attach(pid),
+        Cmd::Detach { pid } => cmd::attach::detach(pid),
         Cmd::Diff(args) => cmd::diff::run(&args),
     };
     match result {
