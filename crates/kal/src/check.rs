@@ -101,7 +101,7 @@ pub fn check_with_header(
         opts,
         reclaimed_sites,
     );
-    if std::env::var_os("KAL_DEBUG_TIMING").is_some() {
+    if crate::debug::timing() {
         crate::say!(
             "timing: report built in {:.1} ms (grouping, symbols)",
             built.elapsed().as_secs_f64() * 1e3

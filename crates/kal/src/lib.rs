@@ -58,6 +58,7 @@ pub mod attribute;
 pub mod blocks;
 pub mod capture;
 pub mod check;
+pub mod debug;
 pub mod reach;
 pub mod run;
 
@@ -80,7 +81,7 @@ pub fn classify(cap: &capture::Capture) -> Vec<reach::Kind> {
         cap.heap.as_ref(),
         Some(&heuristics),
     );
-    if std::env::var_os("KAL_DEBUG_TIMING").is_some() {
+    if crate::debug::timing() {
         crate::say!(
             "timing: roots {:.1} ms, mark {:.1} ms ({} blocks; roots and mark on-CPU {:.1} ms)",
             (t1 - t0).as_secs_f64() * 1e3,
@@ -149,7 +150,7 @@ pub fn analyze(cap: &capture::Capture, opts: &report::Options) -> report::Report
 
 /// Debug aid: prints roots (set `KAL_DEBUG_ROOTS=1`).
 pub fn debug_roots(cap: &capture::Capture) {
-    if std::env::var_os("KAL_DEBUG_ROOTS").is_none() {
+    if !crate::debug::roots() {
         return;
     }
     let r = roots::roots(cap);

@@ -109,7 +109,7 @@ pub fn check(pid: i32, opts: &report::Options) -> Result<Check> {
         let described = crate::attribute::contents::describe(&cap, &kinds, |k| {
             k != crate::reach::Kind::Reachable || opts.show_reachable
         });
-        if std::env::var_os("KAL_DEBUG_TIMING").is_some() {
+        if crate::debug::timing() {
             crate::say!(
                 "timing: grouping by contents {:?} ({} records)",
                 t0.elapsed(),
@@ -209,7 +209,7 @@ pub fn capture_source(src: &mut dyn Source) -> Result<Capture> {
     }
     .live_blocks()
     .map_err(|e| anyhow::anyhow!("cannot walk the heap of process {pid}: {e}"))?;
-    if std::env::var_os("KAL_DEBUG_TIMING").is_some() {
+    if crate::debug::timing() {
         crate::say!(
             "timing: heap walk {:?} ({} blocks, {} arenas; on-CPU {:.1} ms)",
             t0.elapsed(),

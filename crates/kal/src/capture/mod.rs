@@ -323,7 +323,7 @@ pub fn capture_from(
 /// agent's table.
 pub fn capture_table(src: &mut dyn Source, header_addr: u64) -> Result<Capture> {
     let (t0, c0) = (std::time::Instant::now(), crate::thread_cpu_ms());
-    let timing = std::env::var_os("KAL_DEBUG_TIMING").is_some();
+    let timing = crate::debug::timing();
     let pid = src.pid();
     let threads = src.threads();
     let extras = src.take_extras();

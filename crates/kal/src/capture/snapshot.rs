@@ -160,7 +160,7 @@ pub fn test_hold(stage: &str) {
 pub fn take(pid: i32, header_addr: u64, no_interrupt: bool) -> Result<Snapshot> {
     refuse_seccomp(pid)?;
     let server = server_thread(pid, header_addr);
-    if std::env::var_os("KAL_DEBUG_TIMING").is_some() {
+    if crate::debug::timing() {
         crate::say!(
             "timing: snapshot by {}",
             if server.is_some() {
@@ -241,7 +241,7 @@ fn take_by_agent(pid: i32, header_addr: u64, server: i32, no_interrupt: bool) ->
         (regs, read, made, extras)
     });
     let (conn, child) = made?;
-    if std::env::var_os("KAL_DEBUG_TIMING").is_some() {
+    if crate::debug::timing() {
         crate::say!(
             "timing: {} threads stopped after {:?}, registers read after {:?}, copy made and extras read after {:?}",
             regs.0.len(),

@@ -738,7 +738,7 @@ fn classify_in(
     for &v in &roots.values {
         m.marks.push(v, true, &m.cache);
     }
-    let why = std::env::var_os("KAL_DEBUG_ROOTS").is_some();
+    let why = crate::debug::roots();
     // glibc's thread control block: [tcb] = tcb, [tcb+8] = &dtv[1], [tcb+16] = tcb. The dtv
     // field points 16 bytes into the dtv block; it is that block's owning pointer. The
     // neighbours come from the same piece of words when they are in it.

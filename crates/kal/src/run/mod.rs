@@ -662,7 +662,7 @@ fn capture_exit(
     mut job: ExitJob,
     opts: &RunOptions,
 ) -> Result<(crate::capture::Capture, Vec<crate::reach::Kind>)> {
-    let timing = std::env::var_os("KAL_DEBUG_TIMING").is_some();
+    let timing = crate::debug::timing();
     let t0 = Instant::now();
     let frozen = Frozen::at_exit(job.pid, job.tid, || {
         let _ = job.conn.stream.write_all(&[1]);
