@@ -8,38 +8,33 @@
 //! a lock-free table in the program's own memory (layout in `kal-proto`). The CLI reads
 //! that table from the frozen process; the agent itself never scans or reports.
 //!
-//! ```no_run
-//! // The agent is not called from Rust; it is preloaded into a program:
-//! //   KAL_SOCKET=/path/to/sock LD_PRELOAD=target/debug/libkal_agent.so ./prog
+//! ```sh
+//! # The agent is not called from Rust; it is preloaded into a program:
+//! KAL_SOCKET=/path/to/sock LD_PRELOAD=target/debug/libkal_agent.so ./prog
 //! ```
+//!
+//! Its parts: `hooks` (the exported allocation functions and what they need per thread:
+//! side stacks, the re-entrancy guard, the next allocator, the interposed `_exit`, `unshare`
+//! and `set*id`), `table` (live blocks and stacks), `unwind`, `server` (the control socket,
+//! snapshots, reclaim, the agent's threads), `park` (leaked pages parked) and `attach`
+//! (loaded by `kal attach`: the GOT redirected instead of `LD_PRELOAD`).
 //!
 //! Rules on the hook path: no allocation (the unwinder cache is made once per thread under
 //! a re-entrancy guard), no locks around the real allocator, no panics, thread-locals
 //! without destructors.
 
-mod alone;
-mod control;
+mod attach;
 mod diag;
-mod dlhook;
-mod ends;
-mod got;
-mod guard;
 pub mod hooks;
 mod mem;
-mod ownfd;
 mod park;
-mod pause;
-mod pool;
-mod real;
-mod reclaim;
 mod server;
-mod side;
-mod snapshot;
 mod state;
 mod table;
-mod threads;
-mod tls;
 mod unwind;
+
+use hooks::{guard, pool, real, side, tls};
+use server::control;
 
 use core::alloc::{GlobalAlloc, Layout};
 
@@ -92,11 +87,11 @@ fn static_tls_size() -> u64 {
 }
 
 extern "C" fn agent_start() {
-    let attach = got::loaded_by_dlopen();
+    let attach = attach::loaded_by_dlopen();
     if attach {
         // Loaded by `kal attach`: TLS is the loader's dynamic TLS, at no fixed offset
         // from the thread pointer, so the static-TLS shortcuts stay off.
-        got::set_attach_mode();
+        attach::set_attach_mode();
         side::KAL_SIDE_TOP_OFFSET.store(usize::MAX, core::sync::atomic::Ordering::Release);
     } else {
         tls::init();
@@ -121,8 +116,8 @@ extern "C" fn agent_start() {
     table::resize::start();
     if attach {
         // Every other program thread is stopped by kal now: the slots change at once.
-        got::patch();
-        got::attached();
+        attach::patch();
+        attach::attached();
     }
     guard::leave();
 }

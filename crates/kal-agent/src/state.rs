@@ -167,11 +167,11 @@ pub fn publish_reclaim() {
     // them from a frozen process or a snapshot.
     unsafe {
         let h = &mut *core::ptr::addr_of_mut!(KAL_HEADER);
-        h.reclaimed_blocks = crate::reclaim::RECLAIMED[0].load(Ordering::Relaxed);
-        h.reclaimed_bytes = crate::reclaim::RECLAIMED[1].load(Ordering::Relaxed);
-        h.banned_addr = crate::reclaim::BANNED.as_ptr() as u64;
-        h.banned_len = crate::reclaim::BANNED_LEN.load(Ordering::Relaxed);
-        let (a, l) = crate::reclaim::region();
+        h.reclaimed_blocks = crate::server::reclaim::RECLAIMED[0].load(Ordering::Relaxed);
+        h.reclaimed_bytes = crate::server::reclaim::RECLAIMED[1].load(Ordering::Relaxed);
+        h.banned_addr = crate::server::reclaim::BANNED.as_ptr() as u64;
+        h.banned_len = crate::server::reclaim::BANNED_LEN.load(Ordering::Relaxed);
+        let (a, l) = crate::server::reclaim::region();
         h.reclaimed_set_addr = a;
         h.reclaimed_set_len = l;
     }

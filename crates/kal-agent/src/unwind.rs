@@ -264,12 +264,12 @@ pub struct ThreadState {
 }
 
 fn state() -> *mut ThreadState {
-    let c = crate::tls::with(|t| t.unwind.get());
+    let c = crate::hooks::tls::with(|t| t.unwind.get());
     if !c.is_null() {
         return c;
     }
-    let c = crate::pool::take_cache();
-    crate::tls::with(|t| t.unwind.set(c));
+    let c = crate::hooks::pool::take_cache();
+    crate::hooks::tls::with(|t| t.unwind.set(c));
     c
 }
 
@@ -286,7 +286,7 @@ pub fn new_cache() -> *mut ThreadState {
 
 /// The calling thread's state, or null if it has none yet.
 pub fn current_cache() -> *mut ThreadState {
-    crate::tls::with(|t| t.unwind.get())
+    crate::hooks::tls::with(|t| t.unwind.get())
 }
 
 /// The stack-table id of the stack of the allocation function's caller at `at`.

@@ -35,14 +35,14 @@ pub fn init() -> bool {
 
 /// Starts the handler thread with every signal blocked; false if it could not start.
 pub fn start() -> bool {
-    crate::threads::spawn(serve, crate::threads::Stack::Sized(256 * 1024))
+    crate::server::threads::spawn(serve, crate::server::threads::Stack::Sized(256 * 1024))
 }
 
 extern "C" fn serve(_: *mut libc::c_void) -> *mut libc::c_void {
     // Anything this thread allocates (nothing, by design) passes through untracked.
-    crate::guard::enter_agent();
+    crate::hooks::guard::enter_agent();
     // SAFETY: gettid has no preconditions.
-    crate::alone::HANDLER_TID.store(unsafe { libc::gettid() }, Ordering::Release);
+    crate::server::alone::HANDLER_TID.store(unsafe { libc::gettid() }, Ordering::Release);
     let fd = super::fd();
     loop {
         let mut m = uffd::Msg::default();
@@ -88,7 +88,7 @@ fn fault(fd: i32, addr: u64, flags: u64) {
             let (a, b) = r.block();
             if inside(addr, a, b) {
                 super::CONTRADICTIONS.fetch_add(1, Ordering::Relaxed);
-                crate::reclaim::ban(r.stack);
+                crate::server::reclaim::ban(r.stack);
                 crate::state::publish_reclaim();
             }
             if r.state == runs::PARKING {

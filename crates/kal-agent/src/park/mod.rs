@@ -50,7 +50,7 @@ pub const STOPPED: u32 = 3;
 pub static NOTE: AtomicU32 = AtomicU32::new(0);
 /// One of [`IDLE`], [`ACTIVE`], [`UNAVAILABLE`], [`STOPPED`].
 pub static STATE: AtomicU32 = AtomicU32::new(IDLE);
-static UFFD: crate::ownfd::OwnFd = crate::ownfd::OwnFd::none();
+static UFFD: crate::server::ownfd::OwnFd = crate::server::ownfd::OwnFd::none();
 static EXACT: AtomicBool = AtomicBool::new(false);
 /// Set while the program forks: no run may be parked then.
 static FORKING: AtomicBool = AtomicBool::new(false);

@@ -126,14 +126,14 @@ enum Stop {
 /// allocations and not from banned sites; `pages[i]` gets the pages parked for entry `i`.
 pub fn park_blocks(t: &Tables, entries: &[(u64, u64)], arg: u32, pages: &mut [u32]) -> Counts {
     let mut c = Counts::default();
-    let glibc = crate::real::get().is_some_and(|r| r.glibc);
+    let glibc = crate::hooks::real::get().is_some_and(|r| r.glibc);
     let mut cands: Vec<Cand> = Vec::with_capacity(entries.len());
     for (i, &(addr, seq)) in entries.iter().enumerate() {
         let Some(now) = t.peek(addr, seq) else {
             c.stale += 1;
             continue;
         };
-        if crate::reclaim::is_banned(t, now.stack) {
+        if crate::server::reclaim::is_banned(t, now.stack) {
             c.banned += 1;
             continue;
         }

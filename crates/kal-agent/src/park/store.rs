@@ -6,7 +6,7 @@
 
 use core::sync::atomic::{AtomicU64, Ordering};
 
-static FD: crate::ownfd::OwnFd = crate::ownfd::OwnFd::none();
+static FD: crate::server::ownfd::OwnFd = crate::server::ownfd::OwnFd::none();
 static END: AtomicU64 = AtomicU64::new(0);
 /// Bytes the store holds now (whole pages).
 pub static BYTES: AtomicU64 = AtomicU64::new(0);

@@ -63,7 +63,7 @@ fn wait(ms: i64) {
 pub fn start() {
     // SAFETY: getpid has no preconditions.
     OWNER.store(unsafe { libc::getpid() }, Ordering::Release);
-    crate::alone::init();
+    crate::server::alone::init();
     resume();
 }
 
@@ -73,9 +73,9 @@ pub fn started() -> bool {
     OWNER.load(Ordering::Acquire) == unsafe { libc::getpid() }
 }
 
-/// Starts the resizer thread again (after [`crate::pause`]), or for the first time.
+/// Starts the resizer thread again (after [`crate::hooks::pause`]), or for the first time.
 pub fn resume() {
-    crate::threads::spawn(run, crate::threads::Stack::Sized(64 * 1024));
+    crate::server::threads::spawn(run, crate::server::threads::Stack::Sized(64 * 1024));
 }
 
 /// In a fork child (noticed by a thread waiting on a slot, or by the child's first hook):
@@ -106,16 +106,16 @@ extern "C" fn run(_: *mut libc::c_void) -> *mut libc::c_void {
     let mut seed = 0x2545_f491_4f6c_dd1d_u64;
     // SAFETY: gettid has no preconditions.
     let me = unsafe { libc::gettid() };
-    crate::alone::RESIZER_TID.store(me, Ordering::Release);
+    crate::server::alone::RESIZER_TID.store(me, Ordering::Release);
     let mut wakeups = 0u32;
     loop {
-        if crate::pause::stopping() {
-            crate::alone::RESIZER_TID.store(0, Ordering::Release);
+        if crate::hooks::pause::stopping() {
+            crate::server::alone::RESIZER_TID.store(0, Ordering::Release);
             return core::ptr::null_mut();
         }
         wakeups = wakeups.wrapping_add(1);
-        if wakeups.is_multiple_of(crate::alone::LOOK_EVERY)
-            && crate::alone::only_agent_threads_left()
+        if wakeups.is_multiple_of(crate::server::alone::LOOK_EVERY)
+            && crate::server::alone::only_agent_threads_left()
         {
             // The program's threads are all gone: end the process as glibc does when its
             // last thread ends (exit(0): atexit handlers run, the exit report too).

@@ -70,14 +70,14 @@ fn abort_is_final() -> bool {
 /// buffered output.
 #[no_mangle]
 pub extern "C" fn _exit(status: c_int) -> ! {
-    crate::control::report_exit(false);
+    crate::server::control::report_exit(false);
     real_exit(status)
 }
 
 /// `_Exit`: the same as [`_exit`].
 #[no_mangle]
 pub extern "C" fn _Exit(status: c_int) -> ! {
-    crate::control::report_exit(false);
+    crate::server::control::report_exit(false);
     real_exit(status)
 }
 
@@ -86,7 +86,7 @@ pub extern "C" fn _Exit(status: c_int) -> ! {
 #[no_mangle]
 pub extern "C" fn abort() -> ! {
     if abort_is_final() {
-        crate::control::report_exit(false);
+        crate::server::control::report_exit(false);
     }
     let f = next(c"abort", &REAL_ABORT);
     if f != 0 {
@@ -129,7 +129,7 @@ pub fn read_env() {
 /// last: another thread could still be using what is freed (or hold an arena lock).
 /// Returns whether they ran.
 pub fn freeres() -> bool {
-    if !FREERES.load(Ordering::Relaxed) || crate::alone::program_threads() != Some(1) {
+    if !FREERES.load(Ordering::Relaxed) || crate::server::alone::program_threads() != Some(1) {
         return false;
     }
     type Fn0 = unsafe extern "C" fn();

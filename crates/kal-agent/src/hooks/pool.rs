@@ -108,7 +108,7 @@ unsafe extern "C" fn after_fork_child() {
     let (pid, tid) = ids();
     let mine = [
         crate::unwind::current_cache() as usize,
-        crate::side::current_top(),
+        crate::hooks::side::current_top(),
     ];
     with(|c, s| {
         for k in [c, s] {
@@ -144,7 +144,7 @@ pub fn take_cache() -> *mut crate::unwind::ThreadState {
 /// A side stack's top for the calling thread: a dead thread's, or a never-used one (0 when
 /// the region is exhausted even after taking back every dead thread's).
 pub fn take_stack() -> usize {
-    let mut t = with(|_, s| s.pop(false)).unwrap_or_else(crate::side::map_stack);
+    let mut t = with(|_, s| s.pop(false)).unwrap_or_else(crate::hooks::side::map_stack);
     if t == 0 {
         t = with(|_, s| s.pop(true)).unwrap_or(0);
     }

@@ -9,7 +9,7 @@
 //! redirected). To `dlopen` the caller is that module. When `dlopen` returns there, the
 //! PLT entry jumps through the slot — to the hook again, which recognises the return by
 //! the thread and stack pointer it registered, redirects the slots of every module now
-//! loaded ([`crate::got::patch`]) and jumps back to the real return address with the
+//! loaded ([`crate::attach::patch`]) and jumps back to the real return address with the
 //! result untouched.
 //!
 //! A module whose slot has no PLT entry (code built with `-fno-plt`, or the function's
@@ -178,8 +178,8 @@ extern "C" fn kal_dl_enter(frame: *mut usize, entry: usize, which: usize) -> u64
                 p.sp.store(0, Ordering::Release);
                 p.tp.store(0, Ordering::Release);
                 IN_FLIGHT.fetch_sub(1, Ordering::AcqRel);
-                if !crate::got::detached() {
-                    crate::got::patch_new();
+                if !crate::attach::detached() {
+                    crate::attach::patch_new();
                 }
                 // SAFETY: `out` is the frame's first out word.
                 unsafe { *out = ret };
@@ -190,7 +190,7 @@ extern "C" fn kal_dl_enter(frame: *mut usize, entry: usize, which: usize) -> u64
     let real = REAL[which].load(Ordering::Acquire);
     // SAFETY: out words of the frame.
     unsafe { *out = real };
-    if crate::got::detached() {
+    if crate::attach::detached() {
         return PLAIN;
     }
     // SAFETY: the caller's return address, pushed by its call.

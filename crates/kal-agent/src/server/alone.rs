@@ -11,7 +11,7 @@
 //! with `pread`: an agent thread that opened files as it runs would take the lowest free
 //! descriptor numbers, racing with the program's own `dup2` onto them (`EBUSY`).
 
-use crate::ownfd::OwnFd;
+use crate::server::ownfd::OwnFd;
 use core::sync::atomic::AtomicI32;
 
 /// Thread id of the resizer (the agent's other long-lived thread besides the server).
@@ -65,7 +65,7 @@ fn stat_fields<'a>(f: &OwnFd, buf: &'a mut [u8; 512]) -> Option<core::str::Split
 pub fn program_threads() -> Option<usize> {
     // Counted at creation, not when they publish their ids: a thread created but not yet
     // running is the agent's too.
-    let agent_running = crate::threads::live();
+    let agent_running = crate::server::threads::live();
     let mut buf = [0u8; 512];
     let threads = stat_fields(&STAT, &mut buf)
         .and_then(|mut f| f.nth(17))

@@ -50,7 +50,7 @@ pub fn stop_for_detach() {
 /// once the old ones have ended.
 pub fn resume_after_detach() {
     let server = crate::state::server_tid() as i32;
-    let resizer = crate::alone::RESIZER_TID.load(Ordering::Acquire);
+    let resizer = crate::server::alone::RESIZER_TID.load(Ordering::Acquire);
     let mut waited = 0;
     while !(gone(server) && gone(resizer)) && waited < 1000 {
         sleep_1ms();
@@ -92,16 +92,16 @@ fn with_agent_stopped(name: &[u8], call: impl FnOnce() -> libc::c_long) -> libc:
     // thing: wait for that, so that it is stopped too.
     let mut waited = 0;
     while crate::table::resize::started()
-        && (crate::alone::RESIZER_TID.load(Ordering::Acquire) <= 0
+        && (crate::server::alone::RESIZER_TID.load(Ordering::Acquire) <= 0
             || (crate::server::listening() && crate::state::server_tid() == 0))
         && waited < 1000
     {
         sleep_1ms();
         waited += 1;
     }
-    let handler = crate::alone::HANDLER_TID.load(Ordering::Acquire);
+    let handler = crate::server::alone::HANDLER_TID.load(Ordering::Acquire);
     let server = crate::state::server_tid() as i32;
-    let resizer = crate::alone::RESIZER_TID.load(Ordering::Acquire);
+    let resizer = crate::server::alone::RESIZER_TID.load(Ordering::Acquire);
     if handler > 0 {
         crate::diag::say(b"kal agent: ");
         crate::diag::say(name);
@@ -131,7 +131,7 @@ fn with_agent_stopped(name: &[u8], call: impl FnOnce() -> libc::c_long) -> libc:
     let err = unsafe { *libc::__errno_location() };
     STOP.store(false, Ordering::Release);
     // What glibc allocates for the new threads is the agent's, as at start.
-    let entered = crate::guard::enter_agent();
+    let entered = crate::hooks::guard::enter_agent();
     if server > 0 && gone(server) {
         crate::server::resume();
     }
@@ -139,7 +139,7 @@ fn with_agent_stopped(name: &[u8], call: impl FnOnce() -> libc::c_long) -> libc:
         crate::table::resize::resume();
     }
     if entered {
-        crate::guard::leave();
+        crate::hooks::guard::leave();
     }
     PAUSING.store(false, Ordering::Release);
     // SAFETY: as above; the program sees the errno of its own call.

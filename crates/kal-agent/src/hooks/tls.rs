@@ -14,7 +14,7 @@ use core::sync::atomic::{AtomicIsize, Ordering};
 
 /// What the hooks keep per thread.
 pub struct PerThread {
-    /// Re-entrancy state (see [`crate::guard`]).
+    /// Re-entrancy state (see [`crate::hooks::guard`]).
     pub guard: Cell<u8>,
     /// The thread's index for sequence numbers, 0 until its first allocation.
     pub thread_index: Cell<u64>,

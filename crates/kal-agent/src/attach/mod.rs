@@ -17,9 +17,11 @@
 //! them); the table is emptied at the next attach, while the program is stopped.
 //!
 //! Modules loaded after attach get their slots redirected when the `dlopen` or `dlmopen`
-//! that loaded them returns (those are hooked too: see [`crate::dlhook`]). Modules in a
+//! that loaded them returns (those are hooked too: see [`crate::attach::dlhook`]). Modules in a
 //! namespace other than the base one (`dlmopen`) are never touched: they have their own
 //! libc and heap. Not covered: calls that do not go through a GOT.
+
+pub mod dlhook;
 
 use core::ffi::{c_char, c_int, c_void};
 use core::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -333,15 +335,15 @@ unsafe extern "C" fn visit(info: *mut libc::dl_phdr_info, _: usize, data: *mut c
             // SAFETY: a NUL-terminated name in the module's string table.
             let name = unsafe { core::ffi::CStr::from_ptr(name) }.to_bytes();
             let slot = base + r.r_offset as usize;
-            let (ours, dl) = match (ours(name), crate::dlhook::hook_for(name)) {
+            let (ours, dl) = match (ours(name), crate::attach::dlhook::hook_for(name)) {
                 (Some(f), _) => (f, false),
                 // dlopen and dlmopen only through a PLT entry (see `dlhook`).
                 (None, Some((which, hook))) if kind == 7 => {
-                    match crate::dlhook::plt_entry(&code[..ncode], slot) {
+                    match crate::attach::dlhook::plt_entry(&code[..ncode], slot) {
                         Some(plt) => {
                             let lo = code[..ncode].iter().map(|c| c.0).min().unwrap_or(0);
                             let hi = code[..ncode].iter().map(|c| c.1).max().unwrap_or(0);
-                            crate::dlhook::add_module(lo, hi, which, plt);
+                            crate::attach::dlhook::add_module(lo, hi, which, plt);
                             (hook, true)
                         }
                         None => continue,
@@ -378,7 +380,7 @@ pub fn patch() -> usize {
         );
         return 0;
     }
-    crate::dlhook::resolve();
+    crate::attach::dlhook::resolve();
     lock();
     let n = walk_all();
     unlock();
@@ -399,7 +401,7 @@ fn walk_all() -> usize {
 /// After a `dlopen` or `dlmopen` returned (in the program's thread that called it):
 /// redirects the slots of the modules it loaded (slots already redirected are left).
 pub fn patch_new() {
-    let entered = crate::guard::enter_agent();
+    let entered = crate::hooks::guard::enter_agent();
     lock();
     if !detached() {
         let n = walk_all();
@@ -407,7 +409,7 @@ pub fn patch_new() {
     }
     unlock();
     if entered {
-        crate::guard::leave();
+        crate::hooks::guard::leave();
     }
 }
 
@@ -422,12 +424,12 @@ const DL_DRAIN_MS: u32 = 2000;
 pub fn detach() {
     DETACHED.store(true, Ordering::Release);
     let mut waited = 0;
-    while crate::dlhook::in_flight() > 0 && waited < DL_DRAIN_MS {
+    while crate::attach::dlhook::in_flight() > 0 && waited < DL_DRAIN_MS {
         // SAFETY: a plain sleep.
         unsafe { libc::usleep(1000) };
         waited += 1;
     }
-    let drained = crate::dlhook::in_flight() == 0;
+    let drained = crate::attach::dlhook::in_flight() == 0;
     lock();
     let n = SAVED_LEN.load(Ordering::Acquire);
     let mut kept = 0;
@@ -468,14 +470,14 @@ pub extern "C" fn kal_agent_attach() -> i64 {
     if KAL_ATTACH_STATE.load(Ordering::Acquire) != 2 {
         return -1;
     }
-    let entered = crate::guard::enter_agent();
+    let entered = crate::hooks::guard::enter_agent();
     crate::table::clear_all();
     DETACHED.store(false, Ordering::Release);
     let n = patch();
-    crate::pause::resume_after_detach();
+    crate::hooks::pause::resume_after_detach();
     KAL_ATTACH_STATE.store(1, Ordering::Release);
     if entered {
-        crate::guard::leave();
+        crate::hooks::guard::leave();
     }
     n as i64
 }

@@ -9,7 +9,7 @@ use core::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use kal_proto::{Hello, MsgKind, MAGIC, VERSION};
 
 /// The hello connection, kept open while the process lives.
-static HELLO_FD: crate::ownfd::OwnFd = crate::ownfd::OwnFd::none();
+static HELLO_FD: crate::server::ownfd::OwnFd = crate::server::ownfd::OwnFd::none();
 /// The process that said hello on `HELLO_FD` (a `vfork` child shares this memory but not
 /// the pid).
 static HELLO_PID: AtomicI32 = AtomicI32::new(0);
@@ -84,7 +84,7 @@ fn hello() {
 /// Waits (at most `HELLO_ACK_WAIT_MS`) for kal's one byte saying it traces this process
 /// now; a slow or absent answer only means a fatal signal soon after may go unreported.
 fn wait_ack(fd: i32) {
-    crate::ownfd::set_read_timeout(fd, kal_proto::HELLO_ACK_WAIT_MS);
+    crate::server::ownfd::set_read_timeout(fd, kal_proto::HELLO_ACK_WAIT_MS);
     let mut b = [0u8; 1];
     for _ in 0..100 {
         // SAFETY: reading at most one byte into a buffer we own.
@@ -106,7 +106,7 @@ unsafe extern "C" fn after_fork_parent() {
 
 unsafe extern "C" fn park_child() {
     // The first child handler the agent registers: no agent thread is started before it.
-    crate::threads::after_fork_child();
+    crate::server::threads::after_fork_child();
     crate::park::after_fork_child();
 }
 
@@ -142,7 +142,7 @@ pub fn report_exit(freeres: bool) {
 }
 
 /// The exit handshake, once per process: restore parked pages, run the freeres functions
-/// if asked (and safe: [`crate::ends::freeres`]), say Exit on a fresh connection and wait
+/// if asked (and safe: [`crate::hooks::ends::freeres`]), say Exit on a fresh connection and wait
 /// for kal's byte (kal has then seized every thread and will read the process at
 /// `exit_group`).
 fn exit_handshake(freeres: bool) {
@@ -153,7 +153,7 @@ fn exit_handshake(freeres: bool) {
     // does not survive exit_group.
     crate::park::shutdown();
     if freeres {
-        crate::ends::freeres();
+        crate::hooks::ends::freeres();
     }
     let fd = connect();
     if fd < 0 {
@@ -184,7 +184,7 @@ pub fn init() {
         libc::atexit(remove_socket);
         libc::pthread_atfork(Some(before_fork), Some(after_fork_parent), Some(park_child));
     }
-    crate::ends::init();
+    crate::hooks::ends::init();
     // SAFETY: getenv with a NUL-terminated name; the value is copied out at once.
     unsafe {
         let v = libc::getenv(c"KAL_SOCKET".as_ptr());
@@ -198,7 +198,7 @@ pub fn init() {
         (&mut *core::ptr::addr_of_mut!(PATH))[..s.len()].copy_from_slice(s);
         PATH_LEN = s.len();
     }
-    crate::ends::read_env();
+    crate::hooks::ends::read_env();
     // SAFETY: getenv with a NUL-terminated name; the value is only looked at here.
     let ack = unsafe { !libc::getenv(c"KAL_HELLO_ACK".as_ptr()).is_null() };
     HELLO_ACK.store(ack, Ordering::Relaxed);

@@ -7,12 +7,20 @@
 //! park, trim, snapshot) are served only to a peer that could ptrace it ([`could_ptrace`]);
 //! others get [`Status::Denied`].
 
-use crate::{park, real, reclaim, state};
+pub mod alone;
+pub mod control;
+pub mod ownfd;
+pub mod reclaim;
+pub mod snapshot;
+pub mod threads;
+
+use crate::hooks::real;
+use crate::{park, state};
 use core::sync::atomic::Ordering;
 use kal_proto::ctl::{decode_entry, Op, ReqHeader, Response, Status, ENTRY_SIZE, REQ_HEADER_SIZE};
 
 /// The listening socket.
-static LISTEN_FD: crate::ownfd::OwnFd = crate::ownfd::OwnFd::none();
+static LISTEN_FD: crate::server::ownfd::OwnFd = crate::server::ownfd::OwnFd::none();
 static mut PATH: [u8; 108] = [0; 108];
 
 /// Writes `/tmp/kal-UID` into `buf` (NUL-terminated); returns its length.
@@ -111,7 +119,7 @@ pub fn start() {
     spawn_server();
 }
 
-/// Starts the serving thread again on the same socket (after [`crate::pause`]).
+/// Starts the serving thread again on the same socket (after [`crate::hooks::pause`]).
 pub fn resume() {
     if listening() {
         spawn_server();
@@ -159,11 +167,11 @@ fn spawn_server() {
     // must not linger where a scan would take them for the program's pointers.
     let stack = server_stack();
     let on = if stack.is_null() {
-        crate::threads::Stack::Sized(SERVER_STACK)
+        crate::server::threads::Stack::Sized(SERVER_STACK)
     } else {
-        crate::threads::Stack::Own(stack, SERVER_STACK)
+        crate::server::threads::Stack::Own(stack, SERVER_STACK)
     };
-    crate::threads::spawn(serve, on);
+    crate::server::threads::spawn(serve, on);
 }
 
 /// Size of the server thread's stack.
@@ -201,13 +209,13 @@ pub fn stop() {
 
 extern "C" fn serve(_: *mut libc::c_void) -> *mut libc::c_void {
     // This thread's own allocations (request lists, lz4's table) pass through untracked.
-    crate::guard::enter_agent();
+    crate::hooks::guard::enter_agent();
     // SAFETY: gettid has no preconditions.
     state::set_server_tid(unsafe { libc::gettid() } as u64);
     loop {
         // Never accept on a number the program reused for a file of its own.
         let lfd = LISTEN_FD.get();
-        if lfd < 0 || crate::pause::stopping() {
+        if lfd < 0 || crate::hooks::pause::stopping() {
             state::set_server_tid(0);
             return core::ptr::null_mut();
         }
@@ -223,7 +231,7 @@ extern "C" fn serve(_: *mut libc::c_void) -> *mut libc::c_void {
             continue; // EINTR
         }
         if p.revents & (libc::POLLERR | libc::POLLHUP | libc::POLLNVAL) != 0
-            || crate::pause::stopping()
+            || crate::hooks::pause::stopping()
         {
             state::set_server_tid(0);
             return core::ptr::null_mut();
@@ -345,7 +353,7 @@ fn arm_read(fd: i32) -> bool {
     if left <= 0 {
         return false;
     }
-    crate::ownfd::set_read_timeout(fd, left.min(2000) as u64);
+    crate::server::ownfd::set_read_timeout(fd, left.min(2000) as u64);
     true
 }
 
@@ -519,7 +527,7 @@ fn handle_request(fd: i32, hb: &[u8; REQ_HEADER_SIZE], passed: i32, may_act: boo
     }
     let Some(r) = real::get() else { return };
     match h.op {
-        Op::Snapshot => crate::snapshot::serve(fd),
+        Op::Snapshot => crate::server::snapshot::serve(fd),
         Op::Trim => {
             let released = crate::trim();
             let status = if released.is_some() {
@@ -630,10 +638,10 @@ fn handle_request(fd: i32, hb: &[u8; REQ_HEADER_SIZE], passed: i32, may_act: boo
             reply(fd, &resp, &out);
         }
         Op::Detach => {
-            let attached = crate::got::attach_mode()
-                && crate::got::KAL_ATTACH_STATE.load(Ordering::Acquire) == 1;
+            let attached = crate::attach::attach_mode()
+                && crate::attach::KAL_ATTACH_STATE.load(Ordering::Acquire) == 1;
             if attached {
-                crate::got::detach();
+                crate::attach::detach();
             }
             let resp = Response {
                 status: Status::Ok as u32,
@@ -642,7 +650,7 @@ fn handle_request(fd: i32, hb: &[u8; REQ_HEADER_SIZE], passed: i32, may_act: boo
             };
             reply(fd, &resp, &[]);
             if attached {
-                crate::pause::stop_for_detach();
+                crate::hooks::pause::stop_for_detach();
             }
         }
         Op::Stats => {

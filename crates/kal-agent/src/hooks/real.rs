@@ -65,7 +65,7 @@ fn resolve_slow() -> Option<&'static Real> {
     {
         // Another thread (or this one, re-entering from dlsym) is resolving.
         while STATE.load(Ordering::Acquire) == RESOLVING {
-            if crate::guard::is_resolving_thread() {
+            if crate::hooks::guard::is_resolving_thread() {
                 return None;
             }
             core::hint::spin_loop();
@@ -73,7 +73,7 @@ fn resolve_slow() -> Option<&'static Real> {
         // SAFETY: STATE is READY, REAL was published before it.
         return unsafe { (*core::ptr::addr_of!(REAL)).as_ref() };
     }
-    crate::guard::set_resolving_thread(true);
+    crate::hooks::guard::set_resolving_thread(true);
     // SAFETY: only this thread writes REAL, and readers wait for READY.
     unsafe {
         let real = Real {
@@ -95,7 +95,7 @@ fn resolve_slow() -> Option<&'static Real> {
         };
         *core::ptr::addr_of_mut!(REAL) = Some(real);
     }
-    crate::guard::set_resolving_thread(false);
+    crate::hooks::guard::set_resolving_thread(false);
     STATE.store(READY, Ordering::Release);
     // SAFETY: just published.
     unsafe { (*core::ptr::addr_of!(REAL)).as_ref() }
@@ -107,7 +107,7 @@ fn resolve_slow() -> Option<&'static Real> {
 /// dependencies (libc) only: it forwards to what the program itself calls, the global
 /// scope's first definition (jemalloc's, in a program linked to it).
 unsafe fn next(name: &core::ffi::CStr) -> *mut c_void {
-    let handle = if crate::got::attach_mode() {
+    let handle = if crate::attach::attach_mode() {
         libc::RTLD_DEFAULT
     } else {
         libc::RTLD_NEXT

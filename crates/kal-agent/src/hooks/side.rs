@@ -161,10 +161,10 @@ pub extern "C" fn claim() -> usize {
 #[cold]
 #[inline(never)]
 fn first_top() -> usize {
-    if !crate::guard::enter() {
+    if !crate::hooks::guard::enter() {
         return 0;
     }
-    let t = crate::pool::take_stack();
+    let t = crate::hooks::pool::take_stack();
     if t == 0 && READY.load(Ordering::Acquire) {
         // This hook (and the next ones of this thread) run on the program's stack.
         crate::state::note_no_side_stack();
@@ -182,6 +182,6 @@ fn first_top() -> usize {
         // TLS is not at a fixed offset (dynamic TLS): always take the slow path.
         Err(_) => KAL_SIDE_TOP_OFFSET.store(usize::MAX, Ordering::Release),
     }
-    crate::guard::leave();
+    crate::hooks::guard::leave();
     t
 }

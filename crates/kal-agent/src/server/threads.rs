@@ -67,14 +67,14 @@ pub fn spawn(entry: extern "C" fn(*mut libc::c_void) -> *mut libc::c_void, stack
         let mut old: libc::sigset_t = core::mem::zeroed();
         libc::sigfillset(&mut all);
         libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old);
-        let entered = own && crate::guard::enter_agent();
+        let entered = own && crate::hooks::guard::enter_agent();
         LIVE.fetch_add(1, Ordering::AcqRel);
         let rc = libc::pthread_create(&mut t, &attr, trampoline, entry as *mut libc::c_void);
         if rc != 0 {
             LIVE.fetch_sub(1, Ordering::AcqRel);
         }
         if entered {
-            crate::guard::leave();
+            crate::hooks::guard::leave();
         }
         libc::pthread_sigmask(libc::SIG_SETMASK, &old, core::ptr::null_mut());
         libc::pthread_attr_destroy(&mut attr);

@@ -19,7 +19,7 @@ thread_local! {
 /// Marks this thread as inside a hook; returns false if it already was inside the agent.
 #[inline(always)]
 pub fn enter() -> bool {
-    crate::tls::with(|t| {
+    crate::hooks::tls::with(|t| {
         let f = &t.guard;
         if f.get() != OUTSIDE {
             return false;
@@ -32,7 +32,7 @@ pub fn enter() -> bool {
 /// Marks this thread as running the agent's own code (allocations it makes are the
 /// agent's, never recorded); returns false if it already was inside the agent.
 pub fn enter_agent() -> bool {
-    crate::tls::with(|t| {
+    crate::hooks::tls::with(|t| {
         let f = &t.guard;
         if f.get() != OUTSIDE {
             return false;
@@ -46,13 +46,13 @@ pub fn enter_agent() -> bool {
 /// comes from a signal handler that interrupted the hook.
 #[inline(always)]
 pub fn interrupted_hook() -> bool {
-    crate::tls::with(|t| t.guard.get() == HOOK)
+    crate::hooks::tls::with(|t| t.guard.get() == HOOK)
 }
 
 /// Leaves the hook or agent code entered with a successful [`enter`] or [`enter_agent`].
 #[inline(always)]
 pub fn leave() {
-    crate::tls::with(|t| t.guard.set(OUTSIDE));
+    crate::hooks::tls::with(|t| t.guard.set(OUTSIDE));
 }
 
 /// Whether this thread is the one resolving the next allocator.

@@ -6,8 +6,16 @@
 //! to the next definition and record the result; none allocates on its own path, none
 //! panics.
 
+pub(crate) mod ends;
+pub(crate) mod guard;
+pub(crate) mod pause;
+pub(crate) mod pool;
+pub(crate) mod real;
+pub(crate) mod side;
+pub(crate) mod tls;
+
+use crate::state;
 use crate::unwind::Regs;
-use crate::{guard, real, side, state};
 use core::ffi::c_void;
 use core::sync::atomic::{AtomicU64, Ordering};
 use kal_proto::Api;
@@ -20,10 +28,10 @@ static NEXT_THREAD: AtomicU64 = AtomicU64::new(1);
 /// (both saw none yet) is simply never used again after the second.
 #[inline(always)]
 fn next_seq() -> u64 {
-    let (mut index, counter) = crate::tls::with(|t| (t.thread_index.get(), t.seq.as_ptr()));
+    let (mut index, counter) = crate::hooks::tls::with(|t| (t.thread_index.get(), t.seq.as_ptr()));
     if index == 0 {
         index = NEXT_THREAD.fetch_add(1, Ordering::Relaxed);
-        crate::tls::with(|t| t.thread_index.set(index));
+        crate::hooks::tls::with(|t| t.thread_index.set(index));
     }
     let mut old: u64 = 1;
     // SAFETY: `counter` is this thread's own counter; a single `xadd` (no lock prefix:
@@ -96,7 +104,7 @@ fn record_interrupting(p: *mut c_void, size: usize, api: Api) {
 /// own code (then the block is the agent's).
 #[inline(always)]
 fn tracked(size: usize, api: Api, at: Regs, alloc: impl FnOnce() -> *mut c_void) -> *mut c_void {
-    if crate::got::detached() {
+    if crate::attach::detached() {
         return alloc();
     }
     if !guard::enter() {
@@ -246,13 +254,13 @@ extern "C" fn free_impl(p: *mut c_void, _: usize, _: usize, _: usize, _: usize) 
         return;
     }
     let Some(r) = real::get() else { return };
-    if crate::got::detached() {
+    if crate::attach::detached() {
         // SAFETY: p is the caller's block, handed to the allocator that produced it.
         unsafe { (r.free)(p) };
         return;
     }
     let known = state::tables().is_some_and(|t| t.forget(p as u64));
-    if !known && crate::reclaim::contradicts(p as u64) {
+    if !known && crate::server::reclaim::contradicts(p as u64) {
         return; // kal reclaimed it already: freeing it again would be a double free
     }
     // SAFETY: p is the caller's block, handed to the allocator that produced it.
@@ -295,7 +303,7 @@ extern "C" fn realloc_impl(
             (r.realloc)(core::ptr::null_mut(), size)
         });
     }
-    if crate::got::detached() && !real::is_boot(p) {
+    if crate::attach::detached() && !real::is_boot(p) {
         // SAFETY: p is the caller's live block.
         return unsafe { (r.realloc)(p, size) };
     }
@@ -316,7 +324,7 @@ extern "C" fn realloc_impl(
         }
         // A signal handler interrupted a hook: same steps, without the stack.
         let old = forget(p);
-        if old.is_none() && crate::reclaim::contradicts(p as u64) {
+        if old.is_none() && crate::server::reclaim::contradicts(p as u64) {
             // SAFETY: forwarding a plain allocation (p was reclaimed by kal already).
             let q = unsafe { (r.malloc)(size) };
             if !q.is_null() {
@@ -336,7 +344,7 @@ extern "C" fn realloc_impl(
         return q;
     }
     let old = forget(p);
-    if old.is_none() && crate::reclaim::contradicts(p as u64) {
+    if old.is_none() && crate::server::reclaim::contradicts(p as u64) {
         // kal reclaimed p already: give the program a fresh block (its old contents are gone).
         // SAFETY: forwarding a plain allocation.
         let q = unsafe { (r.malloc)(size) };
