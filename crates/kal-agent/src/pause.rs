@@ -80,6 +80,16 @@ fn sleep_1ms() {
     unsafe { libc::nanosleep(&ts, core::ptr::null_mut()) };
 }
 
+/// Whether an agent thread of this process has started but not yet published its id
+/// (the server's and the resizer's clear theirs as they end; the fault handler's, which
+/// ends only in a fork child that never runs it, stays).
+fn unnamed_threads() -> bool {
+    let named = usize::from(crate::state::server_tid() != 0)
+        + usize::from(crate::alone::RESIZER_TID.load(Ordering::Acquire) > 0)
+        + usize::from(crate::alone::HANDLER_TID.load(Ordering::Acquire) > 0);
+    crate::threads::live() > named
+}
+
 /// Runs `call` (a namespace system call returning -1 and setting errno on failure) while
 /// the agent's own threads are stopped; keeps its result and errno.
 fn with_agent_stopped(name: &[u8], call: impl FnOnce() -> libc::c_long) -> libc::c_int {
@@ -88,21 +98,28 @@ fn with_agent_stopped(name: &[u8], call: impl FnOnce() -> libc::c_long) -> libc:
         // by its own doing, and the call behaves as it would without kal.
         return call() as libc::c_int;
     }
-    // A thread just started (at agent start, or by the last pause) publishes its id first
-    // thing: wait for that, so that it is stopped too.
+    // A thread just started (at agent start, in a fork child, or by the last pause)
+    // publishes its id first thing: wait until every agent thread has, so that each is
+    // stopped and only those stopped are started again. One that stays unknown (starved
+    // of CPU for seconds) is left running: the call is made beside it, and said.
     let mut waited = 0;
-    while crate::table::resize::started()
-        && (crate::alone::RESIZER_TID.load(Ordering::Acquire) <= 0
-            || (crate::server::listening() && crate::state::server_tid() == 0))
-        && waited < 1000
-    {
+    while unnamed_threads() && waited < WAIT_MS {
         sleep_1ms();
         waited += 1;
     }
     let handler = crate::alone::HANDLER_TID.load(Ordering::Acquire);
     let server = crate::state::server_tid() as i32;
     let resizer = crate::alone::RESIZER_TID.load(Ordering::Acquire);
-    if handler > 0 {
+    if unnamed_threads() {
+        crate::diag::say(b"kal agent: ");
+        crate::diag::say(name);
+        crate::diag::say(
+            b" runs beside an agent thread that is still starting: the kernel may refuse it (EINVAL)\n",
+        );
+        PAUSING.store(false, Ordering::Release);
+        return call() as libc::c_int;
+    }
+    if handler > 0 && !gone(handler) {
         crate::diag::say(b"kal agent: ");
         crate::diag::say(name);
         crate::diag::say(
