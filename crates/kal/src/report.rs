@@ -183,6 +183,11 @@ pub struct Report {
     /// agent: no allocation stacks).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub note: Option<String>,
+    /// At exit: `__libc_freeres` and `__gnu_cxx::__freeres` did not run because this many
+    /// other threads of the program were still running (0: how many could not be read).
+    /// What they would have freed counts as still reachable, where memcheck frees it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub freeres_skipped_threads: Option<u64>,
 }
 
 /// How to build a report.
@@ -362,7 +367,22 @@ pub fn build(
         pause_ms: None,
         scan_ms: None,
         note: None,
+        freeres_skipped_threads: (c.header.freeres == kal_proto::FREERES_SKIPPED_THREADS)
+            .then_some(c.header.freeres_threads),
     }
+}
+
+/// The one line saying that the freeres functions did not run at exit because other
+/// threads of the program were running (`others` of them; 0: unknown).
+fn freeres_skipped_line(others: u64) -> String {
+    let who = match others {
+        0 => "other threads of the program were".to_string(),
+        1 => "1 other thread of the program was".to_string(),
+        n => format!("{n} other threads of the program were"),
+    };
+    format!(
+        "note: __libc_freeres and __gnu_cxx::__freeres did not run at exit: {who} still running and could be using what they free; what they free (stdio buffers, the C++ exception pool, cached thread stacks, loader data) counts as still reachable here, where memcheck frees it"
+    )
 }
 
 fn title(k: Kind) -> &'static str {
@@ -477,6 +497,9 @@ pub fn text(r: &Report, frames: usize) -> String {
             mib(m.retained_bytes),
             r.pid
         );
+    }
+    if let Some(n) = r.freeres_skipped_threads {
+        let _ = writeln!(s, "{tag} {}", freeres_skipped_line(n));
     }
     let rc = &r.reclaimed;
     if rc.blocks > 0 || rc.parked_blocks > 0 {

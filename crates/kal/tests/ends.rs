@@ -165,14 +165,44 @@ fn assert_died_unread(o: &Outcome, sig: &str) {
     );
 }
 
+/// How many times the report said the freeres functions were skipped because of
+/// `others` other running threads: in its text (one line) and in its JSON.
+fn freeres_skipped(o: &Outcome, r: &Value, others: u64) -> (usize, Option<u64>) {
+    let who = if others == 1 {
+        "1 other thread of the program was still running".to_string()
+    } else {
+        format!("{others} other threads of the program were still running")
+    };
+    let lines = o
+        .stderr
+        .lines()
+        .filter(|l| {
+            l.starts_with(&format!(
+                "=={}== note: __libc_freeres and __gnu_cxx::__freeres did not run at exit: {who}",
+                r["pid"]
+            )) && l.ends_with("counts as still reachable here, where memcheck frees it")
+        })
+        .count();
+    (
+        lines,
+        r.get("freeres_skipped_threads").and_then(Value::as_u64),
+    )
+}
+
 #[test]
 fn return_and_exit_from_main_are_reported() {
     for way in ["return", "exit"] {
         for _ in 0..RUNS {
             let o = run_ends(&[], &[way]);
             assert_eq!(o.status.code(), Some(23), "{way}: {}", o.stderr);
-            // __libc_freeres ran: nothing of glibc's is left reachable.
+            // __libc_freeres ran: nothing of glibc's is left reachable, and no line says
+            // it was skipped.
             assert_main_report(&o, Some((0, 0)));
+            assert!(!o.stderr.contains("did not run at exit"), "{}", o.stderr);
+            assert_eq!(
+                o.main.as_ref().unwrap().get("freeres_skipped_threads"),
+                None
+            );
         }
         let o = run_ends(&["--error-exitcode", "0"], &[way]);
         assert_eq!(o.status.code(), Some(4), "{way}: {}", o.stderr);
@@ -186,6 +216,14 @@ fn exit_from_a_second_thread_is_reported() {
         let o = run_ends(&[], &["thread_exit"]);
         assert_eq!(o.status.code(), Some(23), "{}", o.stderr);
         assert_main_report(&o, None);
+        // The main thread still waits in pthread_join: the freeres functions are skipped
+        // (it could be using what they free), and the report says so, once.
+        assert_eq!(
+            freeres_skipped(&o, o.main.as_ref().unwrap(), 1),
+            (1, Some(1)),
+            "{}",
+            o.stderr
+        );
     }
     let o = run_ends(&["--error-exitcode", "0"], &["thread_exit"]);
     assert_eq!(o.status.code(), Some(3), "{}", o.stderr);
@@ -320,6 +358,19 @@ fn a_forked_child_is_reported_whichever_way_it_ends() {
             assert_eq!(leak_at(c, "main_leak"), (55, 1), "{way}");
             assert_ne!(c["pid"], o.main.as_ref().unwrap()["pid"]);
             assert_eq!(o.stdout, "", "{way}");
+            // Only a child exiting beside its other thread skips the freeres functions.
+            let skipped = if way == "thread_exit" {
+                (1, Some(1))
+            } else {
+                (0, None)
+            };
+            assert_eq!(freeres_skipped(&o, c, 1), skipped, "{way}: {}", o.stderr);
+            assert_eq!(
+                freeres_skipped(&o, o.main.as_ref().unwrap(), 1),
+                (0, None),
+                "{way}: {}",
+                o.stderr
+            );
         }
     }
 }
