@@ -9,7 +9,7 @@
 mod common;
 use common::*;
 use serde_json::Value;
-use std::io::Read;
+use std::io::{Read, Write};
 use std::os::unix::process::ExitStatusExt;
 use std::process::{Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
@@ -485,6 +485,85 @@ fn prefork_workers_dropping_root_right_after_fork_run_as_without_kal() {
             assert_eq!(o.status.code(), Some(23), "{sig} run {run}: {}", o.stderr);
             assert_prefork_reports(&o, &format!("untraced {sig} run {run}"));
         }
+    }
+}
+
+#[test]
+fn prefork_workers_that_gave_up_root_are_checked_live() {
+    // `kal check` looks for the agent's socket in /tmp/kal-UID of the process's user and
+    // believes only a socket that user listens on. A worker that became nobody kept the
+    // socket it made as root: every live check of it failed ("cannot reach the kal agent
+    // of process P at .../tmp/kal-65534/agent-P.sock"), so did `kal run --check-every`'s.
+    // Its agent now makes a new socket as the worker's new user, and removes the old one.
+    ensure_agent();
+    let prog = build("prefork.c", &[]);
+    let worker_line = line_of("prefork.c", "worker_leak");
+    let master_line = line_of("prefork.c", "master_leak");
+    // SAFETY: geteuid has no preconditions.
+    let me = unsafe { libc::geteuid() };
+    for flags in [&[][..], &["--no-trace"]] {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_kal"))
+            .args(["run", "-q", "--error-exitcode", "0"])
+            .args(flags)
+            .arg("--")
+            .arg(&prog)
+            .args(["2", "term", "wait"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+        let master = ready_pid(&mut out);
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut out, &mut line).unwrap();
+        let workers: Vec<i32> = line
+            .trim()
+            .strip_prefix("workers ")
+            .unwrap_or_else(|| panic!("no workers line: {line:?}"))
+            .split(' ')
+            .map(|p| p.parse().unwrap())
+            .collect();
+        assert_eq!(workers.len(), 2);
+        for &w in &workers {
+            assert_eq!(status_field(w, "Uid:"), "65534\t65534\t65534\t65534");
+            let (o, now) = check_pid_json(w, &[]);
+            let err = String::from_utf8_lossy(&o.stderr);
+            assert!(
+                o.status.success() || o.status.code() == Some(23),
+                "{flags:?}: {err}"
+            );
+            assert_eq!(totals(&now, "direct"), (177, 2), "{flags:?}: {err}");
+            assert_eq!(
+                sum(&records_at(&now, "direct", "prefork.c", worker_line)),
+                (77, 1),
+                "{flags:?}"
+            );
+            assert!(
+                !std::path::Path::new(&format!("/tmp/kal-{me}/agent-{w}.sock")).exists(),
+                "{flags:?}: the socket the worker made as root is left behind"
+            );
+        }
+        let (o, now) = check_pid_json(master, &[]);
+        assert_eq!(
+            sum(&records_at(&now, "direct", "prefork.c", master_line)),
+            (100, 1),
+            "{flags:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        child.stdin.take().unwrap().write_all(b"go\n").unwrap();
+        let mut rest = String::new();
+        out.read_to_string(&mut rest).unwrap();
+        assert_eq!(rest, "worker 0 exited 0\nworker 1 exited 0\n", "{flags:?}");
+        let mut err = String::new();
+        child
+            .stderr
+            .take()
+            .unwrap()
+            .read_to_string(&mut err)
+            .unwrap();
+        assert_eq!(child.wait().unwrap().code(), Some(0), "{flags:?}: {err}");
+        assert!(!err.contains("failed"), "{flags:?}: {err}");
     }
 }
 

@@ -1,5 +1,7 @@
 /* A master that forks workers the way nginx does, and stops them the way nginx does.
- * Usage: prefork N SIGNAL (N workers, default 2; SIGNAL "term" or "quit", default term).
+ * Usage: prefork N SIGNAL [wait] (N workers, default 2; SIGNAL "term" or "quit", default
+ * term; with "wait", once the workers are ready the master prints "ready PID" and
+ * "workers PID PID ...", and waits for a line on stdin before stopping them).
  *
  * The master leaks 100 bytes, then forks N workers. Each worker, at once, gives up root as
  * nginx's ngx_worker_process_init does (setgid, setgroups, setuid to 65534: from then on
@@ -88,6 +90,16 @@ int main(int argc, char **argv) {
   for (int i = 0; i < n; i++)
     if (read(fds[0], &c, 1) != 1)
       break;
+  if (argc > 3 && strcmp(argv[3], "wait") == 0) {
+    printf("ready %d\nworkers", (int)getpid());
+    for (int i = 0; i < n; i++)
+      printf(" %d", (int)pids[i]);
+    printf("\n");
+    fflush(stdout);
+    char line[16];
+    if (!fgets(line, sizeof line, stdin))
+      return 5;
+  }
   for (int i = 0; i < n; i++)
     kill(pids[i], sig);
   for (int i = 0; i < n; i++) {
