@@ -509,6 +509,18 @@ fn nginx_run(memcheck: bool, sig: i32) -> (Counts, Vec<Counts>, String) {
     n.load(2000);
     let (master, workers) = n.pids();
     assert_eq!(workers.len(), 2, "{}", n.stderr());
+    if !memcheck {
+        // Checked live too, workers included (they listen as nobody now): nothing lost.
+        for &p in workers.iter().chain([&master]) {
+            let (out, j) = check_pid_json(p, &["-q"]);
+            assert_eq!(
+                (out.status.code(), totals(&j, "direct")),
+                (Some(0), (0, 0)),
+                "live check of nginx process {p}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
     let status = n.stop(sig);
     let stderr = n.stderr();
     let read = |p: i32| -> Counts {
