@@ -33,6 +33,8 @@ pub static mut KAL_HEADER: Header = Header {
     server_tid: 0,
     server_stack_addr: 0,
     server_stack_len: 0,
+    freeres: 0,
+    freeres_threads: 0,
 };
 static mut TABLES: Option<Tables> = None;
 static STATE: AtomicU8 = AtomicU8::new(0);
@@ -54,6 +56,18 @@ pub fn note_no_side_stack() {
     // SAFETY: `no_side_stack` is an aligned u64 inside a static; only updated atomically.
     let d = unsafe { &*(core::ptr::addr_of_mut!(KAL_HEADER.no_side_stack) as *const AtomicU64) };
     d.fetch_add(1, Ordering::Relaxed);
+}
+
+/// Records what became of the freeres functions at exit (a `kal_proto::FREERES_*` value
+/// and, when skipped for them, how many other program threads ran).
+pub fn set_freeres(state: u64, threads: u64) {
+    // SAFETY: aligned u64 fields inside a static; only written atomically.
+    unsafe {
+        (*(core::ptr::addr_of_mut!(KAL_HEADER.freeres_threads) as *const AtomicU64))
+            .store(threads, Ordering::Release);
+        (*(core::ptr::addr_of_mut!(KAL_HEADER.freeres) as *const AtomicU64))
+            .store(state, Ordering::Release);
+    }
 }
 
 /// Publishes where the control-server thread's stack is (the CLI never scans it).

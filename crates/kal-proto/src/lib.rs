@@ -23,7 +23,7 @@ pub mod ctl;
 /// Magic number at the start of the agent header ("KALAGENT" in little-endian ASCII).
 pub const MAGIC: u64 = u64::from_le_bytes(*b"KALAGENT");
 /// Version of the header and table layout. Bump on any incompatible change.
-pub const VERSION: u32 = 3;
+pub const VERSION: u32 = 4;
 
 /// Maximum number of frames stored for one allocation stack.
 pub const MAX_FRAMES: usize = 24;
@@ -396,7 +396,24 @@ pub struct Header {
     pub server_stack_addr: u64,
     /// Length of that stack's mapping.
     pub server_stack_len: u64,
+    /// What became of `__libc_freeres`/`__gnu_cxx::__freeres` at exit: one of the
+    /// `FREERES_*` values ([`FREERES_NOT_ASKED`] until the process exits through `exit`).
+    pub freeres: u64,
+    /// With [`FREERES_SKIPPED_THREADS`]: how many other threads of the program were still
+    /// running (0: the count could not be read).
+    pub freeres_threads: u64,
 }
+
+/// [`Header::freeres`]: not asked to run (the process has not called `exit`; `_exit`,
+/// `_Exit` and `abort` never run them).
+pub const FREERES_NOT_ASKED: u64 = 0;
+/// [`Header::freeres`]: they ran at exit.
+pub const FREERES_RAN: u64 = 1;
+/// [`Header::freeres`]: turned off (`kal run --no-freeres`).
+pub const FREERES_OFF: u64 = 2;
+/// [`Header::freeres`]: not run because other threads of the program were still running
+/// (they could be using what would be freed); [`Header::freeres_threads`] says how many.
+pub const FREERES_SKIPPED_THREADS: u64 = 3;
 
 /// Capacity of the banned-sites array.
 pub const MAX_BANNED: usize = 1024;

@@ -9,7 +9,7 @@
 mod common;
 use common::*;
 use serde_json::Value;
-use std::io::Read;
+use std::io::{Read, Write};
 use std::os::unix::process::ExitStatusExt;
 use std::process::{Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
@@ -36,8 +36,14 @@ fn run_ends(flags: &[&str], args: &[&str]) -> Outcome {
 /// [`run_ends`]; with the `wait` way, `on_ready` gets the program's pid once it printed
 /// its ready line (its output then starts after that line).
 fn run_ends_then(flags: &[&str], args: &[&str], on_ready: impl FnOnce(i32)) -> Outcome {
+    run_program("ends.c", flags, args, on_ready)
+}
+
+/// Runs `kal run --json FILE FLAGS -- PROGRAM ARGS` (`PROGRAM` built from the source
+/// `src`), as [`run_ends_then`] does.
+fn run_program(src: &str, flags: &[&str], args: &[&str], on_ready: impl FnOnce(i32)) -> Outcome {
     ensure_agent();
-    let prog = build("ends.c", &[]);
+    let prog = build(src, &[]);
     let dir = tempfile::tempdir().unwrap();
     let json = dir.path().join("r.json");
     let mut child = Command::new(env!("CARGO_BIN_EXE_kal"))
@@ -159,14 +165,44 @@ fn assert_died_unread(o: &Outcome, sig: &str) {
     );
 }
 
+/// How many times the report said the freeres functions were skipped because of
+/// `others` other running threads: in its text (one line) and in its JSON.
+fn freeres_skipped(o: &Outcome, r: &Value, others: u64) -> (usize, Option<u64>) {
+    let who = if others == 1 {
+        "1 other thread of the program was still running".to_string()
+    } else {
+        format!("{others} other threads of the program were still running")
+    };
+    let lines = o
+        .stderr
+        .lines()
+        .filter(|l| {
+            l.starts_with(&format!(
+                "=={}== note: __libc_freeres and __gnu_cxx::__freeres did not run at exit: {who}",
+                r["pid"]
+            )) && l.ends_with("counts as still reachable here, where memcheck frees it")
+        })
+        .count();
+    (
+        lines,
+        r.get("freeres_skipped_threads").and_then(Value::as_u64),
+    )
+}
+
 #[test]
 fn return_and_exit_from_main_are_reported() {
     for way in ["return", "exit"] {
         for _ in 0..RUNS {
             let o = run_ends(&[], &[way]);
             assert_eq!(o.status.code(), Some(23), "{way}: {}", o.stderr);
-            // __libc_freeres ran: nothing of glibc's is left reachable.
+            // __libc_freeres ran: nothing of glibc's is left reachable, and no line says
+            // it was skipped.
             assert_main_report(&o, Some((0, 0)));
+            assert!(!o.stderr.contains("did not run at exit"), "{}", o.stderr);
+            assert_eq!(
+                o.main.as_ref().unwrap().get("freeres_skipped_threads"),
+                None
+            );
         }
         let o = run_ends(&["--error-exitcode", "0"], &[way]);
         assert_eq!(o.status.code(), Some(4), "{way}: {}", o.stderr);
@@ -180,6 +216,14 @@ fn exit_from_a_second_thread_is_reported() {
         let o = run_ends(&[], &["thread_exit"]);
         assert_eq!(o.status.code(), Some(23), "{}", o.stderr);
         assert_main_report(&o, None);
+        // The main thread still waits in pthread_join: the freeres functions are skipped
+        // (it could be using what they free), and the report says so, once.
+        assert_eq!(
+            freeres_skipped(&o, o.main.as_ref().unwrap(), 1),
+            (1, Some(1)),
+            "{}",
+            o.stderr
+        );
     }
     let o = run_ends(&["--error-exitcode", "0"], &["thread_exit"]);
     assert_eq!(o.status.code(), Some(3), "{}", o.stderr);
@@ -314,6 +358,19 @@ fn a_forked_child_is_reported_whichever_way_it_ends() {
             assert_eq!(leak_at(c, "main_leak"), (55, 1), "{way}");
             assert_ne!(c["pid"], o.main.as_ref().unwrap()["pid"]);
             assert_eq!(o.stdout, "", "{way}");
+            // Only a child exiting beside its other thread skips the freeres functions.
+            let skipped = if way == "thread_exit" {
+                (1, Some(1))
+            } else {
+                (0, None)
+            };
+            assert_eq!(freeres_skipped(&o, c, 1), skipped, "{way}: {}", o.stderr);
+            assert_eq!(
+                freeres_skipped(&o, o.main.as_ref().unwrap(), 1),
+                (0, None),
+                "{way}: {}",
+                o.stderr
+            );
         }
     }
 }
@@ -341,6 +398,172 @@ fn a_forked_child_killed_by_a_signal_is_reported() {
             assert_eq!(leak_at(c, "child_leak"), (77, 1), "{way}");
             assert_read_dying(&o, sig);
         }
+    }
+}
+
+/// What `prefork 4 SIG` prints, with or without kal: every worker ended by its own exit(0).
+const PREFORK_OUT: &str =
+    "worker 0 exited 0\nworker 1 exited 0\nworker 2 exited 0\nworker 3 exited 0\n";
+
+/// The master's report and one per worker, with exact counts: the master its 100 bytes,
+/// each worker its 77 and its copy of the master's 100; no line saying a process went
+/// unread or died.
+fn assert_prefork_reports(o: &Outcome, what: &str) {
+    let leak = |r: &Value, marker: &str| {
+        sum(&records_at(
+            r,
+            "direct",
+            "prefork.c",
+            line_of("prefork.c", marker),
+        ))
+    };
+    assert_eq!(o.stdout, PREFORK_OUT, "{what}: {}", o.stderr);
+    let main = o
+        .main
+        .as_ref()
+        .unwrap_or_else(|| panic!("{what}: no report of the master: {}", o.stderr));
+    assert_eq!(
+        four(main)[..3],
+        [(100, 1), (0, 0), (0, 0)],
+        "{what}: {}",
+        o.stderr
+    );
+    assert_eq!(leak(main, "master_leak"), (100, 1), "{what}");
+    assert_eq!(o.children.len(), 4, "{what}: {}", o.stderr);
+    for c in &o.children {
+        assert_eq!(
+            four(c)[..3],
+            [(177, 2), (0, 0), (0, 0)],
+            "{what}: {}",
+            o.stderr
+        );
+        assert_eq!(leak(c, "worker_leak"), (77, 1), "{what}");
+        assert_eq!(leak(c, "master_leak"), (100, 1), "{what}");
+    }
+    assert_eq!(
+        o.stderr.matches("SUMMARY: kal:").count(),
+        5,
+        "{what}: {}",
+        o.stderr
+    );
+    for unread in ["no leak report", "dying of", "cannot reach kal"] {
+        assert!(!o.stderr.contains(unread), "{what}: {}", o.stderr);
+    }
+}
+
+#[test]
+fn prefork_workers_that_gave_up_root_are_each_reported_when_stopped() {
+    // nginx's workers switch to an unprivileged user first thing, so they may no longer
+    // enter kal's private directory to say they exit: each got "ended without calling
+    // exit" instead of a report. They say it on a connection opened with their hello.
+    // Stopped gracefully (SIGQUIT) or fast (SIGTERM) by their master, which SIGKILLs a
+    // worker still there after 1.5 s, as nginx's does.
+    let prog = build("prefork.c", &[]);
+    for sig in ["term", "quit"] {
+        let plain = Command::new(&prog).args(["4", sig]).output().unwrap();
+        assert_eq!(String::from_utf8_lossy(&plain.stdout), PREFORK_OUT);
+        for run in 0..RUNS / 2 {
+            let o = run_program("prefork.c", &[], &["4", sig], |_| {});
+            assert_eq!(o.status.code(), Some(23), "{sig} run {run}: {}", o.stderr);
+            assert_prefork_reports(&o, &format!("{sig} run {run}"));
+        }
+    }
+}
+
+#[test]
+fn prefork_workers_dropping_root_right_after_fork_run_as_without_kal() {
+    // Untraced, a fork child's hello waits for no answer, so the worker calls setgid
+    // while the agent threads its fork handler started have not run yet. The agent took
+    // the parent's thread ids, left over in the child's memory, for its own: it found
+    // those threads gone at once, made the call beside the child's and started a second
+    // server on the server's own stack, where the first one ran on. Workers died of
+    // SIGSEGV, or hung in glibc's setxid (nginx: in initgroups) until their master
+    // killed them, in most runs.
+    for sig in ["term", "quit"] {
+        for run in 0..RUNS / 2 {
+            let o = run_program("prefork.c", &["--no-trace"], &["4", sig], |_| {});
+            assert_eq!(o.status.code(), Some(23), "{sig} run {run}: {}", o.stderr);
+            assert_prefork_reports(&o, &format!("untraced {sig} run {run}"));
+        }
+    }
+}
+
+#[test]
+fn prefork_workers_that_gave_up_root_are_checked_live() {
+    // `kal check` looks for the agent's socket in /tmp/kal-UID of the process's user and
+    // believes only a socket that user listens on. A worker that became nobody kept the
+    // socket it made as root: every live check of it failed ("cannot reach the kal agent
+    // of process P at .../tmp/kal-65534/agent-P.sock"), so did `kal run --check-every`'s.
+    // Its agent now makes a new socket as the worker's new user, and removes the old one.
+    ensure_agent();
+    let prog = build("prefork.c", &[]);
+    let worker_line = line_of("prefork.c", "worker_leak");
+    let master_line = line_of("prefork.c", "master_leak");
+    // SAFETY: geteuid has no preconditions.
+    let me = unsafe { libc::geteuid() };
+    for flags in [&[][..], &["--no-trace"]] {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_kal"))
+            .args(["run", "-q", "--error-exitcode", "0"])
+            .args(flags)
+            .arg("--")
+            .arg(&prog)
+            .args(["2", "term", "wait"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+        let master = ready_pid(&mut out);
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut out, &mut line).unwrap();
+        let workers: Vec<i32> = line
+            .trim()
+            .strip_prefix("workers ")
+            .unwrap_or_else(|| panic!("no workers line: {line:?}"))
+            .split(' ')
+            .map(|p| p.parse().unwrap())
+            .collect();
+        assert_eq!(workers.len(), 2);
+        for &w in &workers {
+            assert_eq!(status_field(w, "Uid:"), "65534\t65534\t65534\t65534");
+            let (o, now) = check_pid_json(w, &[]);
+            let err = String::from_utf8_lossy(&o.stderr);
+            assert!(
+                o.status.success() || o.status.code() == Some(23),
+                "{flags:?}: {err}"
+            );
+            assert_eq!(totals(&now, "direct"), (177, 2), "{flags:?}: {err}");
+            assert_eq!(
+                sum(&records_at(&now, "direct", "prefork.c", worker_line)),
+                (77, 1),
+                "{flags:?}"
+            );
+            assert!(
+                !std::path::Path::new(&format!("/tmp/kal-{me}/agent-{w}.sock")).exists(),
+                "{flags:?}: the socket the worker made as root is left behind"
+            );
+        }
+        let (o, now) = check_pid_json(master, &[]);
+        assert_eq!(
+            sum(&records_at(&now, "direct", "prefork.c", master_line)),
+            (100, 1),
+            "{flags:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        child.stdin.take().unwrap().write_all(b"go\n").unwrap();
+        let mut rest = String::new();
+        out.read_to_string(&mut rest).unwrap();
+        assert_eq!(rest, "worker 0 exited 0\nworker 1 exited 0\n", "{flags:?}");
+        let mut err = String::new();
+        child
+            .stderr
+            .take()
+            .unwrap()
+            .read_to_string(&mut err)
+            .unwrap();
+        assert_eq!(child.wait().unwrap().code(), Some(0), "{flags:?}: {err}");
+        assert!(!err.contains("failed"), "{flags:?}: {err}");
     }
 }
 

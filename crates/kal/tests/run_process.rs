@@ -649,6 +649,59 @@ fn unshare_and_setns_that_need_a_single_thread_succeed_and_the_agent_serves_afte
 }
 
 #[test]
+fn a_fork_child_calling_unshare_first_thing_succeeds_and_keeps_one_set_of_agent_threads() {
+    // In a fork child the agent's threads are started by its fork handler, and may not
+    // have run yet when the child calls unshare (untraced, its hello waits for no
+    // answer). The agent took the parent's thread ids, left in the child's memory, for
+    // its own threads': it found them gone at once, made the call beside them (EINVAL)
+    // and started a second server and resizer (the second server on the first one's
+    // stack: nginx workers crashed). Each child now stops its own threads first.
+    let prog = build("fork_unshare.c", &[]);
+    let expected = plain_output(&prog);
+    assert_eq!(
+        expected,
+        (0..4)
+            .map(|i| format!("child {i}: unshare ok, as many threads as its parent\n"))
+            .collect::<String>()
+    );
+    for flags in [&["--no-trace"][..], &[]] {
+        for run in 0..10 {
+            let dir = tempfile::tempdir().unwrap();
+            let json = dir.path().join("r.json");
+            let out = kal(&[
+                &["run", "-q", "--json", json.to_str().unwrap()][..],
+                flags,
+                &["--", prog.to_str().unwrap()],
+            ]
+            .concat());
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(23), "{flags:?} run {run}: {stderr}");
+            assert_eq!(
+                String::from_utf8_lossy(&out.stdout),
+                expected,
+                "{flags:?} run {run}: {stderr}"
+            );
+            let line = line_of("fork_unshare.c", "child_leak");
+            let children: Vec<serde_json::Value> = std::fs::read_dir(dir.path())
+                .unwrap()
+                .map(|e| e.unwrap().path())
+                .filter(|p| p != &json)
+                .map(|p| serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap())
+                .collect();
+            assert_eq!(children.len(), 4, "{flags:?} run {run}: {stderr}");
+            for c in &children {
+                assert_eq!(totals(c, "direct"), (44, 1), "{flags:?} run {run}");
+                assert_eq!(
+                    sum(&records_at(c, "direct", "fork_unshare.c", line)),
+                    (44, 1),
+                    "{flags:?} run {run}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
 fn a_daemon_that_calls_closefrom_and_listens_serves_every_client() {
     // closefrom(3) closes the agent's descriptors; the daemon's TCP listeners then take the
     // numbers the agent's own socket had (3 before it moved high, 512 now). The agent must

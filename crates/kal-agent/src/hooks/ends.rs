@@ -127,10 +127,24 @@ pub fn read_env() {
 /// `__libc_freeres` flushes stdio first and leaves the streams unbuffered, so output
 /// written later still appears, in order. Only when the calling thread is the program's
 /// last: another thread could still be using what is freed (or hold an arena lock).
-/// Returns whether they ran.
+/// memcheck can run them anyway because it ends the other threads first without letting
+/// them run; ending real threads could leave a lock they held (an arena's, a stdio
+/// stream's, the loader's) held forever, and freeres would then hang the exit. So they
+/// are skipped, and the header says why (the report says it in one line). Returns
+/// whether they ran.
 pub fn freeres() -> bool {
-    if !FREERES.load(Ordering::Relaxed) || crate::server::alone::program_threads() != Some(1) {
+    use kal_proto::{FREERES_OFF, FREERES_RAN, FREERES_SKIPPED_THREADS};
+    if !FREERES.load(Ordering::Relaxed) {
+        crate::state::set_freeres(FREERES_OFF, 0);
         return false;
+    }
+    match crate::server::alone::program_threads() {
+        Some(1) => {}
+        n => {
+            let others = n.map_or(0, |n| n.saturating_sub(1));
+            crate::state::set_freeres(FREERES_SKIPPED_THREADS, others as u64);
+            return false;
+        }
     }
     type Fn0 = unsafe extern "C" fn();
     // SAFETY: dlsym with valid names; both functions take nothing and are exported by
@@ -144,6 +158,7 @@ pub fn freeres() -> bool {
         }
         if !libc_f.is_null() {
             core::mem::transmute::<*mut libc::c_void, Fn0>(libc_f)();
+            crate::state::set_freeres(FREERES_RAN, 0);
             return true;
         }
     }

@@ -17,7 +17,10 @@
 //! group, as `setpriv` and privilege-dropping daemons do, succeeded in its own thread and
 //! failed in the agent's (which lost its capabilities): abort. For these calls, too, the
 //! agent's threads are stopped, and the threads started again afterwards inherit the
-//! caller's credentials, capabilities and `PR_SET_KEEPCAPS`.
+//! caller's credentials, capabilities and `PR_SET_KEEPCAPS`. After a user call (`setuid`,
+//! `seteuid`, `setreuid`, `setresuid`) the server listens on a new socket, made as the
+//! process now is: kal finds a process's socket by its user and believes only a socket
+//! that user listens on (nginx's workers become `nobody` and were out of reach).
 //!
 //! Not covered: the same system calls made without the C library's functions (a raw
 //! `syscall(SYS_unshare, …)`), and the fault handler thread that exists once kal has parked
@@ -80,29 +83,59 @@ fn sleep_1ms() {
     unsafe { libc::nanosleep(&ts, core::ptr::null_mut()) };
 }
 
-/// Runs `call` (a namespace system call returning -1 and setting errno on failure) while
-/// the agent's own threads are stopped; keeps its result and errno.
-fn with_agent_stopped(name: &[u8], call: impl FnOnce() -> libc::c_long) -> libc::c_int {
+/// Whether an agent thread of this process has started but not yet published its id
+/// (the server's and the resizer's clear theirs as they end; the fault handler's, which
+/// ends only in a fork child that never runs it, stays).
+fn unnamed_threads() -> bool {
+    let named = usize::from(crate::state::server_tid() != 0)
+        + usize::from(crate::server::alone::RESIZER_TID.load(Ordering::Acquire) > 0)
+        + usize::from(crate::server::alone::HANDLER_TID.load(Ordering::Acquire) > 0);
+    crate::server::threads::live() > named
+}
+
+/// What a paused-for call may change that the agent's server depends on.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Call {
+    /// `unshare`, `setns`, the group calls: the server comes back on the same socket.
+    Other,
+    /// The user calls (`setuid`, `seteuid`, `setreuid`, `setresuid`): kal looks for the
+    /// socket of a process of user UID in `/tmp/kal-UID` and believes only a socket that
+    /// user listens on, so the server comes back on a new socket made as the process is
+    /// after the call (nginx's workers become `nobody`). The old socket file is removed
+    /// before the call, while the process may still remove it.
+    Users,
+}
+
+/// Runs `call` (a namespace or credential system call returning -1 and setting errno on
+/// failure) while the agent's own threads are stopped; keeps its result and errno.
+fn with_agent_stopped(name: &[u8], kind: Call, call: impl FnOnce() -> libc::c_long) -> libc::c_int {
     if PAUSING.swap(true, Ordering::AcqRel) {
         // Another thread of the program pauses the agent: the process is multi-threaded
         // by its own doing, and the call behaves as it would without kal.
         return call() as libc::c_int;
     }
-    // A thread just started (at agent start, or by the last pause) publishes its id first
-    // thing: wait for that, so that it is stopped too.
+    // A thread just started (at agent start, in a fork child, or by the last pause)
+    // publishes its id first thing: wait until every agent thread has, so that each is
+    // stopped and only those stopped are started again. One that stays unknown (starved
+    // of CPU for seconds) is left running: the call is made beside it, and said.
     let mut waited = 0;
-    while crate::table::resize::started()
-        && (crate::server::alone::RESIZER_TID.load(Ordering::Acquire) <= 0
-            || (crate::server::listening() && crate::state::server_tid() == 0))
-        && waited < 1000
-    {
+    while unnamed_threads() && waited < WAIT_MS {
         sleep_1ms();
         waited += 1;
     }
     let handler = crate::server::alone::HANDLER_TID.load(Ordering::Acquire);
     let server = crate::state::server_tid() as i32;
     let resizer = crate::server::alone::RESIZER_TID.load(Ordering::Acquire);
-    if handler > 0 {
+    if unnamed_threads() {
+        crate::diag::say(b"kal agent: ");
+        crate::diag::say(name);
+        crate::diag::say(
+            b" runs beside an agent thread that is still starting: the kernel may refuse it (EINVAL)\n",
+        );
+        PAUSING.store(false, Ordering::Release);
+        return call() as libc::c_int;
+    }
+    if handler > 0 && !gone(handler) {
         crate::diag::say(b"kal agent: ");
         crate::diag::say(name);
         crate::diag::say(
@@ -126,13 +159,19 @@ fn with_agent_stopped(name: &[u8], call: impl FnOnce() -> libc::c_long) -> libc:
             b" runs while the agent's threads are still busy: the kernel may refuse it (EINVAL)\n",
         );
     }
+    let rebind = kind == Call::Users && server > 0 && gone(server) && crate::server::listening();
+    if rebind {
+        crate::server::remove_socket_file();
+    }
     let r = call();
     // SAFETY: errno is thread-local and always readable.
     let err = unsafe { *libc::__errno_location() };
     STOP.store(false, Ordering::Release);
     // What glibc allocates for the new threads is the agent's, as at start.
     let entered = crate::hooks::guard::enter_agent();
-    if server > 0 && gone(server) {
+    if rebind {
+        crate::server::restart();
+    } else if server > 0 && gone(server) {
         crate::server::resume();
     }
     if resizer > 0 && gone(resizer) {
@@ -154,7 +193,7 @@ fn with_agent_stopped(name: &[u8], call: impl FnOnce() -> libc::c_long) -> libc:
 #[no_mangle]
 pub unsafe extern "C" fn unshare(flags: libc::c_int) -> libc::c_int {
     // SAFETY: the system call with the caller's argument, as glibc's wrapper makes it.
-    with_agent_stopped(b"unshare", || unsafe {
+    with_agent_stopped(b"unshare", Call::Other, || unsafe {
         libc::syscall(libc::SYS_unshare, flags)
     })
 }
@@ -166,7 +205,7 @@ pub unsafe extern "C" fn unshare(flags: libc::c_int) -> libc::c_int {
 #[no_mangle]
 pub unsafe extern "C" fn setns(fd: libc::c_int, nstype: libc::c_int) -> libc::c_int {
     // SAFETY: the system call with the caller's arguments, as glibc's wrapper makes it.
-    with_agent_stopped(b"setns", || unsafe {
+    with_agent_stopped(b"setns", Call::Other, || unsafe {
         libc::syscall(libc::SYS_setns, fd, nstype)
     })
 }
@@ -183,12 +222,12 @@ fn next(name: &core::ffi::CStr, slot: &core::sync::atomic::AtomicUsize) -> usize
     p
 }
 
-/// Interposes a credential-changing C library function (`$name`, taking `$ty` arguments):
-/// the next definition (glibc's, which applies the change to every thread of the program)
-/// runs with the agent's threads stopped. If it cannot be found, the call fails with
+/// Interposes a credential-changing C library function (`$name`, taking `$ty` arguments,
+/// of [`Call`] kind `$kind`): the next definition (glibc's, which applies the change to
+/// every thread of the program) runs with the agent's threads stopped. If it cannot be found, the call fails with
 /// `ENOSYS` (it never happens with glibc).
 macro_rules! credential_call {
-    ($(#[$doc:meta])* $name:ident ( $($arg:ident : $ty:ty),* )) => {
+    ($kind:expr, $(#[$doc:meta])* $name:ident ( $($arg:ident : $ty:ty),* )) => {
         $(#[$doc])*
         ///
         /// # Safety
@@ -210,7 +249,7 @@ macro_rules! credential_call {
                 unsafe { *libc::__errno_location() = libc::ENOSYS };
                 return -1;
             }
-            with_agent_stopped(stringify!($name).as_bytes(), || {
+            with_agent_stopped(stringify!($name).as_bytes(), $kind, || {
                 // SAFETY: f is the next definition of this very function, with this
                 // signature; the caller's arguments are passed on unchanged.
                 let real: unsafe extern "C" fn($($ty),*) -> libc::c_int =
@@ -223,38 +262,47 @@ macro_rules! credential_call {
 }
 
 credential_call!(
+    Call::Users,
     /// `setuid(2)`, with the agent's threads stopped for the call.
     setuid(uid: libc::uid_t)
 );
 credential_call!(
+    Call::Users,
     /// `seteuid(2)`, with the agent's threads stopped for the call.
     seteuid(uid: libc::uid_t)
 );
 credential_call!(
+    Call::Users,
     /// `setreuid(2)`, with the agent's threads stopped for the call.
     setreuid(ruid: libc::uid_t, euid: libc::uid_t)
 );
 credential_call!(
+    Call::Users,
     /// `setresuid(2)`, with the agent's threads stopped for the call.
     setresuid(ruid: libc::uid_t, euid: libc::uid_t, suid: libc::uid_t)
 );
 credential_call!(
+    Call::Other,
     /// `setgid(2)`, with the agent's threads stopped for the call.
     setgid(gid: libc::gid_t)
 );
 credential_call!(
+    Call::Other,
     /// `setegid(2)`, with the agent's threads stopped for the call.
     setegid(gid: libc::gid_t)
 );
 credential_call!(
+    Call::Other,
     /// `setregid(2)`, with the agent's threads stopped for the call.
     setregid(rgid: libc::gid_t, egid: libc::gid_t)
 );
 credential_call!(
+    Call::Other,
     /// `setresgid(2)`, with the agent's threads stopped for the call.
     setresgid(rgid: libc::gid_t, egid: libc::gid_t, sgid: libc::gid_t)
 );
 credential_call!(
+    Call::Other,
     /// `setgroups(2)`, with the agent's threads stopped for the call.
     setgroups(n: libc::size_t, list: *const libc::gid_t)
 );

@@ -2,14 +2,22 @@
 //!
 //! At start (and in every fork child) the agent says hello and keeps that connection open,
 //! so the CLI knows which processes carry an agent. At exit — after the program's atexit
-//! handlers and static destructors — it opens a fresh connection, says it is exiting and
+//! handlers and static destructors — it says it is exiting on a second connection and
 //! waits for one byte: the CLI freezes and reads the process meanwhile.
+//!
+//! That second connection is opened right after the hello, not at exit: by then the
+//! process may have given up the right to reach kal's private socket (a daemon's worker
+//! that switched to an unprivileged user, as nginx's do, may not enter kal's 0700
+//! directory). It stays silent until the exit; a fresh connection is tried only if the
+//! program closed it.
 
 use core::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use kal_proto::{Hello, MsgKind, MAGIC, VERSION};
 
 /// The hello connection, kept open while the process lives.
 static HELLO_FD: crate::server::ownfd::OwnFd = crate::server::ownfd::OwnFd::none();
+/// The connection the exit is said on, opened with the hello (silent until then).
+static EXIT_FD: crate::server::ownfd::OwnFd = crate::server::ownfd::OwnFd::none();
 /// The process that said hello on `HELLO_FD` (a `vfork` child shares this memory but not
 /// the pid).
 static HELLO_PID: AtomicI32 = AtomicI32::new(0);
@@ -78,6 +86,10 @@ fn hello() {
         HELLO_FD.set(fd);
         // SAFETY: getpid has no preconditions.
         HELLO_PID.store(unsafe { libc::getpid() }, Ordering::Release);
+        let exit_fd = connect();
+        if exit_fd >= 0 {
+            EXIT_FD.set(exit_fd);
+        }
     }
 }
 
@@ -115,6 +127,7 @@ unsafe extern "C" fn after_fork_child() {
     // The child's copy of the hello connection (the parent keeps its own), closed only
     // if the program did not put a file of its own at that number meanwhile.
     HELLO_FD.close();
+    EXIT_FD.close();
     HELLO_PID.store(0, Ordering::Release);
     EXIT_SENT.store(false, Ordering::Release);
     hello();
@@ -142,9 +155,10 @@ pub fn report_exit(freeres: bool) {
 }
 
 /// The exit handshake, once per process: restore parked pages, run the freeres functions
-/// if asked (and safe: [`crate::hooks::ends::freeres`]), say Exit on a fresh connection and wait
-/// for kal's byte (kal has then seized every thread and will read the process at
-/// `exit_group`).
+/// if asked (and safe: [`crate::hooks::ends::freeres`]), say Exit on the exit connection (a fresh
+/// one if the program closed it) and wait for kal's byte (kal has then seized every
+/// thread and will read the process at `exit_group`). A process that cannot reach kal
+/// says so on stderr, in one line.
 fn exit_handshake(freeres: bool) {
     if HELLO_FD.get() < 0 || EXIT_SENT.swap(true, Ordering::AcqRel) {
         return;
@@ -155,8 +169,12 @@ fn exit_handshake(freeres: bool) {
     if freeres {
         crate::hooks::ends::freeres();
     }
-    let fd = connect();
+    let mut fd = EXIT_FD.take();
     if fd < 0 {
+        fd = connect();
+    }
+    if fd < 0 {
+        unreachable_at_exit();
         return;
     }
     if send(fd, MsgKind::Exit) {
@@ -173,6 +191,17 @@ fn exit_handshake(freeres: bool) {
     }
     // SAFETY: closing our own fd.
     unsafe { libc::close(fd) };
+}
+
+/// Says on stderr that this process could not reach kal at its exit (its exit connection
+/// was closed by the program, and a new one is refused): kal gets no report of it.
+fn unreachable_at_exit() {
+    let mut buf = [0u8; 20];
+    // SAFETY: getpid has no preconditions.
+    let pid = crate::diag::decimal(unsafe { libc::getpid() } as u64, &mut buf);
+    crate::diag::say(b"kal agent: process ");
+    crate::diag::say(pid);
+    crate::diag::say(b" cannot reach kal at its exit (its connection was closed and a new one is refused): no leak report\n");
 }
 
 /// Reads `KAL_SOCKET`, says hello and arranges the exit handshake. Without `KAL_SOCKET`

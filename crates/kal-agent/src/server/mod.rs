@@ -1,4 +1,7 @@
-//! The agent's control socket: `/tmp/kal-UID/agent-PID.sock`, served by one thread.
+//! The agent's control socket: `/tmp/kal-UID/agent-PID.sock`, served by one thread. UID is
+//! the process's effective uid when the socket was made; a process that switches users
+//! (`setuid` and its kin, see [`crate::hooks::pause`]) gets a new socket in its new user's
+//! directory, where kal looks for it.
 //!
 //! The directory must be a real directory owned by us with mode 0700 (created so if
 //! missing), or the agent serves nothing. Each connection is checked with `SO_PEERCRED`
@@ -117,6 +120,28 @@ pub fn start() {
         LISTEN_FD.set(fd);
     }
     spawn_server();
+}
+
+/// Removes the socket file (the serving thread is stopped: [`crate::hooks::pause`], before a
+/// call that may change the process's user). The listening socket stays open until
+/// [`restart`].
+pub fn remove_socket_file() {
+    // SAFETY: PATH is NUL-terminated (or empty) and ours; the serving thread is stopped
+    // (the caller waited until it was gone), and only the pausing thread touches PATH.
+    unsafe {
+        let path = &*core::ptr::addr_of!(PATH);
+        if path[0] != 0 {
+            libc::unlink(path.as_ptr().cast());
+        }
+    }
+}
+
+/// After a call that may have changed the process's user ([`crate::hooks::pause`]): a new
+/// socket, made as the process now is, in its user's directory (where kal looks for it,
+/// and listened on by that user, whom kal believes), and a serving thread on it.
+pub fn restart() {
+    LISTEN_FD.close();
+    start();
 }
 
 /// Starts the serving thread again on the same socket (after [`crate::hooks::pause`]).

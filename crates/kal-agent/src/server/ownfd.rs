@@ -74,6 +74,14 @@ impl OwnFd {
         }
     }
 
+    /// The descriptor if it is still the agent's file, else -1; forgotten either way (the
+    /// caller now owns it).
+    pub fn take(&self) -> i32 {
+        let fd = self.get();
+        self.fd.store(-1, Ordering::Release);
+        fd
+    }
+
     /// Closes the descriptor if it is still the agent's; forgets it either way.
     pub fn close(&self) {
         let fd = self.get();

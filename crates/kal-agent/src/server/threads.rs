@@ -16,9 +16,17 @@ pub fn live() -> usize {
     LIVE.load(Ordering::Acquire)
 }
 
-/// In a fork child, before any of its agent threads start: the parent's are not there.
+/// In a fork child, before any of its agent threads start: the parent's are not there, and
+/// their thread ids (the server's, the resizer's, the fault handler's) name no thread of
+/// this process. They are cleared, so that [`crate::hooks::pause`] waits for the child's own
+/// threads to say who they are: with the parent's ids it took the child's threads for gone
+/// at once, made the call beside them and started a second server on the server's stack,
+/// where the first still ran (nginx workers crashed or hung in `initgroups`).
 pub fn after_fork_child() {
     LIVE.store(0, Ordering::Release);
+    crate::state::set_server_tid(0);
+    crate::server::alone::RESIZER_TID.store(0, Ordering::Release);
+    crate::server::alone::HANDLER_TID.store(0, Ordering::Release);
 }
 
 /// Runs the entry function passed as the argument, then counts the thread out.

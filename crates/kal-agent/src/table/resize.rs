@@ -67,12 +67,6 @@ pub fn start() {
     resume();
 }
 
-/// Whether the resizer was started in this process (its thread may not have run yet).
-pub fn started() -> bool {
-    // SAFETY: getpid has no preconditions.
-    OWNER.load(Ordering::Acquire) == unsafe { libc::getpid() }
-}
-
 /// Starts the resizer thread again (after [`crate::hooks::pause`]), or for the first time.
 pub fn resume() {
     crate::server::threads::spawn(run, crate::server::threads::Stack::Sized(64 * 1024));

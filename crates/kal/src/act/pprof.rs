@@ -423,6 +423,7 @@ mod tests {
             pause_ms: None,
             scan_ms: None,
             note: None,
+            freeres_skipped_threads: None,
             unlisted_reachable: Vec::new(),
             modules: Vec::new(),
         };

@@ -222,6 +222,11 @@ pub struct Report {
     /// agent: no allocation stacks).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub note: Option<String>,
+    /// At exit: `__libc_freeres` and `__gnu_cxx::__freeres` did not run because this many
+    /// other threads of the program were still running (0: how many could not be read).
+    /// What they would have freed counts as still reachable, where memcheck frees it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub freeres_skipped_threads: Option<u64>,
     /// Still-reachable records not listed in `leaks` (not asked for), kept when
     /// [`Options::keep_reachable`] says an output counts all memory in use (pprof).
     #[serde(skip)]
@@ -457,6 +462,8 @@ pub fn build(
         pause_ms: None,
         scan_ms: None,
         note: None,
+        freeres_skipped_threads: (c.header.freeres == kal_proto::FREERES_SKIPPED_THREADS)
+            .then_some(c.header.freeres_threads),
         unlisted_reachable,
         modules: modules(&c.maps, &resolved),
     }

@@ -19,6 +19,19 @@ impl Sink for Text {
     }
 }
 
+/// The one line saying that the freeres functions did not run at exit because other
+/// threads of the program were running (`others` of them; 0: unknown).
+fn freeres_skipped_line(others: u64) -> String {
+    let who = match others {
+        0 => "other threads of the program were".to_string(),
+        1 => "1 other thread of the program was".to_string(),
+        n => format!("{n} other threads of the program were"),
+    };
+    format!(
+        "note: __libc_freeres and __gnu_cxx::__freeres did not run at exit: {who} still running and could be using what they free; what they free (stdio buffers, the C++ exception pool, cached thread stacks, loader data) counts as still reachable here, where memcheck frees it"
+    )
+}
+
 fn title(k: Kind) -> &'static str {
     match k {
         Kind::Direct => "Direct leak",
@@ -131,6 +144,9 @@ pub fn render(r: &Report, frames: usize) -> String {
             mib(m.retained_bytes),
             r.pid
         );
+    }
+    if let Some(n) = r.freeres_skipped_threads {
+        let _ = writeln!(s, "{tag} {}", freeres_skipped_line(n));
     }
     let rc = &r.reclaimed;
     if rc.blocks > 0 || rc.parked_blocks > 0 {

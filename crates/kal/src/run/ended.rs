@@ -1,5 +1,6 @@
 //! Processes that ended without the agent's exit handshake: killed by a signal (SIGSEGV, a
-//! fatal SIGTERM, SIGKILL), or by a raw `exit_group`. kal cannot read them (a signal's
+//! fatal SIGTERM, SIGKILL), by a raw `exit_group`, or whose agent could not reach kal (it
+//! says so itself, in one line). kal cannot read them (a signal's
 //! default action cannot be seen coming without changing the program's dispositions),
 //! so it says so in one line, with how the process ended.
 //!
@@ -37,7 +38,9 @@ impl End {
 pub fn line(pid: i32, end: End) -> String {
     let how = match end {
         End::Signal(s) => format!("died of {}", crate::capture::fatal::signal_name(s)),
-        End::Code(c) => format!("ended (exit status {c}) without calling exit or _exit"),
+        End::Code(c) => format!(
+            "ended (exit status {c}) without telling kal (a raw exit_group, or its agent could not reach kal)"
+        ),
         End::Unknown => "ended without telling kal (killed by a signal?)".to_string(),
     };
     format!("=={pid}== kal: process {pid} {how} before kal could read it: no leak report")
