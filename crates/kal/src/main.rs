@@ -172,6 +172,10 @@ enum Cmd {
         reclaim: Option<kal::act::reclaim::Mode>,
         #[command(flatten)]
         reclaim_args: ReclaimArgs,
+        /// Serve Prometheus metrics of every checked process at http://ADDR/metrics (e.g.
+        /// 127.0.0.1:9464; needs --check-every): see `kal watch --help` and README.
+        #[arg(long, value_name = "ADDR", requires = "check_every")]
+        prometheus: Option<String>,
         /// Do not run glibc's __libc_freeres and libstdc++'s __gnu_cxx::__freeres when a
         /// process exits. By default they run, as under memcheck, after the atexit handlers,
         /// destructors and stdio flush, when the exiting thread is the program's last: what
@@ -267,6 +271,54 @@ enum Cmd {
     Trim {
         /// Process id.
         pid: i32,
+    },
+    /// Watch a running process: check it every D, show its memory, its growth, and when
+    /// it will reach its memory limit.
+    ///
+    /// Works on any process `kal check` can check (started under `kal run`, attached, or
+    /// without the agent). Each check adds a point: RSS, live, lost, retained, reclaimed
+    /// bytes, and per allocation site its lost and live bytes. The growth rates are a
+    /// robust (Theil-Sen) fit over the last 60 checks, so one odd check does not swing
+    /// them. The forecast is the time until the process reaches the first of its limits:
+    /// its cgroup's memory.max (v2) or memory.limit_in_bytes (v1), RLIMIT_AS, or the
+    /// machine's available memory, with the allocation site growing fastest.
+    ///
+    /// On a terminal the view is redrawn after each check; otherwise one line a check
+    /// (--json: one JSON document a line). Exit status: 0 after --count checks or when the
+    /// process ends; 24 when the forecast falls below --warn-before; 125 on an error.
+    ///
+    /// Examples:
+    ///   kal watch 4242
+    ///   kal watch 4242 --every 30s --prometheus 127.0.0.1:9464
+    ///   kal watch 4242 --every 1m --warn-before 1h --count 1 || page-someone
+    ///   kal watch 4242 --every 10s --json >> growth.jsonl
+    #[command(verbatim_doc_comment)]
+    Watch {
+        /// Process id.
+        pid: i32,
+        /// Time between checks (e.g. 30s, 500ms, 5m).
+        #[arg(long, value_name = "D", default_value = "30s",
+              value_parser = kal::run::periodic::parse_duration)]
+        every: std::time::Duration,
+        /// One JSON document per check on stdout (JSON Lines; README documents the shape).
+        #[arg(long)]
+        json: bool,
+        /// Exit with status 24 as soon as the process is forecast to reach its memory
+        /// limit in less than D (e.g. 1h, 30m).
+        #[arg(long, value_name = "D", value_parser = kal::run::periodic::parse_duration)]
+        warn_before: Option<std::time::Duration>,
+        /// Stop after N checks.
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+        count: Option<u64>,
+        /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9464).
+        #[arg(long, value_name = "ADDR")]
+        prometheus: Option<String>,
+        /// Suppressions file (as for `kal check`).
+        #[arg(long, value_name = "FILE")]
+        suppressions: Option<PathBuf>,
+        /// Leave running the threads blocked in epoll_wait and the like (as for `kal check`).
+        #[arg(long)]
+        no_interrupt: bool,
     },
     /// Load the agent into a running process started without kal (glibc malloc, dynamically
     /// linked): allocation stacks from now on, for `kal check`.
@@ -401,6 +453,53 @@ fn trim(pid: i32) -> Result<i32> {
     Ok(0)
 }
 
+/// Starts the Prometheus endpoint asked for, if any.
+fn metrics(addr: Option<&str>) -> Result<Option<std::sync::Arc<kal::act::metrics::Metrics>>> {
+    let Some(addr) = addr else { return Ok(None) };
+    let m = std::sync::Arc::new(kal::act::metrics::Metrics::default());
+    let bound = kal::act::metrics::serve(addr, m.clone())?;
+    kal::say!("kal: Prometheus metrics at http://{bound}/metrics");
+    Ok(Some(m))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn watch(
+    pid: i32,
+    every: std::time::Duration,
+    json: bool,
+    warn_before: Option<std::time::Duration>,
+    count: Option<u64>,
+    prometheus: Option<&str>,
+    suppressions: Option<&std::path::Path>,
+    no_interrupt: bool,
+) -> Result<i32> {
+    let suppressions = match suppressions {
+        Some(p) => kal::act::suppress::Suppressions::load(p)?,
+        None => Default::default(),
+    };
+    let opts = kal::watch::Options {
+        every,
+        count,
+        warn_before,
+        json,
+        report: kal::act::report::Options {
+            show_reachable: true,
+            suppressions,
+            no_interrupt,
+        },
+        metrics: metrics(prometheus)?,
+    };
+    Ok(match kal::watch::watch(pid, &opts)? {
+        kal::watch::End::Count => 0,
+        kal::watch::End::Gone(why) => {
+            kal::say!("kal watch {pid}: {why}");
+            0
+        }
+        kal::watch::End::Warned { .. } => kal::watch::WARN_STATUS,
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
 fn run(
     report: &ReportArgs,
     check_every: Option<std::time::Duration>,
@@ -408,9 +507,11 @@ fn run(
     reclaim: Option<kal::act::reclaim::Config>,
     freeres: bool,
     trace: bool,
+    prometheus: Option<&str>,
     command: Vec<OsString>,
 ) -> Result<i32> {
     let opts = report.options()?;
+    let metrics = metrics(prometheus)?;
     let mut command = command.into_iter();
     let program = command.next().ok_or_else(|| anyhow!("no program to run"))?;
     kal::run::run(&kal::run::RunOptions {
@@ -426,6 +527,7 @@ fn run(
         max_cpu_percent: max_cpu,
         freeres,
         trace,
+        metrics,
     })
 }
 
@@ -437,6 +539,7 @@ fn main() {
             max_cpu,
             reclaim: mode,
             reclaim_args,
+            prometheus,
             no_freeres,
             no_trace,
             trace,
@@ -454,6 +557,7 @@ fn main() {
                     // Periodic checks and reclaim keep kal's thread busy scanning, while a
                     // traced process's stops would wait for it.
                     trace || !(no_trace || check_every.is_some() || mode.is_some()),
+                    prometheus.as_deref(),
                     command,
                 )
             }),
@@ -473,6 +577,25 @@ fn main() {
             reclaim_args,
             report,
         } => reclaim(pid, mode, &reclaim_args, &report),
+        Cmd::Watch {
+            pid,
+            every,
+            json,
+            warn_before,
+            count,
+            prometheus,
+            suppressions,
+            no_interrupt,
+        } => watch(
+            pid,
+            every,
+            json,
+            warn_before,
+            count,
+            prometheus.as_deref(),
+            suppressions.as_deref(),
+            no_interrupt,
+        ),
         Cmd::Trim { pid } => trim(pid),
         Cmd::Attach { pid } => attach(pid),
         Cmd::Detach { pid } => detach(pid),

@@ -554,10 +554,11 @@ impl Tracker {
         }
     }
 
-    /// Adds the point of a check of process `pid` that ended now, reads its limits, and
-    /// returns its forecast.
-    pub fn observe(&mut self, pid: i32, r: &Report) -> Forecast {
-        let t = self.start.elapsed().as_secs_f64();
+    /// Adds the point of a check of process `pid` that started `at` (its snapshot was
+    /// taken then: the scan time after it must not blur the time axis), reads the
+    /// process's limits now, and returns its forecast.
+    pub fn observe(&mut self, pid: i32, r: &Report, at: std::time::Instant) -> Forecast {
+        let t = at.saturating_duration_since(self.start).as_secs_f64();
         let g = self.series.entry(pid).or_default();
         g.push(Point::from_report(t, r, vm_bytes(pid)));
         g.forecast(&limits(pid, r.memory.rss_bytes))
@@ -566,6 +567,11 @@ impl Tracker {
     /// The series of process `pid`.
     pub fn growth(&self, pid: i32) -> Option<&Growth> {
         self.series.get(&pid)
+    }
+
+    /// The processes with a series.
+    pub fn pids(&self) -> Vec<i32> {
+        self.series.keys().copied().collect()
     }
 
     /// Forgets process `pid` (it ended).
