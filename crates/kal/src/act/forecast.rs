@@ -64,11 +64,17 @@ pub fn site_name(r: &crate::act::report::Record) -> String {
         return crate::attribute::site::where_(&r.stack);
     }
     match &r.contents {
-        Some(c) => match (&c.type_name, c.block_size) {
-            (Some(t), _) => t.clone(),
-            (None, Some(n)) => format!("{n}-byte blocks {}", c.sample),
-            (None, None) => format!("blocks {}", c.sample),
-        },
+        Some(c) => {
+            let what = match (&c.type_name, c.block_size) {
+                (Some(t), _) => t.clone(),
+                (None, Some(n)) => format!("{n}-byte blocks"),
+                (None, None) => "blocks".into(),
+            };
+            match c.points_into.first() {
+                Some(p) if c.type_name.is_none() => format!("{what} pointing into {p}"),
+                _ => what,
+            }
+        }
         None => "(no stack)".into(),
     }
 }
