@@ -125,6 +125,7 @@ enum Cmd {
     /// Examples:
     ///   kal run --json report.json -- ./server --port 8080
     ///   kal run --check-every 10s -- ./server
+    ///   kal run --check-every 10s --prometheus 127.0.0.1:9464 -- ./server
     ///   kal run --reclaim --check-every 1s -- ./server
     ///   kal run --reclaim=dry-run --check-every 10s -- ./server
     ///   kal run --reclaim=free --free-sites 'cache_*' --check-every 10s -- ./server
@@ -135,7 +136,9 @@ enum Cmd {
         /// Also check the running program every D (e.g. 10s, 500ms, 1m): each check prints,
         /// with a timestamp, what was lost since the previous one and the running totals.
         /// A check still running when the next is due makes that one skipped, never queued
-        /// (see --max-cpu). A process dying of a signal is no longer checked.
+        /// (see --max-cpu). A process dying of a signal is no longer checked. Each check
+        /// also updates the process's growth and the forecast of when it reaches its memory
+        /// limit (a `forecast:` line once one is in sight; see `kal watch --help`).
         #[arg(long, value_name = "D", value_parser = kal::run::periodic::parse_duration)]
         check_every: Option<std::time::Duration>,
         /// Cap on kal's own CPU time for periodic checks, in percent of one core, averaged:

@@ -296,10 +296,8 @@ fn view(n: u64, time: &str, r: &Report, f: &Forecast, every: Duration) -> String
     let mut o = String::from("\x1b[H\x1b[2J");
     let _ = writeln!(
         o,
-        "kal watch {} ({})  check {n} at {time}, every {}  (Ctrl-C stops)",
-        r.pid,
-        r.program,
-        human_seconds(Some(every.as_secs_f64()))
+        "kal watch {} ({})  check {n} at {time}, every {every:?}  (Ctrl-C stops)",
+        r.pid, r.program,
     );
     let _ = writeln!(
         o,
@@ -339,12 +337,13 @@ fn view(n: u64, time: &str, r: &Report, f: &Forecast, every: Duration) -> String
     } else {
         let _ = writeln!(
             o,
-            "top growing sites:      live/s         lost/s        now"
+            "top growing sites:\n  {:>12} {:>12} {:>10}  site",
+            "live/s", "lost/s", "live now"
         );
         for site in &f.sites {
             let _ = writeln!(
                 o,
-                "  {:>22} {:>14} {:>10}  {}",
+                "  {:>12} {:>12} {:>10}  {}",
                 rate(Some(site.live_bytes_per_second)),
                 rate(Some(site.lost_bytes_per_second)),
                 human_bytes(site.live_bytes as f64),

@@ -640,3 +640,48 @@ fn a_real_prometheus_scrapes_the_lost_bytes_kal_run_reports() {
     unsafe { libc::kill(pid as i32, libc::SIGKILL) };
     child.0.wait().unwrap();
 }
+
+#[test]
+fn on_a_terminal_the_view_is_redrawn() {
+    if Command::new("script").arg("--version").output().is_err() {
+        println!("SKIPPED: `script` (util-linux) is not installed: no terminal to run kal in");
+        return;
+    }
+    let prog = build("grower.c", &[]);
+    let line = line_of("grower.c", "grow");
+    let live = Live::start_flags(&[], &prog, &[&RATE.to_string()], &[]);
+    let cmd = format!(
+        "{} watch {} --every 200ms --count 3",
+        env!("CARGO_BIN_EXE_kal"),
+        live.pid
+    );
+    // `script` runs kal on a pseudo-terminal and copies what it draws.
+    let out = Command::new("script")
+        .args(["-qec", &cmd, "/dev/null"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    let frames: Vec<&str> = text.split("\x1b[H\x1b[2J").skip(1).collect();
+    assert_eq!(frames.len(), 3, "{text}");
+    for (i, f) in frames.iter().enumerate() {
+        assert!(
+            f.starts_with(&format!("kal watch {} (", live.pid))
+                && f.contains(&format!("check {} at", i + 1))
+                && f.contains("time to OOM: "),
+            "{f}"
+        );
+    }
+    assert!(
+        frames[0].contains("no forecast yet (1 of 3 checks)"),
+        "{}",
+        frames[0]
+    );
+    assert!(frames[2].contains(" reached in "), "{}", frames[2]);
+    assert!(
+        frames[2].contains(&format!("grower.c:{line}")),
+        "{}",
+        frames[2]
+    );
+}
