@@ -685,3 +685,49 @@ fn on_a_terminal_the_view_is_redrawn() {
         frames[2]
     );
 }
+
+#[test]
+fn watch_an_attached_process_names_the_line_allocating_after_the_attach() {
+    let prog = build("grower.c", &[]);
+    let line = line_of("grower.c", "grow");
+    let mut target = Guard(
+        Command::new(&prog)
+            .arg(RATE.to_string())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let mut first = String::new();
+    BufReader::new(target.0.stdout.take().unwrap())
+        .read_line(&mut first)
+        .unwrap();
+    let pid = target.0.id().to_string();
+    let out = kal_out(&["attach", &pid]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = kal_out(&["watch", &pid, "--every", "300ms", "--count", "4", "--json"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    let lines = json_lines(&out.stdout);
+    assert_eq!(lines.len(), 4, "{stderr}");
+    let last = &lines[3];
+    // Only blocks allocated since the attach are known: all the grower's 64 KiB blocks.
+    assert_eq!(
+        last["direct"]["bytes"].as_u64().unwrap(),
+        last["direct"]["blocks"].as_u64().unwrap() * (64 << 10)
+    );
+    let f = &last["forecast"];
+    assert!(f["seconds_to_limit"].as_f64().unwrap().is_finite(), "{f}");
+    assert!(
+        f["site"]["site"]
+            .as_str()
+            .unwrap()
+            .ends_with(&format!("grower.c:{line}")),
+        "{f}"
+    );
+    assert_eq!(f["site"]["lost_bytes"], last["direct"]["bytes"]);
+    let _ = kal_out(&["detach", &pid]);
+}

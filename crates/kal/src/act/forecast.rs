@@ -9,8 +9,10 @@
 use crate::act::report::Report;
 use crate::reach::Kind;
 use serde::Serialize;
+use std::collections::HashSet;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 /// Points kept for the fit by default (the oldest are dropped first).
 pub const DEFAULT_WINDOW: usize = 60;
@@ -22,11 +24,12 @@ pub const MIN_POINTS: usize = 3;
 pub const TOP_SITES: usize = 5;
 
 /// One allocation site's bytes at one check.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct SiteBytes {
     /// The site in one line (`function file:line`, see [`crate::attribute::site::where_`];
-    /// without the agent, what the blocks are).
-    pub site: String,
+    /// without the agent, what the blocks are). A [`Growth`] keeps one copy of each name
+    /// for all its points.
+    pub site: Arc<str>,
     /// Definitely and indirectly lost bytes allocated there.
     pub lost_bytes: u64,
     /// Bytes of the live blocks allocated there that the report lists (all classes when
@@ -87,7 +90,7 @@ impl Point {
         for rec in &r.leaks {
             let name = site_name(rec);
             let s = sites.entry(name.clone()).or_insert(SiteBytes {
-                site: name,
+                site: name.into(),
                 lost_bytes: 0,
                 live_bytes: 0,
             });
@@ -367,6 +370,9 @@ pub struct Forecast {
 pub struct Growth {
     window: usize,
     points: VecDeque<Point>,
+    /// One copy of each site name (a program may have thousands of sites, each in every
+    /// point of the window).
+    names: HashSet<Arc<str>>,
 }
 
 impl Default for Growth {
@@ -381,15 +387,34 @@ impl Growth {
         Growth {
             window: window.max(MIN_POINTS),
             points: VecDeque::new(),
+            names: HashSet::new(),
         }
     }
 
     /// Adds a check's point (the oldest goes when the window is full).
-    pub fn push(&mut self, p: Point) {
+    pub fn push(&mut self, mut p: Point) {
         if self.points.len() == self.window {
             self.points.pop_front();
         }
+        for s in &mut p.sites {
+            match self.names.get(&s.site) {
+                Some(known) => s.site = known.clone(),
+                None => {
+                    self.names.insert(s.site.clone());
+                }
+            }
+        }
         self.points.push_back(p);
+        // Names of sites gone from the whole window go too.
+        if self.names.len() > 2 * self.points.iter().map(|p| p.sites.len()).max().unwrap_or(0) + 64
+        {
+            let used: HashSet<&str> = self
+                .points
+                .iter()
+                .flat_map(|p| p.sites.iter().map(|s| &*s.site))
+                .collect();
+            self.names.retain(|n| used.contains(&**n));
+        }
     }
 
     /// The points, oldest first.
@@ -419,20 +444,20 @@ impl Growth {
     /// Growth of every site seen in the window, fastest-growing live bytes first (a site
     /// absent from a check had none there).
     pub fn sites(&self) -> Vec<SiteGrowth> {
-        let Some(last) = self.points.back() else {
+        if self.points.is_empty() {
             return Vec::new();
-        };
+        }
         let mut names: Vec<&str> = self
             .points
             .iter()
-            .flat_map(|p| p.sites.iter().map(|s| s.site.as_str()))
+            .flat_map(|p| p.sites.iter().map(|s| &*s.site))
             .collect();
         names.sort_unstable();
         names.dedup();
         let index: Vec<HashMap<&str, &SiteBytes>> = self
             .points
             .iter()
-            .map(|p| p.sites.iter().map(|s| (s.site.as_str(), s)).collect())
+            .map(|p| p.sites.iter().map(|s| (&*s.site, s)).collect())
             .collect();
         let mut out: Vec<SiteGrowth> = names
             .into_iter()
@@ -455,7 +480,7 @@ impl Growth {
                 } else {
                     (theil_sen(&series(true))?.0, theil_sen(&series(false))?.0)
                 };
-                let now = last.sites.iter().find(|s| s.site == name);
+                let now = index[index.len() - 1].get(name);
                 Some(SiteGrowth {
                     site: name.to_string(),
                     lost_bytes: now.map(|s| s.lost_bytes).unwrap_or(0),
@@ -764,6 +789,23 @@ mod tests {
         let names: Vec<&str> = f.sites.iter().map(|s| s.site.as_str()).collect();
         assert_eq!(names, ["leak a.c:10", "late c.c:30"]);
         assert_eq!(f.seconds_to_limit, Some(195.0));
+    }
+
+    #[test]
+    fn site_names_are_kept_once() {
+        let mut g = Growth::new(3);
+        for i in 0..5u64 {
+            let mut p = point(i as f64, 1000);
+            p.sites = vec![SiteBytes {
+                site: if i < 4 { "a.c:1" } else { "b.c:2" }.into(),
+                lost_bytes: i,
+                live_bytes: i,
+            }];
+            g.push(p);
+        }
+        let names: Vec<&Arc<str>> = g.points().map(|p| &p.sites[0].site).collect();
+        assert!(Arc::ptr_eq(names[0], names[1]));
+        assert_eq!(&*names[2].clone(), "b.c:2");
     }
 
     #[test]

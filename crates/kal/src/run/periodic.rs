@@ -18,6 +18,10 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+/// A check line says when the process reaches its memory limit only when that is nearer
+/// than this (30 days), in seconds.
+pub const FORECAST_LINE_WITHIN: f64 = 30.0 * 86400.0;
+
 /// The longest duration accepted (a year): longer ones overflow clock arithmetic.
 const MAX_DURATION_SECS: f64 = 8760.0 * 3600.0;
 
@@ -522,7 +526,13 @@ impl Periodic {
                 }
             }
         }
-        if let (Some(_), Some(g)) = (o.forecast.seconds_to_limit, o.forecast.rss_bytes_per_second) {
+        // A limit months away is noise on a check line (the JSON line has it anyway).
+        if let (Some(_), Some(g)) = (
+            o.forecast
+                .seconds_to_limit
+                .filter(|s| *s < FORECAST_LINE_WITHIN),
+            o.forecast.rss_bytes_per_second,
+        ) {
             let _ = writeln!(
                 s,
                 "{head} forecast: {} (RSS {}{}/s over {} checks){}",
