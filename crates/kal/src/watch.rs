@@ -100,11 +100,12 @@ pub fn watch(pid: i32, opts: &Options) -> Result<End> {
         let c = match crate::check::check(pid, &report_opts) {
             Ok(c) => c,
             Err(e) => {
-                if let Some(why) = gone(pid, &e) {
-                    return Ok(End::Gone(why));
-                }
+                // A PID that is wrong from the start is an error, as for `kal check`.
                 if n == 0 {
                     return Err(e);
+                }
+                if let Some(why) = gone(pid, &e) {
+                    return Ok(End::Gone(why));
                 }
                 crate::say!("kal watch {pid}: check failed: {e:#}");
                 due += 1;

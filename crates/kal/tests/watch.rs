@@ -731,3 +731,17 @@ fn watch_an_attached_process_names_the_line_allocating_after_the_attach() {
     assert_eq!(f["site"]["lost_bytes"], last["direct"]["bytes"]);
     let _ = kal_out(&["detach", &pid]);
 }
+
+#[test]
+fn bad_input_gets_one_line() {
+    one_line_error(
+        &kal_out(&["watch", "99999999", "--count", "1"]),
+        "no process",
+    );
+    one_line_error(
+        &kal_out(&["watch", "1", "--prometheus", "not-an-address"]),
+        "cannot serve metrics on not-an-address",
+    );
+    let out = kal_out(&["watch", "1", "--every", "0s"]);
+    assert_eq!(out.status.code(), Some(2));
+}
