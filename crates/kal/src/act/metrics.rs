@@ -203,7 +203,7 @@ impl Metrics {
             f.get_or_create(l).set(v.min(i64::MAX as u64) as i64);
         };
         set(&self.rss, &p, r.memory.rss_bytes);
-        set(&self.vm, &p, crate::act::forecast::vm_bytes(pid));
+        set(&self.vm, &p, crate::act::limits::vm_bytes(pid));
         set(&self.live, &p, r.memory.live_bytes);
         set(&self.retained, &p, r.memory.retained_bytes);
         let s = &r.summary;
