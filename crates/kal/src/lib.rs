@@ -13,11 +13,12 @@
 //!    valgrind's memcheck does (direct, indirect, possible, reachable);
 //! 4. **attribute** ([`attribute`]): stacks to function, file and line, or, without
 //!    stacks, what a block is from its contents;
-//! 5. **act** ([`act`]): text and JSON reports with suppressions, and reclaim.
+//! 5. **act** ([`act`]): text and JSON reports with suppressions, reclaim, growth and
+//!    forecast, Prometheus metrics.
 //!
 //! Around them: [`agent`] finds and talks to the agent in a process (and loads it with
 //! `kal attach`), [`run`] supervises a program started under `kal run`, and [`check`] is
-//! one live check. The `kal` binary is a thin CLI over this library.
+//! one live check, repeated by [`watch`]. The `kal` binary is a thin CLI over this library.
 //!
 //! ```no_run
 //! use kal::{act::report, capture, capture::freeze::Frozen};
@@ -61,6 +62,7 @@ pub mod check;
 pub mod debug;
 pub mod reach;
 pub mod run;
+pub mod watch;
 
 use act::{report, suppress};
 use attribute::symbolize;

@@ -36,6 +36,7 @@ enum Cmd {
     /// Examples:
     ///   kal run --json report.json -- ./server --port 8080
     ///   kal run --check-every 10s -- ./server
+    ///   kal run --check-every 10s --prometheus 127.0.0.1:9464 -- ./server
     ///   kal run --check-every 10s --attach 4242
     ///   kal run --check-every 30s --html report.html --pprof lost.pb.gz -- ./server
     ///   kal run --reclaim --check-every 1s -- ./server
@@ -48,7 +49,9 @@ enum Cmd {
         /// Also check the running program every D (e.g. 10s, 500ms, 1m): each check prints,
         /// with a timestamp, what was lost since the previous one and the running totals.
         /// A check still running when the next is due makes that one skipped, never queued
-        /// (see --max-cpu). A process dying of a signal is no longer checked.
+        /// (see --max-cpu). A process dying of a signal is no longer checked. Each check
+        /// also updates the process's growth and the forecast of when it reaches its memory
+        /// limit (a `forecast:` line once one is in sight; see `kal watch --help`).
         #[arg(long, value_name = "D", value_parser = kal::run::periodic::parse_duration)]
         check_every: Option<std::time::Duration>,
         /// Cap on kal's own CPU time for periodic checks, in percent of one core, averaged:
@@ -85,6 +88,10 @@ enum Cmd {
         reclaim: Option<kal::act::reclaim::Mode>,
         #[command(flatten)]
         reclaim_args: ReclaimArgs,
+        /// Serve Prometheus metrics of every checked process at http://ADDR/metrics (e.g.
+        /// 127.0.0.1:9464; needs --check-every): see `kal watch --help` and README.
+        #[arg(long, value_name = "ADDR", requires = "check_every")]
+        prometheus: Option<String>,
         /// Do not run glibc's __libc_freeres and libstdc++'s __gnu_cxx::__freeres when a
         /// process exits. By default they run, as under memcheck, after the atexit handlers,
         /// destructors and stdio flush, when the exiting thread is the program's last: what
@@ -192,6 +199,28 @@ enum Cmd {
         /// Process id.
         pid: i32,
     },
+    /// Watch a running process: check it every D, show its memory, its growth, and when
+    /// it will reach its memory limit.
+    ///
+    /// Works on any process `kal check` can check (started under `kal run`, attached, or
+    /// without the agent). Each check adds a point: RSS, live, lost, retained, reclaimed
+    /// bytes, and per allocation site its lost and live bytes. The growth rates are a
+    /// robust (Theil-Sen) fit over the last 60 checks, so one odd check does not swing
+    /// them. The forecast is the time until the process reaches the first of its limits:
+    /// its cgroup's memory.max (v2) or memory.limit_in_bytes (v1), RLIMIT_AS, or the
+    /// machine's available memory, with the allocation site growing fastest.
+    ///
+    /// On a terminal the view is redrawn after each check; otherwise one line a check
+    /// (--json: one JSON document a line). Exit status: 0 after --count checks or when the
+    /// process ends; 24 when the forecast falls below --warn-before; 125 on an error.
+    ///
+    /// Examples:
+    ///   kal watch 4242
+    ///   kal watch 4242 --every 30s --prometheus 127.0.0.1:9464
+    ///   kal watch 4242 --every 1m --warn-before 1h --count 1 || page-someone
+    ///   kal watch 4242 --every 10s --json >> growth.jsonl
+    #[command(verbatim_doc_comment)]
+    Watch(cmd::watch::WatchArgs),
     /// Load the agent into a running process started without kal (glibc malloc, dynamically
     /// linked): allocation stacks from now on, for `kal check`.
     ///
@@ -231,6 +260,7 @@ fn main() {
             max_cpu,
             reclaim: mode,
             reclaim_args,
+            prometheus,
             no_freeres,
             no_trace,
             trace,
@@ -249,6 +279,7 @@ fn main() {
                     // Periodic checks and reclaim keep kal's thread busy scanning, while a
                     // traced process's stops would wait for it.
                     trace || !(no_trace || check_every.is_some() || mode.is_some()),
+                    prometheus.as_deref(),
                     (attach, command),
                 )
             }),
@@ -268,6 +299,7 @@ fn main() {
             reclaim_args,
             report,
         } => cmd::reclaim::run(pid, mode, &reclaim_args, &report),
+        Cmd::Watch(args) => cmd::watch::run(&args),
         Cmd::Trim { pid } => cmd::trim::run(pid),
         Cmd::Attach { pid } => cmd::attach::attach(pid),
         Cmd::Detach { pid } => cmd::attach::detach(pid),

@@ -7,3 +7,4 @@ pub mod diff;
 pub mod reclaim;
 pub mod run;
 pub mod trim;
+pub mod watch;

@@ -4,6 +4,7 @@ use super::args::ReportArgs;
 use anyhow::{anyhow, Result};
 use std::ffi::OsString;
 /// Runs `kal run`; exit status as README says.
+#[allow(clippy::too_many_arguments)]
 pub fn run(
     report: &ReportArgs,
     check_every: Option<std::time::Duration>,
@@ -11,8 +12,10 @@ pub fn run(
     reclaim: Option<kal::act::reclaim::Config>,
     freeres: bool,
     trace: bool,
+    prometheus: Option<&str>,
     target: (Option<i32>, Vec<OsString>),
 ) -> Result<i32> {
+    let metrics = super::watch::metrics(prometheus)?;
     let outputs = report.outputs(check_every.is_some())?;
     let opts = report.options()?;
     let (attach, command) = target;
@@ -32,6 +35,7 @@ pub fn run(
         max_cpu_percent: max_cpu,
         freeres,
         trace,
+        metrics,
     };
     match attach {
         Some(pid) => kal::run::attached::run(&run_opts, pid),

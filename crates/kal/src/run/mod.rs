@@ -49,6 +49,8 @@ pub struct RunOptions {
     /// Trace every process that says hello ([`crate::run::trace`]), so that one dying of a
     /// signal is reported (`--no-trace` turns this off).
     pub trace: bool,
+    /// Metrics to update after each periodic check (`--prometheus`, served elsewhere).
+    pub metrics: Option<std::sync::Arc<crate::act::metrics::Metrics>>,
 }
 
 /// Finds `libkal_agent.so`: `$KAL_AGENT`, next to the kal executable, or in `../lib/kal`.
@@ -276,6 +278,7 @@ pub fn run(opts: &RunOptions) -> Result<i32> {
         crate::run::periodic::Periodic::new(pacer, opts.report.clone(), opts.outputs.json.clone())
             .with_reclaim(opts.reclaim.clone())
             .with_files(&opts.outputs, main_pid)
+            .with_metrics(opts.metrics.clone())
     });
     loop {
         let mut wait_ms = 50;
@@ -296,6 +299,8 @@ pub fn run(opts: &RunOptions) -> Result<i32> {
                         crate::say!("kal: check of process {pid} failed: {e:#}");
                     }
                 }
+                // Processes gone since: their growth and metrics go too.
+                p.keep_only(&conns.iter().filter_map(|c| c.pid).collect::<Vec<_>>());
                 p.pacer.end(round);
             }
             let until = p.pacer.until_due(Instant::now());

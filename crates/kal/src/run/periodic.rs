@@ -1,5 +1,7 @@
 //! `kal run --check-every D`: periodic live checks, each telling what is new since the last.
 
+use crate::act::forecast::{human_bytes, Forecast, Tracker};
+use crate::act::metrics::Metrics;
 use crate::act::reclaim::{self, Policy};
 use crate::act::report::{self, Report, Totals};
 use crate::act::sink::{Context, Outputs, Point};
@@ -14,7 +16,12 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt::Write as _;
 use std::io::Write as _;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+/// A check line says when the process reaches its memory limit only when that is nearer
+/// than this (30 days), in seconds.
+pub const FORECAST_LINE_WITHIN: f64 = 30.0 * 86400.0;
 
 /// The longest duration accepted (a year): longer ones overflow clock arithmetic.
 const MAX_DURATION_SECS: f64 = 8760.0 * 3600.0;
@@ -108,6 +115,8 @@ struct Line<'a> {
     cpu_ms: f64,
     /// Wall time of this check, start to end.
     wall_ms: f64,
+    /// Growth over the recent checks of this process and when it reaches its memory limit.
+    forecast: &'a Forecast,
     #[serde(flatten)]
     report: &'a Report,
 }
@@ -150,6 +159,10 @@ pub struct Periodic {
     /// The file outputs rewritten after every check (pprof, flame graph, HTML), named for
     /// process `main_pid` (others get `FILE.PID`).
     files: Option<(Outputs, i32)>,
+    /// Growth of each process, check by check.
+    growth: Tracker,
+    /// Prometheus metrics to update (`--prometheus`).
+    metrics: Option<Arc<Metrics>>,
 }
 
 /// What one check produced, for its text line and JSON line.
@@ -164,6 +177,7 @@ struct Outcome<'a> {
     round: Round,
     cpu: Duration,
     wall: Duration,
+    forecast: Forecast,
 }
 
 impl Periodic {
@@ -180,6 +194,26 @@ impl Periodic {
             dying: HashSet::new(),
             history: HashMap::new(),
             files: None,
+            growth: Tracker::new(),
+            metrics: None,
+        }
+    }
+
+    /// Also update `metrics` after each check.
+    pub fn with_metrics(mut self, metrics: Option<Arc<Metrics>>) -> Periodic {
+        self.metrics = metrics;
+        self
+    }
+
+    /// Forgets the processes not in `pids` (they ended): their growth and their metrics.
+    pub fn keep_only(&mut self, pids: &[i32]) {
+        for pid in self.growth.pids() {
+            if !pids.contains(&pid) {
+                self.growth.forget(pid);
+                if let Some(m) = &self.metrics {
+                    m.forget(pid);
+                }
+            }
         }
     }
 
@@ -271,6 +305,10 @@ impl Periodic {
             }
         }
         self.annotate(pid, &mut c.report);
+        let forecast = self.growth.observe(pid, &c.report, t0);
+        if let Some(m) = &self.metrics {
+            m.observe(pid, &c.report, Some(&forecast));
+        }
         let contradictions = self.new_contradictions(pid, &c);
         let out = Outcome {
             c: &c,
@@ -283,6 +321,7 @@ impl Periodic {
             round: *round,
             cpu: pace::cpu_time().saturating_sub(cpu0),
             wall: t0.elapsed(),
+            forecast,
         };
         if !quiet {
             crate::say_raw!("{}", self.text(&out));
@@ -360,6 +399,7 @@ impl Periodic {
             delayed_ms: ms(o.round.delayed),
             cpu_ms: ms(o.cpu),
             wall_ms: ms(o.wall),
+            forecast: &o.forecast,
             report: &o.c.report,
         };
         let mut f = std::fs::OpenOptions::new()
@@ -527,6 +567,27 @@ impl Periodic {
                     );
                 }
             }
+        }
+        // A limit months away is noise on a check line (the JSON line has it anyway).
+        if let (Some(_), Some(g)) = (
+            o.forecast
+                .seconds_to_limit
+                .filter(|s| *s < FORECAST_LINE_WITHIN),
+            o.forecast.rss_bytes_per_second,
+        ) {
+            let _ = writeln!(
+                s,
+                "{head} forecast: {} (RSS {}{}/s over {} checks){}",
+                crate::watch::limit_phrase(&o.forecast),
+                if g >= 0.0 { "+" } else { "-" },
+                human_bytes(g.abs()),
+                o.forecast.points,
+                o.forecast
+                    .site
+                    .as_ref()
+                    .map(|s| format!("; fastest-growing site {}", s.site))
+                    .unwrap_or_default()
+            );
         }
         for st in &o.contradictions {
             let _ = writeln!(
