@@ -4,6 +4,7 @@
 pub mod attach;
 pub mod control;
 pub mod elf;
+pub mod embedded;
 pub mod peer;
 
 use crate::capture::memory::ProcessMemory;

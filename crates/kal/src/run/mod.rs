@@ -53,7 +53,8 @@ pub struct RunOptions {
     pub metrics: Option<std::sync::Arc<crate::act::metrics::Metrics>>,
 }
 
-/// Finds `libkal_agent.so`: `$KAL_AGENT`, next to the kal executable, or in `../lib/kal`.
+/// Finds `libkal_agent.so`: `$KAL_AGENT`, next to the kal executable, in `../lib/kal`, or
+/// else the agent embedded in kal, written out once (see [`crate::agent::embedded`]).
 pub fn find_agent() -> Result<PathBuf> {
     if let Some(p) = std::env::var_os("KAL_AGENT") {
         let p = PathBuf::from(p);
@@ -73,10 +74,12 @@ pub fn find_agent() -> Result<PathBuf> {
             return Ok(cand);
         }
     }
-    bail!(
-        "cannot find libkal_agent.so next to {} (build it with `cargo build --workspace`, or set KAL_AGENT)",
-        exe.display()
-    )
+    crate::agent::embedded::path().with_context(|| {
+        format!(
+            "cannot write kal's embedded agent, and there is no libkal_agent.so next to {} (set KAL_AGENT to one)",
+            exe.display()
+        )
+    })
 }
 
 /// Resolves a program name like `execvp` does.
