@@ -65,10 +65,7 @@ fn run_program(src: &str, flags: &[&str], args: &[&str], on_ready: impl FnOnce(i
         s
     });
     if args.last() == Some(&"wait") {
-        let mut line = String::new();
-        std::io::BufRead::read_line(&mut out, &mut line).unwrap();
-        let pid = line.trim().strip_prefix("ready ").expect("ready line");
-        on_ready(pid.parse().unwrap());
+        on_ready(ready_pid(&mut out));
     }
     let readers = (
         std::thread::spawn(move || {
@@ -611,9 +608,7 @@ fn run_stops(kal_args: Option<&[&str]>, while_stopped: impl FnOnce(i32)) -> (Str
         .spawn()
         .unwrap();
     let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
-    let mut line = String::new();
-    std::io::BufRead::read_line(&mut out, &mut line).unwrap();
-    let pid: i32 = line.trim().strip_prefix("ready ").unwrap().parse().unwrap();
+    let pid = ready_pid(&mut out);
     let deadline = Instant::now() + Duration::from_secs(20);
     while !thread_states(pid).iter().all(|&c| c == 'T' || c == 't') {
         assert!(Instant::now() < deadline, "never stopped");
@@ -672,9 +667,7 @@ fn a_traced_program_is_checked_with_exact_counts() {
         .spawn()
         .unwrap();
     let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
-    let mut line = String::new();
-    std::io::BufRead::read_line(&mut out, &mut line).unwrap();
-    let pid: i32 = line.trim().strip_prefix("ready ").unwrap().parse().unwrap();
+    let pid = ready_pid(&mut out);
     assert_eq!(status_field(pid, "TracerPid:"), child.id().to_string());
     let mut rest = String::new();
     out.read_to_string(&mut rest).unwrap();
@@ -722,9 +715,7 @@ fn when_kal_dies_the_traced_program_runs_on() {
         .spawn()
         .unwrap();
     let mut out = std::io::BufReader::new(kal.stdout.take().unwrap());
-    let mut line = String::new();
-    std::io::BufRead::read_line(&mut out, &mut line).unwrap();
-    let pid: i32 = line.trim().strip_prefix("ready ").unwrap().parse().unwrap();
+    let pid = ready_pid(&mut out);
     assert_eq!(status_field(pid, "TracerPid:"), kal.id().to_string());
     kal.kill().unwrap();
     kal.wait().unwrap();

@@ -5,7 +5,6 @@
 mod common;
 use common::*;
 use serde_json::Value;
-use std::io::BufRead;
 use std::process::{Command, Stdio};
 
 /// The one way these tests make the agent drop allocations: its table capped far below the
@@ -39,9 +38,7 @@ fn start_dropping(prog: &std::path::Path) -> Live {
         .spawn()
         .unwrap();
     let mut out = std::io::BufReader::new(kal.stdout.take().unwrap());
-    let mut line = String::new();
-    out.read_line(&mut line).unwrap();
-    let pid = line.trim().strip_prefix("ready ").unwrap().parse().unwrap();
+    let pid = ready_pid(&mut out);
     Live { kal, pid, out }
 }
 

@@ -169,7 +169,6 @@ struct Grower {
 
 impl Grower {
     fn start() -> Grower {
-        use std::io::BufRead;
         ensure_agent();
         let prog = build("outputs.c", &[]);
         let mut kal = Command::new(env!("CARGO_BIN_EXE_kal"))
@@ -182,9 +181,7 @@ impl Grower {
             .unwrap();
         let input = kal.stdin.take().unwrap();
         let mut out = std::io::BufReader::new(kal.stdout.take().unwrap());
-        let mut line = String::new();
-        out.read_line(&mut line).unwrap();
-        let pid = line.trim().strip_prefix("ready ").unwrap().parse().unwrap();
+        let pid = ready_pid(&mut out);
         Grower {
             kal,
             input,
@@ -425,22 +422,17 @@ fn html_report_of_periodic_checks_has_the_growth_chart() {
 
 #[test]
 fn without_the_agent_outputs_name_records_by_what_their_blocks_are() {
-    use std::io::BufRead;
     // Started without kal: checked from glibc's heap, no allocation stacks.
     let mut prog = Command::new(build("outputs.c", &[]))
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let mut line = String::new();
-    std::io::BufReader::new(prog.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let pid = line.trim().strip_prefix("ready ").unwrap().to_string();
+    let pid = ready_pid(&mut std::io::BufReader::new(prog.stdout.take().unwrap()));
     let dir = tempfile::tempdir().unwrap();
     let (svg, pb) = (dir.path().join("l.svg"), dir.path().join("l.pb.gz"));
     let (out, j) = check_pid_json(
-        pid.parse().unwrap(),
+        pid,
         &[
             "-q",
             "--flamegraph",

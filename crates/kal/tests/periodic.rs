@@ -4,7 +4,7 @@
 mod common;
 use common::*;
 use serde_json::Value;
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufReader, Write};
 use std::os::unix::process::ExitStatusExt;
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -191,14 +191,7 @@ fn a_process_with_a_fatal_signal_pending_is_neither_checked_nor_reclaimed() {
         .unwrap();
     let mut stdin = child.stdin.take().unwrap();
     let mut out = BufReader::new(child.stdout.take().unwrap());
-    let mut ready = String::new();
-    out.read_line(&mut ready).unwrap();
-    let pid: i32 = ready
-        .trim()
-        .strip_prefix("ready ")
-        .unwrap()
-        .parse()
-        .unwrap();
+    let pid = ready_pid(&mut out);
     let _guard = KillOnDrop(pid);
     let stdout = std::thread::spawn(move || {
         let mut rest = String::new();
