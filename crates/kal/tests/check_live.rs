@@ -174,11 +174,7 @@ fn check_every_reports_what_is_new_as_json_lines() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&json)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let lines = read_json_lines(&json);
     let checks: Vec<&serde_json::Value> =
         lines.iter().filter(|l| l.get("check").is_some()).collect();
     assert!(checks.len() >= 3, "{} checks", checks.len());

@@ -682,11 +682,7 @@ fn a_traced_program_is_checked_with_exact_counts() {
     assert_eq!(rest, "continued\nhandled 1000 SIGUSR1\n", "{err}");
     assert_eq!(status.code(), Some(23), "{err}");
     assert!(!err.contains("failed"), "{err}");
-    let lines: Vec<Value> = std::fs::read_to_string(&json)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let lines = read_json_lines(&json);
     let checks: Vec<&Value> = lines.iter().filter(|l| l.get("check").is_some()).collect();
     assert!(checks.len() >= 3, "{} checks: {err}", checks.len());
     // The first check may come before the three leaks (the agent says hello before main).
