@@ -53,6 +53,12 @@ macro_rules! say_raw {
     }};
 }
 
+/// The result of a scoped thread, its panic passed on (kal's helper threads never panic
+/// by design; if one did, the caller fails the same way).
+pub(crate) fn join<T>(t: std::thread::ScopedJoinHandle<'_, T>) -> T {
+    t.join().unwrap_or_else(|e| std::panic::resume_unwind(e))
+}
+
 pub mod act;
 pub mod agent;
 pub mod attribute;

@@ -224,11 +224,6 @@ fn merge_into(a: &[Block], b: &[Block], out: &mut [std::mem::MaybeUninit<Block>]
     k
 }
 
-/// The result of a scoped thread, its panic passed on.
-fn join<T>(t: std::thread::ScopedJoinHandle<'_, T>) -> T {
-    t.join().unwrap_or_else(|e| std::panic::resume_unwind(e))
-}
-
 /// One sorted list from the sorted low parts and the sorted high parts (every low address
 /// below every high one), each address once: two threads merge one side each.
 fn merge_halves(lo: [&[Block]; 2], hi: [&[Block]; 2]) -> Vec<Block> {
@@ -240,7 +235,7 @@ fn merge_halves(lo: [&[Block]; 2], hi: [&[Block]; 2]) -> Vec<Block> {
     let (k_lo, k_hi) = std::thread::scope(|sc| {
         let other = sc.spawn(|| merge_into(hi[0], hi[1], out_hi));
         let mine = merge_into(lo[0], lo[1], out_lo);
-        (mine, join(other))
+        (mine, crate::join(other))
     });
     if k_lo < n_lo {
         // Addresses in both lists (a block being moved between tables) left a gap.
@@ -294,7 +289,7 @@ pub fn read_blocks(mem: &(dyn Memory + Sync), h: &Header) -> TableRead {
         let ((a_lo, a_hi, mut unread), (b_lo, b_hi, more)) = std::thread::scope(|sc| {
             let other = sc.spawn(|| read_split(mem, h, &second, pivot));
             let mine = read_split(mem, h, &first, pivot);
-            (mine, join(other))
+            (mine, crate::join(other))
         });
         unread.extend(more);
         (merge_halves([&a_lo, &b_lo], [&a_hi, &b_hi]), unread)

@@ -234,7 +234,7 @@ fn take_by_agent(pid: i32, header_addr: u64, server: i32, no_interrupt: bool) ->
         let read = frozen.paused_for();
         let made = agent.snapshot(AGENT_DEADLINE);
         let extras = match reader {
-            Some(r) => r.join().unwrap_or_else(|e| std::panic::resume_unwind(e)),
+            Some(r) => crate::join(r),
             None if made.is_ok() => plan.read(pid),
             None => Default::default(),
         };

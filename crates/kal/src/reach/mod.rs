@@ -617,10 +617,7 @@ impl<'a, 'm> Marker<'a, 'm> {
                 })
                 .collect();
             self.run(first);
-            others
-                .into_iter()
-                .map(|t| t.join().unwrap_or_else(|e| std::panic::resume_unwind(e)))
-                .collect()
+            others.into_iter().map(crate::join).collect()
         });
         self.marks.shared = false;
         for d in more {
