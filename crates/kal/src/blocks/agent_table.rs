@@ -103,7 +103,8 @@ fn halves(pieces: &[(u64, u64)], mut at: u64) -> (Pieces, Pieces) {
 }
 
 /// The live blocks of table `pieces`, split at address `pivot` (below it, and from it on),
-/// each part sorted by address, and the parts of the tables that could not be read.
+/// each part sorted by address with each address once (a block being moved between two
+/// tables may be in both), and the parts of the tables that could not be read.
 fn read_split(
     mem: &dyn Memory,
     h: &Header,
@@ -145,8 +146,10 @@ fn read_split(
             at += n as u64 * 8;
         }
     }
-    lo.sort_unstable_by_key(|b| b.addr);
-    hi.sort_unstable_by_key(|b| b.addr);
+    for part in [&mut lo, &mut hi] {
+        part.sort_unstable_by_key(|b| b.addr);
+        part.dedup_by_key(|b| b.addr);
+    }
     (lo, hi, unread)
 }
 
@@ -249,6 +252,25 @@ fn merge_halves(lo: [&[Block]; 2], hi: [&[Block]; 2]) -> Vec<Block> {
     blocks
 }
 
+/// [`read_split`] of `pieces` by two threads (a half of the slots each), merged: sorted,
+/// each address once.
+fn read_in_two(
+    mem: &(dyn Memory + Sync),
+    h: &Header,
+    pieces: &[(u64, u64)],
+) -> (Vec<Block>, Pieces) {
+    let total: u64 = pieces.iter().map(|&(s, e)| e - s).sum();
+    let pivot = pivot_of(mem, h, pieces);
+    let (first, second) = halves(pieces, total / 2 / SLOT_BYTES * SLOT_BYTES);
+    let ((a_lo, a_hi, mut unread), (b_lo, b_hi, more)) = std::thread::scope(|sc| {
+        let other = sc.spawn(|| read_split(mem, h, &second, pivot));
+        let mine = read_split(mem, h, &first, pivot);
+        (mine, crate::join(other))
+    });
+    unread.extend(more);
+    (merge_halves([&a_lo, &b_lo], [&a_hi, &b_hi]), unread)
+}
+
 /// Up to this many distinct allocation stacks are read one by one (one small read each);
 /// more, and the stack table's touched pages are read at once.
 const FEW_STACKS: usize = 256;
@@ -280,19 +302,10 @@ pub fn read_blocks(mem: &(dyn Memory + Sync), h: &Header) -> TableRead {
     // each thread.
     let total: u64 = pieces.iter().map(|&(s, e)| e - s).sum();
     let (blocks, unread) = if total < PARALLEL_TABLE_BYTES {
-        let (mut blocks, _, unread) = read_split(mem, h, &pieces, u64::MAX);
-        blocks.dedup_by_key(|b| b.addr);
+        let (blocks, _, unread) = read_split(mem, h, &pieces, u64::MAX);
         (blocks, unread)
     } else {
-        let pivot = pivot_of(mem, h, &pieces);
-        let (first, second) = halves(&pieces, total / 2 / SLOT_BYTES * SLOT_BYTES);
-        let ((a_lo, a_hi, mut unread), (b_lo, b_hi, more)) = std::thread::scope(|sc| {
-            let other = sc.spawn(|| read_split(mem, h, &second, pivot));
-            let mine = read_split(mem, h, &first, pivot);
-            (mine, crate::join(other))
-        });
-        unread.extend(more);
-        (merge_halves([&a_lo, &b_lo], [&a_hi, &b_hi]), unread)
+        read_in_two(mem, h, &pieces)
     };
     let mut ids: Vec<u32> = blocks.iter().map(|b| b.stack).collect();
     ids.sort_unstable();
@@ -393,6 +406,77 @@ mod table_read_tests {
         let (a, b) = halves(&p, 48);
         assert_eq!(a, vec![(0, 48)]);
         assert_eq!(b, vec![(100, 196), (300, 324)]);
+    }
+
+    /// Table slots (address, sequence, meta) at `base`, as memory.
+    struct Slots {
+        base: u64,
+        words: Vec<u64>,
+    }
+
+    impl Memory for Slots {
+        fn read(
+            &self,
+            addr: u64,
+            buf: &mut [u8],
+        ) -> Result<(), crate::capture::memory::Unreadable> {
+            for (i, b) in buf.iter_mut().enumerate() {
+                let off = (addr + i as u64 - self.base) as usize;
+                *b = self
+                    .words
+                    .get(off / 8)
+                    .map_or(0, |w| w.to_le_bytes()[off % 8]);
+            }
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn two_threads_read_each_block_once_even_when_a_half_holds_it_twice() {
+        let meta = Meta {
+            size: 16,
+            stack: 0,
+            api: 0,
+        }
+        .pack()
+        .unwrap();
+        // 4,096 slots; block addresses from a shuffled order, every 7th slot empty, and
+        // three blocks recorded twice (being moved between tables): twice in the first
+        // half, twice in the second, once in each.
+        let mut addrs: Vec<u64> = (0..4096u64)
+            .map(|i| 0x10_0000 + (i * 2654435761 % 4096) * 32)
+            .collect();
+        addrs[10] = addrs[20];
+        addrs[3000] = addrs[3500];
+        addrs[100] = addrs[4000];
+        let mut words = Vec::new();
+        for (i, &a) in addrs.iter().enumerate() {
+            let a = if i % 7 == 0 && ![10, 20, 3000, 3500, 100, 4000].contains(&i) {
+                0
+            } else {
+                a
+            };
+            words.extend([a, i as u64, meta]);
+        }
+        let mem = Slots {
+            base: 0x7000_0000,
+            words,
+        };
+        let end = 0x7000_0000 + 4096 * SLOT_BYTES;
+        let pieces = vec![
+            (0x7000_0000, 0x7000_0000 + 1024 * SLOT_BYTES),
+            (0x7000_0000 + 1024 * SLOT_BYTES, end),
+        ];
+        let h = Header::default();
+        let (two, unread) = read_in_two(&mem, &h, &pieces);
+        let (one, _, _) = read_split(&mem, &h, &pieces, u64::MAX);
+        assert!(unread.is_empty());
+        let addrs = |v: &[Block]| v.iter().map(|b| b.addr).collect::<Vec<u64>>();
+        let mut want = addrs(&one);
+        want.dedup();
+        assert_eq!(addrs(&one), want, "one thread: each address once");
+        assert_eq!(addrs(&two), want, "two threads: the same blocks");
+        assert!(want.windows(2).all(|w| w[0] < w[1]));
     }
 
     #[test]
