@@ -690,9 +690,12 @@ fn on_a_terminal_the_view_is_redrawn() {
 fn watch_an_attached_process_names_the_line_allocating_after_the_attach() {
     let prog = build("grower.c", &[]);
     let line = line_of("grower.c", "grow");
+    // The grower starts leaking only once attached (a line on its stdin): every block it
+    // leaks is then one the agent saw, with its stack.
     let mut target = Guard(
         Command::new(&prog)
-            .arg(RATE.to_string())
+            .args([&RATE.to_string(), "65536", "1e300", "wait"])
+            .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()
             .unwrap(),
@@ -708,6 +711,7 @@ fn watch_an_attached_process_names_the_line_allocating_after_the_attach() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    target.0.stdin.take().unwrap().write_all(b"go\n").unwrap();
     let out = kal_out(&["watch", &pid, "--every", "300ms", "--count", "4", "--json"]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(0), "{stderr}");

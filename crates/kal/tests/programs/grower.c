@@ -2,7 +2,8 @@
  * in blocks of BLOCK bytes (argv[2], default 64 KiB), each written and its only pointer
  * overwritten, up to MAX bytes in all (argv[3], default no end; the last block is then lost too). The amount is computed from CLOCK_MONOTONIC, so a pause (a check's
  * snapshot, a loaded machine) is caught up at once and the long-run rate stays exact.
- * Prints "ready PID", then runs until killed. */
+ * Prints "ready PID", then (with a fourth argument "wait": once a line comes on stdin) runs
+ * until killed. */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -31,6 +32,10 @@ int main(int argc, char **argv) {
   double max = argc > 3 ? atof(argv[3]) : 1e300;
   printf("ready %d\n", getpid());
   fflush(stdout);
+  if (argc > 4 && strcmp(argv[4], "wait") == 0) {
+    char c;
+    if (read(0, &c, 1) != 1) return 1;
+  }
   double start = now();
   unsigned long long done = 0;
   for (;;) {
