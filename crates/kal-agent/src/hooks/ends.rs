@@ -138,7 +138,7 @@ pub fn freeres() -> bool {
         crate::state::set_freeres(FREERES_OFF, 0);
         return false;
     }
-    match crate::server::alone::program_threads() {
+    match crate::server::alone::program_threads_settled() {
         Some(1) => {}
         n => {
             let others = n.map_or(0, |n| n.saturating_sub(1));

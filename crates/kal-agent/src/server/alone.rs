@@ -73,6 +73,31 @@ pub fn program_threads() -> Option<usize> {
     threads.checked_sub(agent_running)
 }
 
+/// [`program_threads`], given a moment to settle: a thread that has ended stays counted
+/// until the kernel has released it, which can be shortly after its `pthread_join`
+/// returned (the kernel clears the joined thread id before it releases the thread). When
+/// more than one program thread is counted, looks again every millisecond for at most
+/// [`SETTLE_MS`].
+pub fn program_threads_settled() -> Option<usize> {
+    let mut n = program_threads();
+    for _ in 0..SETTLE_MS {
+        if n.is_none_or(|n| n <= 1) {
+            break;
+        }
+        let ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 1_000_000,
+        };
+        // SAFETY: nanosleep with a valid request and no remainder pointer.
+        unsafe { libc::nanosleep(&ts, core::ptr::null_mut()) };
+        n = program_threads();
+    }
+    n
+}
+
+/// Longest wait of [`program_threads_settled`], in milliseconds.
+const SETTLE_MS: u32 = 20;
+
 /// Whether only the agent's threads still run in this process.
 pub fn only_agent_threads_left() -> bool {
     if program_threads().is_none_or(|n| n > 1) {
