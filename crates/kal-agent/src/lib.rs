@@ -92,7 +92,6 @@ extern "C" fn agent_start() {
         // Loaded by `kal attach`: TLS is the loader's dynamic TLS, at no fixed offset
         // from the thread pointer, so the static-TLS shortcuts stay off.
         attach::set_attach_mode();
-        side::KAL_SIDE_TOP_OFFSET.store(usize::MAX, core::sync::atomic::Ordering::Release);
     } else {
         tls::init();
     }

@@ -263,13 +263,14 @@ pub struct ThreadState {
     recent: *mut Recent,
 }
 
-fn state() -> *mut ThreadState {
-    let c = crate::hooks::tls::with(|t| t.unwind.get());
+#[inline(always)]
+fn state(me: &crate::hooks::tls::PerThread) -> *mut ThreadState {
+    let c = me.unwind.get();
     if !c.is_null() {
         return c;
     }
     let c = crate::hooks::pool::take_cache();
-    crate::hooks::tls::with(|t| t.unwind.set(c));
+    me.unwind.set(c);
     c
 }
 
@@ -294,25 +295,45 @@ pub fn current_cache() -> *mut ThreadState {
 ///
 /// A stack seen before by this thread at the same depth is recognised by re-reading each of
 /// its return-address slots (a few loads); only a new stack is unwound with the CFI.
-pub fn stack_id(at: Regs, tables: &crate::table::Tables) -> u32 {
+#[inline(always)]
+pub fn stack_id(at: Regs, tables: &crate::table::Tables, me: &crate::hooks::tls::PerThread) -> u32 {
     let top = stack_top(at.sp);
     // SAFETY: the state belongs to this thread alone; `recent` has RECENT entries.
-    let st = unsafe { &mut *state() };
+    let st = unsafe { &mut *state(me) };
     let depth = top.wrapping_sub(at.sp);
     let h = (at.pc ^ depth.rotate_left(29)).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 56;
     // SAFETY: h < 256 = RECENT.
     let e = unsafe { &mut *st.recent.add(h as usize % RECENT) };
     if e.ra == at.pc && e.depth == depth && e.n > 0 && top != 0 {
         let n = e.n as usize;
+        // No bound to check per slot: a slot was recorded only from a read that lay below
+        // the stack top (`walk`'s `read_stack`), at the same distance `depth` of the stack
+        // pointer below the top as now, so `sp + slot + 8 <= sp + depth = top` again.
         let same = (1..n).all(|i| {
             let a = at.sp + e.slots[i] as u64;
-            // SAFETY: the slot lies between sp and the stack top of this thread (checked).
-            a + 8 <= top && unsafe { *(a as *const u64) } == e.frames[i]
+            // SAFETY: the slot lies between sp and this thread's stack top (see above).
+            unsafe { *(a as *const u64) == e.frames[i] }
         });
         if same {
             return e.id;
         }
     }
+    unwind_new(at, top, depth, tables, st, e)
+}
+
+/// [`stack_id`] for a stack its thread has not seen lately: unwound with the CFI, interned,
+/// and remembered in the recent-stack entry `e`. Kept out of line, so that the common
+/// case (a recent stack) builds no frame arrays.
+#[cold]
+#[inline(never)]
+fn unwind_new(
+    at: Regs,
+    top: u64,
+    depth: u64,
+    tables: &crate::table::Tables,
+    st: &mut ThreadState,
+    e: &mut Recent,
+) -> u32 {
     let mut frames = [0u64; MAX_FRAMES];
     let mut slots = [u32::MAX; MAX_FRAMES];
     let n = capture(at, top, &mut st.rules, &mut frames, &mut slots);

@@ -6,6 +6,7 @@
 //! it is recorded without touching what the interrupted hook may be using (no unwinding,
 //! no pool lock). An allocation made by the agent's own code passes straight through.
 
+use crate::hooks::tls::PerThread;
 use core::cell::Cell;
 
 const OUTSIDE: u8 = 0;
@@ -16,17 +17,16 @@ thread_local! {
     static RESOLVING: Cell<bool> = const { Cell::new(false) };
 }
 
-/// Marks this thread as inside a hook; returns false if it already was inside the agent.
+/// Marks this thread (whose state is `t`) as inside a hook; returns false if it already
+/// was inside the agent.
 #[inline(always)]
-pub fn enter() -> bool {
-    crate::hooks::tls::with(|t| {
-        let f = &t.guard;
-        if f.get() != OUTSIDE {
-            return false;
-        }
-        f.set(HOOK);
-        true
-    })
+pub fn enter_in(t: &PerThread) -> bool {
+    let f = &t.guard;
+    if f.get() != OUTSIDE {
+        return false;
+    }
+    f.set(HOOK);
+    true
 }
 
 /// Marks this thread as running the agent's own code (allocations it makes are the
@@ -42,17 +42,23 @@ pub fn enter_agent() -> bool {
     })
 }
 
-/// Whether this thread is inside a hook (not the agent's own code): an allocation now
-/// comes from a signal handler that interrupted the hook.
+/// Whether this thread (whose state is `t`) is inside a hook (not the agent's own code):
+/// an allocation now comes from a signal handler that interrupted the hook.
 #[inline(always)]
-pub fn interrupted_hook() -> bool {
-    crate::hooks::tls::with(|t| t.guard.get() == HOOK)
+pub fn interrupted_hook_in(t: &PerThread) -> bool {
+    t.guard.get() == HOOK
 }
 
-/// Leaves the hook or agent code entered with a successful [`enter`] or [`enter_agent`].
+/// Leaves the hook or agent code entered with a successful [`enter_in`] or [`enter_agent`].
 #[inline(always)]
 pub fn leave() {
-    crate::hooks::tls::with(|t| t.guard.set(OUTSIDE));
+    crate::hooks::tls::with(leave_in);
+}
+
+/// [`leave`] with this thread's state `t` at hand.
+#[inline(always)]
+pub fn leave_in(t: &PerThread) {
+    t.guard.set(OUTSIDE);
 }
 
 /// Whether this thread is the one resolving the next allocator.

@@ -2,7 +2,8 @@
 //!
 //! Each export is a naked trampoline: it fetches the thread's side stack, switches to it
 //! before anything is spilled on the program's stack, and calls the `*_impl` function with
-//! the caller's stack pointer and frame pointer (where unwinding starts). The impls forward
+//! the caller's stack pointer and frame pointer (where unwinding starts) and the thread's
+//! per-thread state (found once, by the trampoline). The impls forward
 //! to the next definition and record the result; none allocates on its own path, none
 //! panics.
 
@@ -14,6 +15,7 @@ pub(crate) mod real;
 pub(crate) mod side;
 pub(crate) mod tls;
 
+use crate::hooks::tls::PerThread;
 use crate::state;
 use crate::unwind::Regs;
 use core::ffi::c_void;
@@ -27,11 +29,11 @@ static NEXT_THREAD: AtomicU64 = AtomicU64::new(1);
 /// interrupted one's, so the count is taken by one instruction, and an index given twice
 /// (both saw none yet) is simply never used again after the second.
 #[inline(always)]
-fn next_seq() -> u64 {
-    let (mut index, counter) = crate::hooks::tls::with(|t| (t.thread_index.get(), t.seq.as_ptr()));
+fn next_seq(t: &PerThread) -> u64 {
+    let (mut index, counter) = (t.thread_index.get(), t.seq.as_ptr());
     if index == 0 {
         index = NEXT_THREAD.fetch_add(1, Ordering::Relaxed);
-        crate::hooks::tls::with(|t| t.thread_index.set(index));
+        t.thread_index.set(index);
     }
     let mut old: u64 = 1;
     // SAFETY: `counter` is this thread's own counter; a single `xadd` (no lock prefix:
@@ -47,31 +49,43 @@ fn next_seq() -> u64 {
     (index << 40) + old + 1
 }
 
-/// The caller's registers, from the trampoline's view of the program stack.
+/// What a hook knows of its call: where the caller is, and this thread's state.
+#[derive(Clone, Copy)]
+struct Call {
+    /// The caller's registers, where unwinding starts.
+    at: Regs,
+    /// This thread's per-thread state.
+    t: &'static PerThread,
+}
+
+/// The call, from the trampoline's view of the program stack and the state it passed.
 #[inline(always)]
-fn caller(sp: usize, bp: usize) -> Regs {
+fn caller(sp: usize, bp: usize, per: *const PerThread) -> Call {
     // SAFETY: `sp` is the program's stack pointer at entry to the export: it points at the
     // return address pushed by the caller's `call`.
     let ra = unsafe { *(sp as *const u64) };
-    Regs {
-        pc: ra,
-        sp: sp as u64 + 8,
-        bp: bp as u64,
+    Call {
+        at: Regs {
+            pc: ra,
+            sp: sp as u64 + 8,
+            bp: bp as u64,
+        },
+        t: tls::passed(per),
     }
 }
 
 /// Records a new block (caller holds the guard).
 #[inline(always)]
-fn record(p: *mut c_void, size: usize, api: Api, at: Regs) {
+fn record(p: *mut c_void, size: usize, api: Api, c: Call, r: &real::Real) {
     let Some(t) = state::tables() else { return };
-    let stack = crate::unwind::stack_id(at, t);
+    let stack = crate::unwind::stack_id(c.at, t, c.t);
     let mut info = api as u32;
-    if real::get().is_some_and(|r| r.glibc) {
+    if r.glibc {
         // SAFETY: a glibc chunk's size word sits just before the block it returned.
         let size_word = unsafe { *(p as *const u64).sub(1) };
         info |= ((size_word & 7) as u32) << kal_proto::CHUNK_FLAGS_SHIFT;
     }
-    t.insert(p as u64, size as u64, next_seq(), stack, info);
+    t.insert(p as u64, size as u64, next_seq(c.t), stack, info);
 }
 
 /// Records a new block allocated by a signal handler that interrupted this thread inside
@@ -80,7 +94,7 @@ fn record(p: *mut c_void, size: usize, api: Api, at: Regs) {
 /// says "stack unknown"), or counted as dropped if the tables are not mapped yet.
 #[cold]
 #[inline(never)]
-fn record_interrupting(p: *mut c_void, size: usize, api: Api) {
+fn record_interrupting(p: *mut c_void, size: usize, api: Api, me: &PerThread) {
     let Some(t) = state::tables_if_ready() else {
         state::note_dropped();
         return;
@@ -94,7 +108,7 @@ fn record_interrupting(p: *mut c_void, size: usize, api: Api) {
     t.insert(
         p as u64,
         size as u64,
-        next_seq(),
+        next_seq(me),
         kal_proto::STACK_UNKNOWN,
         info,
     );
@@ -103,22 +117,28 @@ fn record_interrupting(p: *mut c_void, size: usize, api: Api) {
 /// Runs `alloc` and records its non-null result, unless this thread is running the agent's
 /// own code (then the block is the agent's).
 #[inline(always)]
-fn tracked(size: usize, api: Api, at: Regs, alloc: impl FnOnce() -> *mut c_void) -> *mut c_void {
+fn tracked(
+    size: usize,
+    api: Api,
+    c: Call,
+    r: &real::Real,
+    alloc: impl FnOnce() -> *mut c_void,
+) -> *mut c_void {
     if crate::attach::detached() {
         return alloc();
     }
-    if !guard::enter() {
+    if !guard::enter_in(c.t) {
         let p = alloc();
-        if !p.is_null() && guard::interrupted_hook() {
-            record_interrupting(p, size, api);
+        if !p.is_null() && guard::interrupted_hook_in(c.t) {
+            record_interrupting(p, size, api, c.t);
         }
         return p;
     }
     let p = alloc();
     if !p.is_null() {
-        record(p, size, api, at);
+        record(p, size, api, c, r);
     }
-    guard::leave();
+    guard::leave_in(c.t);
     p
 }
 
@@ -128,7 +148,8 @@ fn forget(p: *mut c_void) -> Option<crate::table::Removed> {
 }
 
 /// Defines an exported naked trampoline `$name` that runs `$imp` on the side stack.
-/// `$imp` takes the three argument registers, then the caller's sp and bp.
+/// `$imp` takes the three argument registers, then the caller's sp and bp, then the
+/// thread's [`tls::PerThread`] (null when the hook runs in place after a failed claim).
 macro_rules! trampoline {
     ($(#[$doc:meta])* $name:ident ( $($arg:ident : $ty:ty),* ) -> $ret:ty => $imp:path) => {
         $(#[$doc])*
@@ -139,29 +160,32 @@ macro_rules! trampoline {
         #[unsafe(naked)]
         pub unsafe extern "C" fn $name($($arg: $ty),*) -> $ret {
             core::arch::naked_asm!(
-                // Fast path: the thread's side stack from TLS, nothing written on this
-                // stack. In use (this call interrupted a hook: a signal handler's
-                // malloc): run in place.
+                // Fast path: the thread's state at a fixed offset from the thread
+                // pointer (static TLS; 0 while unknown or under `dlopen`), its side stack
+                // from there, nothing written on this stack. In use (this call
+                // interrupted a hook: a signal handler's malloc): run in place. The
+                // state's address goes to the impl as its sixth argument (r9).
                 "mov r10, qword ptr [rip + {off}]",
-                "lea r11, [r10 + 1]",
-                "cmp r11, 1",
-                "jbe 4f",
-                "cmp qword ptr fs:[r10 + 8], 0",
+                "test r10, r10",
+                "jz 4f",
+                "mov r9, qword ptr fs:0",
+                "add r9, r10",
+                "cmp qword ptr [r9 + 8], 0",
                 "jne 2f",
-                "mov rax, qword ptr fs:[r10]",
+                "mov rax, qword ptr [r9]",
                 "test rax, rax",
                 "jz 4f",
                 // Marked in use before the switch, free only after the switch back.
-                "mov qword ptr fs:[r10 + 8], 1",
+                "mov qword ptr [r9 + 8], 1",
                 "mov rcx, rsp",
                 "mov r8, rbp",
                 "mov rsp, rax",
                 "push rcx",
-                "push r10",
+                "push r9",
                 "call {imp}",
                 "pop r10",
                 "pop rsp",
-                "mov qword ptr fs:[r10 + 8], 0",
+                "mov qword ptr [r10 + 8], 0",
                 "ret",
                 // Slow path (a thread's first calls, or TLS at no fixed offset).
                 "4:",
@@ -172,26 +196,28 @@ macro_rules! trampoline {
                 "pop rdx",
                 "pop rsi",
                 "pop rdi",
+                "xor r9d, r9d",
                 "test rax, rax",
                 "jz 2f",
                 "mov rcx, rsp",
                 "mov r8, rbp",
                 "mov rsp, rax",
                 "push rcx",
-                // [top - 16]: the in-use flag's address, put there by claim.
+                // [top - 16]: the thread's state, put there by claim.
                 "sub rsp, 8",
+                "mov r9, qword ptr [rsp]",
                 "call {imp}",
                 "pop r10",
                 "pop rsp",
-                "mov qword ptr [r10], 0",
+                "mov qword ptr [r10 + 8], 0",
                 "ret",
-                // In place.
+                // In place (r9: the thread's state, or null).
                 "2:",
                 "mov rcx, rsp",
                 "mov r8, rbp",
                 "jmp {imp}",
                 claim = sym side::claim,
-                off = sym side::KAL_SIDE_TOP_OFFSET,
+                off = sym tls::OFFSET,
                 imp = sym $imp,
             )
         }
@@ -239,35 +265,63 @@ trampoline!(
     posix_memalign(out: *mut *mut c_void, align: usize, size: usize) -> i32 => posix_memalign_impl
 );
 
-extern "C" fn malloc_impl(size: usize, _: usize, _: usize, sp: usize, bp: usize) -> *mut c_void {
+extern "C" fn malloc_impl(
+    size: usize,
+    _: usize,
+    _: usize,
+    sp: usize,
+    bp: usize,
+    per: *const PerThread,
+) -> *mut c_void {
     let Some(r) = real::get() else {
         return real::boot_alloc(size);
     };
     // SAFETY: forwarding the caller's arguments to the real malloc.
-    tracked(size, Api::Malloc, caller(sp, bp), || unsafe {
+    tracked(size, Api::Malloc, caller(sp, bp, per), r, || unsafe {
         (r.malloc)(size)
     })
 }
 
-extern "C" fn free_impl(p: *mut c_void, _: usize, _: usize, _: usize, _: usize) {
-    if p.is_null() || real::is_boot(p) {
+extern "C" fn free_impl(
+    p: *mut c_void,
+    _: usize,
+    _: usize,
+    _: usize,
+    _: usize,
+    _: *const PerThread,
+) {
+    if p.is_null() {
         return;
     }
+    // Before the real allocator is known, only bootstrap blocks exist.
     let Some(r) = real::get() else { return };
     if crate::attach::detached() {
-        // SAFETY: p is the caller's block, handed to the allocator that produced it.
-        unsafe { (r.free)(p) };
+        if !real::is_boot(p) {
+            // SAFETY: p is the caller's block, handed to the allocator that produced it.
+            unsafe { (r.free)(p) };
+        }
         return;
     }
+    // A block the table knows is the real allocator's (bootstrap blocks are never
+    // recorded): the common case asks nothing else.
     let known = state::tables().is_some_and(|t| t.forget(p as u64));
-    if !known && crate::server::reclaim::contradicts(p as u64) {
-        return; // kal reclaimed it already: freeing it again would be a double free
+    if !known && (real::is_boot(p) || crate::server::reclaim::contradicts(p as u64)) {
+        // A bootstrap block stays where it is; one kal reclaimed already must not be
+        // freed twice.
+        return;
     }
     // SAFETY: p is the caller's block, handed to the allocator that produced it.
     unsafe { (r.free)(p) }
 }
 
-extern "C" fn calloc_impl(n: usize, size: usize, _: usize, sp: usize, bp: usize) -> *mut c_void {
+extern "C" fn calloc_impl(
+    n: usize,
+    size: usize,
+    _: usize,
+    sp: usize,
+    bp: usize,
+    per: *const PerThread,
+) -> *mut c_void {
     let Some(r) = real::get() else {
         return match n.checked_mul(size) {
             Some(total) => real::boot_alloc(total),
@@ -278,7 +332,8 @@ extern "C" fn calloc_impl(n: usize, size: usize, _: usize, sp: usize, bp: usize)
     tracked(
         n.wrapping_mul(size),
         Api::Calloc,
-        caller(sp, bp),
+        caller(sp, bp, per),
+        r,
         || unsafe { (r.calloc)(n, size) },
     )
 }
@@ -289,6 +344,7 @@ extern "C" fn realloc_impl(
     _: usize,
     sp: usize,
     bp: usize,
+    per: *const PerThread,
 ) -> *mut c_void {
     let Some(r) = real::get() else {
         if p.is_null() {
@@ -296,10 +352,10 @@ extern "C" fn realloc_impl(
         }
         return core::ptr::null_mut();
     };
-    let at = caller(sp, bp);
+    let at = caller(sp, bp, per);
     if p.is_null() {
         // SAFETY: realloc(NULL, n) allocates like malloc.
-        return tracked(size, Api::Realloc, at, || unsafe {
+        return tracked(size, Api::Realloc, at, r, || unsafe {
             (r.realloc)(core::ptr::null_mut(), size)
         });
     }
@@ -309,7 +365,7 @@ extern "C" fn realloc_impl(
     }
     if real::is_boot(p) {
         // SAFETY: a plain allocation for the bootstrap block's new home.
-        let q = tracked(size, Api::Realloc, at, || unsafe { (r.malloc)(size) });
+        let q = tracked(size, Api::Realloc, at, r, || unsafe { (r.malloc)(size) });
         if !q.is_null() {
             let n = real::boot_size(p).min(size);
             // SAFETY: both blocks are at least n bytes long and distinct.
@@ -317,8 +373,8 @@ extern "C" fn realloc_impl(
         }
         return q;
     }
-    if !guard::enter() {
-        if !guard::interrupted_hook() {
+    if !guard::enter_in(at.t) {
+        if !guard::interrupted_hook_in(at.t) {
             // SAFETY: plain forwarding while the agent's own code runs.
             return unsafe { (r.realloc)(p, size) };
         }
@@ -328,14 +384,14 @@ extern "C" fn realloc_impl(
             // SAFETY: forwarding a plain allocation (p was reclaimed by kal already).
             let q = unsafe { (r.malloc)(size) };
             if !q.is_null() {
-                record_interrupting(q, size, Api::Realloc);
+                record_interrupting(q, size, Api::Realloc, at.t);
             }
             return q;
         }
         // SAFETY: p is the caller's live block.
         let q = unsafe { (r.realloc)(p, size) };
         if !q.is_null() {
-            record_interrupting(q, size, Api::Realloc);
+            record_interrupting(q, size, Api::Realloc, at.t);
         } else if size != 0 {
             if let (Some(o), Some(t)) = (old, state::tables_if_ready()) {
                 t.insert(p as u64, o.size, o.seq, o.stack, o.api);
@@ -349,22 +405,22 @@ extern "C" fn realloc_impl(
         // SAFETY: forwarding a plain allocation.
         let q = unsafe { (r.malloc)(size) };
         if !q.is_null() {
-            record(q, size, Api::Realloc, at);
+            record(q, size, Api::Realloc, at, r);
         }
-        guard::leave();
+        guard::leave_in(at.t);
         return q;
     }
     // SAFETY: p is the caller's live block.
     let q = unsafe { (r.realloc)(p, size) };
     if !q.is_null() {
-        record(q, size, Api::Realloc, at);
+        record(q, size, Api::Realloc, at, r);
     } else if size != 0 {
         // Failed: p is still the caller's, put it back as it was.
         if let (Some(o), Some(t)) = (old, state::tables()) {
             t.insert(p as u64, o.size, o.seq, o.stack, o.api);
         }
     }
-    guard::leave();
+    guard::leave_in(at.t);
     q
 }
 
@@ -374,9 +430,10 @@ extern "C" fn reallocarray_impl(
     size: usize,
     sp: usize,
     bp: usize,
+    per: *const PerThread,
 ) -> *mut c_void {
     match n.checked_mul(size) {
-        Some(total) => realloc_impl(p, total, 0, sp, bp),
+        Some(total) => realloc_impl(p, total, 0, sp, bp, per),
         None => {
             // SAFETY: errno is thread-local and always writable.
             unsafe { *libc::__errno_location() = libc::ENOMEM };
@@ -391,12 +448,13 @@ extern "C" fn memalign_impl(
     _: usize,
     sp: usize,
     bp: usize,
+    per: *const PerThread,
 ) -> *mut c_void {
     let Some(r) = real::get() else {
         return real::boot_alloc(size);
     };
     // SAFETY: forwarding.
-    tracked(size, Api::Memalign, caller(sp, bp), || unsafe {
+    tracked(size, Api::Memalign, caller(sp, bp, per), r, || unsafe {
         (r.memalign)(align, size)
     })
 }
@@ -407,32 +465,47 @@ extern "C" fn aligned_alloc_impl(
     _: usize,
     sp: usize,
     bp: usize,
+    per: *const PerThread,
 ) -> *mut c_void {
     let Some(r) = real::get() else {
         return real::boot_alloc(size);
     };
     // SAFETY: forwarding.
-    tracked(size, Api::Memalign, caller(sp, bp), || unsafe {
+    tracked(size, Api::Memalign, caller(sp, bp, per), r, || unsafe {
         (r.aligned_alloc)(align, size)
     })
 }
 
-extern "C" fn valloc_impl(size: usize, _: usize, _: usize, sp: usize, bp: usize) -> *mut c_void {
+extern "C" fn valloc_impl(
+    size: usize,
+    _: usize,
+    _: usize,
+    sp: usize,
+    bp: usize,
+    per: *const PerThread,
+) -> *mut c_void {
     let Some(r) = real::get() else {
         return core::ptr::null_mut();
     };
     // SAFETY: forwarding.
-    tracked(size, Api::Memalign, caller(sp, bp), || unsafe {
+    tracked(size, Api::Memalign, caller(sp, bp, per), r, || unsafe {
         (r.valloc)(size)
     })
 }
 
-extern "C" fn pvalloc_impl(size: usize, _: usize, _: usize, sp: usize, bp: usize) -> *mut c_void {
+extern "C" fn pvalloc_impl(
+    size: usize,
+    _: usize,
+    _: usize,
+    sp: usize,
+    bp: usize,
+    per: *const PerThread,
+) -> *mut c_void {
     let Some(r) = real::get() else {
         return core::ptr::null_mut();
     };
     // SAFETY: forwarding.
-    tracked(size, Api::Memalign, caller(sp, bp), || unsafe {
+    tracked(size, Api::Memalign, caller(sp, bp, per), r, || unsafe {
         (r.pvalloc)(size)
     })
 }
@@ -443,13 +516,14 @@ extern "C" fn posix_memalign_impl(
     size: usize,
     sp: usize,
     bp: usize,
+    per: *const PerThread,
 ) -> i32 {
     let Some(r) = real::get() else {
         return libc::ENOMEM;
     };
     let mut rc = 0;
     // SAFETY: forwarding; out is the caller's pointer, written by the real function.
-    tracked(size, Api::Memalign, caller(sp, bp), || unsafe {
+    tracked(size, Api::Memalign, caller(sp, bp, per), r, || unsafe {
         rc = (r.posix_memalign)(out, align, size);
         if rc == 0 {
             *out

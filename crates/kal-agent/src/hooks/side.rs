@@ -15,7 +15,6 @@
 //! side stack. A hook entered while the flag is set runs in place, on whatever stack its
 //! caller uses, so it never overwrites frames the interrupted hook still needs.
 
-use core::cell::Cell;
 use core::sync::atomic::{AtomicUsize, Ordering};
 
 /// Usable size of one side stack.
@@ -47,25 +46,7 @@ fn slots_to_reserve() -> usize {
 static BASE: AtomicUsize = AtomicUsize::new(0);
 /// Set once [`init`] has run: a hook without a side stack after that is counted.
 static READY: core::sync::atomic::AtomicBool = core::sync::atomic::AtomicBool::new(false);
-/// Offset of the thread's [`Side`] from the thread pointer (static TLS: the same in every
-/// thread), read by the trampolines as `fs:[off]` (top) and `fs:[off + 8]` (in use); 0
-/// while unknown, `usize::MAX` if it ever differs.
-pub static KAL_SIDE_TOP_OFFSET: AtomicUsize = AtomicUsize::new(0);
 static NEXT: AtomicUsize = AtomicUsize::new(0);
-
-/// One thread's side stack, laid out for the trampolines.
-#[repr(C)]
-struct Side {
-    /// Top of the side stack (16-aligned), or 0 if it has none.
-    top: Cell<usize>,
-    /// Non-zero while a hook runs on it (set before the switch, cleared after the switch
-    /// back).
-    busy: Cell<usize>,
-}
-
-thread_local! {
-    static SIDE: Side = const { Side { top: Cell::new(0), busy: Cell::new(0) } };
-}
 
 /// Reserves the region (no memory is used until a stack is touched). Called at start.
 pub fn init() {
@@ -128,40 +109,41 @@ const MADV_GUARD_INSTALL: libc::c_int = 102;
 
 /// The calling thread's side stack top, or 0 if it has none yet.
 pub fn current_top() -> usize {
-    SIDE.with(|s| s.top.get())
+    crate::hooks::tls::with(|t| t.side_top.get())
 }
 
 /// The trampolines' slow path: the top of the calling thread's side stack (16-aligned),
 /// now marked in use, or 0 (it has none, or a hook this call interrupted uses it: run in
-/// place). The in-use flag's address is left at `top - 16`, where the trampoline takes it
-/// to clear the flag once back on the program's stack (nothing is pushed there: a stale
-/// copy of a returned pointer below the program's stack pointer would hide a leak).
-/// Called on the program's stack: keep it small.
+/// place). The address of the thread's [`crate::hooks::tls::PerThread`] is left at
+/// `top - 16`, where the trampoline takes it to pass it on and, once back on the program's
+/// stack, to clear the in-use flag (nothing is pushed there: a stale copy of a returned
+/// pointer below the program's stack pointer would hide a leak). Called on the program's
+/// stack: keep it small.
 pub extern "C" fn claim() -> usize {
-    if SIDE.with(|s| s.busy.get()) != 0 {
+    let per = crate::hooks::tls::current();
+    // SAFETY: this thread's own state, alive as long as the thread.
+    let me = unsafe { &*per };
+    if me.side_busy.get() != 0 {
         return 0;
     }
-    let mut t = SIDE.with(|s| s.top.get());
+    let mut t = me.side_top.get();
     if t == 0 {
-        t = first_top();
+        t = first_top(me);
     }
     if t != 0 {
         // One store: a signal before it finds the stack free, after it finds it in use.
-        let busy = SIDE.with(|s| {
-            s.busy.set(1);
-            s.busy.as_ptr() as usize
-        });
+        me.side_busy.set(1);
         // SAFETY: t is the top of this thread's own side stack, in use by nobody else now;
         // the 16 bytes below it are inside it.
-        unsafe { *((t - 16) as *mut usize) = busy };
+        unsafe { *((t - 16) as *mut usize) = per as usize };
     }
     t
 }
 
 #[cold]
 #[inline(never)]
-fn first_top() -> usize {
-    if !crate::hooks::guard::enter() {
+fn first_top(me: &crate::hooks::tls::PerThread) -> usize {
+    if !crate::hooks::guard::enter_in(me) {
         return 0;
     }
     let t = crate::hooks::pool::take_stack();
@@ -169,19 +151,7 @@ fn first_top() -> usize {
         // This hook (and the next ones of this thread) run on the program's stack.
         crate::state::note_no_side_stack();
     }
-    SIDE.with(|c| c.top.set(t));
-    let tp: usize;
-    // SAFETY: fs:0 holds the thread pointer on x86-64 Linux.
-    unsafe {
-        core::arch::asm!("mov {0}, fs:0", out(reg) tp, options(nostack, readonly, preserves_flags))
-    };
-    let off = SIDE.with(|c| c as *const Side as usize).wrapping_sub(tp);
-    match KAL_SIDE_TOP_OFFSET.compare_exchange(0, off, Ordering::AcqRel, Ordering::Acquire) {
-        Ok(_) => {}
-        Err(known) if known == off => {}
-        // TLS is not at a fixed offset (dynamic TLS): always take the slow path.
-        Err(_) => KAL_SIDE_TOP_OFFSET.store(usize::MAX, Ordering::Release),
-    }
-    crate::hooks::guard::leave();
+    me.side_top.set(t);
+    crate::hooks::guard::leave_in(me);
     t
 }

@@ -12,8 +12,17 @@
 use core::cell::Cell;
 use core::sync::atomic::{AtomicIsize, Ordering};
 
-/// What the hooks keep per thread.
+/// What the hooks keep per thread. The trampolines read the first two fields at fixed
+/// offsets (0 and 8), and pass the whole block's address to the hooks' functions, which
+/// then reach the rest without looking for it again.
+#[repr(C)]
 pub struct PerThread {
+    /// Top of the thread's side stack (16-aligned), 0 while it has none (see
+    /// [`crate::hooks::side`]).
+    pub side_top: Cell<usize>,
+    /// Non-zero while a hook runs on the side stack (set before the switch, cleared after
+    /// the switch back).
+    pub side_busy: Cell<usize>,
     /// Re-entrancy state (see [`crate::hooks::guard`]).
     pub guard: Cell<u8>,
     /// The thread's index for sequence numbers, 0 until its first allocation.
@@ -27,6 +36,8 @@ pub struct PerThread {
 thread_local! {
     static PER: PerThread = const {
         PerThread {
+            side_top: Cell::new(0),
+            side_busy: Cell::new(0),
             guard: Cell::new(0),
             thread_index: Cell::new(0),
             seq: Cell::new(0),
@@ -35,8 +46,9 @@ thread_local! {
     };
 }
 
-/// `PER`'s address minus the thread pointer, the same in every thread; 0 while unknown.
-static OFFSET: AtomicIsize = AtomicIsize::new(0);
+/// `PER`'s address minus the thread pointer, the same in every thread; 0 while unknown
+/// (and always when the agent was loaded by `dlopen`). The trampolines read it too.
+pub static OFFSET: AtomicIsize = AtomicIsize::new(0);
 
 /// Static TLS lies below the thread pointer, within this distance (glibc's static TLS of a
 /// program and its start-time libraries is a few KiB).
@@ -63,16 +75,35 @@ pub fn init() {
     }
 }
 
+/// The calling thread's state.
+#[inline(always)]
+pub fn current() -> *const PerThread {
+    let off = OFFSET.load(Ordering::Relaxed);
+    if off == 0 {
+        // A const-initialised thread-local without a destructor: always accessible, and
+        // its address stays valid as long as the thread.
+        return PER.with(|p| p as *const PerThread);
+    }
+    // Static TLS puts this thread's `PER` at the thread pointer plus the offset measured
+    // in the starting thread (`init`).
+    thread_pointer().wrapping_add(off) as *const PerThread
+}
+
 /// Runs `f` with the calling thread's state.
 #[inline(always)]
 pub fn with<R>(f: impl FnOnce(&PerThread) -> R) -> R {
-    let off = OFFSET.load(Ordering::Relaxed);
-    if off == 0 {
-        return PER.with(f);
-    }
-    let p = thread_pointer().wrapping_add(off) as *const PerThread;
-    // SAFETY: static TLS puts this thread's `PER` at the thread pointer plus the offset
-    // measured in the starting thread (`init`); it lives as long as the thread, and only
-    // this thread (and its signal handlers, which the fields are made for) touch it.
-    f(unsafe { &*p })
+    // SAFETY: `current` is this thread's own state, alive as long as the thread; only this
+    // thread (and its signal handlers, which the fields are made for) touch it.
+    f(unsafe { &*current() })
+}
+
+/// The state a trampoline passed (`per`, this thread's), or the calling thread's when it
+/// passed none (null: the hook runs in place after a failed claim).
+#[inline(always)]
+pub fn passed(per: *const PerThread) -> &'static PerThread {
+    let p = if per.is_null() { current() } else { per };
+    // SAFETY: a non-null `per` is the address the trampoline computed or `claim` stored
+    // for this very thread; either way it is this thread's own state, alive as long as
+    // the thread, which is longer than any hook call.
+    unsafe { &*p }
 }
