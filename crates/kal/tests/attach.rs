@@ -744,7 +744,32 @@ fn park_reclaim_of_an_attached_process_works_round_after_round() {
         );
     }
     assert!(parked_blocks >= 48, "{parked_blocks}");
+    // The free mode, with every site named: it frees the 48 blocks leaked since the
+    // attach (parked or not), never a block from before (the hidden one the program
+    // still reads looks lost too).
+    let out = kal(&[
+        "reclaim",
+        &pid,
+        "-q",
+        "--mode",
+        "free",
+        "--free-sites",
+        "*",
+        "--free-after",
+        "0s",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains(&format!("freed {} bytes in 48 blocks", 40000 * 48)),
+        "{err}"
+    );
+    writeln!(stdin, "verify").unwrap();
+    assert_eq!(line(&rx), "ok 20");
+    let (_, j) = check_pid_json(child.id() as i32, &[]);
+    assert_eq!(totals(&j, "direct"), before, "{j:#}");
+    assert_eq!(before_attach_totals(&j, "direct"), before, "{j:#}");
     writeln!(stdin, "stop").unwrap();
-    assert_eq!(line(&rx), "done 5");
+    assert_eq!(line(&rx), "done 6");
     assert!(child.wait().unwrap().success());
 }
