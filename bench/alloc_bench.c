@@ -1,6 +1,7 @@
 /* Allocation-heavy multithreaded microbenchmark: each thread mallocs and frees blocks of
  * varying size through a few call levels, keeping a window of 64 live blocks.
  * Usage: alloc_bench THREADS ITERATIONS   -> prints ns per malloc+free pair. */
+#include <dlfcn.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -37,10 +38,18 @@ static double once(int threads) {
 }
 
 /* With ALLOC_BENCH_PHASES=N: prints "ready PID", then N times waits for a line on stdin
- * and prints one measurement (so that kal attach / detach can happen between phases). */
+ * and prints one measurement (so that kal attach / detach can happen between phases).
+ * With ALLOC_BENCH_DLOPEN=PATH: dlopen()s PATH first (kal's agent opened that way takes
+ * the path of `kal attach`: dynamic TLS, GOT redirection), e.g. to count the attached
+ * hooks' instructions under callgrind, where kal attach cannot reach. */
 int main(int argc, char **argv) {
   int threads = argc > 1 ? atoi(argv[1]) : 2;
   iters = argc > 2 ? atol(argv[2]) : 5000000;
+  const char *lib = getenv("ALLOC_BENCH_DLOPEN");
+  if (lib && !dlopen(lib, RTLD_NOW)) {
+    fprintf(stderr, "alloc_bench: %s\n", dlerror());
+    return 1;
+  }
   const char *phases = getenv("ALLOC_BENCH_PHASES");
   if (!phases) {
     printf("%.1f\n", once(threads));

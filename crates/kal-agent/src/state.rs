@@ -35,6 +35,8 @@ pub static mut KAL_HEADER: Header = Header {
     server_stack_len: 0,
     freeres: 0,
     freeres_threads: 0,
+    park_runs: 0,
+    park_runs_high: 0,
 };
 static mut TABLES: Option<Tables> = None;
 static STATE: AtomicU8 = AtomicU8::new(0);
@@ -78,6 +80,17 @@ pub fn set_server_stack(addr: u64, len: u64) {
             .store(addr, Ordering::Release);
         (*(core::ptr::addr_of_mut!(KAL_HEADER.server_stack_len) as *const AtomicU64))
             .store(len, Ordering::Release);
+    }
+}
+
+/// Publishes where the parking table is (0: none) and how many of its slots may be in use.
+pub fn set_park_runs(addr: u64, high: u64) {
+    // SAFETY: aligned u64 fields inside a static; only written atomically.
+    unsafe {
+        (*(core::ptr::addr_of_mut!(KAL_HEADER.park_runs_high) as *const AtomicU64))
+            .store(high, Ordering::Release);
+        (*(core::ptr::addr_of_mut!(KAL_HEADER.park_runs) as *const AtomicU64))
+            .store(addr, Ordering::Release);
     }
 }
 

@@ -23,7 +23,7 @@ pub mod ctl;
 /// Magic number at the start of the agent header ("KALAGENT" in little-endian ASCII).
 pub const MAGIC: u64 = u64::from_le_bytes(*b"KALAGENT");
 /// Version of the header and table layout. Bump on any incompatible change.
-pub const VERSION: u32 = 4;
+pub const VERSION: u32 = 5;
 
 /// Maximum number of frames stored for one allocation stack.
 pub const MAX_FRAMES: usize = 24;
@@ -402,7 +402,122 @@ pub struct Header {
     /// With [`FREERES_SKIPPED_THREADS`]: how many other threads of the program were still
     /// running (0: the count could not be read).
     pub freeres_threads: u64,
+    /// Address of the agent's array of [`ParkRun`] slots (0 until kal first asks it to
+    /// park): which pages are parked now, so that a walk of glibc's heap steps over them.
+    pub park_runs: u64,
+    /// Slots of that array that may be in use (the others are [`park_state::FREE`]).
+    pub park_runs_high: u64,
 }
+
+/// States of a [`ParkRun`] slot.
+pub mod park_state {
+    /// The slot holds nothing.
+    pub const FREE: u32 = 0;
+    /// The run is being parked: its pages are still present (write-protected).
+    pub const PARKING: u32 = 1;
+    /// The run's pages are dropped (a copy of the process reads zeros there); their bytes
+    /// are in the agent's store.
+    pub const PARKED: u32 = 2;
+}
+
+/// Pages of one leaked block parked and restored together, as the agent's parking table
+/// holds them ([`Header::park_runs`]). Addresses are kept bit-inverted (`!addr`, 0 for
+/// none): the table lives in memory kal scans as a root, and a plain heap address there
+/// would make a parked block look reachable.
+///
+/// For a walk of glibc's heap, which cannot read the chunk headers inside a parked run,
+/// the agent notes the first chunk whose size word lies in the run (with that word as it
+/// was when the run was parked: any write to the run since would have restored it) and
+/// where the first chunk after the run starts.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ParkRun {
+    /// A [`park_state`] value.
+    pub state: u32,
+    /// Set by the agent's fault handler when the program touched the run while it was
+    /// being parked.
+    pub abandoned: u32,
+    /// `!start` of the run (page-aligned).
+    pub start_inv: u64,
+    /// Pages in the run.
+    pub pages: u64,
+    /// `!addr` of the lost block the run belongs to.
+    pub block_inv: u64,
+    /// The block's requested size.
+    pub block_len: u64,
+    /// The block's stack id.
+    pub stack: u32,
+    /// Compressed length in the agent's store.
+    pub store_len: u32,
+    /// Offset of the run's extent in the store.
+    pub store_off: u64,
+    /// Length of the extent (whole pages).
+    pub store_alloc: u64,
+    /// `!chunk` of the first glibc chunk whose size word lies in the run, or 0 (none, or
+    /// not glibc's allocator).
+    pub first_inv: u64,
+    /// That chunk's size word (flags included) when the run was parked.
+    pub first_word: u64,
+    /// `!chunk` of the first glibc chunk that starts at or after the run's end, or 0
+    /// (unknown).
+    pub resume_inv: u64,
+}
+
+impl ParkRun {
+    /// First address.
+    pub fn start(&self) -> u64 {
+        !self.start_inv
+    }
+    /// One past the last address.
+    pub fn end(&self) -> u64 {
+        self.start() + self.pages * 4096
+    }
+    /// The lost block's own bytes, `[addr, addr + len)`.
+    pub fn block(&self) -> (u64, u64) {
+        (!self.block_inv, !self.block_inv + self.block_len)
+    }
+    /// The first chunk whose size word lies in the run, and that word.
+    pub fn first_chunk(&self) -> Option<(u64, u64)> {
+        (self.first_inv != 0).then_some((!self.first_inv, self.first_word))
+    }
+    /// Where the first chunk after the run starts.
+    pub fn resume(&self) -> Option<u64> {
+        (self.resume_inv != 0).then_some(!self.resume_inv)
+    }
+
+    /// Decodes a slot from its little-endian bytes.
+    pub fn decode(b: &[u8; PARK_RUN_SIZE]) -> ParkRun {
+        let w = |o: usize| {
+            let mut x = [0u8; 8];
+            x.copy_from_slice(&b[o..o + 8]);
+            u64::from_le_bytes(x)
+        };
+        let h = |o: usize| {
+            let mut x = [0u8; 4];
+            x.copy_from_slice(&b[o..o + 4]);
+            u32::from_le_bytes(x)
+        };
+        ParkRun {
+            state: h(0),
+            abandoned: h(4),
+            start_inv: w(8),
+            pages: w(16),
+            block_inv: w(24),
+            block_len: w(32),
+            stack: h(40),
+            store_len: h(44),
+            store_off: w(48),
+            store_alloc: w(56),
+            first_inv: w(64),
+            first_word: w(72),
+            resume_inv: w(80),
+        }
+    }
+}
+
+/// Size of a [`ParkRun`] slot.
+pub const PARK_RUN_SIZE: usize = core::mem::size_of::<ParkRun>();
+const _: () = assert!(PARK_RUN_SIZE == 88);
 
 /// [`Header::freeres`]: not asked to run (the process has not called `exit`; `_exit`,
 /// `_Exit` and `abort` never run them).
@@ -529,6 +644,33 @@ mod tests {
         for n in [1u64, 7, 1 << 20, 123_456_789] {
             assert!(home_slot(0x7f00_1234_5678, n) < n);
         }
+    }
+
+    #[test]
+    fn a_park_run_decodes_from_its_own_bytes() {
+        let r = ParkRun {
+            state: park_state::PARKED,
+            abandoned: 0,
+            start_inv: !0x5555_0000_1000,
+            pages: 3,
+            block_inv: !0x5555_0000_0ff0,
+            block_len: 40000,
+            stack: 7,
+            store_len: 99,
+            store_off: 4096,
+            store_alloc: 8192,
+            first_inv: !0x5555_0000_1a40,
+            first_word: 0x9c51,
+            resume_inv: !0x5555_0000_4a60,
+        };
+        // SAFETY: ParkRun is repr(C) plain data of PARK_RUN_SIZE bytes without padding.
+        let bytes: [u8; PARK_RUN_SIZE] = unsafe { core::mem::transmute(r) };
+        let d = ParkRun::decode(&bytes);
+        assert_eq!(d, r);
+        assert_eq!(d.first_chunk(), Some((0x5555_0000_1a40, 0x9c51)));
+        assert_eq!(d.resume(), Some(0x5555_0000_4a60));
+        assert_eq!(d.end(), 0x5555_0000_4000);
+        assert_eq!(ParkRun::default().first_chunk(), None);
     }
 
     #[test]

@@ -107,6 +107,7 @@ fn compare(cap: &kal::capture::Capture, tps: &[u64]) -> kal::blocks::BlockList {
         maps: &cap.maps,
         thread_pointers: tps,
         exclude: &cap.agent,
+        parked: &[],
     }
     .live_blocks()
     .unwrap();

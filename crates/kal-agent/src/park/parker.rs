@@ -57,6 +57,26 @@ struct Cand {
     stack: u32,
     a: u64,
     b: u64,
+    /// `[a, b)` is exactly a glibc heap chunk (not mmapped): `a` holds its header and the
+    /// next chunk starts at `b`.
+    chunk: bool,
+}
+
+/// What a walk of glibc's heap needs to step over run `[rs, re)` of a group of spans
+/// `group` (see [`kal_proto::ParkRun`]): the first chunk whose size word lies in the run,
+/// and where the chunk holding the run's last byte ends (0 when that is not known).
+fn chunk_marks(group: &[Cand], rs: u64, re: u64) -> (Option<u64>, u64) {
+    let chunks = || group.iter().filter(|k| k.chunk);
+    let first = chunks()
+        .map(|k| k.a)
+        .filter(|&a| rs <= a + 8 && a + 8 < re)
+        .min();
+    let resume = chunks()
+        .filter(|k| k.a < re && re <= k.b)
+        .map(|k| k.b)
+        .min()
+        .unwrap_or(0);
+    (first, resume)
 }
 
 /// Reads `out.len()` bytes of our own memory at `addr`, failing (not faulting) where it is
@@ -78,9 +98,10 @@ fn self_read(addr: u64, out: &mut [u8]) -> bool {
 
 /// The memory that belongs to block `addr` of `len` bytes: with glibc's allocator its whole
 /// chunk (the 16-byte header before it up to the next chunk's header; an mmapped chunk's
-/// whole mapping), checked against the header; otherwise just its bytes.
-fn span(addr: u64, len: u64, glibc: bool) -> (u64, u64) {
-    let plain = (addr, addr + len);
+/// whole mapping), checked against the header; otherwise just its bytes. The flag says
+/// whether the span is exactly a heap chunk (not mmapped).
+fn span(addr: u64, len: u64, glibc: bool) -> (u64, u64, bool) {
+    let plain = (addr, addr + len, false);
     if !glibc || addr < 16 {
         return plain;
     }
@@ -95,10 +116,10 @@ fn span(addr: u64, len: u64, glibc: bool) -> (u64, u64) {
     if word & 2 != 0 {
         // mmapped: the mapping starts `prev` bytes before the chunk.
         if size % PAGE == 0 && size >= len + 16 && prev % 16 == 0 && prev < PAGE {
-            return (chunk - prev, chunk + size);
+            return (chunk - prev, chunk + size, false);
         }
     } else if size >= len + 8 && size <= len + 8 + 64 {
-        return (chunk, chunk + size);
+        return (chunk, chunk + size, true);
     }
     plain
 }
@@ -142,7 +163,7 @@ pub fn park_blocks(t: &Tables, entries: &[(u64, u64)], arg: u32, pages: &mut [u3
         if !runs::init() || runs::lock().overlaps(own, addr + now.size.max(1)) {
             continue;
         }
-        let (a, b) = span(addr, now.size, glibc);
+        let (a, b, chunk) = span(addr, now.size, glibc);
         cands.push(Cand {
             entry: i,
             addr,
@@ -150,6 +171,7 @@ pub fn park_blocks(t: &Tables, entries: &[(u64, u64)], arg: u32, pages: &mut [u3
             stack: now.stack,
             a,
             b,
+            chunk,
         });
     }
     cands.sort_unstable_by_key(|k| k.a);
@@ -171,7 +193,8 @@ pub fn park_blocks(t: &Tables, entries: &[(u64, u64)], arg: u32, pages: &mut [u3
             let mut p = from;
             while p < to {
                 let n = ((to - p) / PAGE).min(RUN_PAGES);
-                match park_run(p, n, &cands[k], arg) {
+                let marks = chunk_marks(&cands[g..h], p, p + n * PAGE);
+                match park_run(p, n, &cands[k], marks, arg) {
                     Ok(done) => {
                         if done > 0 {
                             let e = cands[k].entry;
@@ -212,6 +235,7 @@ pub fn park_blocks(t: &Tables, entries: &[(u64, u64)], arg: u32, pages: &mut [u3
             stack: 0,
             a: 0,
             b: 0,
+            chunk: false,
         };
     }
     c
@@ -231,9 +255,15 @@ fn abandon(l: &mut runs::Locked, i: usize, extent: Option<(u64, u64)>) {
     l.run(i).state = runs::FREE;
 }
 
-/// Parks `n` pages at `start`, part of block `k`; returns the pages parked (0: left alone,
-/// e.g. already parked or touched meanwhile).
-fn park_run(start: u64, n: u64, k: &Cand, arg: u32) -> Result<u64, Stop> {
+/// Parks `n` pages at `start`, part of block `k` (`marks`: from [`chunk_marks`]); returns
+/// the pages parked (0: left alone, e.g. already parked or touched meanwhile).
+fn park_run(
+    start: u64,
+    n: u64,
+    k: &Cand,
+    marks: (Option<u64>, u64),
+    arg: u32,
+) -> Result<u64, Stop> {
     let fd = super::fd();
     let len = n * PAGE;
     let i = {
@@ -259,6 +289,8 @@ fn park_run(start: u64, n: u64, k: &Cand, arg: u32) -> Result<u64, Stop> {
             block_inv: !k.addr,
             block_len: k.len,
             stack: k.stack,
+            first_inv: marks.0.map_or(0, |a| !a),
+            resume_inv: if marks.1 == 0 { 0 } else { !marks.1 },
             ..Run::default()
         };
         match l.add(run) {
@@ -358,6 +390,15 @@ fn park_run(start: u64, n: u64, k: &Cand, arg: u32) -> Result<u64, Stop> {
         return Ok(0);
     }
     let run = l.run(i);
+    // The first chunk's size word as the copy has it: the run was write-protected before
+    // the copy, so it is what the dropped page holds.
+    if let Some(a) = marks.0 {
+        let o = (a + 8 - start) as usize;
+        run.first_word = inp
+            .get(o..o + 8)
+            .and_then(|w| w.try_into().ok())
+            .map_or(0, u64::from_le_bytes);
+    }
     run.store_off = off;
     run.store_alloc = alloc;
     run.store_len = m as u32;
@@ -365,4 +406,50 @@ fn park_run(start: u64, n: u64, k: &Cand, arg: u32) -> Result<u64, Stop> {
     super::PARKED.fetch_add(len, Ordering::Relaxed);
     super::PARKED_TOTAL.fetch_add(len, Ordering::Relaxed);
     Ok(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chunk(a: u64, b: u64) -> Cand {
+        Cand {
+            entry: 0,
+            addr: a + 16,
+            len: b - a - 16,
+            stack: 0,
+            a,
+            b,
+            chunk: true,
+        }
+    }
+
+    #[test]
+    fn runs_note_the_first_header_in_them_and_where_the_chunks_after_them_start() {
+        const H: u64 = 0x5555_0000_0000;
+        // Three adjacent lost chunks: [H+0x20, H+0x1820), [H+0x1820, H+0x3020),
+        // [H+0x3020, H+0x3040) (a small one whose header shares X2's last page).
+        let g = [
+            chunk(H + 0x20, H + 0x1820),
+            chunk(H + 0x1820, H + 0x3020),
+            chunk(H + 0x3020, H + 0x3040),
+        ];
+        assert_eq!(
+            chunk_marks(&g, H + 0x1000, H + 0x2000),
+            (Some(H + 0x1820), H + 0x3020)
+        );
+        assert_eq!(chunk_marks(&g, H + 0x2000, H + 0x3000), (None, H + 0x3020));
+        // A header page-aligned at the run's start is the run's own first header.
+        let g2 = [chunk(H + 0x1000, H + 0x3000)];
+        assert_eq!(
+            chunk_marks(&g2, H + 0x1000, H + 0x2000),
+            (Some(H + 0x1000), H + 0x3000)
+        );
+        // A span that is not exactly a chunk says nothing about boundaries.
+        let plain = [Cand {
+            chunk: false,
+            ..chunk(H + 0x20, H + 0x3020)
+        }];
+        assert_eq!(chunk_marks(&plain, H + 0x1000, H + 0x2000), (None, 0));
+    }
 }

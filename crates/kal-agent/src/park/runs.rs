@@ -16,52 +16,15 @@ pub const MAX_RUNS: usize = 1 << 16;
 pub const MAX_SPANS: usize = 4096;
 
 /// A run slot holds nothing.
-pub const FREE: u32 = 0;
+pub const FREE: u32 = kal_proto::park_state::FREE;
 /// The parker is copying the run; its pages are still present (write-protected).
-pub const PARKING: u32 = 1;
+pub const PARKING: u32 = kal_proto::park_state::PARKING;
 /// The run's pages are dropped; its bytes are in the store.
-pub const PARKED: u32 = 2;
+pub const PARKED: u32 = kal_proto::park_state::PARKED;
 
-/// Pages parked and restored together: part of one block, at most [`crate::park::RUN_PAGES`].
-#[repr(C)]
-#[derive(Clone, Copy, Default)]
-pub struct Run {
-    /// [`FREE`], [`PARKING`] or [`PARKED`].
-    pub state: u32,
-    /// Set by the handler when the program touched the run while it was being parked.
-    pub abandoned: u32,
-    /// `!start` of the run.
-    pub start_inv: u64,
-    /// Pages in the run.
-    pub pages: u64,
-    /// `!addr` of the lost block the run belongs to.
-    pub block_inv: u64,
-    /// The block's requested size.
-    pub block_len: u64,
-    /// The block's stack id.
-    pub stack: u32,
-    /// Compressed length in the store.
-    pub store_len: u32,
-    /// Offset of the run's extent in the store.
-    pub store_off: u64,
-    /// Length of the extent (whole pages).
-    pub store_alloc: u64,
-}
-
-impl Run {
-    /// First address.
-    pub fn start(&self) -> u64 {
-        !self.start_inv
-    }
-    /// One past the last address.
-    pub fn end(&self) -> u64 {
-        self.start() + self.pages * 4096
-    }
-    /// The lost block's own bytes, `[addr, addr + len)`.
-    pub fn block(&self) -> (u64, u64) {
-        (!self.block_inv, !self.block_inv + self.block_len)
-    }
-}
+/// Pages parked and restored together: part of one block, at most [`crate::park::RUN_PAGES`]
+/// (the layout the CLI reads through [`kal_proto::Header::park_runs`]).
+pub type Run = kal_proto::ParkRun;
 
 static LOCK: AtomicBool = AtomicBool::new(false);
 static RUNS: AtomicUsize = AtomicUsize::new(0);
@@ -81,6 +44,7 @@ pub fn init() -> bool {
         }
         RUNS.store(r as usize, Ordering::Release);
         SPANS.store(s as usize, Ordering::Release);
+        crate::state::set_park_runs(r as u64, HIGH.load(Ordering::Relaxed) as u64);
     }
     true
 }
@@ -93,6 +57,7 @@ pub fn reset() {
         mem::release(SPANS.load(Ordering::Acquire) as *mut u8, MAX_SPANS * 16);
     }
     HIGH.store(0, Ordering::Release);
+    crate::state::set_park_runs(r as u64, 0);
     NSPANS.store(0, Ordering::Release);
     LOCK.store(false, Ordering::Release);
 }
@@ -162,6 +127,7 @@ impl Locked {
             .or((high < MAX_RUNS).then_some(high))?;
         if i == high {
             HIGH.store(high + 1, Ordering::Relaxed);
+            crate::state::set_park_runs(RUNS.load(Ordering::Acquire) as u64, (high + 1) as u64);
         }
         *self.run(i) = Run {
             state: PARKING,

@@ -384,6 +384,7 @@ fn ready(
         maps,
         thread_pointers: &tps,
         exclude: &[],
+        parked: &[],
     };
     let arenas = walk
         .arena_addresses()

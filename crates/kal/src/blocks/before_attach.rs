@@ -26,6 +26,7 @@ use crate::capture::memory::Memory;
 use crate::capture::procfs::Mapping;
 use crate::capture::{Capture, Gap};
 use crate::reach::Kind;
+use kal_proto::{park_state, Header, ParkRun, PARK_RUN_SIZE};
 
 /// The stack id of a block allocated before the attach (no stack: the agent's ids are
 /// 16-bit, and [`kal_proto::STACK_UNKNOWN`] is a block the agent saw without its stack).
@@ -49,23 +50,65 @@ pub fn note(blocks: u64, bytes: u64) -> String {
     )
 }
 
+/// Most slots of the agent's parking table (its `park::runs::MAX_RUNS`).
+const MAX_PARK_RUNS: u64 = 1 << 16;
+
+/// The runs of pages the agent (header `h`) has parked, sorted by start, from the captured
+/// memory `mem`. Pages being parked are still present, and pages put back are present
+/// again: only [`park_state::PARKED`] runs read as zeros in a copy.
+pub fn parked_runs(mem: &dyn Memory, h: &Header) -> Result<Vec<ParkRun>, String> {
+    if h.park_runs == 0 || h.park_runs_high == 0 {
+        return Ok(Vec::new());
+    }
+    if h.park_runs_high > MAX_PARK_RUNS {
+        return Err(format!(
+            "the agent's table of parked pages claims {} runs",
+            h.park_runs_high
+        ));
+    }
+    let mut bytes = vec![0u8; h.park_runs_high as usize * PARK_RUN_SIZE];
+    mem.read(h.park_runs, &mut bytes)
+        .map_err(|_| "the agent's table of parked pages cannot be read".to_string())?;
+    let mut runs: Vec<ParkRun> = bytes
+        .chunks_exact(PARK_RUN_SIZE)
+        .filter_map(|c| c.try_into().ok().map(ParkRun::decode))
+        .filter(|r| r.state == park_state::PARKED && r.pages > 0)
+        .collect();
+    runs.sort_unstable_by_key(|r| r.start());
+    Ok(runs)
+}
+
 /// Merges the blocks of glibc's heap walk (of the captured memory `mem`, its mappings
-/// `maps` and threads `threads`; `exclude`: the agent's own mappings) into the agent's
-/// `table` blocks (sorted by address). Blocks only the walk knows get [`STACK`]. Returns
-/// the merged list, sorted, and what the walk could not see.
+/// `maps` and threads `threads`; `exclude`: the agent's own mappings; the pages the agent
+/// parked are read from its header `h` and stepped over) into the agent's `table` blocks
+/// (sorted by address). Blocks only the walk knows get [`STACK`]. Returns the merged list,
+/// sorted, and what the walk could not see.
 pub fn merge(
     table: Vec<Block>,
     mem: &dyn Memory,
+    h: &Header,
     maps: &[Mapping],
     threads: &[ThreadRegs],
     exclude: &[(u64, u64)],
 ) -> (Vec<Block>, Vec<Gap>) {
     let tps: Vec<u64> = threads.iter().map(|t| t.thread_pointer()).collect();
+    let parked = match parked_runs(mem, h) {
+        Ok(p) => p,
+        Err(e) => {
+            return (
+                table,
+                vec![Gap::whole(&format!(
+                    "blocks allocated before kal attached are unknown: {e}"
+                ))],
+            )
+        }
+    };
     let walk = match (Ptmalloc {
         mem,
         maps,
         thread_pointers: &tps,
         exclude,
+        parked: &parked,
     })
     .live_blocks()
     {

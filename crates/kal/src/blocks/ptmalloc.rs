@@ -94,6 +94,10 @@ pub struct Ptmalloc<'a> {
     /// Memory that is never the allocator's, sorted and disjoint (kal's agent's own
     /// mappings, for example): never taken for mmapped chunks.
     pub exclude: &'a [(u64, u64)],
+    /// Runs of pages kal's agent parked ([`kal_proto::park_state::PARKED`] only), sorted by
+    /// start: a copy of the process reads zeros there, chunk headers included. The walk
+    /// steps over them with what the agent noted when it parked each run.
+    pub parked: &'a [kal_proto::ParkRun],
 }
 
 /// Reads words through a 64 KiB window (chunk walks are sequential).
@@ -314,6 +318,13 @@ impl Ptmalloc<'_> {
         out
     }
 
+    /// The parked run holding address `a`, if any.
+    fn parked_at(&self, a: u64) -> Option<&kal_proto::ParkRun> {
+        let i = self.parked.partition_point(|r| r.start() <= a);
+        let r = self.parked.get(i.checked_sub(1)?)?;
+        (a < r.end()).then_some(r)
+    }
+
     /// Reads and validates the `malloc_state` at `a`.
     fn arena_at(&self, r: &Reader, a: u64) -> Option<Arena> {
         let w = r.words(a, STATE_WORDS)?;
@@ -446,6 +457,27 @@ impl Ptmalloc<'_> {
                 }
                 return;
             }
+            if let Some(run) = self.parked_at(p + 8) {
+                // A chunk kal parked (a lost block the agent's table holds), or one of the
+                // chunks after it inside the run: go on where the run's last chunk ends.
+                match run.resume() {
+                    Some(x) if x > p && x <= end => {
+                        p = x;
+                        continue;
+                    }
+                    _ => {
+                        un.push(Unwalked {
+                            transient: false,
+                            start: p,
+                            end,
+                            why: "a chunk header in pages kal parked, without the chunk \
+                                  that follows them"
+                                .into(),
+                        });
+                        return;
+                    }
+                }
+            }
             let Some(word) = r.word(p + 8) else {
                 un.push(Unwalked {
                     transient: false,
@@ -474,7 +506,15 @@ impl Ptmalloc<'_> {
             }
             let next = p + size;
             let inuse = if next + 16 <= end {
-                r.word(next + 8).map(|w| w & PREV_INUSE != 0)
+                match self.parked_at(next + 8) {
+                    // The next chunk's header was parked: its size word as it was then
+                    // (any write since would have brought the run back).
+                    Some(run) => run
+                        .first_chunk()
+                        .filter(|&(a, _)| a == next)
+                        .map(|(_, w)| w & PREV_INUSE != 0),
+                    None => r.word(next + 8).map(|w| w & PREV_INUSE != 0),
+                }
             } else {
                 None
             };
@@ -969,6 +1009,7 @@ mod tests {
             maps: &[],
             thread_pointers: tps,
             exclude: &[],
+            parked: &[],
         }
     }
 
@@ -978,6 +1019,7 @@ mod tests {
             maps: &[],
             thread_pointers: &[],
             exclude: &[],
+            parked: &[],
         }
     }
 
@@ -1108,6 +1150,66 @@ mod tests {
         walker(&m).walk_chunks(&mut Reader::new(&m), H, None, H + 0x100, &mut out, &mut un);
         assert!(out.is_empty());
         assert_eq!((un.len(), un[0].start), (1, H));
+    }
+
+    #[test]
+    fn chunk_walks_step_over_parked_runs_with_what_the_agent_noted() {
+        const H: u64 = 0x5555_0000_0000; // page-aligned
+        let mut m = Fake(vec![(H, vec![0; 0x4000 / 8])]);
+        // A in use; X1 and X2 lost blocks whose pages kal parked (the copy reads zeros in
+        // [H + 0x1000, H + 0x3000), X2's header included); F free; B and C in use.
+        let chunks = [
+            (0x0, 0x20 | 1),
+            (0x20, 0x1800 | 1),
+            (0x3020, 0x30 | 1),
+            (0x3050, 0x20),
+            (0x3070, 0x40 | 1),
+            (0x30b0, 0xf50 | 1), // top
+        ];
+        for (at, word) in chunks {
+            m.set(H + at + 8, word);
+        }
+        let run = |start: u64, first: Option<(u64, u64)>, resume: u64| kal_proto::ParkRun {
+            state: kal_proto::park_state::PARKED,
+            start_inv: !(H + start),
+            pages: 1,
+            first_inv: first.map_or(0, |(a, _)| !(H + a)),
+            first_word: first.map_or(0, |(_, w)| w),
+            resume_inv: !(H + resume),
+            ..Default::default()
+        };
+        let parked = [
+            run(0x1000, Some((0x1820, 0x1800 | 1)), 0x3020),
+            run(0x2000, None, 0x3020),
+        ];
+        let walk = |parked: &[kal_proto::ParkRun]| {
+            let w = Ptmalloc {
+                parked,
+                ..walker(&m)
+            };
+            let (mut out, mut un) = (Vec::new(), Vec::new());
+            let top = Some(H + 0x30b0);
+            w.walk_chunks(&mut Reader::new(&m), H, top, H + 0x4000, &mut out, &mut un);
+            let got: Vec<(u64, u64)> = out.iter().map(|b| (b.addr - H, b.usable)).collect();
+            (got, un)
+        };
+        let (got, un) = walk(&parked);
+        assert!(un.is_empty(), "{un:?}");
+        // X1's in-use bit comes from X2's size word as the agent noted it; X2 (in the
+        // agent's table) is stepped over; F is free.
+        assert_eq!(
+            got,
+            vec![(0x10, 0x18), (0x30, 0x17f8), (0x3060, 0x18), (0x3080, 0x38)]
+        );
+        // Without the runs: X2's zeroed header says X1 is free, and the chain breaks there.
+        let (got, un) = walk(&[]);
+        assert_eq!(got, vec![(0x10, 0x18)]);
+        assert_eq!((un.len(), un[0].start), (1, H + 0x1820));
+        // A run without the chunk after it: reported, not guessed.
+        let mut lost = parked;
+        lost[0].resume_inv = 0;
+        let (_, un) = walk(&lost);
+        assert_eq!((un.len(), un[0].start), (1, H + 0x1820), "{un:?}");
     }
 
     #[test]

@@ -206,6 +206,7 @@ pub fn capture_source(src: &mut dyn Source) -> Result<Capture> {
         maps: &maps,
         thread_pointers: &tps,
         exclude: &[],
+        parked: &[],
     }
     .live_blocks()
     .map_err(|e| anyhow::anyhow!("cannot walk the heap of process {pid}: {e}"))?;

@@ -353,7 +353,7 @@ pub fn capture_table(src: &mut dyn Source, header_addr: u64) -> Result<Capture> 
     } else if header.glibc_malloc != 0 {
         let t2 = std::time::Instant::now();
         let (merged, gaps) =
-            crate::blocks::before_attach::merge(blocks, &*mem, &maps, &threads, &agent);
+            crate::blocks::before_attach::merge(blocks, &*mem, &header, &maps, &threads, &agent);
         if timing {
             crate::say!(
                 "timing: heap walk for blocks from before the attach {:?} ({} blocks in all)",
