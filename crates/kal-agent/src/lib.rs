@@ -89,12 +89,12 @@ fn static_tls_size() -> u64 {
 extern "C" fn agent_start() {
     let attach = attach::loaded_by_dlopen();
     if attach {
-        // Loaded by `kal attach`: TLS is the loader's dynamic TLS, at no fixed offset
-        // from the thread pointer, so the static-TLS shortcuts stay off.
         attach::set_attach_mode();
-    } else {
-        tls::init();
     }
+    // Loaded by `kal attach`, the agent's TLS is static only if glibc had room for it:
+    // `init` checks (the program's other threads are stopped by kal, and no hook runs
+    // before the GOT is redirected below).
+    tls::init(static_tls_size());
     let Some(r) = real::get() else { return };
     if !guard::enter_agent() {
         return;

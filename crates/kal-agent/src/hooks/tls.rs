@@ -6,8 +6,8 @@
 //! the same offset from the thread pointer (`fs:0`) in every thread. [`init`] measures that
 //! offset once, in the thread that starts the agent; from then on [`with`] is the thread
 //! pointer plus the offset. Until then, or if the offset looks wrong, the `thread_local!`
-//! path is taken. A future in-process attach (`dlopen` of the agent into a running process,
-//! whose TLS may be allocated per thread on demand) must not call [`init`].
+//! path is taken. Loaded by `dlopen` (`kal attach`), the agent's TLS may be allocated per
+//! thread on demand: [`init`] then keeps the offset unknown.
 
 use core::cell::Cell;
 use core::sync::atomic::{AtomicIsize, Ordering};
@@ -65,12 +65,23 @@ fn thread_pointer() -> isize {
 }
 
 /// Measures the offset of the per-thread state from the thread pointer. Called once, by the
-/// thread that starts the agent (loaded at process start: static TLS).
-pub fn init() {
+/// thread that starts the agent. `static_size` is the size of the static TLS area (below
+/// the thread pointer; 0 when unknown).
+///
+/// Preloaded, the agent has static TLS. Loaded by `dlopen` (`kal attach`), it has static
+/// TLS when glibc found room for it in its spare static TLS (the agent's thread-locals are
+/// reached through TLS descriptors, see `.cargo/config.toml`), else a block allocated per
+/// thread: the offset is used only when this thread's block lies inside its static TLS
+/// area, where no allocated block can be, and is then the same in every thread.
+pub fn init(static_size: u64) {
     let off = PER
         .with(|p| p as *const PerThread as isize)
         .wrapping_sub(thread_pointer());
-    if (-MAX_OFFSET..0).contains(&off) {
+    let limit = match isize::try_from(static_size) {
+        Ok(n) if n > 0 => n.min(MAX_OFFSET),
+        _ => MAX_OFFSET,
+    };
+    if (-limit..0).contains(&off) {
         OFFSET.store(off, Ordering::Release);
     }
 }
