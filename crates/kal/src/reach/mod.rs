@@ -78,7 +78,7 @@ struct Region {
 }
 
 /// Sorted blocks with fast "which block holds this address" lookup: the address space is
-/// cut into regions of nearby blocks, each region into equal granules (about one block
+/// cut into regions of nearby blocks, each region into equal granules (one or two blocks
 /// each), and for every granule the number of the region's blocks that start before it is
 /// recorded, so a lookup is one region search (a directory of equal cells of the address
 /// space says which one or two regions a cell meets), one table read and a search among
@@ -109,7 +109,7 @@ impl<'a> BlockIndex<'a> {
     /// Indexes blocks sorted by address.
     pub fn new(blocks: &'a [Block]) -> BlockIndex<'a> {
         let mut regions = Vec::new();
-        // About a granule per block (a power of two of the mean spacing: up to two).
+        // At most about a granule per block (reserved, not touched: regions are few).
         let mut counts = Vec::with_capacity(blocks.len() * 2 + 1);
         crate::capture::memory::prefer_huge_pages(&counts);
         let mut hi = 0;
@@ -126,9 +126,12 @@ impl<'a> BlockIndex<'a> {
                 end = end.max(end_of(&blocks[j]));
                 j += 1;
             }
-            // Granules of about the region's mean block spacing (a power of two).
+            // Granules of the region's mean block spacing rounded up to a power of two:
+            // one or two blocks start in a granule on average, and the granule counts (a
+            // fresh vector, slow to fault in) are half as many as with the spacing rounded
+            // down.
             let mean = ((end - start) / (j - i) as u64).max(1);
-            let shift = (63 - mean.leading_zeros()).clamp(3, 40);
+            let shift = (64 - (mean - 1).leading_zeros()).clamp(3, 40);
             let granules = ((end - start - 1) >> shift) as usize + 1;
             let base = counts.len();
             counts.reserve(granules + 1);
@@ -579,6 +582,7 @@ impl<'a, 'm> Marker<'a, 'm> {
     /// between `threads` threads (contiguous parts of the sorted list, each thread with
     /// its own page cache and stack).
     fn mark(&mut self, heap: &(dyn Memory + Sync), threads: usize, parallel_sweep: usize) {
+        let mut bits = Vec::new();
         loop {
             self.drain();
             if self.deferred.is_empty() {
@@ -586,8 +590,7 @@ impl<'a, 'm> Marker<'a, 'm> {
             }
             let t = std::time::Instant::now();
             let mut todo = std::mem::take(&mut self.deferred);
-            todo.sort_unstable();
-            todo.dedup();
+            sort_unique(&mut todo, self.marks.blocks.len(), &mut bits);
             if crate::debug::timing() {
                 crate::say!(
                     "timing: sweep of {} blocks (sorted in {:?})",
@@ -707,6 +710,29 @@ impl<'a, 'm> Marker<'a, 'm> {
             }
             self.scan(i);
             self.drain_stack();
+        }
+    }
+}
+
+/// Sorts block indices below `n` and removes repeats: through a bitmap of `n` bits
+/// (`bits`, all zeros before and after, grown when needed) when there are many of them,
+/// else by sorting.
+fn sort_unique(v: &mut Vec<u32>, n: usize, bits: &mut Vec<u64>) {
+    if v.len() < n / 32 {
+        v.sort_unstable();
+        v.dedup();
+        return;
+    }
+    bits.resize(n.div_ceil(64), 0);
+    for &i in v.iter() {
+        bits[i as usize / 64] |= 1 << (i % 64);
+    }
+    v.clear();
+    for (k, w) in bits.iter_mut().enumerate() {
+        let mut x = std::mem::take(w);
+        while x != 0 {
+            v.push((k * 64) as u32 + x.trailing_zeros());
+            x &= x - 1;
         }
     }
 }
@@ -1014,6 +1040,28 @@ mod tests {
             at += size.max(1).div_ceil(16) * 16 + 16;
         }
         v
+    }
+
+    #[test]
+    fn sort_unique_sorts_and_drops_repeats_either_way() {
+        let mut rng = Rng(7);
+        let mut bits = Vec::new();
+        for (len, n) in [
+            (0, 10),
+            (5, 1000),
+            (500, 1000),
+            (5000, 1000),
+            (70_000, 100_000),
+        ] {
+            let v: Vec<u32> = (0..len).map(|_| rng.below(n as u64) as u32).collect();
+            let mut want = v.clone();
+            want.sort_unstable();
+            want.dedup();
+            let mut got = v;
+            sort_unique(&mut got, n, &mut bits);
+            assert_eq!(got, want, "{len} of {n}");
+            assert!(bits.iter().all(|&w| w == 0), "the bitmap is left clear");
+        }
     }
 
     #[test]
