@@ -3,7 +3,7 @@
 //! core file). The header ([`read_header`]) says where the tables, the stack table and
 //! the agent's own memory are.
 
-use super::Block;
+use super::{sided, Block};
 use crate::capture::memory::{read_words, Memory};
 use anyhow::{bail, Context, Result};
 use kal_proto::{
@@ -102,31 +102,18 @@ fn halves(pieces: &[(u64, u64)], mut at: u64) -> (Pieces, Pieces) {
     (first, second)
 }
 
-/// The live blocks of table `pieces`, split at address `pivot` (below it, and from it on),
-/// each part sorted by address with each address once (a block being moved between two
-/// tables may be in both), and the parts of the tables that could not be read.
-fn read_split(
+/// Streams the live blocks of table `pieces` to `put`, through one reused buffer (whole
+/// slots), and returns the parts of the tables that could not be read.
+fn for_each_live(
     mem: &dyn Memory,
     h: &Header,
     pieces: &[(u64, u64)],
-    pivot: u64,
-) -> (Vec<Block>, Vec<Block>, Pieces) {
-    // Stream the pieces through one reused buffer (whole slots), grown only as far as the
-    // longest run needs (a small process's exit report must not zero 4 MiB for nothing).
+    mut put: impl FnMut(Block),
+) -> Pieces {
+    // Grown only as far as the longest run needs (a small process's exit report must not
+    // zero 4 MiB for nothing).
     const BUF_WORDS: usize = 3 * 170 * 1024;
     let mut buf: Vec<u64> = Vec::new();
-    // At most one block a slot: reserved (not touched) up front, so neither vector is
-    // copied as it grows. Untouched capacity costs nothing.
-    let slots = pieces
-        .iter()
-        .map(|&(s, e)| (e - s) / SLOT_BYTES)
-        .sum::<u64>() as usize;
-    let (mut lo, mut hi) = (Vec::with_capacity(slots), Vec::new());
-    crate::capture::memory::prefer_huge_pages(&lo);
-    if pivot != u64::MAX {
-        hi.reserve(slots);
-        crate::capture::memory::prefer_huge_pages(&hi);
-    }
     let mut unread = Vec::new();
     for &(mut at, e) in pieces {
         while at < e {
@@ -140,19 +127,36 @@ fn read_split(
             }
             for w in words.chunks_exact(3) {
                 if let Some(b) = live_block(h, w) {
-                    if b.addr < pivot { &mut lo } else { &mut hi }.push(b);
+                    put(b);
                 }
             }
             at += n as u64 * 8;
         }
     }
-    for part in [&mut lo, &mut hi] {
-        part.sort_unstable_by_key(|b| b.addr);
-        part.dedup_by_key(|b| b.addr);
-    }
-    (lo, hi, unread)
+    unread
 }
 
+/// Slots in `pieces`: at most one live block each.
+fn slot_count(pieces: &[(u64, u64)]) -> usize {
+    pieces
+        .iter()
+        .map(|&(s, e)| (e - s) / SLOT_BYTES)
+        .sum::<u64>() as usize
+}
+
+/// The live blocks of table `pieces` read by one thread, sorted by address, each address
+/// once (a block being moved between two tables may be in both), and the parts of the
+/// tables that could not be read.
+fn read_sorted(mem: &dyn Memory, h: &Header, pieces: &[(u64, u64)]) -> (Vec<Block>, Pieces) {
+    // At most one block a slot: reserved (not touched) up front, so the vector is never
+    // copied as it grows. Untouched capacity costs nothing.
+    let mut blocks = Vec::with_capacity(slot_count(pieces));
+    crate::capture::memory::prefer_huge_pages(&blocks);
+    let unread = for_each_live(mem, h, pieces, |b| blocks.push(b));
+    blocks.sort_unstable_by_key(|b| b.addr);
+    blocks.dedup_by_key(|b| b.addr);
+    (blocks, unread)
+}
 /// The block a table slot's words hold, if the slot is live.
 #[inline]
 fn live_block(h: &Header, w: &[u64]) -> Option<Block> {
@@ -180,7 +184,7 @@ const PIVOT_SAMPLES: u64 = 4096;
 /// still correct, only not shared).
 fn pivot_of(mem: &dyn Memory, h: &Header, pieces: &[(u64, u64)]) -> u64 {
     const RUN: u64 = 64;
-    let slots: u64 = pieces.iter().map(|&(s, e)| (e - s) / SLOT_BYTES).sum();
+    let slots = slot_count(pieces) as u64;
     let step = (slots / (PIVOT_SAMPLES / RUN)).max(RUN) * SLOT_BYTES;
     let mut addrs = Vec::new();
     let mut words = vec![0u64; 3 * RUN as usize];
@@ -204,56 +208,26 @@ fn pivot_of(mem: &dyn Memory, h: &Header, pieces: &[(u64, u64)]) -> u64 {
     *addrs.select_nth_unstable(mid).1
 }
 
-/// Merges two address-sorted block lists into `out` (at least their length), each
-/// address once; returns how many blocks it wrote (fewer when an address was in both).
-fn merge_into(a: &[Block], b: &[Block], out: &mut [std::mem::MaybeUninit<Block>]) -> usize {
-    let (mut i, mut j, mut k) = (0, 0, 0);
-    while i < a.len() && j < b.len() {
-        if a[i].addr <= b[j].addr {
-            // The same block in both halves (being moved between tables): once.
-            j += usize::from(a[i].addr == b[j].addr);
-            out[k].write(a[i]);
-            i += 1;
-        } else {
-            out[k].write(b[j]);
-            j += 1;
+/// Sorts `v` by address and moves each address's first block to the front: returns how
+/// many addresses there are.
+fn sort_dedup(v: &mut [Block]) -> usize {
+    v.sort_unstable_by_key(|b| b.addr);
+    let mut k = 0;
+    for i in 0..v.len() {
+        if k == 0 || v[k - 1].addr != v[i].addr {
+            v[k] = v[i];
+            k += 1;
         }
-        k += 1;
-    }
-    for x in a[i..].iter().chain(&b[j..]) {
-        out[k].write(*x);
-        k += 1;
     }
     k
 }
 
-/// One sorted list from the sorted low parts and the sorted high parts (every low address
-/// below every high one), each address once: two threads merge one side each.
-fn merge_halves(lo: [&[Block]; 2], hi: [&[Block]; 2]) -> Vec<Block> {
-    let n_lo = lo[0].len() + lo[1].len();
-    let n = n_lo + hi[0].len() + hi[1].len();
-    let mut blocks: Vec<Block> = Vec::with_capacity(n);
-    crate::capture::memory::prefer_huge_pages(&blocks);
-    let (out_lo, out_hi) = blocks.spare_capacity_mut()[..n].split_at_mut(n_lo);
-    let (k_lo, k_hi) = std::thread::scope(|sc| {
-        let other = sc.spawn(|| merge_into(hi[0], hi[1], out_hi));
-        let mine = merge_into(lo[0], lo[1], out_lo);
-        (mine, crate::join(other))
-    });
-    if k_lo < n_lo {
-        // Addresses in both lists (a block being moved between tables) left a gap.
-        let base = blocks.as_mut_ptr();
-        // SAFETY: both ranges lie within the capacity (n); `ptr::copy` allows overlap.
-        unsafe { std::ptr::copy(base.add(n_lo), base.add(k_lo), k_hi) };
-    }
-    // SAFETY: merge_into initialised the first k_lo elements and (after the copy) the
-    // k_hi that follow; Block is Copy (nothing to drop).
-    unsafe { blocks.set_len(k_lo + k_hi) };
-    blocks
-}
-
-/// [`read_split`] of `pieces` by two threads (a half of the slots each), merged: sorted,
-/// each address once.
+/// The live blocks of table `pieces` read by two threads (half of the slots each),
+/// sorted by address, each address once, and the parts of the tables that could not be
+/// read. Each thread sends the blocks below about the median address to one side and the
+/// others to the other side of one vector ([`sided`]); then each thread sorts one side.
+/// No step copies all blocks on one thread, and the result is the only large vector
+/// written (fresh memory is slow to fault in).
 fn read_in_two(
     mem: &(dyn Memory + Sync),
     h: &Header,
@@ -262,18 +236,37 @@ fn read_in_two(
     let total: u64 = pieces.iter().map(|&(s, e)| e - s).sum();
     let pivot = pivot_of(mem, h, pieces);
     let (first, second) = halves(pieces, total / 2 / SLOT_BYTES * SLOT_BYTES);
-    let ((a_lo, a_hi, mut unread), (b_lo, b_hi, more)) = std::thread::scope(|sc| {
-        let other = sc.spawn(|| read_split(mem, h, &second, pivot));
-        let mine = read_split(mem, h, &first, pivot);
+    // At most one block a slot: reserved (not touched) up front.
+    let mut blocks: Vec<Block> = Vec::with_capacity(slot_count(pieces));
+    crate::capture::memory::prefer_huge_pages(&blocks);
+    let ((a, mut unread), (b, more)) = {
+        let chunks = sided::Chunks::new(blocks.spare_capacity_mut());
+        let fill = |part: &[(u64, u64)]| {
+            let mut w = sided::Writer::new(&chunks);
+            let unread = for_each_live(mem, h, part, |b| w.push(b.addr >= pivot, b));
+            (w.finish(), unread)
+        };
+        std::thread::scope(|sc| {
+            let other = sc.spawn(|| fill(&second));
+            let mine = fill(&first);
+            (mine, crate::join(other))
+        })
+    };
+    unread.extend(more);
+    let n_lo = sided::assemble(&mut blocks, vec![a, b]);
+    let (lo, hi) = blocks.split_at_mut(n_lo);
+    let (k_lo, k_hi) = std::thread::scope(|sc| {
+        let other = sc.spawn(|| sort_dedup(hi));
+        let mine = sort_dedup(lo);
         (mine, crate::join(other))
     });
-    unread.extend(more);
-    (merge_halves([&a_lo, &b_lo], [&a_hi, &b_hi]), unread)
+    if k_lo < n_lo {
+        // A block recorded twice on the low side (being moved between tables).
+        blocks.copy_within(n_lo..n_lo + k_hi, k_lo);
+    }
+    blocks.truncate(k_lo + k_hi);
+    (blocks, unread)
 }
-
-/// Up to this many distinct allocation stacks are read one by one (one small read each);
-/// more, and the stack table's touched pages are read at once.
-const FEW_STACKS: usize = 256;
 
 /// Reads the live blocks (sorted by address, each once) and the stacks they use. Only
 /// pages of the tables that were ever touched are read. A block being moved between two
@@ -282,7 +275,6 @@ const FEW_STACKS: usize = 256;
 /// Also returns the parts of the tables that could not be read: blocks recorded there are
 /// unknown, so the capture has a gap.
 pub fn read_blocks(mem: &(dyn Memory + Sync), h: &Header) -> TableRead {
-    const STACK_WORDS: usize = std::mem::size_of::<StackSlot>() / 8;
     // The touched parts of the tables, in whole slots.
     let mut pieces = Vec::new();
     for t in read_tables(mem, h).0 {
@@ -301,48 +293,80 @@ pub fn read_blocks(mem: &(dyn Memory + Sync), h: &Header) -> TableRead {
     // all blocks on one thread, and fresh memory (slow to fault in) is touched once by
     // each thread.
     let total: u64 = pieces.iter().map(|&(s, e)| e - s).sum();
+    let t0 = std::time::Instant::now();
     let (blocks, unread) = if total < PARALLEL_TABLE_BYTES {
-        let (blocks, _, unread) = read_split(mem, h, &pieces, u64::MAX);
-        (blocks, unread)
+        read_sorted(mem, h, &pieces)
     } else {
         read_in_two(mem, h, &pieces)
     };
-    let mut ids: Vec<u32> = blocks.iter().map(|b| b.stack).collect();
-    ids.sort_unstable();
-    ids.dedup();
-    if ids.len() <= FEW_STACKS {
-        // A few stacks (a small process): read one by one, not the whole 13 MiB table.
-        let stacks = ids
-            .into_iter()
-            .filter_map(|id| Some((id, read_stack(mem, h, id)?)))
-            .collect();
-        return TableRead {
-            blocks,
-            stacks,
-            unread,
-        };
+    if crate::debug::timing() {
+        crate::say!(
+            "timing: table slots read and sorted {:?} ({} MiB of slots)",
+            t0.elapsed(),
+            total >> 20
+        );
     }
-    let raw = read_words(mem, h.stacks_addr, h.stack_slots as usize * STACK_WORDS);
-    let mut stacks = HashMap::new();
-    let mut seen = vec![false; raw.len() / STACK_WORDS];
-    for b in &blocks {
-        let Some(s) = raw.chunks_exact(STACK_WORDS).nth(b.stack as usize) else {
-            continue;
-        };
-        if std::mem::replace(&mut seen[b.stack as usize], true) {
-            continue;
-        }
-        // hash, then depth (low 32 bits) and padding, then the frames.
-        if s[0] != 0 && s[0] != STACK_SLOT_BUSY {
-            let d = (s[1] as u32 as usize).min(kal_proto::MAX_FRAMES);
-            stacks.insert(b.stack, s[2..2 + d].to_vec());
-        }
-    }
+    let stacks = read_stacks(mem, h, &blocks);
     TableRead {
         blocks,
         stacks,
         unread,
     }
+}
+
+/// Stack slots read at once at most (in runs of the slots that `blocks` use).
+const STACK_RUN: usize = 256;
+
+/// The stacks that `blocks` use, by id.
+fn read_stacks(mem: &dyn Memory, h: &Header, blocks: &[Block]) -> HashMap<u32, Vec<u64>> {
+    const STACK_WORDS: usize = std::mem::size_of::<StackSlot>() / 8;
+    // The ids in use, as a bitmap (ids are below the stack table's size; unknown ones
+    // have no stack).
+    let slots = h.stack_slots.min(kal_proto::STACK_SLOTS) as usize;
+    let mut used = vec![0u64; slots.div_ceil(64)];
+    for b in blocks {
+        if let Some(w) = used.get_mut(b.stack as usize / 64) {
+            *w |= 1 << (b.stack % 64);
+        }
+    }
+    let ids: Vec<u32> = used
+        .iter()
+        .enumerate()
+        .flat_map(|(k, &w)| {
+            (0..64)
+                .filter(move |&i| w >> i & 1 != 0)
+                .map(move |i| (k * 64 + i) as u32)
+        })
+        .filter(|&id| (id as usize) < slots)
+        .collect();
+    // Runs of nearby ids are read at once (one read instead of many, and not the whole
+    // 13 MiB table for a few thousand stacks).
+    let mut stacks = HashMap::with_capacity(ids.len());
+    let mut raw: Vec<u64> = Vec::new();
+    let mut k = 0;
+    while k < ids.len() {
+        let first = ids[k] as usize;
+        let mut last = first;
+        let mut n = k + 1;
+        while n < ids.len() && (ids[n] as usize) < first + STACK_RUN {
+            last = ids[n] as usize;
+            n += 1;
+        }
+        raw.resize((last + 1 - first) * STACK_WORDS, 0);
+        let at = h.stacks_addr + (first * STACK_WORDS * 8) as u64;
+        crate::capture::memory::read_into(mem, at, &mut raw);
+        for &id in &ids[k..n] {
+            let o = (id as usize - first) * STACK_WORDS;
+            let s = &raw[o..o + STACK_WORDS];
+            // hash, then depth (low 32 bits) and padding, then the frames.
+            if s[0] != 0 && s[0] != STACK_SLOT_BUSY {
+                let d = (s[1] as u32 as usize).min(kal_proto::MAX_FRAMES);
+                stacks.insert(id, s[2..2 + d].to_vec());
+            }
+        }
+        k = n;
+    }
+    stacks
 }
 
 /// Reads one stack of the agent's stack table.
@@ -385,17 +409,6 @@ fn span(h: &Header, size: u64, api: u32) -> u64 {
 #[cfg(test)]
 mod table_read_tests {
     use super::*;
-
-    fn b(addr: u64) -> Block {
-        Block {
-            addr,
-            size: 8,
-            seq: addr,
-            stack: 0,
-            api: 0,
-            tail: 0,
-        }
-    }
 
     #[test]
     fn halves_split_at_a_byte_offset_and_cover_everything() {
@@ -440,18 +453,19 @@ mod table_read_tests {
         }
         .pack()
         .unwrap();
-        // 4,096 slots; block addresses from a shuffled order, every 7th slot empty, and
-        // three blocks recorded twice (being moved between tables): twice in the first
-        // half, twice in the second, once in each.
-        let mut addrs: Vec<u64> = (0..4096u64)
-            .map(|i| 0x10_0000 + (i * 2654435761 % 4096) * 32)
+        // 16,384 slots (several chunks of each side); block addresses from a shuffled
+        // order, every 7th slot empty, and three blocks recorded twice (being moved
+        // between tables): twice in the first half, twice in the second, once in each.
+        const N: u64 = 16384;
+        let mut addrs: Vec<u64> = (0..N)
+            .map(|i| 0x10_0000 + (i * 2654435761 % N) * 32)
             .collect();
         addrs[10] = addrs[20];
-        addrs[3000] = addrs[3500];
-        addrs[100] = addrs[4000];
+        addrs[9000] = addrs[12000];
+        addrs[100] = addrs[16000];
         let mut words = Vec::new();
         for (i, &a) in addrs.iter().enumerate() {
-            let a = if i % 7 == 0 && ![10, 20, 3000, 3500, 100, 4000].contains(&i) {
+            let a = if i % 7 == 0 && ![10, 20, 9000, 12000, 100, 16000].contains(&i) {
                 0
             } else {
                 a
@@ -462,14 +476,14 @@ mod table_read_tests {
             base: 0x7000_0000,
             words,
         };
-        let end = 0x7000_0000 + 4096 * SLOT_BYTES;
+        let end = 0x7000_0000 + N * SLOT_BYTES;
         let pieces = vec![
             (0x7000_0000, 0x7000_0000 + 1024 * SLOT_BYTES),
             (0x7000_0000 + 1024 * SLOT_BYTES, end),
         ];
         let h = Header::default();
         let (two, unread) = read_in_two(&mem, &h, &pieces);
-        let (one, _, _) = read_split(&mem, &h, &pieces, u64::MAX);
+        let (one, _) = read_sorted(&mem, &h, &pieces);
         assert!(unread.is_empty());
         let addrs = |v: &[Block]| v.iter().map(|b| b.addr).collect::<Vec<u64>>();
         let mut want = addrs(&one);
@@ -477,19 +491,5 @@ mod table_read_tests {
         assert_eq!(addrs(&one), want, "one thread: each address once");
         assert_eq!(addrs(&two), want, "two threads: the same blocks");
         assert!(want.windows(2).all(|w| w[0] < w[1]));
-    }
-
-    #[test]
-    fn merge_keeps_order_and_each_address_once() {
-        let addrs = |v: Vec<Block>| v.iter().map(|x| x.addr).collect::<Vec<u64>>();
-        let lo = ([1, 4, 5, 9].map(b), [2, 4, 9].map(b));
-        let hi = ([12, 20].map(b), [12, 15, 30].map(b));
-        let m = merge_halves([&lo.0, &lo.1], [&hi.0, &hi.1]);
-        assert_eq!(addrs(m), vec![1, 2, 4, 5, 9, 12, 15, 20, 30]);
-        // One side empty, duplicates only on the other.
-        let m = merge_halves([&[], &[]], [&hi.0, &hi.1]);
-        assert_eq!(addrs(m), vec![12, 15, 20, 30]);
-        let m = merge_halves([&lo.0, &lo.1], [&[], &[]]);
-        assert_eq!(addrs(m), vec![1, 2, 4, 5, 9]);
     }
 }

@@ -6,6 +6,7 @@
 pub mod agent_table;
 pub mod before_attach;
 pub mod ptmalloc;
+pub mod sided;
 
 /// A live heap block as the agent recorded it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

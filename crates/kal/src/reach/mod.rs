@@ -78,10 +78,11 @@ struct Region {
 }
 
 /// Sorted blocks with fast "which block holds this address" lookup: the address space is
-/// cut into regions of nearby blocks, each region into equal granules (about one block
+/// cut into regions of nearby blocks, each region into equal granules (one or two blocks
 /// each), and for every granule the number of the region's blocks that start before it is
-/// recorded, so a lookup is one region search (usually a single region), one table read
-/// and a search among the few blocks of one granule.
+/// recorded, so a lookup is one region search (a directory of equal cells of the address
+/// space says which one or two regions a cell meets), one table read and a search among
+/// the few blocks of one granule.
 pub struct BlockIndex<'a> {
     blocks: &'a [Block],
     lo: u64,
@@ -89,6 +90,11 @@ pub struct BlockIndex<'a> {
     width: u64,
     region_starts: Vec<u64>,
     regions: Vec<Region>,
+    /// log2 of the size of a directory cell.
+    cell_shift: u32,
+    /// For each cell of the directory from `lo` (and one past the last): the first region
+    /// that ends after the cell's start.
+    cells: Vec<u32>,
     /// Per region, per granule (and one past the last): blocks starting before it,
     /// counted from the region's first block.
     counts: Vec<u32>,
@@ -103,7 +109,7 @@ impl<'a> BlockIndex<'a> {
     /// Indexes blocks sorted by address.
     pub fn new(blocks: &'a [Block]) -> BlockIndex<'a> {
         let mut regions = Vec::new();
-        // About a granule per block (a power of two of the mean spacing: up to two).
+        // At most about a granule per block (reserved, not touched: regions are few).
         let mut counts = Vec::with_capacity(blocks.len() * 2 + 1);
         crate::capture::memory::prefer_huge_pages(&counts);
         let mut hi = 0;
@@ -120,9 +126,12 @@ impl<'a> BlockIndex<'a> {
                 end = end.max(end_of(&blocks[j]));
                 j += 1;
             }
-            // Granules of about the region's mean block spacing (a power of two).
+            // Granules of the region's mean block spacing rounded up to a power of two:
+            // one or two blocks start in a granule on average, and the granule counts (a
+            // fresh vector, slow to fault in) are half as many as with the spacing rounded
+            // down.
             let mean = ((end - start) / (j - i) as u64).max(1);
-            let shift = (63 - mean.leading_zeros()).clamp(3, 40);
+            let shift = (64 - (mean - 1).leading_zeros()).clamp(3, 40);
             let granules = ((end - start - 1) >> shift) as usize + 1;
             let base = counts.len();
             counts.reserve(granules + 1);
@@ -145,12 +154,25 @@ impl<'a> BlockIndex<'a> {
             i = j;
         }
         let lo = blocks.first().map_or(0, |b| b.addr);
+        let width = hi.saturating_sub(lo);
+        // About four cells a region (at most 2^20): a cell usually meets one region.
+        let want = (regions.len() as u64 * 4).clamp(1, 1 << 20);
+        let cell_shift = (64 - (width / want).leading_zeros()).min(63);
+        let n_cells = (width >> cell_shift) as usize + 1;
+        let cells = (0..=n_cells as u64)
+            .map(|c| {
+                let at = lo.saturating_add(c << cell_shift);
+                regions.partition_point(|r| r.end <= at) as u32
+            })
+            .collect();
         BlockIndex {
             blocks,
             lo,
-            width: hi.saturating_sub(lo),
+            width,
             region_starts: regions.iter().map(|r| r.start).collect(),
             regions,
+            cell_shift,
+            cells,
             counts,
         }
     }
@@ -162,51 +184,53 @@ impl<'a> BlockIndex<'a> {
         v.wrapping_sub(self.lo) < self.width
     }
 
-    /// The region holding `v` and the index of `v`'s granule in [`Self::counts`].
+    /// Where `v` is in the index: its region's first block and the index of `v`'s
+    /// granule in [`Self::counts`]; `None` if `v` is outside every region.
     #[inline(always)]
-    fn granule_of(&self, v: u64) -> Option<(&Region, usize)> {
+    fn locate(&self, v: u64) -> Option<(usize, usize)> {
         if !self.may_hold(v) {
             return None;
         }
         let r = if self.regions.len() == 1 {
             &self.regions[0]
         } else {
-            let k = self.region_starts.partition_point(|&s| s <= v);
-            &self.regions[k.checked_sub(1)?]
+            // The regions that meet v's cell: from the first ending after the cell's
+            // start to the first ending after the next cell's start.
+            let c = ((v - self.lo) >> self.cell_shift) as usize;
+            let (a, b) = (self.cells[c] as usize, self.cells[c + 1] as usize);
+            let b = b.min(self.regions.len() - 1);
+            let k = a + self.region_starts[a..=b.max(a)].partition_point(|&s| s <= v);
+            if k == a {
+                // Before the first region that ends in or after the cell.
+                return None;
+            }
+            &self.regions[k - 1]
         };
-        (v < r.end).then(|| (r, r.base + ((v - r.start) >> r.shift) as usize))
-    }
-
-    /// One past the index of the last block starting in `v`'s granule (so usually the
-    /// block [`find`](Self::find) looks at, plus one), 0 if `v` is outside every region.
-    /// Cheaper than `find`: one read of the granule table.
-    #[inline]
-    fn candidate(&self, v: u64) -> usize {
-        self.granule_of(v)
-            .map_or(0, |(r, g)| r.first + self.counts[g + 1] as usize)
-    }
-
-    /// Where `v`'s granule count is kept, if `v` is inside a region (for a prefetch).
-    #[inline]
-    fn granule(&self, v: u64) -> Option<*const u32> {
-        self.granule_of(v)
-            .map(|(_, g)| &self.counts[g + 1] as *const u32)
+        (v < r.end).then(|| (r.first, r.base + ((v - r.start) >> r.shift) as usize))
     }
 
     /// The block containing `v`, and whether `v` is its start.
     #[inline]
     pub fn find(&self, v: u64) -> Option<(usize, bool)> {
-        let (r, g) = self.granule_of(v)?;
-        let (a, b) = (self.counts[g] as usize, self.counts[g + 1] as usize);
-        // The last block starting at or before v: among those starting in v's granule,
-        // else the last one before it.
-        let from = r.first + a;
-        let k = from
-            + self.blocks[from..r.first + b]
-                .iter()
-                .take_while(|x| x.addr <= v)
-                .count();
-        let i = k.checked_sub(1).filter(|&i| i >= r.first)?;
+        let (first, g) = self.locate(v)?;
+        self.find_at(v, first, g)
+    }
+
+    /// [`find`](Self::find) for `v` at `(first, g)` = [`locate`](Self::locate)`(v)`.
+    #[inline(always)]
+    fn find_at(&self, v: u64, first: usize, g: usize) -> Option<(usize, bool)> {
+        let (a, b) = (
+            first + self.counts[g] as usize,
+            first + self.counts[g + 1] as usize,
+        );
+        // The last block starting at or before v: among those starting in v's granule
+        // (looked at from the last one, which the lookup batches prefetch), else the
+        // last one before it.
+        let mut k = b;
+        while k > a && self.blocks[k - 1].addr > v {
+            k -= 1;
+        }
+        let i = k.checked_sub(1).filter(|&i| i >= first)?;
         let blk = &self.blocks[i];
         (v < end_of(blk)).then_some((i, v == blk.addr))
     }
@@ -313,19 +337,31 @@ impl Marks<'_> {
     fn flush(&mut self, cache: &PageCache<'_>) {
         let n = std::mem::take(&mut self.pending);
         let words = self.words;
-        for &w in &words[..n] {
-            if let Some(p) = self.idx.granule(w) {
-                prefetch(p);
+        // Each word's region (first block) and granule, usize::MAX for none.
+        let mut at = [(0usize, usize::MAX); BATCH];
+        let idx = self.idx;
+        for (k, &w) in words[..n].iter().enumerate() {
+            if let Some((first, g)) = idx.locate(w) {
+                prefetch(&idx.counts[g + 1]);
+                at[k] = (first, g);
             }
         }
-        for &w in &words[..n] {
-            if let Some(i) = self.idx.candidate(w).checked_sub(1) {
-                prefetch(&self.blocks[i]);
-                prefetch(&self.state[i]);
+        for &(first, g) in &at[..n] {
+            if g != usize::MAX {
+                // The last block starting in the granule: usually the one looked at.
+                if let Some(i) = (first + idx.counts[g + 1] as usize).checked_sub(1) {
+                    prefetch(&self.blocks[i]);
+                    prefetch(&self.state[i]);
+                }
             }
         }
         for (k, &w) in words[..n].iter().enumerate() {
-            self.push(w, self.definite >> k & 1 != 0, cache);
+            let (first, g) = at[k];
+            if g != usize::MAX {
+                if let Some(found) = idx.find_at(w, first, g) {
+                    self.mark_found(found, w, self.definite >> k & 1 != 0, cache);
+                }
+            }
         }
     }
 
@@ -334,9 +370,22 @@ impl Marks<'_> {
     /// `cache` when it holds them.
     #[inline]
     fn push(&mut self, v: u64, definite: bool, cache: &PageCache<'_>) {
-        let Some((i, start)) = self.idx.find(v) else {
-            return;
-        };
+        if let Some(found) = self.idx.find(v) {
+            self.mark_found(found, v, definite, cache);
+        }
+    }
+
+    /// Marks block `i` (`(i, start)` = [`BlockIndex::find`] of `v`), which `v` points
+    /// into, from definitely reachable memory (`definite`) or from a possibly reachable
+    /// block.
+    #[inline(always)]
+    fn mark_found(
+        &mut self,
+        (i, start): (usize, bool),
+        v: u64,
+        definite: bool,
+        cache: &PageCache<'_>,
+    ) {
         let s = self.st(i);
         if s & DEFINITE != 0 {
             return;
@@ -533,14 +582,22 @@ impl<'a, 'm> Marker<'a, 'm> {
     /// between `threads` threads (contiguous parts of the sorted list, each thread with
     /// its own page cache and stack).
     fn mark(&mut self, heap: &(dyn Memory + Sync), threads: usize, parallel_sweep: usize) {
+        let mut bits = Vec::new();
         loop {
             self.drain();
             if self.deferred.is_empty() {
                 return;
             }
+            let t = std::time::Instant::now();
             let mut todo = std::mem::take(&mut self.deferred);
-            todo.sort_unstable();
-            todo.dedup();
+            sort_unique(&mut todo, self.marks.blocks.len(), &mut bits);
+            if crate::debug::timing() {
+                crate::say!(
+                    "timing: sweep of {} blocks (sorted in {:?})",
+                    todo.len(),
+                    t.elapsed()
+                );
+            }
             if threads < 2 {
                 self.sweep(&todo);
                 continue;
@@ -657,6 +714,29 @@ impl<'a, 'm> Marker<'a, 'm> {
     }
 }
 
+/// Sorts block indices below `n` and removes repeats: through a bitmap of `n` bits
+/// (`bits`, all zeros before and after, grown when needed) when there are many of them,
+/// else by sorting.
+fn sort_unique(v: &mut Vec<u32>, n: usize, bits: &mut Vec<u64>) {
+    if v.len() < n / 32 {
+        v.sort_unstable();
+        v.dedup();
+        return;
+    }
+    bits.resize(n.div_ceil(64), 0);
+    for &i in v.iter() {
+        bits[i as usize / 64] |= 1 << (i % 64);
+    }
+    v.clear();
+    for (k, w) in bits.iter_mut().enumerate() {
+        let mut x = std::mem::take(w);
+        while x != 0 {
+            v.push((k * 64) as u32 + x.trailing_zeros());
+            x &= x - 1;
+        }
+    }
+}
+
 /// Marking threads at most.
 const MAX_THREADS: usize = 4;
 
@@ -723,7 +803,16 @@ fn classify_in(
         blocks.len() < u32::MAX as usize,
         "more than 2^32 blocks: the mark stack holds u32 indices"
     );
+    let t0 = std::time::Instant::now();
     let idx = BlockIndex::new(blocks);
+    if crate::debug::timing() {
+        crate::say!(
+            "timing: block index {:?} ({} regions, {} granules)",
+            t0.elapsed(),
+            idx.regions.len(),
+            idx.counts.len()
+        );
+    }
     let state: Vec<AtomicU8> = {
         let mut v = Vec::with_capacity(blocks.len());
         crate::capture::memory::prefer_huge_pages(&v);
@@ -781,8 +870,12 @@ fn classify_in(
             }
         });
     }
+    let t1 = std::time::Instant::now();
     m.mark(heap, threads, parallel_sweep);
     drop(m);
+    if crate::debug::timing() {
+        crate::say!("timing: marking from the roots {:?}", t1.elapsed());
+    }
     let mut state: Vec<u8> = state.into_iter().map(AtomicU8::into_inner).collect();
     let mut m = Marker::new(blocks, &idx, heuristics, &[], heap);
 
@@ -950,20 +1043,59 @@ mod tests {
     }
 
     #[test]
+    fn sort_unique_sorts_and_drops_repeats_either_way() {
+        let mut rng = Rng(7);
+        let mut bits = Vec::new();
+        for (len, n) in [
+            (0, 10),
+            (5, 1000),
+            (500, 1000),
+            (5000, 1000),
+            (70_000, 100_000),
+        ] {
+            let v: Vec<u32> = (0..len).map(|_| rng.below(n as u64) as u32).collect();
+            let mut want = v.clone();
+            want.sort_unstable();
+            want.dedup();
+            let mut got = v;
+            sort_unique(&mut got, n, &mut bits);
+            assert_eq!(got, want, "{len} of {n}");
+            assert!(bits.iter().all(|&w| w == 0), "the bitmap is left clear");
+        }
+    }
+
+    #[test]
     fn index_finds_what_a_binary_search_finds() {
         let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
-        for n in [0, 1, 2, 10, 3000] {
-            let blocks = random_blocks(&mut rng, n, 0x5555_0000_0000);
+        let base = 0x5555_0000_0000;
+        // Blocks near one base; then clusters far apart too (a brk heap, mmapped arenas
+        // and a stray low block: directory cells then span many regions).
+        let mut sets: Vec<Vec<Block>> = [0, 1, 2, 10, 3000]
+            .map(|n| random_blocks(&mut rng, n, base))
+            .into();
+        let mut spread = vec![block(0x1000, 16)];
+        for b in [
+            0x5555_0000_0000u64,
+            0x7f00_0000_0000,
+            0x7f00_4000_0000,
+            0x7ffe_0000_0000,
+        ] {
+            spread.extend(random_blocks(&mut rng, 700, b));
+        }
+        sets.push(spread);
+        for blocks in sets {
+            let n = blocks.len();
             let idx = BlockIndex::new(&blocks);
             let naive = |v: u64| {
                 let i = blocks.partition_point(|b| b.addr <= v).checked_sub(1)?;
                 let b = &blocks[i];
                 (v < b.addr + b.span().max(1)).then_some((i, v == b.addr))
             };
+            let lo = blocks.first().map_or(base, |b| b.addr);
             let hi = blocks
                 .last()
-                .map_or(0x5555_0001_0000, |b| b.addr + b.size + 64);
-            let mut probes: Vec<u64> = vec![0, 1, u64::MAX, 0x5554_ffff_fff8, hi];
+                .map_or(base + 0x1_0000, |b| b.addr + b.size + 64);
+            let mut probes: Vec<u64> = vec![0, 1, u64::MAX, base - 8, hi];
             for b in &blocks {
                 probes.extend([
                     b.addr,
@@ -972,7 +1104,12 @@ mod tests {
                     b.addr.wrapping_sub(1),
                 ]);
             }
-            probes.extend((0..20_000).map(|_| 0x5555_0000_0000 + rng.below(hi - 0x5555_0000_0000)));
+            probes.extend((0..20_000).map(|_| lo + rng.below(hi - lo)));
+            // Near the blocks, where the random probes over a wide space seldom land.
+            for _ in 0..20_000 {
+                let b = blocks.get(rng.below(n.max(1) as u64) as usize);
+                probes.extend(b.map(|b| (b.addr + rng.below(1 << 17)).wrapping_sub(1 << 16)));
+            }
             for v in probes {
                 assert_eq!(idx.find(v), naive(v), "address {v:#x}, {n} blocks");
             }
