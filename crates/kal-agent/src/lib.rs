@@ -94,7 +94,13 @@ extern "C" fn agent_start() {
     // Loaded by `kal attach`, the agent's TLS is static only if glibc had room for it:
     // `init` checks (the program's other threads are stopped by kal, and no hook runs
     // before the GOT is redirected below).
-    tls::init(static_tls_size());
+    if !tls::init(static_tls_size()) && attach {
+        // Its thread-local state would be allocated per thread on first use, by the
+        // loader, with `malloc`: a thread's first hook would then re-enter itself through
+        // the redirected `malloc` until its stack overflowed. The agent stays inert.
+        attach::refuse_without_static_tls();
+        return;
+    }
     let Some(r) = real::get() else { return };
     if !guard::enter_agent() {
         return;

@@ -124,3 +124,98 @@ fn an_agent_directory_made_by_someone_else_is_refused_in_one_line() {
     assert!(agent_files(&agents).is_empty());
     std::fs::remove_dir_all(&agents).unwrap();
 }
+
+/// The program's ready line, read from `out`.
+fn ready(out: &mut std::io::BufReader<std::process::ChildStdout>) -> i32 {
+    use std::io::BufRead;
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    line.trim()
+        .strip_prefix("ready ")
+        .expect("ready line")
+        .parse()
+        .unwrap()
+}
+
+/// `KAL check PID --json`: the report, after asserting kal succeeded.
+fn lone_check(kal: &Path, pid: i32) -> serde_json::Value {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("now.json");
+    let out = Command::new(kal)
+        .args([
+            "check",
+            &pid.to_string(),
+            "-q",
+            "--error-exitcode",
+            "0",
+            "--json",
+        ])
+        .arg(&json)
+        .env_remove("KAL_AGENT")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "kal check: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap()
+}
+
+#[test]
+fn a_kal_binary_alone_and_renamed_checks_and_attaches_with_its_written_out_agent() {
+    // The agent written out is `libkal_agent-HASH.so`: checks and attach must know it by
+    // that name too, and a kal installed under another name must still lend the processes
+    // it traces to a check.
+    let prog = build("live_leaker.c", &[]);
+    let (_keep, kal) = lone_kal();
+    let renamed = kal.with_file_name("kal-installed");
+    std::fs::rename(&kal, &renamed).unwrap();
+    let line = line_of("live_leaker.c", "live_leak");
+
+    let mut run = Command::new(&renamed)
+        .args(["run", "-q", "--error-exitcode", "0", "--"])
+        .arg(&prog)
+        .env_remove("KAL_AGENT")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = std::io::BufReader::new(run.stdout.take().unwrap());
+    let pid = ready(&mut out);
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
+    assert!(maps.contains("/libkal_agent-"), "{maps}");
+    let report = lone_check(&renamed, pid);
+    assert_eq!(totals(&report, "direct"), (3500, 5));
+    assert_eq!(
+        sum(&records_at(&report, "direct", "live_leaker.c", line)),
+        (3500, 5)
+    );
+    // SAFETY: ending our own test program.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    let _ = run.wait();
+
+    // A program started without kal, attached by the lone kal.
+    let mut plain = Command::new(&prog)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = std::io::BufReader::new(plain.stdout.take().unwrap());
+    let pid = ready(&mut out);
+    let attached = Command::new(&renamed)
+        .args(["attach", &pid.to_string()])
+        .env_remove("KAL_AGENT")
+        .output()
+        .unwrap();
+    assert!(
+        attached.status.success(),
+        "kal attach: {}",
+        String::from_utf8_lossy(&attached.stderr)
+    );
+    let report = lone_check(&renamed, pid);
+    // Its five leaks came before the attach: found by the heap walk, at usable size.
+    assert_eq!(totals(&report, "direct").1, 5, "{report}");
+    let _ = plain.kill();
+    let _ = plain.wait();
+}

@@ -33,7 +33,8 @@ static DETACHED: AtomicBool = AtomicBool::new(false);
 static ATTACH_MODE: AtomicBool = AtomicBool::new(false);
 
 /// Attach state, read by the CLI through this exported symbol: 0 preloaded (or not
-/// started), 1 attached, 2 detached.
+/// started), 1 attached, 2 detached, 3 refused (loaded by `dlopen` without static TLS:
+/// inert, see [`refuse_without_static_tls`]).
 #[no_mangle]
 pub static KAL_ATTACH_STATE: AtomicU64 = AtomicU64::new(0);
 
@@ -480,6 +481,13 @@ pub extern "C" fn kal_agent_attach() -> i64 {
         crate::hooks::guard::leave();
     }
     n as i64
+}
+
+/// The agent was loaded by `dlopen` but glibc gave its thread-local state no static TLS
+/// (the spare static TLS is used up by other libraries): it redirects nothing, starts no
+/// thread and says so to kal (state 3).
+pub fn refuse_without_static_tls() {
+    KAL_ATTACH_STATE.store(3, Ordering::Release);
 }
 
 /// Marks the first attach done (from the constructor, after [`patch`]).

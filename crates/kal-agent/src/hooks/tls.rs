@@ -72,8 +72,9 @@ fn thread_pointer() -> isize {
 /// TLS when glibc found room for it in its spare static TLS (the agent's thread-locals are
 /// reached through TLS descriptors, see `.cargo/config.toml`), else a block allocated per
 /// thread: the offset is used only when this thread's block lies inside its static TLS
-/// area, where no allocated block can be, and is then the same in every thread.
-pub fn init(static_size: u64) {
+/// area, where no allocated block can be, and is then the same in every thread. Returns
+/// whether the offset is known.
+pub fn init(static_size: u64) -> bool {
     let off = PER
         .with(|p| p as *const PerThread as isize)
         .wrapping_sub(thread_pointer());
@@ -83,7 +84,9 @@ pub fn init(static_size: u64) {
     };
     if (-limit..0).contains(&off) {
         OFFSET.store(off, Ordering::Release);
+        return true;
     }
+    false
 }
 
 /// The calling thread's state.

@@ -200,7 +200,7 @@ fn first_map(maps: &[Mapping], pred: impl Fn(&str) -> bool) -> Option<&Mapping> 
 }
 
 fn agent_syms(pid: i32, maps: &[Mapping]) -> Result<Option<AgentSyms>> {
-    let Some(m) = first_map(maps, |f| f == crate::agent::AGENT_FILE) else {
+    let Some(m) = first_map(maps, crate::agent::is_agent_file) else {
         return Ok(None);
     };
     let v = lookup(
@@ -229,8 +229,18 @@ fn read_u64(mem: &ProcessMemory, addr: u64) -> Result<u64> {
     Ok(u64::from_le_bytes(b))
 }
 
-/// The agent's attach state in process `pid` (0 preloaded, 1 attached, 2 detached), or
-/// `None` without an agent.
+/// Attach state of an agent that `dlopen` gave no static TLS: it stays loaded and inert.
+pub const NO_STATIC_TLS: u64 = 3;
+
+/// Why an agent in state [`NO_STATIC_TLS`] does nothing in process `pid`, and what to do.
+pub fn no_static_tls(pid: i32) -> String {
+    format!(
+        "kal cannot attach to process {pid}: its loader has no spare static TLS left for the agent's per-thread state (libraries it opened with dlopen used it up); the agent stays loaded there but records nothing. Start the program under `kal run`, or with GLIBC_TUNABLES=glibc.rtld.optional_static_tls=4096 so that kal attach finds room"
+    )
+}
+
+/// The agent's attach state in process `pid` (0 preloaded, 1 attached, 2 detached, 3
+/// loaded without static TLS), or `None` without an agent.
 pub fn agent_state(pid: i32) -> Result<Option<u64>> {
     let maps = procfs::maps(pid)?;
     match agent_syms(pid, &maps)? {
@@ -285,6 +295,7 @@ pub fn attach(pid: i32, agent_path: &std::path::Path) -> Result<Attached> {
         Some(s) => match read_u64(&mem, s.state_addr)? {
             0 => bail!("process {pid} already has the kal agent (started under kal run): nothing to attach"),
             1 => bail!("process {pid} is already attached (kal detach {pid} first)"),
+            NO_STATIC_TLS => bail!("{}", no_static_tls(pid)),
             _ => (s.attach_fn, 0, true),
         },
         None => (dyn_lookup(pid, libc, "dlopen")?, 0, false),
@@ -449,7 +460,7 @@ fn pick_thread(maps: &[Mapping], threads: &[ThreadRegs]) -> std::result::Result<
                 && rip < m.end
                 && (m.file_name().starts_with("libc.so")
                     || m.file_name().starts_with("ld-linux")
-                    || m.file_name() == crate::agent::AGENT_FILE)
+                    || crate::agent::is_agent_file(m.file_name()))
         })
     };
     let pick = threads
@@ -464,7 +475,7 @@ fn pick_thread(maps: &[Mapping], threads: &[ThreadRegs]) -> std::result::Result<
 
 fn in_agent(maps: &[Mapping], rip: u64) -> bool {
     maps.iter()
-        .any(|m| rip >= m.start && rip < m.end && m.file_name() == crate::agent::AGENT_FILE)
+        .any(|m| rip >= m.start && rip < m.end && crate::agent::is_agent_file(m.file_name()))
 }
 
 /// The function the stub calls, with its arguments.
@@ -640,6 +651,9 @@ fn run_stub(
     };
     let _ = write_mem(pid, syms.stub_addr, &page.to_le_bytes());
     let state = read_u64(&mem, syms.state_addr)?;
+    if state == NO_STATIC_TLS {
+        bail!("{}", no_static_tls(pid));
+    }
     if state != 1 {
         bail!("the kal agent did not attach in process {pid} (state {state})");
     }
@@ -668,6 +682,7 @@ pub fn detach(pid: i32) -> Result<()> {
             "process {pid} runs under kal run (its agent was preloaded): it cannot be detached"
         ),
         Some(2) => bail!("process {pid} is not attached (detached already)"),
+        Some(NO_STATIC_TLS) => bail!("{}", no_static_tls(pid)),
         Some(_) => {}
     }
     let header = crate::agent::find_header(pid)?;

@@ -13,8 +13,18 @@ use anyhow::{bail, Context, Result};
 use blazesym::inspect::source::{Elf, Source};
 use blazesym::inspect::Inspector;
 
-/// File name of the agent library.
+/// File name of the agent library (next to kal, or where `KAL_AGENT` points).
 pub const AGENT_FILE: &str = "libkal_agent.so";
+
+/// Whether a mapped file's name is kal's agent: `libkal_agent.so`, or the embedded agent
+/// as kal writes it out, `libkal_agent-HASH.so` (see [`crate::agent::embedded`]).
+pub fn is_agent_file(name: &str) -> bool {
+    name == AGENT_FILE
+        || name
+            .strip_prefix("libkal_agent-")
+            .and_then(|r| r.strip_suffix(".so"))
+            .is_some_and(|h| !h.is_empty() && h.bytes().all(|b| b.is_ascii_hexdigit()))
+}
 /// Name of the exported header symbol.
 pub const HEADER_SYMBOL: &str = "KAL_HEADER";
 
@@ -42,8 +52,12 @@ pub fn find_header(pid: i32) -> Result<u64> {
         bail!("no permission to inspect process {pid}, or it is a kernel thread");
     }
     let addr = header_in(pid, &maps)?;
-    if matches!(crate::agent::attach::agent_state(pid), Ok(Some(2))) {
-        bail!("process {pid} was attached and then detached: its agent records nothing (kal attach {pid} first)");
+    match crate::agent::attach::agent_state(pid) {
+        Ok(Some(2)) => bail!("process {pid} was attached and then detached: its agent records nothing (kal attach {pid} first)"),
+        Ok(Some(crate::agent::attach::NO_STATIC_TLS)) => {
+            bail!("{}", crate::agent::attach::no_static_tls(pid))
+        }
+        _ => {}
     }
     Ok(addr)
 }
@@ -51,7 +65,7 @@ pub fn find_header(pid: i32) -> Result<u64> {
 fn header_in(pid: i32, maps: &[Mapping]) -> Result<u64> {
     let agent: Vec<&Mapping> = maps
         .iter()
-        .filter(|m| m.file_name() == AGENT_FILE)
+        .filter(|m| is_agent_file(m.file_name()))
         .collect();
     let Some(first) = agent.iter().find(|m| m.offset == 0) else {
         bail!(
@@ -105,5 +119,20 @@ pub(crate) fn mapped_file(pid: i32, m: &Mapping) -> Result<String> {
             "cannot read the kal agent library of process {pid} ({}): {e}",
             m.path
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_agent_file;
+
+    #[test]
+    fn the_agent_is_known_by_both_its_names() {
+        assert!(is_agent_file("libkal_agent.so"));
+        assert!(is_agent_file("libkal_agent-00261909c5764d7a.so"));
+        assert!(!is_agent_file("libkal_agent-.so"));
+        assert!(!is_agent_file("libkal_agent-plugin.so"));
+        assert!(!is_agent_file("libkal_agent.so.1"));
+        assert!(!is_agent_file("libc.so.6"));
     }
 }

@@ -20,7 +20,8 @@ const RUNTIME: [&str; 14] = [
     "libgcc_s",
     "libjemalloc",
     "libtcmalloc",
-    crate::agent::AGENT_FILE,
+    // kal's agent, under either of its names (`crate::agent::is_agent_file`).
+    "libkal_agent",
 ];
 
 /// Base name of a path.

@@ -41,7 +41,7 @@ pub fn has_no_agent(pid: i32) -> bool {
         !maps.is_empty()
             && !maps
                 .iter()
-                .any(|m| m.file_name() == crate::agent::AGENT_FILE)
+                .any(|m| crate::agent::is_agent_file(m.file_name()))
     })
 }
 

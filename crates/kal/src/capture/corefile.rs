@@ -506,11 +506,13 @@ impl CoreFile {
     /// The address of kal's agent header, when the core's process ran under `kal run`
     /// and the agent library is readable here (else a line says why it is not used).
     fn agent_header(&mut self) -> Result<Option<u64>> {
-        let Some(m) =
-            self.smaps.iter().map(|e| &e.mapping).find(|m| {
-                m.offset == 0 && m.path.rsplit('/').next() == Some(crate::agent::AGENT_FILE)
-            })
-        else {
+        let Some(m) = self.smaps.iter().map(|e| &e.mapping).find(|m| {
+            m.offset == 0
+                && m.path
+                    .rsplit('/')
+                    .next()
+                    .is_some_and(crate::agent::is_agent_file)
+        }) else {
             return Ok(None);
         };
         if self.unusable.contains(&m.path) {

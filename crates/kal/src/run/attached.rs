@@ -53,6 +53,9 @@ pub fn run(opts: &RunOptions, pid: i32) -> Result<i32> {
         Ok(Some(0)) => bail!(
             "process {pid} runs under kal run already (its agent was preloaded): that kal checks it"
         ),
+        Ok(Some(crate::agent::attach::NO_STATIC_TLS)) => {
+            bail!("{}", crate::agent::attach::no_static_tls(pid))
+        }
         Ok(Some(_)) => crate::say!("kal: process {pid} is attached already"),
     }
     let header = crate::agent::find_header(pid)?;

@@ -448,11 +448,13 @@ pub fn borrow(pid: i32, leave_blocked: bool) -> Option<Loan> {
     if tracer == 0 || tracer_of_self_group(tracer) {
         return None;
     }
-    let comm = std::fs::read_to_string(format!("/proc/{tracer}/comm")).ok()?;
-    if comm.trim() != "kal" {
-        return None;
-    }
+    // A kal is known by the agent socket it listens on, whatever its binary is called;
+    // failing that (its descriptors unreadable), by its name.
     let sock = listening_socket(tracer).or_else(|| {
+        let comm = std::fs::read_to_string(format!("/proc/{tracer}/comm")).ok()?;
+        if comm.trim() != "kal" {
+            return None;
+        }
         // The program's environment names it too, unless the program wrote over it
         // (a process title, as redis-server sets).
         let env = std::fs::read(format!("/proc/{pid}/environ")).ok()?;
