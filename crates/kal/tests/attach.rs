@@ -10,7 +10,16 @@ use std::time::Duration;
 /// Starts `prog` without kal, stdin and stdout piped; returns it, its stdin, the lines it
 /// prints after "ready PID", and a guard that kills it.
 fn start(prog: &std::path::Path) -> (Child, ChildStdin, Receiver<String>, KillOnDrop) {
+    start_env(prog, &[])
+}
+
+/// [`start`] with `envs` added to the program's environment.
+fn start_env(
+    prog: &std::path::Path,
+    envs: &[(&str, &str)],
+) -> (Child, ChildStdin, Receiver<String>, KillOnDrop) {
     let mut child = Command::new(prog)
+        .envs(envs.iter().copied())
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
@@ -771,5 +780,36 @@ fn park_reclaim_of_an_attached_process_works_round_after_round() {
     assert_eq!(before_attach_totals(&j, "direct"), before, "{j:#}");
     writeln!(stdin, "stop").unwrap();
     assert_eq!(line(&rx), "done 6");
+    assert!(child.wait().unwrap().success());
+}
+
+#[test]
+fn an_agent_without_static_tls_stays_inert_and_the_program_is_checked_without_it() {
+    // glibc gives an agent opened by dlopen static TLS from its spare room, here none:
+    // its per-thread state would be allocated on first use, through the malloc it
+    // redirects. kal says so in one line, redirects nothing, and the program goes on
+    // unharmed; a check then reads glibc's heap without the agent.
+    ensure_agent();
+    let prog = build("attach_leaker.c", &[]);
+    let (mut child, mut stdin, rx, _kill) = start_env(
+        &prog,
+        &[("GLIBC_TUNABLES", "glibc.rtld.optional_static_tls=0")],
+    );
+    let pid = child.id().to_string();
+    one_line_error(&kal(&["attach", &pid]), "no spare static TLS");
+    one_line_error(&kal(&["attach", &pid]), "no spare static TLS");
+    writeln!(stdin, "go").unwrap();
+    assert_eq!(line(&rx), "after");
+    let (out, j) = check_pid_json(child.id() as i32, &[]);
+    assert!(
+        matches!(out.status.code(), Some(0) | Some(23)),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Both leaks, found in glibc's heap (usable sizes: 1000 and 4328 bytes).
+    assert_eq!(totals(&j, "direct"), (5328, 2), "{j:#}");
+    one_line_error(&kal(&["detach", &pid]), "no spare static TLS");
+    writeln!(stdin, "go").unwrap();
+    assert_eq!(line(&rx), "done 2100");
     assert!(child.wait().unwrap().success());
 }

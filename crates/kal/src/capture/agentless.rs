@@ -35,13 +35,18 @@ const OTHER_ALLOCATORS: [(&str, &str); 4] = [
     ("ld-musl", "musl's malloc"),
 ];
 
-/// Whether process `pid` can be read and has no kal agent mapped.
+/// Whether process `pid` can be read and has no working kal agent: none mapped, or one
+/// that `kal attach` loaded but that stayed inert (no static TLS for it).
 pub fn has_no_agent(pid: i32) -> bool {
     procfs::maps(pid).is_ok_and(|maps| {
         !maps.is_empty()
-            && !maps
+            && (!maps
                 .iter()
                 .any(|m| crate::agent::is_agent_file(m.file_name()))
+                || matches!(
+                    crate::agent::attach::agent_state(pid),
+                    Ok(Some(crate::agent::attach::NO_STATIC_TLS))
+                ))
     })
 }
 
