@@ -673,7 +673,6 @@ fn park_reclaim_of_an_attached_process_works_round_after_round() {
     // The two blocks from before the attach (usable sizes: 1000 and 40008 asked).
     let before = (1000 + 40008, 2);
     let mut parked_blocks = 0;
-    let mut first_possible = None;
     for round in 1..=4u64 {
         writeln!(stdin, "leak").unwrap();
         assert_eq!(line(&rx), format!("leaked {}", 12 * round));
@@ -738,19 +737,10 @@ fn park_reclaim_of_an_attached_process_works_round_after_round() {
             "round {round}: {j:#}"
         );
         assert_eq!(totals(&j, "indirect"), (0, 0), "round {round}: {j:#}");
-        // Parking makes nothing look possibly lost: whatever is (a block the loader made
-        // for the agent, now and then) is from before the attach, the same every round.
-        let possible = totals(&j, "possible");
-        assert_eq!(
-            before_attach_totals(&j, "possible"),
-            possible,
-            "round {round}: {j:#}"
-        );
-        assert_eq!(
-            *first_possible.get_or_insert(possible),
-            possible,
-            "round {round}: {j:#}"
-        );
+        // Parking makes nothing look possibly lost, nor does what the loader made when
+        // it opened the agent (`_dl_find_object`'s segment, held by an interior pointer
+        // in the loader's data).
+        assert_eq!(totals(&j, "possible"), (0, 0), "round {round}: {j:#}");
     }
     assert!(parked_blocks >= 48, "{parked_blocks}");
     // The free mode, with every site named: it frees the 48 blocks leaked since the

@@ -850,6 +850,12 @@ fn classify_in(
                     && matches!(m.marks.idx.find(w), Some((_, false)))
                 {
                     w.wrapping_sub(16)
+                } else if roots.in_loader(at) {
+                    // The loader's interior handle on a block: its start.
+                    match m.marks.idx.find(w) {
+                        Some((i, false)) => blocks[i].addr,
+                        _ => w,
+                    }
                 } else {
                     w
                 };
@@ -1234,6 +1240,7 @@ mod tests {
             let roots = Roots {
                 ranges: Vec::new(),
                 values: values.clone(),
+                loader: Vec::new(),
             };
             let want = reference(&blocks, &mem, &values);
             // One thread, and sweeps of any size shared between three.

@@ -55,6 +55,17 @@ pub struct Roots {
     pub ranges: Vec<(u64, u64)>,
     /// Register values.
     pub values: Vec<u64>,
+    /// The dynamic loader's writable data: a pointer found there into the middle of a
+    /// block is the loader's own handle on it (`_dl_find_object`'s segments are held by
+    /// their object arrays, after a header), and reaches it as a pointer to its start.
+    pub loader: Vec<(u64, u64)>,
+}
+
+impl Roots {
+    /// Whether the root word at `at` lies in the loader's writable data.
+    pub fn in_loader(&self, at: u64) -> bool {
+        self.loader.iter().any(|&(s, e)| s <= at && at < e)
+    }
 }
 
 /// Ranges of memory the allocator owns, from the blocks' recorded chunk flags.
@@ -289,8 +300,15 @@ pub fn roots(c: &Capture) -> Roots {
         values.extend(headers);
     }
     values.extend(c.kernel_values.iter().map(|k| k.value));
+    let loader = c
+        .maps
+        .iter()
+        .filter(|m| m.write && m.file_name().starts_with("ld-linux"))
+        .map(|m| (m.start, m.end))
+        .collect();
     Roots {
         ranges: normalize(ranges),
         values,
+        loader,
     }
 }
