@@ -803,3 +803,35 @@ fn an_agent_without_static_tls_stays_inert_and_the_program_is_checked_without_it
     assert_eq!(line(&rx), "done 2100");
     assert!(child.wait().unwrap().success());
 }
+
+#[test]
+fn a_non_pie_program_taking_mallocs_address_is_attached_without_recursing() {
+    // dlsym(RTLD_DEFAULT, "malloc") gives such an executable's canonical PLT entry, which
+    // jumps through the GOT slot kal attach redirects: forwarding there recursed until
+    // the stack overflowed (python3.11 from Debian is built so, and died at each attach).
+    ensure_agent();
+    let prog = build("attach_nopie.c", &["-fno-pic", "-no-pie"]);
+    let (mut child, mut stdin, rx, _kill) = start(&prog);
+    let pid = child.id().to_string();
+    ok(&kal(&["attach", &pid]));
+    writeln!(stdin, "go").unwrap();
+    assert_eq!(line(&rx), "after");
+    let (out, j) = check_pid_json(child.id() as i32, &[]);
+    assert_ne!(
+        out.status.code(),
+        Some(125),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let at = line_of("attach_nopie.c", "nopie_leak");
+    assert_eq!(
+        sum(&records_at(&j, "direct", "attach_nopie.c", at)),
+        (777, 1),
+        "{j:#}"
+    );
+    // glibc's allocator was recognised (the heap walk ran): the blocks from before count.
+    assert_eq!(j["lost_reliable"], true, "{j:#}");
+    writeln!(stdin, "go").unwrap();
+    assert_eq!(line(&rx), "done");
+    assert!(child.wait().unwrap().success());
+}

@@ -105,19 +105,120 @@ fn resolve_slow() -> Option<&'static Real> {
 /// because without an allocator to forward to nothing can work. An agent loaded by `kal
 /// attach` is not in the global scope, and `RTLD_NEXT` from it would search its own
 /// dependencies (libc) only: it forwards to what the program itself calls, the global
-/// scope's first definition (jemalloc's, in a program linked to it).
+/// scope's first definition (jemalloc's, in a program linked to it; see
+/// [`global_definition`]).
 unsafe fn next(name: &core::ffi::CStr) -> *mut c_void {
-    let handle = if crate::attach::attach_mode() {
-        libc::RTLD_DEFAULT
+    let p = if crate::attach::attach_mode() {
+        // SAFETY: a valid NUL-terminated name.
+        unsafe { global_definition(name) }
     } else {
-        libc::RTLD_NEXT
+        // SAFETY: dlsym with a valid NUL-terminated name.
+        unsafe { libc::dlsym(libc::RTLD_NEXT, name.as_ptr()) }
     };
-    // SAFETY: dlsym with a valid NUL-terminated name.
-    let p = unsafe { libc::dlsym(handle, name.as_ptr()) };
     if p.is_null() {
         crate::diag::fatal(b"kal agent: no next definition of an allocation function\n");
     }
     p
+}
+
+/// `dladdr1`'s request for the symbol table entry.
+const RTLD_DL_SYMENT: libc::c_int = 1;
+
+/// Whether the symbol `dladdr` finds at `p` is undefined in its object: a non-PIE
+/// executable's canonical PLT entry (`SHN_UNDEF` with a value), which `dlsym` returns so
+/// that function pointers compare equal, and which jumps through the executable's GOT slot.
+unsafe fn is_canonical_plt(p: *mut c_void) -> bool {
+    // SAFETY: dladdr1 only reads loader data into the two out-parameters; the symbol
+    // pointer it gives is an Elf64_Sym inside a mapped symbol table.
+    unsafe {
+        let mut info: libc::Dl_info = core::mem::zeroed();
+        let mut sym: *mut c_void = core::ptr::null_mut();
+        if libc::dladdr1(p, &mut info, &mut sym, RTLD_DL_SYMENT) == 0 || sym.is_null() {
+            return false;
+        }
+        (*(sym as *const libc::Elf64_Sym)).st_shndx == 0
+    }
+}
+
+/// Most loaded objects looked at for a definition.
+const MAX_OBJECTS: usize = 512;
+
+/// Names of the loaded objects in load order (the executable, whose name is empty, left
+/// out), into `out`; how many.
+unsafe fn object_names(out: &mut [*const c_char; MAX_OBJECTS]) -> usize {
+    struct Acc<'a> {
+        out: &'a mut [*const c_char; MAX_OBJECTS],
+        n: usize,
+    }
+    unsafe extern "C" fn cb(info: *mut libc::dl_phdr_info, _: usize, data: *mut c_void) -> i32 {
+        // SAFETY: dl_iterate_phdr passes a valid info and our Acc.
+        unsafe {
+            let acc = &mut *(data as *mut Acc);
+            let name = (*info).dlpi_name;
+            if !name.is_null() && *name != 0 && acc.n < MAX_OBJECTS {
+                acc.out[acc.n] = name;
+                acc.n += 1;
+            }
+        }
+        0
+    }
+    let mut acc = Acc { out, n: 0 };
+    // SAFETY: the callback only copies name pointers (link_map names, which live as long
+    // as their objects stay loaded: every one here is, the agent holding no lock).
+    unsafe { libc::dl_iterate_phdr(Some(cb), (&mut acc as *mut Acc).cast()) };
+    acc.n
+}
+
+/// The definition of `name` that the program's calls through a PLT reach: the global
+/// scope's first. `dlsym(RTLD_DEFAULT)` gives it, except for a function whose address a
+/// non-PIE executable takes (python3.11's `malloc` and `free`): then it gives the
+/// executable's canonical PLT entry, which jumps through the very GOT slot `kal attach`
+/// redirects to the agent (forwarding there recursed until the stack overflowed). The
+/// loader skips such an entry for calls; so does this, looking in each loaded library in
+/// load order for the first one that defines the name itself.
+unsafe fn global_definition(name: &core::ffi::CStr) -> *mut c_void {
+    // SAFETY: dlsym with a valid NUL-terminated name.
+    let p = unsafe { libc::dlsym(libc::RTLD_DEFAULT, name.as_ptr()) };
+    // SAFETY: p is null or a symbol address.
+    if p.is_null() || !unsafe { is_canonical_plt(p) } {
+        return p;
+    }
+    let mut names = [core::ptr::null::<c_char>(); MAX_OBJECTS];
+    // SAFETY: fills our own array.
+    let n = unsafe { object_names(&mut names) };
+    // The agent defines the name too (its hook): never forward to it.
+    let mut me: libc::Dl_info = unsafe { core::mem::zeroed() };
+    // SAFETY: dladdr of one of our own functions into a plain out-parameter.
+    let known = unsafe { libc::dladdr(global_definition as *const c_void, &mut me) } != 0
+        && !me.dli_fname.is_null();
+    for &obj in &names[..n] {
+        // SAFETY: both are NUL-terminated loader-owned names.
+        if known && unsafe { libc::strcmp(obj, me.dli_fname) } == 0 {
+            continue;
+        }
+        // SAFETY: obj is a loaded object's NUL-terminated name; RTLD_NOLOAD only takes a
+        // reference on it (given back at once), and dlsym searches that object and its
+        // dependencies, never the executable.
+        unsafe {
+            let h = libc::dlopen(obj, libc::RTLD_LAZY | libc::RTLD_NOLOAD);
+            if h.is_null() {
+                continue;
+            }
+            let q = libc::dlsym(h, name.as_ptr());
+            libc::dlclose(h);
+            if q.is_null() || is_canonical_plt(q) {
+                continue;
+            }
+            let mut info: libc::Dl_info = core::mem::zeroed();
+            if libc::dladdr(q, &mut info) != 0
+                && !info.dli_fname.is_null()
+                && core::ffi::CStr::from_ptr(info.dli_fname) == core::ffi::CStr::from_ptr(obj)
+            {
+                return q;
+            }
+        }
+    }
+    core::ptr::null_mut()
 }
 
 /// Whether `f` lives in glibc's `libc.so.6`.
