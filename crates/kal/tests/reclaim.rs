@@ -284,3 +284,26 @@ fn a_slow_client_cannot_hold_the_agents_control_socket() {
     assert!(out.status.success(), "{stderr}");
     trickle.join().unwrap();
 }
+
+#[test]
+fn blocks_too_small_to_park_are_said_to_be_left_in_place() {
+    // Five lost blocks of 700 bytes, next to each other: together less than a page, so
+    // parking (which moves whole pages) leaves them. The dry run and the real run say so
+    // rather than promising or reporting nothing.
+    let live = Live::start(&build("live_leaker.c", &[]));
+    let pid = live.pid.to_string();
+    let dry = kal(&["reclaim", &pid, "--mode", "dry-run", "-q"]);
+    let text = String::from_utf8_lossy(&dry.stderr);
+    assert!(
+        text.contains("would park the pages of 3500 bytes in 5 blocks")
+            && text.contains("(3500 bytes in 5 of them hold no whole page of their own"),
+        "{text}"
+    );
+    let real = kal(&["reclaim", &pid, "-q"]);
+    let text = String::from_utf8_lossy(&real.stderr);
+    assert!(text.contains("parked 0 bytes of 0 blocks"), "{text}");
+    assert!(
+        text.contains("left in place: 3500 bytes in 5 lost blocks that hold no whole page"),
+        "{text}"
+    );
+}

@@ -142,6 +142,9 @@ pub struct Done {
     pub banned: u64,
     /// Runs not parked: the store limit (`--park-limit`) or the range limit was reached.
     pub skipped: u64,
+    /// Lost blocks left in place because they hold no whole page of their own (parking
+    /// moves whole pages; such a block is parked only within a run of lost neighbours).
+    pub no_whole_page: Totals,
     /// Dry run: blocks that would be parked (or, with `--free-sites`, freed) now.
     pub would: Vec<Block>,
     /// Dry run: `would` lists blocks that would be freed, not parked.
@@ -440,6 +443,12 @@ fn banned_sites(c: &Check) -> Vec<u64> {
         .collect()
 }
 
+/// Whether block `b` spans at least one whole page of its own.
+pub fn holds_whole_page(b: &Block) -> bool {
+    let first = (b.addr + 4095) & !4095;
+    first + 4096 <= b.addr + b.size
+}
+
 fn park(agent: &Agent, blocks: &[Block], limit: u32, done: &mut Done) -> Result<()> {
     let entries: Vec<(u64, u64)> = blocks.iter().map(|b| (b.addr, b.seq)).collect();
     let (resp, pages) = agent.park(&entries, limit)?;
@@ -452,7 +461,13 @@ fn park(agent: &Agent, blocks: &[Block], limit: u32, done: &mut Done) -> Result<
     done.stale = resp.stale;
     done.banned = resp.banned;
     done.skipped = resp.skipped;
-    for (b, n) in blocks.iter().zip(pages) {
+    // The answer may list fewer counts than blocks sent (none when nothing was parked).
+    for (i, b) in blocks.iter().enumerate() {
+        let n = pages.get(i).copied().unwrap_or(0);
+        if n == 0 && !holds_whole_page(b) {
+            done.no_whole_page.bytes += b.size;
+            done.no_whole_page.blocks += 1;
+        }
         if n > 0 {
             let bytes = n as u64 * 4096;
             done.parked.bytes += bytes;
@@ -551,6 +566,8 @@ impl Done {
         self.stale += d.stale;
         self.banned += d.banned;
         self.skipped += d.skipped;
+        self.no_whole_page.bytes += d.no_whole_page.bytes;
+        self.no_whole_page.blocks += d.no_whole_page.blocks;
         self.would.extend(d.would);
         self.would_free |= d.would_free;
         self.unavailable = self.unavailable.take().or(d.unavailable);

@@ -19,15 +19,29 @@ pub fn run(
         kal::say!("kal: not parking in process {pid}: {why}");
     }
     if mode == kal::act::reclaim::Mode::DryRun {
+        let small: Vec<_> = done
+            .would
+            .iter()
+            .filter(|b| !done.would_free && !kal::act::reclaim::holds_whole_page(b))
+            .collect();
         kal::say!(
-            "kal: dry run: would {} {} bytes in {} blocks in process {pid}; nothing done",
+            "kal: dry run: would {} {} bytes in {} blocks in process {pid}{}; nothing done",
             if done.would_free {
                 "free"
             } else {
                 "park the pages of"
             },
             done.would.iter().map(|b| b.size).sum::<u64>(),
-            done.would.len()
+            done.would.len(),
+            if small.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    " ({} bytes in {} of them hold no whole page of their own: parked only with lost neighbours)",
+                    small.iter().map(|b| b.size).sum::<u64>(),
+                    small.len()
+                )
+            }
         );
     } else {
         kal::say!(
@@ -43,6 +57,13 @@ pub fn run(
             mib(before),
             mib(after)
         );
+        if done.no_whole_page.blocks > 0 {
+            kal::say!(
+                "kal: left in place: {} bytes in {} lost blocks that hold no whole page of their own (parking moves whole pages; `--mode free --free-sites` frees them)",
+                done.no_whole_page.bytes,
+                done.no_whole_page.blocks
+            );
+        }
     }
     written?;
     Ok(0)

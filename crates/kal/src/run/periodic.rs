@@ -519,6 +519,13 @@ impl Periodic {
                     r.reclaimed.store_bytes
                 );
             }
+            if d.no_whole_page.blocks > 0 {
+                let _ = writeln!(
+                    s,
+                    "{head} left in place: {} bytes in {} lost blocks that hold no whole page of their own (parking moves whole pages)",
+                    d.no_whole_page.bytes, d.no_whole_page.blocks
+                );
+            }
             if d.freed.blocks > 0 {
                 let _ = writeln!(
                     s,
